@@ -1,0 +1,231 @@
+"""The one error hierarchy of fieldpack.
+
+Every error the product raises on purpose derives from :class:`FieldpackError`. Foreign libraries' errors
+(tarfile, cryptography, llama.cpp, apsw, paho, ...) are translated into one of these at the boundary where
+they are caught, with ``raise ... from exc``. The CLI and the daemon turn a ``FieldpackError`` into one line
+(``str(err)``) and the exit code given by :attr:`FieldpackError.exit_code`, each in one place.
+
+::
+
+    FieldpackError
+    ├── UsageError                      bad argument or path given by the user          (exit 2)
+    │   ├── InputNotFoundError
+    │   └── OutputNotWritableError
+    ├── SigningKeyError                 key file missing, unreadable or the wrong type  (exit 3)
+    ├── BundleError                     a .fpk that cannot be trusted or read           (exit 4)
+    │   ├── BundleFormatError           not an archive, truncated, members out of order
+    │   ├── UnsupportedFormatVersion
+    │   ├── ManifestError               manifest.json fails its schema
+    │   ├── SignatureError              unsigned, bad signature, or untrusted key
+    │   ├── IntegrityError              a member's size or sha256 does not match
+    │   └── UnsafeMemberError           a member would escape the slot (absolute, .., link)
+    ├── BuildError                      the builder cannot produce a bundle             (exit 5)
+    │   ├── ModelLoadError
+    │   ├── UnsupportedArchitectureError
+    │   ├── UnsupportedTokenizerError
+    │   ├── UnknownQuantTypeError
+    │   ├── ParityError                 HF and GGUF disagree beyond tolerance
+    │   ├── QuantizationError
+    │   ├── IngestError / NoDocumentsError
+    │   ├── EmbedderError
+    │   └── CompressionConfigError      pruning/sparsity/calibration options that cannot work
+    ├── DeviceError                     the device cannot install or serve              (exit 6)
+    │   ├── NotInitializedError
+    │   ├── InstallInProgressError
+    │   ├── InsufficientResourcesError  disk or RAM below what the bundle needs
+    │   ├── SlotCheckError              post-unpack check failed; previous bundle stays active
+    │   ├── NoActiveBundleError
+    │   └── NoPreviousBundleError
+    ├── QueryError                      a question that cannot be answered as asked     (exit 7)
+    │   ├── EmptyQuestionError
+    │   └── QuestionTooLongError
+    └── ProtocolError                   a wire message that breaks shared.protocol      (exit 8)
+
+Each error carries ``hint``: what the user should do. ``str(err)`` is ``"<message>. Fix: <hint>"`` on one line.
+"""
+
+from __future__ import annotations
+
+
+class FieldpackError(Exception):
+    """Base of every deliberate fieldpack error.
+
+    Args:
+        message: what went wrong, naming the input (a path, an option, a member).
+        hint: how to fix it; optional, appended to ``str(err)`` as ``"Fix: ..."``.
+
+    Attributes:
+        exit_code: process exit status the CLI uses for this class (int, 1..255).
+        code: short stable machine-readable code (``snake_case``), used in wire error replies.
+    """
+
+    exit_code: int = 1
+    code: str = "error"
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = " ".join(self.message.split())
+        if self.hint:
+            text = f"{text.rstrip('.')}. Fix: {' '.join(self.hint.split())}"
+        return text
+
+
+# --- usage -------------------------------------------------------------------------------------------------
+class UsageError(FieldpackError):
+    exit_code = 2
+    code = "usage"
+
+
+class InputNotFoundError(UsageError):
+    code = "input_not_found"
+
+
+class OutputNotWritableError(UsageError):
+    code = "output_not_writable"
+
+
+# --- keys --------------------------------------------------------------------------------------------------
+class SigningKeyError(FieldpackError):
+    exit_code = 3
+    code = "signing_key"
+
+
+# --- bundle ------------------------------------------------------------------------------------------------
+class BundleError(FieldpackError):
+    exit_code = 4
+    code = "bundle"
+
+
+class BundleFormatError(BundleError):
+    code = "bundle_format"
+
+
+class UnsupportedFormatVersion(BundleError):
+    code = "unsupported_format_version"
+
+
+class ManifestError(BundleError):
+    code = "manifest"
+
+
+class SignatureError(BundleError):
+    code = "signature"
+
+
+class IntegrityError(BundleError):
+    code = "integrity"
+
+
+class UnsafeMemberError(BundleError):
+    code = "unsafe_member"
+
+
+# --- build -------------------------------------------------------------------------------------------------
+class BuildError(FieldpackError):
+    exit_code = 5
+    code = "build"
+
+
+class ModelLoadError(BuildError):
+    code = "model_load"
+
+
+class UnsupportedArchitectureError(BuildError):
+    code = "unsupported_architecture"
+
+
+class UnsupportedTokenizerError(BuildError):
+    code = "unsupported_tokenizer"
+
+
+class UnknownQuantTypeError(BuildError):
+    code = "unknown_quant_type"
+
+
+class ParityError(BuildError):
+    code = "parity"
+
+
+class QuantizationError(BuildError):
+    code = "quantization"
+
+
+class IngestError(BuildError):
+    code = "ingest"
+
+
+class NoDocumentsError(IngestError):
+    code = "no_documents"
+
+
+class EmbedderError(BuildError):
+    code = "embedder"
+
+
+class CompressionConfigError(BuildError):
+    code = "compression_config"
+
+
+# --- device ------------------------------------------------------------------------------------------------
+class DeviceError(FieldpackError):
+    exit_code = 6
+    code = "device"
+
+
+class NotInitializedError(DeviceError):
+    code = "not_initialized"
+
+
+class InstallInProgressError(DeviceError):
+    code = "install_in_progress"
+
+
+class InsufficientResourcesError(DeviceError):
+    code = "insufficient_resources"
+
+
+class SlotCheckError(DeviceError):
+    code = "slot_check"
+
+
+class NoActiveBundleError(DeviceError):
+    code = "no_active_bundle"
+
+
+class NoPreviousBundleError(DeviceError):
+    code = "no_previous_bundle"
+
+
+class RuntimeLoadError(DeviceError):
+    code = "runtime_load"
+
+
+# --- query -------------------------------------------------------------------------------------------------
+class QueryError(FieldpackError):
+    exit_code = 7
+    code = "query"
+
+
+class EmptyQuestionError(QueryError):
+    code = "empty_question"
+
+
+class QuestionTooLongError(QueryError):
+    code = "question_too_long"
+
+
+# --- wire --------------------------------------------------------------------------------------------------
+class ProtocolError(FieldpackError):
+    """A wire message that breaks :mod:`shared.protocol`; ``code`` is sent in the error reply."""
+
+    exit_code = 8
+    code = "protocol"
+
+    def __init__(self, message: str, hint: str | None = None, *, code: str | None = None) -> None:
+        super().__init__(message, hint)
+        if code is not None:
+            self.code = code
