@@ -1,0 +1,88 @@
+"""The build configuration, which is also the recipe: defined once, validated on construction, saved into every
+bundle as ``recipe.toml`` and replayed by ``fieldpack build --recipe``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.errors import UsageError
+
+QuantName = str  # validated against builder.quantize.QUANT_TYPES at build time
+
+
+class BuildConfig(BaseModel):
+    """Everything ``fieldpack build`` needs. Paths are as given by the user (made absolute on load).
+
+    Sizes: ``chunk_tokens``/``overlap_tokens`` in embedder tokens; ``n_ctx``/``max_tokens`` in model tokens.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="local Hugging Face checkpoint folder, or a hub id (fetched only when online)")
+    docs: Path = Field(description="folder of documents: .md .txt .html .pdf .csv")
+    name: str = Field(description="bundle name, e.g. plant-ops")
+    version: str = Field(default="0.1.0")
+    quant: QuantName = Field(default="Q4_K_M", description="llama.cpp tensor type mix (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16)")
+    sign: Path = Field(description="ed25519 private key from `fieldpack keygen`")
+    output: Path = Field(description="the .fpk to write")
+    embedder: Path | None = Field(default=None, description="sentence-transformers folder; default all-MiniLM-L6-v2")
+    embedder_int8: bool = Field(default=True, description="ship the int8 ONNX if it passes the quality gate")
+    chunk_tokens: int = Field(default=200, ge=32, le=512)
+    overlap_tokens: int = Field(default=40, ge=0, le=256)
+    n_ctx: int = Field(default=2048, ge=128, description="default context on the device (tokens)")
+    max_tokens: int = Field(default=256, ge=8, description="answer length cap (tokens)")
+    top_k_chunks: int = Field(default=4, ge=1, le=20)
+    min_similarity: float | None = Field(default=None, description="abstention threshold; default from device.retrieval")
+    parity_outtype: Literal["f16", "f32"] = Field(default="f16")
+    eval_fraction: float = Field(default=0.1, gt=0.0, lt=0.5, description="share of chunks held out for PPL/KLD")
+    eval_max_chunks: int = Field(default=64, ge=1)
+    seed: int = Field(default=0)
+    compression: dict[str, Any] = Field(default_factory=dict, description="pruning / imatrix options (see builder.compress)")
+
+    @field_validator("overlap_tokens")
+    @classmethod
+    def _overlap(cls, v: int, info: Any) -> int:
+        ct = info.data.get("chunk_tokens")
+        if ct is not None and v >= ct:
+            raise ValueError(f"overlap_tokens ({v}) must be smaller than chunk_tokens ({ct})")
+        return v
+
+    @classmethod
+    def from_toml(cls, path: Path, **overrides: Any) -> "BuildConfig":
+        """Load a recipe TOML; CLI options given explicitly override it. Raises UsageError naming the key."""
+        import tomllib
+
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise UsageError(f"recipe {path} does not exist", hint="pass a recipe.toml written by a build") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"recipe {path} is not valid TOML: {exc}", hint="fix the file or rebuild without --recipe") from exc
+        data = data.get("build", data)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.validated(data, origin=str(path))
+
+    @classmethod
+    def validated(cls, data: dict[str, Any], *, origin: str = "options") -> "BuildConfig":
+        """Construct and translate pydantic errors into one UsageError line."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            raise UsageError(f"{origin}: {where}: {err['msg']}", hint="see `fieldpack build --help`") from exc
+
+    def to_recipe(self) -> dict[str, Any]:
+        """JSON/TOML-ready dict of this config under a ``build`` table (None values dropped, paths as str)."""
+        d = self.model_dump(mode="json", exclude_none=True)
+        return {"build": d}
+
+    def recipe_toml(self) -> str:
+        """The recipe as TOML text."""
+        import tomli_w
+
+        return tomli_w.dumps(self.to_recipe())

@@ -1,0 +1,314 @@
+"""The build orchestrator: checkpoint + documents -> signed ``.fpk``.
+
+Stages hand files to each other inside one work folder, each returning a small record::
+
+    check inputs ─▶ embedder (ONNX export + int8 gate) ─▶ ingest (chunks) ─▶ index (embed + sqlite-vec/FTS5)
+        ─▶ convert (HF -> GGUF f16) ─▶ parity gate ─▶ [compress] ─▶ quantize ─▶ PPL/KLD on held-out chunks
+        ─▶ smoke question ─▶ manifest + signature ─▶ bundle (temp file, fsync, rename)
+
+Every input is checked before any heavy work starts (model folder, docs folder, quant type, signing key,
+output path), so a bad option fails in a second with one line, and no partial bundle is ever left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from builder.config import BuildConfig
+from shared import bundle_format as fmt
+from shared.bundle import describe_members, hash_file, write_bundle
+from shared.errors import (
+    BuildError,
+    InputNotFoundError,
+    OutputNotWritableError,
+    UnknownQuantTypeError,
+)
+from shared.manifest import (
+    EmbedderInfo,
+    IndexInfo,
+    Manifest,
+    MemoryNeeds,
+    ModelInfo,
+    Quality,
+    RuntimeDefaults,
+    SmokeTest,
+)
+from shared.signing import load_private_key
+
+log = logging.getLogger(__name__)
+
+#: Fixed runtime overhead on the device besides weights/KV/embedder/index (bytes): Python, llama.cpp compute
+#: buffers at n_batch=512, ONNX Runtime arenas. An estimate, recorded as such in the manifest.
+RUNTIME_OVERHEAD_BYTES = 96 * 1024 * 1024
+
+StageHook = Callable[[str, str], None]  # (stage name, event "start"/"done") for progress display
+
+
+@dataclass
+class StageTiming:
+    name: str
+    seconds: float
+
+
+@dataclass
+class BuildResult:
+    """What a build produced: the bundle path, its manifest, per-stage seconds, and the ingest report."""
+
+    bundle: Path
+    manifest: Manifest
+    stages: list[StageTiming] = field(default_factory=list)
+    ingest_report: list[dict[str, Any]] = field(default_factory=list)
+
+
+def builder_version() -> str:
+    from fieldpack import __version__
+
+    return __version__
+
+
+def check_inputs(cfg: BuildConfig) -> Path:
+    """Fail fast on every user input before heavy work. Returns the local model folder.
+
+    Raises:
+        InputNotFoundError: model or docs folder missing.
+        UnknownQuantTypeError: ``cfg.quant`` is not a supported tensor type mix.
+        SigningKeyError: the key is missing or not an ed25519 private key.
+        OutputNotWritableError: the output's folder is missing or not writable.
+        UsageError: a hub id given while offline.
+    """
+    from builder.convert import hub_or_local
+    from builder.quantize import QUANT_TYPES
+
+    if cfg.quant.upper() not in QUANT_TYPES:
+        raise UnknownQuantTypeError(f"unknown --quant {cfg.quant!r}",
+                                    hint=f"use one of {', '.join(sorted(QUANT_TYPES))}")
+    if not cfg.docs.is_dir():
+        raise InputNotFoundError(f"docs folder {cfg.docs} does not exist", hint="pass --docs a folder of documents")
+    load_private_key(cfg.sign)
+    out_dir = cfg.output.parent
+    if not out_dir.is_dir():
+        raise OutputNotWritableError(f"output folder {out_dir} does not exist", hint="create it or choose another -o path")
+    try:
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as exc:
+        raise OutputNotWritableError(f"cannot write in {out_dir}: {exc.strerror}", hint="choose a writable -o path") from exc
+    return hub_or_local(cfg.model)
+
+
+def split_eval(texts: list[str], fraction: float, max_chunks: int, seed: int) -> tuple[list[str], list[str]]:
+    """Split chunk texts into (calibration, evaluation), fixed by ``seed``; evaluation has >= 1 item."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max_chunks, max(1, round(len(texts) * fraction)))
+    eval_idx = set(order[:n_eval])
+    return ([t for i, t in enumerate(texts) if i not in eval_idx], [t for i, t in enumerate(texts) if i in eval_idx])
+
+
+def kv_cache_bytes(n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, bytes_per_elt: int = 2) -> int:
+    """K and V caches of llama.cpp at ``n_ctx`` (f16 by default): 2 * n_layer * n_ctx * n_head_kv * head_dim * 2."""
+    return 2 * n_layer * n_ctx * n_head_kv * head_dim * bytes_per_elt
+
+
+def choose_smoke_question(chunks: list[Any], search: Callable[[str, int], list[str]], k: int = 5) -> tuple[str, str]:
+    """Pick a smoke question for the device's post-install check: a section title (or the chunk's first
+    sentence) whose own document comes back in the top ``k``. Returns (question, expected source)."""
+    candidates: list[tuple[str, str]] = []
+    for c in chunks:
+        title = c.section.split(" > ")[-1].strip() if c.section else ""
+        if len(title.split()) >= 2:
+            candidates.append((title, c.source))
+    for c in chunks:
+        first = c.text.strip().split(". ")[0][:200]
+        if len(first.split()) >= 4:
+            candidates.append((first, c.source))
+    for question, source in candidates[:200]:
+        if source in search(question, k):
+            return question, source
+    raise BuildError("no smoke question retrieves its own document from the index",
+                     hint="check the documents: they may be near-duplicates or too short")
+
+
+def build_bundle(cfg: BuildConfig, *, workdir: Path | None = None, on_stage: StageHook | None = None,
+                 keep_workdir: bool = False) -> BuildResult:
+    """Run every stage and write the signed bundle to ``cfg.output``.
+
+    Args:
+        cfg: the build configuration (also saved as the recipe).
+        workdir: scratch folder (default: a temp folder beside the output, removed afterwards).
+        on_stage: progress hook called with (stage, "start"|"done").
+
+    Raises:
+        Any BuildError subclass from a stage (ParityError, QuantizationError, NoDocumentsError, ...), UsageError
+        and SigningKeyError from :func:`check_inputs`, OutputNotWritableError when writing. Nothing is left at
+        ``cfg.output`` on failure.
+    """
+    timings: list[StageTiming] = []
+
+    def stage(name: str):
+        class _S:
+            def __enter__(self_inner):
+                self_inner.t = time.perf_counter()
+                if on_stage:
+                    on_stage(name, "start")
+                log.info("stage %s", name)
+
+            def __exit__(self_inner, et, ev, tb):
+                timings.append(StageTiming(name, time.perf_counter() - self_inner.t))
+                if on_stage and et is None:
+                    on_stage(name, "done")
+                return False
+
+        return _S()
+
+    with stage("check inputs"):
+        model_dir = check_inputs(cfg)
+    own_work = workdir is None
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=".fieldpack-build-", dir=cfg.output.parent))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        result = _run(cfg, model_dir, work, stage)
+        result.stages = timings
+        return result
+    finally:
+        if own_work and not keep_workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], Any]) -> BuildResult:
+    from builder.convert import convert_hf_to_gguf
+    from builder.embedder_export import export_embedder
+    from builder.index_build import build_index
+    from builder.ingest import ingest, report_to_dict
+    from builder.llama_eval import perplexity_kld
+    from builder.parity import check_parity
+    from builder.quantize import quantize_gguf
+    from device.embedder import OnnxEmbedder
+    from device.retrieval import DEFAULT_MIN_SIMILARITY, Retriever
+
+    with stage("embedder"):
+        emb = export_embedder(cfg.embedder, work / "embedder", int8=cfg.embedder_int8)
+        embedder = OnnxEmbedder(emb.onnx_path, emb.tokenizer_path, max_tokens=emb.max_tokens)
+    try:
+        with stage("ingest"):
+            ing = ingest(cfg.docs, count_tokens=embedder.count_tokens, chunk_tokens=cfg.chunk_tokens,
+                         overlap_tokens=cfg.overlap_tokens)
+        with stage("index"):
+            vectors = embedder.embed([c.text for c in ing.chunks])
+            index_path = work / "index.sqlite"
+            idx = build_index(ing.chunks, vectors, index_path, embedder_name=emb.name)
+        with stage("smoke question"):
+            retriever = Retriever(index_path, embedder)
+            try:
+                smoke_q, smoke_src = choose_smoke_question(
+                    ing.chunks, lambda q, k: [h.source for h in retriever.search(q, k=k)])
+            finally:
+                retriever.close()
+    finally:
+        embedder.close()
+
+    with stage("convert"):
+        f16 = convert_hf_to_gguf(model_dir, work / f"model-{cfg.parity_outtype}.gguf", outtype=cfg.parity_outtype)
+    with stage("parity"):
+        parity = check_parity(model_dir, f16.path)
+
+    calib, held_out = split_eval([c.text for c in ing.chunks], cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed)
+    dense = f16.path
+    stages_quality: list[dict[str, Any]] = []
+    if cfg.compression:
+        with stage("compress"):
+            from builder.compress import apply_compression  # issue "Compression"
+
+            dense, stages_quality = apply_compression(cfg, model_dir, f16, calib, held_out, work)
+
+    qtype = cfg.quant.upper()
+    with stage(f"quantize {qtype}"):
+        imatrix = None
+        if cfg.compression.get("imatrix"):
+            from builder.compress import compute_imatrix
+
+            imatrix = compute_imatrix(dense, calib, work / "imatrix.dat")
+        quant = quantize_gguf(dense, work / "model.gguf", qtype, imatrix=imatrix)
+    with stage("quality"):
+        n_ctx_eval = min(256, f16.n_ctx_train)
+        qfig = perplexity_kld(f16.path, quant.path, held_out, n_ctx=n_ctx_eval)
+
+    with stage("bundle"):
+        recipe_path = work / "recipe.toml"
+        recipe_path.write_text(cfg.recipe_toml(), encoding="utf-8")
+        files = {
+            fmt.MODEL_NAME: quant.path,
+            fmt.EMBEDDER_NAME: emb.onnx_path,
+            fmt.EMBEDDER_TOKENIZER_NAME: emb.tokenizer_path,
+            fmt.INDEX_NAME: index_path,
+            fmt.RECIPE_NAME: recipe_path,
+        }
+        n_ctx = min(cfg.n_ctx, f16.n_ctx_train)
+        head_dim = f16.n_embd // f16.n_head
+        emb_bytes = hash_file(emb.onnx_path)[0]
+        mem = dict(weights_bytes=quant.size_bytes,
+                   kv_cache_bytes=kv_cache_bytes(f16.n_layer, n_ctx, f16.n_head_kv, head_dim),
+                   embedder_bytes=2 * emb_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
+        mem["total_bytes"] = sum(mem.values())
+        manifest = Manifest(
+            format_version=fmt.FORMAT_VERSION,
+            name=cfg.name,
+            version=cfg.version,
+            builder_version=builder_version(),
+            created_at=datetime.now(timezone.utc).replace(microsecond=0),
+            members=describe_members(files),
+            model=ModelInfo(
+                architecture=f16.architecture, parameter_count=f16.parameter_count, file_type=qtype,
+                tensor_types=quant.tensor_types, n_ctx_train=f16.n_ctx_train, n_embd=f16.n_embd,
+                n_layer=f16.n_layer, n_head=f16.n_head, n_head_kv=f16.n_head_kv, vocab_size=f16.vocab_size,
+                chat_template_present=bool(f16.chat_template), bos_id=f16.bos_id, eos_id=f16.eos_id,
+                eot_id=f16.eot_id, tokenizer_model=f16.tokenizer_model, tokenizer_pre=f16.tokenizer_pre,
+                source=Path(cfg.model).name or cfg.model),
+            embedder=EmbedderInfo(name=emb.name, dimension=emb.dimension, pooling=emb.pooling,
+                                  normalized=emb.normalized, max_tokens=emb.max_tokens, precision=emb.precision),
+            index=IndexInfo(documents=idx.documents, chunks=idx.chunks, metric="cosine",
+                            chunk_tokens=cfg.chunk_tokens, overlap_tokens=cfg.overlap_tokens,
+                            skipped_files=sum(1 for r in ing.report if r.status != "indexed")),
+            runtime=RuntimeDefaults(n_ctx=n_ctx, max_tokens=cfg.max_tokens, temperature=0.0,
+                                    top_k_chunks=cfg.top_k_chunks, stop=list(f16.stop_strings),
+                                    min_similarity=cfg.min_similarity if cfg.min_similarity is not None
+                                    else DEFAULT_MIN_SIMILARITY,
+                                    memory=MemoryNeeds(**mem)),
+            smoke=SmokeTest(question=smoke_q, expected_source=smoke_src, k=5),
+            recipe=cfg.to_recipe(),
+            quality=Quality(
+                parity=_as_dict(parity),
+                quantization=dict(_as_dict(qfig), qtype=qtype, size_bytes=quant.size_bytes,
+                                  ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes),
+                                  fallbacks=len(quant.fallbacks), held_out_chunks=len(held_out)),
+                embedder=_as_dict(emb.gate) if getattr(emb, "gate", None) is not None else None,
+                stages=stages_quality,
+            ),
+        )
+        write_bundle(cfg.output, manifest, files, cfg.sign)
+    return BuildResult(bundle=cfg.output, manifest=manifest, ingest_report=[report_to_dict(r) for r in ing.report])
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    """Flatten a result dataclass into JSON-ready scalars (paths -> str, lists kept)."""
+    import dataclasses
+
+    if obj is None:
+        return {}
+    d = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Path):
+            v = str(v)
+        if isinstance(v, float) and v != v:  # NaN is not JSON
+            v = None
+        out[k] = v
+    return out

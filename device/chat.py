@@ -1,0 +1,77 @@
+"""The operator assistant: an interactive, offline, grounded chat loop (``fieldpack chat``).
+
+Tokens stream as they are generated; each answer is followed by its numbered sources. A short history is kept
+and sent with the next question while the token budget allows (oldest turns dropped first, see
+:mod:`device.prompt`). Commands: ``/sources`` (show the last answer's sources in full), ``/clear`` (forget the
+history), ``/help``, ``/quit`` (or Ctrl-D).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.markup import escape
+
+from device.prompt import Turn
+from device.types import Answer
+from shared.errors import QueryError
+
+HELP = "commands: /sources  show the last answer's sources in full · /clear  forget history · /quit  leave"
+PROMPT = "you> "
+
+#: Most past turns offered to the prompt builder (it may keep fewer to fit n_ctx).
+MAX_HISTORY = 4
+
+
+def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Console | None = None) -> int:
+    """Run the loop until /quit or end of input. ``engine`` is a :class:`device.runtime.Runtime`.
+
+    Returns the number of questions answered.
+    """
+    c = console or Console()
+    c.print(f"[bold]fieldpack chat[/] — {engine.bundle_label}, offline. {HELP}")
+    history: list[Turn] = []
+    last: Answer | None = None
+    answered = 0
+    while True:
+        try:
+            line = read_line(PROMPT)
+        except (EOFError, KeyboardInterrupt):
+            c.print("")
+            break
+        q = line.strip()
+        if not q:
+            continue
+        if q in ("/quit", "/exit", "/q"):
+            break
+        if q == "/help":
+            c.print(HELP)
+            continue
+        if q == "/clear":
+            history.clear()
+            c.print("[dim]history cleared[/]")
+            continue
+        if q == "/sources":
+            if last is None or not last.sources:
+                c.print("[dim]no sources yet[/]")
+            for i, h in enumerate(last.sources if last else [], start=1):
+                c.rule(escape(f"[{i}] {h.citation()}"))
+                c.print(h.text, markup=False, highlight=False)
+            continue
+        c.print("[bold]assistant>[/] ", end="")
+        try:
+            last = engine.answer(q, history=history[-MAX_HISTORY:],
+                                 on_token=lambda t: c.print(t, end="", markup=False, highlight=False))
+        except QueryError as exc:
+            c.print(f"\n[red]{exc}[/]")
+            continue
+        c.print("")
+        answered += 1
+        if last.sources:
+            c.print("[dim]sources: " + escape("  ".join(f"[{i}] {h.citation()}" for i, h in enumerate(last.sources, 1)))
+                    + "[/]", highlight=False)
+        if not last.abstained:
+            history.append(Turn(question=q, answer=last.text))
+    c.print("[dim]bye[/]")
+    return answered

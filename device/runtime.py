@@ -1,0 +1,322 @@
+"""The device runtime: one owner for the native resources of an installed bundle, and the answering path.
+
+:class:`Runtime` owns exactly three native handles, loaded once and closed together on :meth:`Runtime.close`
+(or when the daemon swaps bundles): the llama.cpp model/context (``llama_cpp.Llama``), the ONNX Runtime
+session of the embedder, and the SQLite connection of the index (inside :class:`device.retrieval.Retriever`).
+
+Answering (:meth:`Runtime.answer`): embed the question with the bundle's ONNX embedder; hybrid retrieval
+(sqlite-vec cosine kNN + FTS5 BM25, fused by reciprocal rank fusion); abstain without generating when nothing
+is relevant enough; otherwise build a prompt with the model's chat template inside ``n_ctx - max_tokens``
+tokens (:mod:`device.prompt`), and generate greedily with llama.cpp, streaming, stopping at the model's EOS/EOT
+(llama.cpp's end-of-generation set) and the manifest's stop strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from device.prompt import ABSTAIN_TEXT, Turn, fit_prompt
+from device.types import Answer, Hit, Timings
+from shared import bundle_format as fmt
+from shared.errors import EmptyQuestionError, RuntimeLoadError, SlotCheckError
+from shared.manifest import Manifest, parse_manifest
+
+log = logging.getLogger(__name__)
+
+#: Largest question accepted, in characters, before any tokenization (guards the embedder and the prompt).
+MAX_QUESTION_CHARS = 4000
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (llama.cpp decode is memory-bound; SMT siblings do not help). Falls back to logical/1."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except ImportError:  # psutil is optional on the device
+        pass
+    return max(1, os.cpu_count() or 1)
+
+
+def read_slot_manifest(slot_dir: Path) -> Manifest:
+    """Parse ``slot_dir/manifest.json`` (written there by the installer). Raises RuntimeLoadError."""
+    path = Path(slot_dir) / fmt.MANIFEST_NAME
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RuntimeLoadError(f"installed bundle in {slot_dir} has no readable manifest ({exc.strerror})",
+                               hint="reinstall the bundle with `fieldpack install`") from exc
+    return parse_manifest(data, origin=str(path))
+
+
+class Runtime:
+    """Loaded bundle: model + embedder + index, and the answering path.
+
+    Args:
+        slot_dir: folder of an installed bundle (an A/B slot) holding the manifest and members.
+        n_ctx: context length in tokens; default the manifest's ``runtime.n_ctx``.
+        threads: llama.cpp threads; default the physical cores.
+        verbose: pass llama.cpp's own logging through.
+
+    Raises:
+        RuntimeLoadError: a member is missing or llama.cpp / ONNX Runtime / SQLite cannot open it.
+    """
+
+    def __init__(self, slot_dir: Path, *, n_ctx: int | None = None, threads: int | None = None,
+                 verbose: bool = False) -> None:
+        self.slot_dir = Path(slot_dir)
+        self.manifest = read_slot_manifest(self.slot_dir)
+        self.n_ctx = int(n_ctx or self.manifest.runtime.n_ctx)
+        self.threads = int(threads or physical_cores())
+        self._lock = threading.Lock()
+        self._llm: Any = None
+        self._embedder: Any = None
+        self._retriever: Any = None
+        try:
+            self._load(verbose)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifetime ----------------------------------------------------------------------------------------------
+    def _load(self, verbose: bool) -> None:
+        from device.embedder import OnnxEmbedder
+        from device.retrieval import Retriever
+
+        t0 = time.perf_counter()
+        emb = self.manifest.embedder
+        try:
+            self._embedder = OnnxEmbedder(self.slot_dir / fmt.EMBEDDER_NAME, self.slot_dir / fmt.EMBEDDER_TOKENIZER_NAME,
+                                          max_tokens=emb.max_tokens, threads=self.threads)
+            self._retriever = Retriever(self.slot_dir / fmt.INDEX_NAME, self._embedder)
+        except Exception as exc:  # foreign errors from onnxruntime/apsw: translate here, once
+            if isinstance(exc, RuntimeLoadError):
+                raise
+            raise RuntimeLoadError(f"cannot open the embedder or index in {self.slot_dir}: {exc}",
+                                   hint="reinstall the bundle") from exc
+        self._llm = load_llama(self.slot_dir / fmt.MODEL_NAME, n_ctx=self.n_ctx, threads=self.threads, verbose=verbose)
+        chat_template = self._llm.metadata.get("tokenizer.chat_template")
+        if not chat_template:
+            raise RuntimeLoadError(f"model in {self.slot_dir} has no chat template", hint="rebuild the bundle")
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        m = self.manifest.model
+        self._bos_text = self._token_text(m.bos_id) if m.bos_id is not None else ""
+        self._formatter = Jinja2ChatFormatter(chat_template, eos_token=self._token_text(m.eos_id),
+                                              bos_token=self._bos_text, add_generation_prompt=True)
+        self._add_bos = str(self._llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+        log.info("loaded %s from %s in %.0f ms (n_ctx=%d, threads=%d)", self.bundle_label, self.slot_dir,
+                 (time.perf_counter() - t0) * 1e3, self.n_ctx, self.threads)
+
+    def close(self) -> None:
+        """Release the model, the ONNX session and the database connection (idempotent)."""
+        for name in ("_retriever", "_embedder"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                try:
+                    obj.close()
+                finally:
+                    setattr(self, name, None)
+        if getattr(self, "_llm", None) is not None:
+            self._llm.close()
+            self._llm = None
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- accessors ---------------------------------------------------------------------------------------------
+    @property
+    def bundle_label(self) -> str:
+        """``name@version`` of the loaded bundle."""
+        return self.manifest.label
+
+    @property
+    def llama(self) -> Any:
+        """The owned ``llama_cpp.Llama`` (for benchmarks comparing against raw llama-cpp-python)."""
+        return self._llm
+
+    def _token_text(self, token_id: int) -> str:
+        return self._llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """Prompt text -> token ids, parsing special tokens; adds BOS only if the template did not."""
+        add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """Render chat messages with the model's own chat template, generation prompt appended."""
+        return self._formatter(messages=messages).prompt
+
+    # -- answering ---------------------------------------------------------------------------------------------
+    def retrieve(self, question: str, *, k: int | None = None, mode: str = "hybrid") -> list[Hit]:
+        """Top-``k`` chunks for ``question`` (default k from the manifest). See device.retrieval.Retriever."""
+        return self._retriever.search(question, k=k or self.manifest.runtime.top_k_chunks, mode=mode)
+
+    def answer(self, question: str, *, on_token: Callable[[str], None] | None = None,
+               cancel: threading.Event | None = None, history: Sequence[Turn] = (),
+               k: int | None = None, max_tokens: int | None = None) -> Answer:
+        """Answer ``question`` from the bundle's documents, streaming text pieces to ``on_token``.
+
+        Args:
+            question: the user's question (stripped; 1..MAX_QUESTION_CHARS characters).
+            on_token: called with each new piece of answer text (valid UTF-8, stop strings removed).
+            cancel: when set, generation stops before the next token (``finish_reason="cancelled"``).
+            history: earlier turns to keep if the budget allows (oldest dropped first).
+            k: number of chunks to retrieve (default: manifest ``runtime.top_k_chunks``).
+            max_tokens: answer length cap (default: manifest ``runtime.max_tokens``).
+
+        Raises:
+            EmptyQuestionError: the question is empty or whitespace.
+            QuestionTooLongError: the question alone does not fit ``n_ctx - max_tokens`` tokens.
+        """
+        from device.retrieval import is_relevant
+
+        q = " ".join((question or "").split())
+        if not q:
+            raise EmptyQuestionError("the question is empty", hint="ask a question in words")
+        if len(q) > MAX_QUESTION_CHARS:
+            from shared.errors import QuestionTooLongError
+
+            raise QuestionTooLongError(f"the question has {len(q)} characters (limit {MAX_QUESTION_CHARS})",
+                                       hint="ask a shorter question")
+        rt = self.manifest.runtime
+        max_tokens = int(max_tokens or rt.max_tokens)
+        with self._lock:
+            t0 = time.perf_counter()
+            hits = self.retrieve(q, k=k)
+            t_retrieved = time.perf_counter()
+            retrieval_ms = (t_retrieved - t0) * 1e3
+            if not is_relevant(hits, min_similarity=rt.min_similarity):
+                if on_token:
+                    on_token(ABSTAIN_TEXT)
+                return Answer(question=q, text=ABSTAIN_TEXT, sources=[], abstained=True,
+                              timings=Timings(retrieval_ms=retrieval_ms, total_ms=retrieval_ms),
+                              bundle=self.bundle_label, finish_reason="abstained")
+            built = fit_prompt(q, hits, history, render=self.render, tokenize=self.tokenize_prompt,
+                               budget_tokens=self.n_ctx - max_tokens)
+            text, finish, gen = self._generate(built.tokens, max_tokens, on_token, cancel)
+            total_ms = (time.perf_counter() - t0) * 1e3
+            timings = Timings(retrieval_ms=retrieval_ms, prompt_tokens=len(built.tokens),
+                              prompt_eval_ms=gen["prompt_eval_ms"],
+                              time_to_first_token_ms=retrieval_ms + gen["first_token_ms"],
+                              completion_tokens=gen["n_tokens"], decode_ms=gen["decode_ms"],
+                              tokens_per_s=gen["tokens_per_s"], total_ms=total_ms)
+            return Answer(question=q, text=text, sources=built.hits, abstained=False, timings=timings,
+                          bundle=self.bundle_label, finish_reason=finish)
+
+    def _generate(self, tokens: list[int], max_tokens: int, on_token: Callable[[str], None] | None,
+                  cancel: threading.Event | None) -> tuple[str, str, dict[str, float]]:
+        """Greedy streaming generation. Returns (text, finish_reason, figures in ms / tokens)."""
+        import llama_cpp
+
+        llm = self._llm
+        llama_cpp.llama_perf_context_reset(llm.ctx)
+        t0 = time.perf_counter()
+        first = None
+        pieces: list[str] = []
+        finish = "stop"
+        n_chunks = 0
+        stream = llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0,
+                                       min_p=0.0, repeat_penalty=1.0, stop=list(self.manifest.runtime.stop),
+                                       stream=True)
+        try:
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                piece = choice.get("text") or ""
+                n_chunks += 1
+                if piece:
+                    if first is None:
+                        first = time.perf_counter()
+                    pieces.append(piece)
+                    if on_token:
+                        on_token(piece)
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+        finally:
+            close = getattr(stream, "close", None)
+            if close:
+                close()
+        t_end = time.perf_counter()
+        perf = llama_cpp.llama_perf_context(llm.ctx)
+        n_eval = int(perf.n_eval)
+        decode_ms = float(perf.t_eval_ms)
+        figures = {
+            "prompt_eval_ms": float(perf.t_p_eval_ms),
+            "first_token_ms": ((first or t_end) - t0) * 1e3,
+            "n_tokens": n_eval,
+            "decode_ms": decode_ms,
+            "tokens_per_s": (n_eval / (decode_ms / 1e3)) if decode_ms > 0 else 0.0,
+        }
+        return "".join(pieces), finish, figures
+
+    # -- post-install check ------------------------------------------------------------------------------------
+    def smoke_check(self) -> None:
+        """The installer's check: dimensions agree and the manifest's smoke question retrieves its source.
+
+        Raises:
+            SlotCheckError: embedder dimension differs from the manifest/index, or the smoke question's expected
+                source is not among the top ``k`` hits.
+        """
+        emb_dim = self._embedder.dimension
+        if emb_dim != self.manifest.embedder.dimension:
+            raise SlotCheckError(f"embedder dimension {emb_dim} != manifest {self.manifest.embedder.dimension}",
+                                 hint="rebuild the bundle")
+        idx_dim = self._retriever.stats().get("dimension")
+        if idx_dim is not None and int(idx_dim) != emb_dim:
+            raise SlotCheckError(f"index dimension {idx_dim} != embedder dimension {emb_dim}", hint="rebuild the bundle")
+        smoke = self.manifest.smoke
+        hits = self.retrieve(smoke.question, k=smoke.k)
+        sources = [h.source for h in hits]
+        if smoke.expected_source not in sources:
+            raise SlotCheckError(
+                f"smoke question {smoke.question!r} retrieved {sources}, not {smoke.expected_source}",
+                hint="the index does not match its documents; rebuild the bundle")
+        # one decode step proves the model runs, not only loads
+        self._llm.create_completion(self.tokenize_prompt(self.render([{"role": "user", "content": "ok"}])),
+                                    max_tokens=1, temperature=0.0)
+
+
+def load_llama(gguf_path: Path, *, n_ctx: int, threads: int, verbose: bool = False) -> Any:
+    """Open a GGUF with llama-cpp-python (CPU). Raises RuntimeLoadError naming the file."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:
+        raise RuntimeLoadError("llama-cpp-python is not installed", hint="pip install 'fieldpack[device]'") from exc
+    if not Path(gguf_path).is_file():
+        raise RuntimeLoadError(f"model file {gguf_path} is missing", hint="reinstall the bundle")
+    try:
+        return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                     n_batch=min(512, n_ctx), verbose=verbose, seed=0)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise RuntimeLoadError(f"llama.cpp cannot load {gguf_path}: {exc}", hint="reinstall or rebuild the bundle") from exc
+
+
+def check_slot(slot_dir: Path, manifest: Manifest) -> None:
+    """Post-unpack check used by the installer: open everything at a small n_ctx, then :meth:`Runtime.smoke_check`.
+
+    Raises:
+        SlotCheckError: anything fails (wraps RuntimeLoadError and friends with the slot named).
+    """
+    from shared.errors import FieldpackError
+
+    try:
+        with Runtime(slot_dir, n_ctx=min(manifest.runtime.n_ctx, 512)) as rt:
+            rt.smoke_check()
+    except SlotCheckError:
+        raise
+    except FieldpackError as exc:
+        raise SlotCheckError(f"installed bundle failed its check: {exc.message}", hint=exc.hint) from exc

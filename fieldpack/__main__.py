@@ -1,0 +1,3 @@
+from fieldpack.cli import main
+
+main()

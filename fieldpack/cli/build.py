@@ -1,0 +1,219 @@
+"""Build-host commands: keygen, build, inspect, verify, demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+DEMO_QUESTION = "The connection pool is exhausted. What should I do?"
+
+
+def _repo_demo_docs() -> Path:
+    return Path(__file__).resolve().parents[2] / "demo" / "docs"
+
+
+def keygen(out: Path = typer.Option(..., "--out", help="folder for builder.key (0600) and builder.pub")) -> None:
+    """Make an ed25519 signing key pair."""
+    from shared.signing import generate_keypair, key_id, load_public_key
+
+    priv, pub = generate_keypair(out)
+    typer.echo(f"wrote {priv} and {pub} (key id {key_id(load_public_key(pub).raw)})")
+
+
+def _stage_printer():
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    status = {"s": None}
+
+    def hook(name: str, event: str) -> None:
+        if event == "start":
+            status["s"] = console.status(f"[bold]{name}[/]…")
+            status["s"].start()
+        else:
+            if status["s"]:
+                status["s"].stop()
+            console.print(f"[green]✓[/] {name}")
+
+    return hook, status
+
+
+def build(
+    model: Optional[str] = typer.Option(None, "--model", help="local HF checkpoint folder (or hub id when online)"),
+    docs: Optional[Path] = typer.Option(None, "--docs", help="folder of documents (.md .txt .html .pdf .csv)"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Q8_0, Q6_K, Q5_K_M, Q4_K_M (default), Q4_0, F16"),
+    name: Optional[str] = typer.Option(None, "--name", help="bundle name"),
+    version: Optional[str] = typer.Option(None, "--version", help="bundle version"),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="ed25519 private key from `fieldpack keygen`"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="the .fpk to write"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="replay a recipe.toml (options given here override it)"),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="default context length on the device (tokens)"),
+    embedder: Optional[Path] = typer.Option(None, "--embedder", help="sentence-transformers folder (default all-MiniLM-L6-v2)"),
+    prune: Optional[str] = typer.Option(None, "--prune", help="magnitude | wanda | sparsegpt | depth | width"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured sparsity in (0, 1)"),
+    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured pattern, e.g. 2:4"),
+    drop_layers: Optional[int] = typer.Option(None, "--drop-layers", help="depth pruning: decoder blocks to drop"),
+    ffn_keep: Optional[float] = typer.Option(None, "--ffn-keep", help="width pruning: share of MLP channels kept"),
+    imatrix: Optional[str] = typer.Option(None, "--imatrix", help="'domain': importance matrix from the documents"),
+    calib_chunks: Optional[int] = typer.Option(None, "--calib-chunks", help="calibration chunks for pruning/imatrix"),
+    json_out: bool = typer.Option(False, "--json", help="print the manifest as JSON when done"),
+) -> None:
+    """Build a signed bundle from a checkpoint and a folder of documents."""
+    from builder.config import BuildConfig
+    from builder.pipeline import build_bundle
+
+    compression: dict[str, Any] = {k: v for k, v in dict(prune=prune, sparsity=sparsity, pattern=pattern,
+                                   drop_layers=drop_layers, ffn_keep=ffn_keep, imatrix=imatrix,
+                                   calib_chunks=calib_chunks).items() if v is not None}
+    opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
+                n_ctx=n_ctx, embedder=embedder)
+    if recipe:
+        overrides = {k: v for k, v in opts.items() if v is not None}
+        if compression:
+            overrides["compression"] = compression
+        cfg = BuildConfig.from_toml(recipe, **overrides)
+    else:
+        missing = [f"--{k}" if k != "output" else "-o" for k in ("model", "docs", "name", "sign", "output") if opts[k] is None]
+        if missing:
+            from shared.errors import UsageError
+
+            raise UsageError(f"missing {', '.join(missing)}", hint="give them, or replay a build with --recipe recipe.toml")
+        data = {k: v for k, v in opts.items() if v is not None}
+        if compression:
+            data["compression"] = compression
+        cfg = BuildConfig.validated(data)
+    if cfg.compression:
+        from builder.compress import validate_compression
+
+        validate_compression(cfg.compression)
+    hook, status = _stage_printer()
+    try:
+        result = build_bundle(cfg, on_stage=hook)
+    finally:
+        if status["s"]:
+            status["s"].stop()
+    _print_ingest_report(result.ingest_report)
+    m = result.manifest
+    size = result.bundle.stat().st_size
+    typer.echo(f"wrote {result.bundle} ({size / 2**20:.1f} MiB): {m.label}, {m.model.architecture} "
+               f"{m.model.file_type}, {m.index.documents} documents, {m.index.chunks} chunks")
+    typer.echo("stage seconds: " + ", ".join(f"{s.name} {s.seconds:.1f}" for s in result.stages))
+    if json_out:
+        typer.echo(m.to_bytes().decode())
+
+
+def _print_ingest_report(report: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    indexed = [r for r in report if r.get("status") == "indexed"]
+    skipped = [r for r in report if r.get("status") != "indexed"]
+    console = Console(stderr=True)
+    console.print(f"ingest: {len(indexed)} files indexed, {len(skipped)} skipped, "
+                  f"{sum(int(r.get('chunks', 0)) for r in indexed)} chunks")
+    if skipped:
+        t = Table("skipped file", "reason")
+        for r in skipped[:50]:
+            t.add_row(str(r.get("path")), str(r.get("reason")))
+        console.print(t)
+
+
+def inspect(bundle: Path = typer.Argument(..., help="the .fpk"),
+            json_out: bool = typer.Option(False, "--json", help="print the whole manifest as JSON"),
+            trust: Optional[list[Path]] = typer.Option(None, "--trust", help="public key(s) to check the signature")) -> None:
+    """Show a bundle's manifest: model, tensor types, index, memory, quality figures, signature status."""
+    from fieldpack.cli.show import print_manifest
+    from shared.bundle import open_bundle
+    from shared.errors import SignatureError
+    from shared.signing import load_public_key
+
+    with open_bundle(bundle) as reader:
+        if json_out:
+            typer.echo(reader.manifest.to_bytes().decode())
+            return
+        if not reader.signed:
+            sig = "unsigned"
+        elif trust:
+            try:
+                k = reader.verify_signature([load_public_key(p) for p in trust])
+                sig = f"valid, key {k.key_id} ({k.origin})"
+            except SignatureError as exc:
+                sig = f"INVALID: {exc}"
+        else:
+            kid = json.loads(reader.signature_bytes or b"{}").get("key_id")
+            sig = f"signed by key {kid} (not checked: pass --trust KEY.pub)"
+        print_manifest(reader.manifest, bundle_size=reader.path.stat().st_size, signature=sig)
+
+
+def verify(bundle: Path = typer.Argument(..., help="the .fpk"),
+           trust: list[Path] = typer.Option(..., "--trust", help="trusted public key(s)")) -> None:
+    """Check a bundle's signature and every member's sha256."""
+    from shared.bundle import open_bundle
+    from shared.signing import load_public_key
+
+    keys = [load_public_key(p) for p in trust]
+    with open_bundle(bundle) as reader:
+        k = reader.verify(keys)
+        typer.echo(f"OK {reader.manifest.label}: signature by key {k.key_id}, {len(reader.manifest.members)} members verified")
+
+
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="work folder (keys, model, bundle, device)"),
+    docs: Path = typer.Option(None, "--docs", help="documents (default: the embedded demo set)"),
+    question: str = typer.Option(DEMO_QUESTION, "--question", help="question to ask after install"),
+    quant: str = typer.Option("Q4_K_M", "--quant"),
+) -> None:
+    """The main job end to end on the embedded demo: build a tiny model and a bundle, install it, ask."""
+    from builder.config import BuildConfig
+    from builder.pipeline import build_bundle
+    from builder.tinymodel import load_corpus, make_tiny_model
+    from device.install import install_bundle
+    from device.runtime import Runtime, check_slot
+    from device.slots import init_data_dir, open_data_dir
+    from shared.signing import generate_keypair
+
+    docs = docs or _repo_demo_docs()
+    out.mkdir(parents=True, exist_ok=True)
+    keys = out / "keys"
+    if not (keys / "builder.key").exists():
+        generate_keypair(keys)
+    model_dir = out / "model"
+    if not (model_dir / "config.json").exists():
+        typer.echo("training a tiny Llama-architecture model on the demo documents (about a minute on 2 cores)…", err=True)
+        make_tiny_model(model_dir, arch="llama", corpus=load_corpus(docs))
+    bundle = out / "riverside-ops-1.0.0.fpk"
+    cfg = BuildConfig.validated(dict(model=str(model_dir), docs=docs, name="riverside-ops", version="1.0.0",
+                                     quant=quant, sign=keys / "builder.key", output=bundle, n_ctx=1024))
+    hook, status = _stage_printer()
+    try:
+        result = build_bundle(cfg, on_stage=hook)
+    finally:
+        if status["s"]:
+            status["s"].stop()
+    _print_ingest_report(result.ingest_report)
+    typer.echo(f"built {bundle} ({bundle.stat().st_size / 2**20:.1f} MiB)")
+    data_dir = out / "device"
+    if not (data_dir / "state.json").exists():
+        init_data_dir(data_dir, [keys / "builder.pub"])
+    dd = open_data_dir(data_dir)
+    res = install_bundle(bundle, dd, check=check_slot)
+    typer.echo(f"installed: {res}")
+    from fieldpack.cli.show import print_answer
+
+    with Runtime(dd.active_slot_path()) as rt:
+        typer.echo(f"\nQ: {question}\nA: ", nl=False)
+        ans = rt.answer(question, on_token=lambda t: typer.echo(t, nl=False))
+        typer.echo("")
+        print_answer(ans, streamed=True)
+
+
+def register(root: typer.Typer) -> None:
+    """Add the build-host commands to the root app."""
+    root.command("keygen")(keygen)
+    root.command("build")(build)
+    root.command("inspect")(inspect)
+    root.command("verify")(verify)
+    root.command("demo")(demo)

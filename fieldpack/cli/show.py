@@ -1,0 +1,88 @@
+"""Readable terminal rendering of manifests and answers (rich). Used by the CLI only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from device.types import Answer
+from shared.manifest import Manifest
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, dict)):
+        return f"{len(v)} items" if len(str(v)) > 60 else str(v)
+    return str(v)
+
+
+def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Console | None = None) -> None:
+    """Print the manifest as a few tables: identity, model, embedder/index, memory, quality, members."""
+    c = console or Console()
+    c.print(f"[bold]{m.label}[/]  format v{m.format_version}, built {m.created_at.isoformat()} by fieldpack "
+            f"{m.builder_version}, {_mib(bundle_size)}")
+    c.print(f"signature: {signature}")
+    mo = m.model
+    t = Table(title="model", show_header=False)
+    for k, v in [("architecture", mo.architecture), ("parameters", f"{mo.parameter_count:,}"),
+                 ("file type", mo.file_type),
+                 ("tensor types", ", ".join(f"{k}×{v}" for k, v in sorted(mo.tensor_types.items()))),
+                 ("n_ctx_train", mo.n_ctx_train), ("layers / heads / kv heads", f"{mo.n_layer} / {mo.n_head} / {mo.n_head_kv}"),
+                 ("vocab", mo.vocab_size), ("tokenizer", f"{mo.tokenizer_model} ({mo.tokenizer_pre or '-'})"),
+                 ("chat template", "yes" if mo.chat_template_present else "no"),
+                 ("BOS / EOS / EOT ids", f"{mo.bos_id} / {mo.eos_id} / {mo.eot_id}")]:
+        t.add_row(k, str(v))
+    c.print(t)
+    e, i, r = m.embedder, m.index, m.runtime
+    t = Table(title="retrieval", show_header=False)
+    t.add_row("embedder", f"{e.name}, dim {e.dimension}, {e.pooling} pooling, "
+                          f"{'L2-normalised' if e.normalized else 'raw'}, {e.precision}, max {e.max_tokens} tokens")
+    t.add_row("index", f"{i.documents} documents, {i.chunks} chunks ({i.chunk_tokens} tokens, overlap "
+                       f"{i.overlap_tokens}), {i.metric}, {i.skipped_files} files skipped")
+    t.add_row("smoke check", f"{m.smoke.question!r} -> {m.smoke.expected_source}")
+    c.print(t)
+    mem = r.memory
+    t = Table(title=f"runtime defaults (n_ctx {r.n_ctx}, max_tokens {r.max_tokens}, stop {r.stop})", show_header=False)
+    for k in ("weights_bytes", "kv_cache_bytes", "embedder_bytes", "index_bytes", "overhead_bytes", "total_bytes"):
+        t.add_row(k.replace("_bytes", "").replace("_", " "), _mib(getattr(mem, k)))
+    c.print(t)
+    q = m.quality
+    t = Table("quality", "figures", title="quality")
+    for name, fig in [("parity (HF vs GGUF)", q.parity), ("quantization vs f16", q.quantization),
+                      ("embedder int8 gate", q.embedder)]:
+        if fig:
+            t.add_row(name, ", ".join(f"{k}={_fmt(v)}" for k, v in fig.items() if not isinstance(v, (list, dict))))
+    c.print(t)
+    if q.stages:
+        cols = list(q.stages[0].keys())
+        t = Table(*cols, title="compression stages (vs dense f16, held-out document chunks)")
+        for row in q.stages:
+            t.add_row(*[_fmt(row.get(k)) for k in cols])
+        c.print(t)
+        c.print("note: unstructured and N:M sparsity are stored densely in GGUF: they do not make the file smaller or "
+                "faster in llama.cpp today; only depth/width pruning and quantization do.")
+    t = Table("member", "bytes", "sha256", title="members")
+    for mem_ in m.members:
+        t.add_row(mem_.name, f"{mem_.size:,}", mem_.sha256[:16] + "…")
+    c.print(t)
+
+
+def print_answer(ans: Answer, *, streamed: bool = False, console: Console | None = None) -> None:
+    """Print the answer (unless already streamed), numbered sources and timings."""
+    c = console or Console()
+    if not streamed:
+        c.print(ans.text, markup=False, highlight=False)
+    if ans.sources:
+        c.print("\n[bold]Sources[/]")
+        for i, h in enumerate(ans.sources, start=1):
+            c.print(f"  [{i}] {h.citation()}  (score {h.score:.3f})", markup=False, highlight=False)
+    tm = ans.timings
+    c.print(f"[dim]retrieval {tm.retrieval_ms:.0f} ms, first token {tm.time_to_first_token_ms:.0f} ms, "
+            f"{tm.completion_tokens} tokens at {tm.tokens_per_s:.1f} tok/s, {ans.bundle}[/]")
