@@ -27,7 +27,7 @@ def device_init(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help
     from device.slots import default_data_dir, init_data_dir
 
     dd = init_data_dir(data_dir or default_data_dir(), list(trust))
-    typer.echo(f"initialised {dd.path} trusting {len(trust)} key(s)")
+    typer.echo(f"initialised {dd.root} trusting {len(trust)} key(s)")
 
 
 def install(bundle: Path = typer.Argument(..., help="the .fpk to install"),
@@ -57,7 +57,7 @@ def _runtime(data_dir: Optional[Path], n_ctx: Optional[int], threads: Optional[i
     dd = _data_dir(data_dir)
     slot = dd.active_slot_path()
     if slot is None:
-        raise NoActiveBundleError(f"no bundle is installed in {dd.path}", hint="run `fieldpack install BUNDLE.fpk`")
+        raise NoActiveBundleError(f"no bundle is installed in {dd.root}", hint="run `fieldpack install BUNDLE.fpk`")
     return Runtime(slot, n_ctx=n_ctx, threads=threads)
 
 
@@ -102,7 +102,7 @@ def status(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA
 
     dd = _data_dir(data_dir)
     info = device_status(dd)
-    metrics_path = dd.path / "metrics.json"
+    metrics_path = dd.root / "metrics.json"
     if metrics_path.exists():
         try:
             info["metrics"] = json.loads(metrics_path.read_text())

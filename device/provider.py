@@ -1,0 +1,62 @@
+"""Hands the daemon the engine of the currently active bundle, reloading it between requests after an install
+or rollback (:class:`device.types.EngineProvider`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from device.runtime import Runtime
+from device.slots import DataDir
+from shared.errors import NoActiveBundleError
+
+log = logging.getLogger(__name__)
+
+
+class ActiveBundleProvider:
+    """Owns at most one :class:`Runtime` (the active slot's) and swaps it when ``state.json`` changes.
+
+    ``get()`` reads the state (one small file) and compares the active slot and its manifest sha256 with what
+    is loaded; on a change it closes the old runtime (freeing the model, ONNX session and DB connection) before
+    loading the new one, so two models are never resident at once. Call it between requests only.
+
+    Raises (from ``get``):
+        NoActiveBundleError: nothing is installed.
+        RuntimeLoadError: the active bundle cannot be loaded.
+    """
+
+    def __init__(self, data_dir: DataDir, *, n_ctx: int | None = None, threads: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.n_ctx, self.threads = n_ctx, threads
+        self._key: tuple[str, str] | None = None
+        self._runtime: Runtime | None = None
+        self._lock = threading.Lock()
+
+    def _active_key(self) -> tuple[str, str, Path]:
+        state = self.data_dir.state()
+        slot = state.active
+        info = state.slots.get(slot) if slot else None
+        if slot is None or info is None:
+            raise NoActiveBundleError(f"no bundle is installed in {self.data_dir.root}",
+                                      hint="run `fieldpack install BUNDLE.fpk`")
+        return slot, info.manifest_sha256, self.data_dir.slot_path(slot)
+
+    def get(self) -> Runtime:
+        with self._lock:
+            slot, sha, path = self._active_key()
+            if self._runtime is None or self._key != (slot, sha):
+                if self._runtime is not None:
+                    log.info("active bundle changed (slot %s); reloading", slot)
+                    self._runtime.close()
+                    self._runtime = None
+                self._runtime = Runtime(Path(path), n_ctx=self.n_ctx, threads=self.threads)
+                self._key = (slot, sha)
+            return self._runtime
+
+    def close(self) -> None:
+        with self._lock:
+            if self._runtime is not None:
+                self._runtime.close()
+                self._runtime = None
+                self._key = None

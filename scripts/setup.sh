@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up of a development/build machine: a virtual environment in .venv with
+# fieldpack and every extra (builder, device, dev). llama-cpp-python compiles from source the first time
+# (about 12 minutes on 2 cores; pip caches the wheel afterwards). With --broker it also installs Mosquitto
+# (Debian/Ubuntu, needs root or sudo) for the MQTT tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+  echo "error: fieldpack needs Python 3.11 or newer ($PY is $("$PY" --version 2>&1)). Fix: set PYTHON=python3.11" >&2
+  exit 2
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.fieldpack-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
+  # torch first, pinned: a bare `torch` would pull a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+
+if [ "${1:-}" = "--broker" ] && ! command -v mosquitto >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+fi

@@ -1,0 +1,47 @@
+"""Prompt budgeting: lowest-ranked chunks go first, then the oldest history; never overflow."""
+
+from __future__ import annotations
+
+import pytest
+
+from device.prompt import Turn, build_messages, fit_prompt
+from device.types import Hit
+from shared.errors import QuestionTooLongError
+
+
+def _hit(i: int, words: int = 50) -> Hit:
+    return Hit(chunk_id=i, source=f"doc{i}.md", section="S", page=None, line_start=1, line_end=2,
+               text=" ".join(f"w{i}" for _ in range(words)), score=1.0 / (i + 1))
+
+
+def _render(msgs: list[dict[str, str]]) -> str:
+    return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in msgs) + "<assistant>"
+
+
+def _tok(text: str) -> list[int]:
+    return list(range(len(text.split())))
+
+
+def test_everything_fits_when_budget_allows() -> None:
+    hits = [_hit(i) for i in range(3)]
+    p = fit_prompt("why?", hits, [Turn("q", "a")], render=_render, tokenize=_tok, budget_tokens=10_000)
+    assert [h.chunk_id for h in p.hits] == [0, 1, 2]
+    assert p.history_used == 1
+    assert "[1] doc0.md § S, lines 1-2" in p.text
+
+
+def test_drops_lowest_ranked_first_then_history() -> None:
+    hits = [_hit(i) for i in range(3)]
+    history = [Turn("old " * 30, "ans " * 30), Turn("new", "ans")]
+    full = len(_tok(_render(build_messages("why?", hits, history))))
+    p = fit_prompt("why?", hits, history, render=_render, tokenize=_tok, budget_tokens=full - 10)
+    assert [h.chunk_id for h in p.hits] == [0, 1] and p.history_used == 2
+    no_hits = len(_tok(_render(build_messages("why?", [], history))))
+    p = fit_prompt("why?", hits, history, render=_render, tokenize=_tok, budget_tokens=no_hits - 1)
+    assert p.hits == [] and p.history_used == 1
+    assert len(p.tokens) <= no_hits - 1
+
+
+def test_question_alone_too_long_is_refused() -> None:
+    with pytest.raises(QuestionTooLongError, match="prompt tokens"):
+        fit_prompt("word " * 500, [_hit(0)], [], render=_render, tokenize=_tok, budget_tokens=100)
