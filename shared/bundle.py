@@ -109,6 +109,9 @@ def write_bundle(out_path: Path, manifest: Manifest, files: Mapping[str, Path], 
             tar.addfile(_tarinfo(fmt.MANIFEST_NAME, len(manifest_bytes)), io.BytesIO(manifest_bytes))
             tar.addfile(_tarinfo(fmt.SIGNATURE_NAME, len(signature)), io.BytesIO(signature))
             for m in manifest.members:
+                if Path(files[m.name]).stat().st_size != m.size:  # shrunk: tarfile would fail as an OSError
+                    raise IntegrityError(f"{files[m.name]} changed while the bundle was written",
+                                         hint="rebuild the bundle")
                 with open(files[m.name], "rb") as fh:
                     hashing = _HashingReader(fh)
                     tar.addfile(_tarinfo(m.name, m.size), hashing)

@@ -208,16 +208,20 @@ class Manifest(_Strict):
         return (json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed (canonical manifests carry no NaN or Infinity)")
+
+
 def parse_manifest(data: bytes, *, origin: str = "manifest.json") -> Manifest:
     """Parse and validate manifest bytes.
 
     Raises:
-        ManifestError: not UTF-8 JSON, or a key is missing, unknown or of the wrong type (names the first one).
+        ManifestError: not UTF-8 JSON (NaN/Infinity included), or a key is missing, unknown or of the wrong type (names the first one).
         UnsupportedFormatVersion: ``format_version`` is not one this reader supports.
     """
     try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError, NaN/Infinity
         raise ManifestError(f"{origin} is not valid UTF-8 JSON: {exc}", hint="rebuild the bundle") from exc
     if not isinstance(raw, dict):
         raise ManifestError(f"{origin} is not a JSON object", hint="rebuild the bundle")
