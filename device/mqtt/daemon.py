@@ -1,0 +1,527 @@
+"""The MQTT daemon core: ``fieldpack serve`` without the CLI.
+
+Threads and who owns what::
+
+    paho network thread   reads/writes the socket, keep-alive, reconnect with backoff (loop_start).
+                          Its callbacks only put events on the intake queue.
+    dispatcher            takes intake events: restores subscriptions and status after every (re)connect;
+                          checks each request (protocol.decode_request) and replies at once to bad ones;
+                          admits good ones to the bounded JobBoard or replies "busy"; applies cancels.
+    worker                owns the engine (EngineProvider), answers one job at a time (worker.Worker).
+    housekeeping          publishes the retained status when it changed (at most every 0.25 s) and the
+                          metrics every ``metrics_interval_s``; writes ``<data_dir>/metrics.json``.
+
+Generation never runs on the network thread, so a long answer cannot starve MQTT keep-alive.
+
+The daemon gets its engine provider, broker settings, client factory and clock from the caller, so tests run
+it against a real Mosquitto with a fake engine and a clock they move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import logging
+from pathlib import Path
+import queue
+import threading
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from shared import errors, protocol
+
+from device.mqtt.client import BrokerSettings, connect_async, json_properties, make_client
+from device.mqtt.clock import Clock, SystemClock
+from device.mqtt.jobs import Job, JobBoard, ReplyRoute
+from device.mqtt.metrics import MetricsRecorder, write_metrics_file
+from device.mqtt.replies import Replier
+from device.mqtt.worker import EngineInfo, Worker
+from device.types import EngineProvider
+
+log = logging.getLogger(__name__)
+
+ClientFactory = Callable[..., mqtt.Client]
+"""``make_client(settings, client_id, *, will=(topic, payload), userdata=None) -> paho Client``."""
+
+# CONNACK / DISCONNECT reason codes after which retrying cannot help (MQTT 5.0 spec, 3.2.2.2 and 3.14.2.1).
+_FATAL_CONNACK = {
+    "Client identifier not valid",
+    "Bad user name or password",
+    "Not authorized",
+    "Banned",
+    "Bad authentication method",
+}
+_SESSION_TAKEN_OVER = "Session taken over"
+
+STATUS_PERIOD_S = 0.25
+"""Housekeeping tick, seconds: a changed status is published at most this often."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """How the daemon serves.
+
+    Attributes:
+        device_id: this device's id (topic level; see ``shared.protocol.NAME_PATTERN``). The MQTT client id is
+            ``fieldpack-device-<device_id>``: one connection per device id, so a second daemon with the same
+            id takes the session over and the first stops with an error instead of both answering.
+        groups: groups whose shared request topic this device serves.
+        queue_size: requests that may wait while one is answered; one more gets ``busy``.
+        max_question_chars, max_payload_bytes: request limits (characters, bytes).
+        metrics_interval_s: seconds between metrics publications (and ``metrics.json`` writes).
+        data_dir: where ``metrics.json`` is written, or ``None`` for none.
+        partial_qos: QoS of streamed partial replies (final replies are always QoS 1).
+    """
+
+    device_id: str
+    groups: tuple[str, ...] = ()
+    queue_size: int = 8
+    max_question_chars: int = protocol.MAX_QUESTION_CHARS
+    max_payload_bytes: int = protocol.MAX_PAYLOAD_BYTES
+    metrics_interval_s: float = 30.0
+    data_dir: Path | None = None
+    partial_qos: int = 0
+    client_id: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        protocol.check_name(self.device_id, "device id")
+        for group in self.groups:
+            protocol.check_name(group, "group")
+        if self.queue_size < 1:
+            raise errors.UsageError(f"queue size {self.queue_size} is below 1", hint="use --queue-size 1 or more")
+        if self.metrics_interval_s <= 0:
+            raise errors.UsageError(
+                f"metrics interval {self.metrics_interval_s} s is not positive", hint="use a positive number of seconds"
+            )
+        if self.partial_qos not in (0, 1):
+            raise errors.UsageError(f"partial QoS {self.partial_qos} is not 0 or 1", hint="use 0 or 1")
+        if not self.client_id:
+            object.__setattr__(self, "client_id", f"fieldpack-device-{self.device_id}")
+
+
+@dataclass(frozen=True)
+class _Inbound:
+    kind: str  # "message" | "connected" | "disconnected" | "subscribed" | "stop"
+    message: mqtt.MQTTMessage | None = None
+    received_at: float = 0.0
+    reason: ReasonCode | None = None
+    codes: tuple[ReasonCode, ...] = ()
+
+
+class MqttDaemon:
+    """Serves one device over MQTT.
+
+    Args:
+        config: see :class:`DaemonConfig`.
+        provider: the engine provider (``device.runtime`` in production, a fake in tests); closed by
+            :meth:`stop`.
+        settings: broker and login.
+        clock: deadlines (Message Expiry), queue wait and uptime; defaults to the system clock.
+        client_factory: builds the paho client; defaults to :func:`device.mqtt.client.make_client`.
+
+    Use :meth:`run` (blocks until a stop event or a fatal error) or :meth:`start`/:meth:`stop`. The paho
+    client (MQTT v5, Last Will set, not connected until :meth:`start`) is :attr:`client`.
+
+    Raises:
+        UsageError: TLS files that cannot be loaded (from the client factory).
+    """
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        provider: EngineProvider,
+        settings: BrokerSettings,
+        *,
+        clock: Clock | None = None,
+        client_factory: ClientFactory = make_client,
+    ) -> None:
+        self.config = config
+        self._provider = provider
+        self._settings = settings
+        self._clock = clock or SystemClock()
+        self._board = JobBoard(config.queue_size)
+        self._metrics = MetricsRecorder(config.device_id, self._clock)
+        self._intake: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._halt = threading.Event()  # set by a fatal error or stop()
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._status_dirty = threading.Event()
+        self._state_lock = threading.Lock()
+        self._engine: EngineInfo | None = None
+        self._engine_error: str | None = None
+        self._fatal: errors.FieldpackError | None = None
+        self._connections = 0
+        self._started_at = self._clock.monotonic()
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._stopped = False
+        will = protocol.Status(device=config.device_id, online=False, groups=list(config.groups))
+        self.client: mqtt.Client = client_factory(
+            settings, config.client_id, will=(protocol.status_topic(config.device_id), will.encode())
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self._replier = Replier(self.client, config.device_id, partial_qos=config.partial_qos)
+        self._worker = Worker(
+            device_id=config.device_id,
+            provider=provider,
+            board=self._board,
+            replier=self._replier,
+            metrics=self._metrics,
+            clock=self._clock,
+            on_engine=self._engine_changed,
+            stopping=self._stopping,
+        )
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+    @property
+    def metrics(self) -> MetricsRecorder:
+        """Counters and timings of this daemon."""
+        return self._metrics
+
+    @property
+    def fatal_error(self) -> errors.FieldpackError | None:
+        """The error that stopped the daemon (login refused, session taken over), or ``None``."""
+        return self._fatal
+
+    def start(self) -> None:
+        """Connect (in the background; retried with backoff until the broker answers) and start the threads.
+        Call once."""
+        if self._started:
+            raise errors.DeviceError(f"MQTT daemon of {self.config.device_id} started twice", hint="call start() once")
+        self._started = True
+        self._started_at = self._clock.monotonic()
+        log.info(
+            "device %s connecting to %s as %s (groups: %s)",
+            self.config.device_id, self._settings.url, self.config.client_id, ", ".join(self.config.groups) or "-",
+        )
+        connect_async(self.client, self._settings)
+        self.client.loop_start()
+        self._worker.start()
+        for target, name in ((self._dispatch_loop, "dispatcher"), (self._housekeeping_loop, "housekeeping")):
+            thread = threading.Thread(target=target, name=f"fieldpack-mqtt-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until connected and subscribed (requests sent after this are received); False on timeout."""
+        return self._subscribed.wait(timeout_s)
+
+    def run(self, stop: threading.Event) -> None:
+        """:meth:`start`, serve until ``stop`` is set or a fatal error, then :meth:`stop`.
+
+        Raises:
+            UsageError: the broker refused the login or another client took this device's session over.
+        """
+        self.start()
+        try:
+            while not stop.is_set() and not self._halt.is_set():
+                stop.wait(0.5)
+        finally:
+            self.stop()
+        if self._fatal is not None:
+            raise self._fatal
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Refuse the queued requests (``shutting_down``), cancel the running one, publish the last metrics
+        and an offline status, disconnect cleanly and close the provider. Idempotent."""
+        if self._stopped or not self._started:
+            return
+        self._stopped = True
+        self._stopping.set()
+        self._halt.set()
+        for job in self._board.drain():
+            self._replier.error(job.route, self._shutting_down_body(job))
+            self._metrics.count("errors")
+        running = self._board.running
+        if running is not None:
+            running.cancel.set()
+        self._intake.put(_Inbound("stop"))
+        if not self._worker.join(timeout_s):
+            log.warning("worker still answering after %.0f s; leaving it", timeout_s)
+        for thread in self._threads:
+            thread.join(timeout_s)
+        self._publish_metrics()
+        if self._connected.is_set():
+            info = self._publish_status(online=False)
+            try:
+                info.wait_for_publish(timeout=min(timeout_s, 5.0))
+            except (RuntimeError, ValueError) as exc:
+                log.warning("offline status not confirmed: %s", exc)
+        self.client.disconnect()
+        self.client.loop_stop()
+        try:
+            self._provider.close()
+        except Exception:  # closing must not hide the shutdown
+            log.exception("engine provider failed to close")
+        log.info("device %s stopped", self.config.device_id)
+
+    # --- paho callbacks (network thread): enqueue only ---------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        self._intake.put(_Inbound("connected", reason=reason))
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        log.warning("cannot reach broker %s; retrying with backoff", self._settings.url)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        self._connected.clear()
+        self._subscribed.clear()
+        self._intake.put(_Inbound("disconnected", reason=reason))
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: list[ReasonCode], props: Any) -> None:
+        self._intake.put(_Inbound("subscribed", codes=tuple(codes)))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._intake.put(_Inbound("message", message=message, received_at=self._clock.monotonic()))
+
+    # --- dispatcher thread -------------------------------------------------------------------------------------
+    def _dispatch_loop(self) -> None:
+        while True:
+            event = self._intake.get()
+            if event.kind == "stop":
+                return
+            try:
+                if event.kind == "message" and event.message is not None:
+                    self._handle_message(event.message, event.received_at)
+                elif event.kind == "connected":
+                    self._handle_connected(event.reason)
+                elif event.kind == "disconnected":
+                    self._handle_disconnected(event.reason)
+                elif event.kind == "subscribed":
+                    self._handle_subscribed(event.codes)
+            except Exception:  # a bad message must never stop the dispatcher
+                log.exception("dispatcher failed on a %s event", event.kind)
+
+    def _handle_connected(self, reason: ReasonCode | None) -> None:
+        if reason is not None and reason.is_failure:
+            name = reason.getName()
+            if name in _FATAL_CONNACK:
+                self._fail(
+                    errors.UsageError(
+                        f"broker {self._settings.url} refused device {self.config.device_id}: {name}",
+                        hint="check --username, --password-file and the broker's ACL for this client",
+                    )
+                )
+            else:
+                log.warning("broker %s refused the connection: %s; retrying", self._settings.url, name)
+            return
+        self._connections += 1
+        if self._connections > 1:
+            self._metrics.count("reconnects")
+        log.info("connected to %s (connection %d)", self._settings.url, self._connections)
+        subscriptions = [protocol.request_topic(self.config.device_id), protocol.cancel_topic(self.config.device_id)]
+        for group in self.config.groups:
+            subscriptions += [protocol.group_subscription(group), protocol.group_cancel_topic(group)]
+        self.client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in subscriptions])
+        self._connected.set()
+        self._publish_status(online=True)
+        self._publish_metrics()
+
+    def _handle_disconnected(self, reason: ReasonCode | None) -> None:
+        name = reason.getName() if reason is not None else "unknown"
+        if self._stopping.is_set():
+            return
+        if name == _SESSION_TAKEN_OVER:
+            self._fail(
+                errors.UsageError(
+                    f"another client connected to {self._settings.url} as {self.config.client_id}",
+                    hint=f"give every device its own --device-id; {self.config.device_id!r} is in use twice",
+                )
+            )
+            return
+        log.warning("disconnected from %s (%s); reconnecting", self._settings.url, name)
+
+    def _handle_subscribed(self, codes: tuple[ReasonCode, ...]) -> None:
+        refused = [c.getName() for c in codes if c.is_failure]
+        if refused:
+            log.error("broker refused %d subscription(s): %s; check its ACL", len(refused), ", ".join(refused))
+        self._subscribed.set()
+
+    def _fail(self, err: errors.FieldpackError) -> None:
+        log.error("%s", err)
+        self._fatal = err
+        self._halt.set()
+
+    def _handle_message(self, message: mqtt.MQTTMessage, received_at: float) -> None:
+        kind = protocol.parse_topic(message.topic)
+        if kind is None:
+            log.debug("ignoring message on %s", message.topic)
+        elif kind[0] in ("request", "group_request"):
+            self._handle_request(message, received_at)
+        elif kind[0] in ("cancel", "group_cancel"):
+            self._handle_cancel(message)
+        else:
+            log.debug("ignoring %s message on %s", kind[0], message.topic)
+
+    def _handle_request(self, message: mqtt.MQTTMessage, received_at: float) -> None:
+        self._metrics.count("requests")
+        props = message.properties
+        response_topic: str | None = getattr(props, "ResponseTopic", None)
+        correlation: bytes | None = getattr(props, "CorrelationData", None)
+        expiry_s: int | None = getattr(props, "MessageExpiryInterval", None)
+        if response_topic is not None:
+            try:
+                protocol.check_reply_topic(response_topic)
+            except errors.ProtocolError:
+                log.warning("ignoring unusable Response Topic %r on %s", response_topic, message.topic)
+                response_topic = None
+        payload = bytes(message.payload)
+        try:
+            request = protocol.decode_request(
+                payload, max_bytes=self.config.max_payload_bytes, max_question_chars=self.config.max_question_chars
+            )
+        except errors.FieldpackError as err:
+            reply_to, request_id = (
+                protocol.salvage_reply_route(payload) if len(payload) <= self.config.max_payload_bytes else (None, None)
+            )
+            self._metrics.count("errors")
+            topic = response_topic or reply_to
+            if topic is None:
+                log.warning("request on %s has no Response Topic and no reply_to; cannot reply: %s", message.topic, err)
+                return
+            self._replier.error(ReplyRoute(topic, correlation, request_id), protocol.ErrorBody.from_error(err))
+            return
+        topic = response_topic or request.reply_to
+        if topic is None:
+            log.warning(
+                "request %s on %s has no Response Topic and no reply_to; nowhere to reply, dropped",
+                request.id, message.topic,
+            )
+            self._metrics.count("errors")
+            return
+        route = ReplyRoute(topic, correlation, request.id)
+        job = Job(
+            request=request,
+            route=route,
+            received_at=received_at,
+            expires_at=received_at + expiry_s if expiry_s is not None else None,
+        )
+        outcome, depth = self._board.admit(job)
+        if outcome == "duplicate":
+            self._metrics.count("errors")
+            self._replier.error(
+                route,
+                protocol.ErrorBody(
+                    code=protocol.ErrorCode.DUPLICATE_REQUEST,
+                    reason=f"request {request.id} (same id or correlation data) is already in flight on "
+                    f"device {self.config.device_id}",
+                    hint="give every request its own id and correlation data; wait for the first reply",
+                ),
+            )
+        elif outcome == "busy":
+            self._metrics.count("busy")
+            self._replier.error(
+                route,
+                protocol.ErrorBody(
+                    code=protocol.ErrorCode.BUSY,
+                    reason=f"device {self.config.device_id} is busy: {depth} requests queued (limit {self._board.capacity})",
+                    hint="retry later or ask another device of the group",
+                    queue_depth=depth,
+                ),
+            )
+        else:
+            log.debug("request %s queued (depth %d)", request.id, depth)
+            self._status_dirty.set()
+
+    def _handle_cancel(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            cancel = protocol.decode_cancel(bytes(message.payload), max_bytes=self.config.max_payload_bytes)
+        except errors.FieldpackError as err:
+            log.warning("ignoring cancel on %s: %s", message.topic, err)
+            return
+        correlation: bytes | None = getattr(message.properties, "CorrelationData", None)
+        outcome, job = self._board.cancel(cancel.id, correlation)
+        if outcome == "dequeued" and job is not None:
+            self._metrics.count("cancelled")
+            self._replier.error(
+                job.route,
+                protocol.ErrorBody(
+                    code=protocol.ErrorCode.CANCELLED,
+                    reason=f"request {cancel.id} was cancelled on device {self.config.device_id} before it started",
+                ),
+            )
+            self._status_dirty.set()
+        elif outcome == "signalled":
+            log.info("cancelling running request %s", cancel.id)
+        else:
+            log.debug("cancel for request %s not in flight here", cancel.id)
+
+    # --- status and metrics -----------------------------------------------------------------------------------
+    def _engine_changed(self, info: EngineInfo | None, error: str | None) -> None:
+        with self._state_lock:
+            self._engine, self._engine_error = info, error
+        self._status_dirty.set()
+
+    def status(self, *, online: bool = True) -> protocol.Status:
+        """The current status message."""
+        with self._state_lock:
+            engine, engine_error = self._engine, self._engine_error
+        return protocol.Status(
+            device=self.config.device_id,
+            online=online,
+            groups=list(self.config.groups),
+            bundle=engine.label if engine else None,
+            bundle_name=engine.name if engine else None,
+            bundle_version=engine.version if engine else None,
+            model=engine.model if engine else None,
+            queue_depth=self._board.depth,
+            queue_max=self._board.capacity,
+            busy=self._board.running is not None,
+            uptime_s=round(self._clock.monotonic() - self._started_at, 3),
+            ts=self._clock.time(),
+            error=engine_error,
+        )
+
+    def _publish_status(self, *, online: bool) -> mqtt.MQTTMessageInfo:
+        self._status_dirty.clear()
+        return self.client.publish(
+            protocol.status_topic(self.config.device_id),
+            self.status(online=online).encode(),
+            qos=1,
+            retain=True,
+            properties=json_properties(),
+        )
+
+    def _publish_metrics(self) -> None:
+        snapshot = self._metrics.snapshot(
+            uptime_s=self._clock.monotonic() - self._started_at, queue_depth=self._board.depth
+        )
+        if self._connected.is_set():
+            self.client.publish(
+                protocol.metrics_topic(self.config.device_id),
+                snapshot.encode(),
+                qos=0,
+                retain=True,
+                properties=json_properties(),
+            )
+        if self.config.data_dir is not None:
+            try:
+                write_metrics_file(self.config.data_dir, snapshot)
+            except errors.OutputNotWritableError as err:
+                log.warning("%s", err)
+
+    def _housekeeping_loop(self) -> None:
+        ticks_per_metrics = max(1, round(self.config.metrics_interval_s / STATUS_PERIOD_S))
+        tick = 0
+        while not self._stopping.wait(STATUS_PERIOD_S):
+            tick += 1
+            try:
+                if self._status_dirty.is_set() and self._connected.is_set():
+                    self._publish_status(online=True)
+                if tick % ticks_per_metrics == 0:
+                    self._publish_metrics()
+            except Exception:
+                log.exception("housekeeping failed")
+
+    def _shutting_down_body(self, job: Job) -> protocol.ErrorBody:
+        return protocol.ErrorBody(
+            code=protocol.ErrorCode.SHUTTING_DOWN,
+            reason=f"device {self.config.device_id} stopped before answering request {job.route.request_id}",
+            hint="send the request again when the device is back online",
+        )

@@ -1,0 +1,280 @@
+"""The worker thread: owns the answering engine and answers one request at a time.
+
+Between requests (never during one) it calls ``EngineProvider.get()``, which reloads the engine when a new
+bundle was installed while serving. For each job it drops the request if its Message Expiry ran out while
+queued (no reply), checks the requested bundle, streams the answer as partial replies and ends with one
+final reply; every failure becomes a final error reply and the worker carries on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import logging
+import threading
+from typing import Callable
+
+from shared import errors, protocol
+
+from device.mqtt.clock import Clock
+from device.mqtt.jobs import Job, JobBoard
+from device.mqtt.metrics import MetricsRecorder
+from device.mqtt.replies import Replier
+from device.types import Answer, AnswerEngine, EngineProvider
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the status message says about the active engine.
+
+    Attributes:
+        label: ``"name@version"`` (``AnswerEngine.bundle_label``).
+        name, version: the two parts of ``label`` (``version`` ``None`` when the label has no ``@``).
+        model: the engine's ``model_label`` attribute when it has one (e.g. the GGUF file name and quant
+            type), else ``None``.
+    """
+
+    label: str
+    name: str
+    version: str | None
+    model: str | None
+
+    @classmethod
+    def of(cls, engine: AnswerEngine) -> EngineInfo:
+        label = str(engine.bundle_label)
+        name, sep, version = label.partition("@")
+        model = getattr(engine, "model_label", None)
+        return cls(label=label, name=name, version=version if sep else None, model=str(model) if model else None)
+
+
+EngineListener = Callable[[EngineInfo | None, str | None], None]
+"""Called with ``(info, None)`` when the active engine changed, ``(None, error text)`` when none loads."""
+
+
+def to_sources(answer: Answer) -> list[protocol.Source]:
+    """The answer's hits as wire sources numbered ``[1]..[n]``."""
+    return [
+        protocol.Source(
+            n=i + 1,
+            source=hit.source,
+            section=hit.section,
+            page=hit.page,
+            line_start=hit.line_start,
+            line_end=hit.line_end,
+            citation=hit.citation(),
+            text=hit.text,
+            score=float(hit.score),
+        )
+        for i, hit in enumerate(answer.sources)
+    ]
+
+
+class Worker:
+    """Answers the jobs of a :class:`JobBoard` one at a time on its own thread.
+
+    Args:
+        device_id: put in final replies.
+        provider: hands out the engine; called before each request.
+        board: where jobs come from.
+        replier: publishes replies.
+        metrics: counters and timings.
+        clock: ``monotonic()`` for expiry and queue wait.
+        on_engine: told when the engine changes or fails to load (for the status message).
+        stopping: set when the daemon shuts down; a job cancelled then is answered ``shutting_down``.
+    """
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        provider: EngineProvider,
+        board: JobBoard,
+        replier: Replier,
+        metrics: MetricsRecorder,
+        clock: Clock,
+        on_engine: EngineListener,
+        stopping: threading.Event,
+    ) -> None:
+        self._device_id = device_id
+        self._provider = provider
+        self._board = board
+        self._replier = replier
+        self._metrics = metrics
+        self._clock = clock
+        self._on_engine = on_engine
+        self._stopping = stopping
+        self._engine_info: EngineInfo | None = None
+        self._engine_error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the worker thread (it loads the engine first so the status shows the bundle)."""
+        self._thread = threading.Thread(target=self._run, name="fieldpack-mqtt-worker", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the thread to end after ``stopping`` was set; True if it ended."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            self._engine()
+        except errors.FieldpackError:
+            pass  # reported through on_engine; requests get the error until a bundle is installed
+        while not self._stopping.is_set():
+            job = self._board.take(timeout_s=0.2)
+            if job is None:
+                continue
+            try:
+                self._serve(job)
+            except Exception:  # the worker must survive anything a request brings
+                log.exception("request %s failed unexpectedly", job.route.request_id)
+                self._replier.error(
+                    job.route,
+                    protocol.ErrorBody(
+                        code=protocol.ErrorCode.INTERNAL,
+                        reason=f"device {self._device_id} failed while answering (see its log)",
+                        hint="retry; report the device log if it persists",
+                    ),
+                )
+                self._metrics.count("errors")
+            finally:
+                self._board.finish(job)
+
+    def _engine(self) -> tuple[AnswerEngine, EngineInfo]:
+        """``provider.get()`` and what it is, telling the listener when the bundle changes or no engine can be had.
+
+        Raises:
+            FieldpackError: from the provider (e.g. ``NoActiveBundleError``); other exceptions become
+                ``RuntimeLoadError``.
+        """
+        try:
+            engine = self._provider.get()
+        except errors.FieldpackError as err:
+            self._set_engine(None, str(err))
+            raise
+        except Exception as exc:
+            log.exception("engine provider failed")
+            err = errors.RuntimeLoadError(
+                f"the answering engine of device {self._device_id} cannot be loaded ({type(exc).__name__}: {exc})",
+                hint="check the installed bundle with `fieldpack status`; reinstall it if needed",
+            )
+            self._set_engine(None, str(err))
+            raise err from exc
+        info = EngineInfo.of(engine)
+        if info != self._engine_info or self._engine_error is not None:
+            log.info("answering with bundle %s (model %s)", info.label, info.model or "?")
+            self._set_engine(info, None)
+        return engine, info
+
+    def _set_engine(self, info: EngineInfo | None, error: str | None) -> None:
+        self._engine_info, self._engine_error = info, error
+        self._on_engine(info, error)
+
+    def _serve(self, job: Job) -> None:
+        route, request = job.route, job.request
+        if job.expired(self._clock.monotonic()):
+            self._drop_expired(job)
+            return
+        try:
+            engine, info = self._engine()
+        except errors.FieldpackError as err:
+            if job.expired(self._clock.monotonic()):
+                self._drop_expired(job)
+                return
+            self._replier.error(route, protocol.ErrorBody.from_error(err))
+            self._metrics.count("errors")
+            return
+        if job.expired(self._clock.monotonic()):  # a reload may have taken a while
+            self._drop_expired(job)
+            return
+        if request.bundle is not None and not protocol.bundle_matches(request.bundle, info.label):
+            self._replier.error(
+                route,
+                protocol.ErrorBody(
+                    code=protocol.ErrorCode.UNKNOWN_BUNDLE,
+                    reason=f"device {self._device_id} has bundle {info.label}, not {request.bundle}",
+                    hint="install that bundle on the device, ask another device, or leave `bundle` out",
+                ),
+            )
+            self._metrics.count("errors")
+            return
+
+        queue_ms = (self._clock.monotonic() - job.received_at) * 1000.0
+        sent = 0
+
+        def on_token(piece: str) -> None:
+            nonlocal sent
+            if request.stream and piece:
+                self._replier.partial(route, sent, piece)
+                sent += 1
+
+        log.debug("answering request %s (%d chars)", request.id, len(request.question))
+        try:
+            answer = engine.answer(request.question, on_token=on_token, cancel=job.cancel)
+        except errors.FieldpackError as err:
+            self._replier.error(route, protocol.ErrorBody.from_error(err), partials=sent)
+            self._metrics.count("errors")
+            return
+        if job.cancel.is_set() or answer.finish_reason == "cancelled":
+            self._reply_cancelled(job, partials=sent)
+            return
+        t = answer.timings
+        self._replier.final(
+            route,
+            protocol.Final(
+                id=request.id,
+                device=self._device_id,
+                ok=True,
+                answer=answer.text,
+                abstained=answer.abstained,
+                finish_reason=answer.finish_reason,
+                bundle=answer.bundle,
+                sources=to_sources(answer),
+                timings=protocol.ReplyTimings(
+                    queue_ms=round(queue_ms, 3),
+                    retrieval_ms=t.retrieval_ms,
+                    prompt_tokens=t.prompt_tokens,
+                    prompt_eval_ms=t.prompt_eval_ms,
+                    time_to_first_token_ms=t.time_to_first_token_ms,
+                    completion_tokens=t.completion_tokens,
+                    decode_ms=t.decode_ms,
+                    tokens_per_s=t.tokens_per_s,
+                    total_ms=t.total_ms,
+                ),
+                partials=sent,
+            ),
+        )
+        self._metrics.count("answered")
+        self._metrics.observe_answer(
+            ttft_ms=t.time_to_first_token_ms,
+            tokens_per_s=t.tokens_per_s,
+            retrieval_ms=t.retrieval_ms,
+            queue_ms=queue_ms,
+            total_ms=t.total_ms,
+            generated=not answer.abstained and t.completion_tokens > 0,
+        )
+
+    def _drop_expired(self, job: Job) -> None:
+        log.info("request %s expired while queued; not answered", job.route.request_id)
+        self._metrics.count("expired")
+
+    def _reply_cancelled(self, job: Job, *, partials: int) -> None:
+        if self._stopping.is_set():
+            body = protocol.ErrorBody(
+                code=protocol.ErrorCode.SHUTTING_DOWN,
+                reason=f"device {self._device_id} stopped while answering request {job.route.request_id}",
+                hint="send the request again when the device is back online",
+            )
+            self._metrics.count("errors")
+        else:
+            body = protocol.ErrorBody(
+                code=protocol.ErrorCode.CANCELLED,
+                reason=f"request {job.route.request_id} was cancelled on device {self._device_id}",
+            )
+            self._metrics.count("cancelled")
+        self._replier.error(job.route, body, partials=partials)
