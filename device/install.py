@@ -1,0 +1,356 @@
+"""Install a signed bundle into the inactive A/B slot, check it, then make it active; roll back; report status.
+
+The order follows A/B over-the-air updaters (Mender, RAUC): nothing the device is running is touched until the
+new copy is complete and checked, and the switch is one atomic rename of ``state.json``
+(:mod:`device.slots`). :func:`install_bundle` does, in this order:
+
+1. take the data dir's install lock (non-blocking; a second install fails at once with
+   :class:`InstallInProgressError`);
+2. clean what an interrupted install left behind (an inactive slot the state does not vouch for, temp files);
+3. open the bundle (:class:`shared.bundle.BundleReader` validates its structure and manifest), then verify
+   the signature against ``trust/`` and every member's sha256 — a bad bundle is refused before any slot is
+   touched, so the rollback target survives it;
+4. check feasibility: free disk on the data dir's file system vs the payload (+ margin), and the manifest's RAM
+   needs (KV cache recomputed for the configured ``n_ctx``) vs available RAM (:mod:`device.resources`);
+5. forget the inactive slot in the state, empty it, unpack into it (``extract_to`` re-hashes each member as it
+   streams, refuses unsafe names, fsyncs each file), and copy ``manifest.json`` and its signature beside;
+6. run ``check(slot_path, manifest)`` (the runtime's load + smoke test, :func:`device.runtime.check_slot`);
+7. write ``slot.json`` (the slot is now complete), then switch: ``state.json`` gets active=new, previous=old.
+
+A failure or a power cut at any step leaves the previously active bundle active and intact.
+
+Fault injection (tests only): the installer passes named crash points — ``after-verify``, ``mid-unpack``
+(after the first member), ``after-unpack``, ``after-check``, ``before-switch``, ``after-switch``. When the
+environment variable ``FIELDPACK_CRASH_AT`` equals one of them, the process SIGKILLs itself there, which is
+what a power cut looks like to the data dir. Never set it in production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared import bundle_format as fmt
+from shared.atomic import atomic_write_bytes, fsync_dir
+from shared.bundle import BundleReader
+from shared.errors import FieldpackError, NoPreviousBundleError, SlotCheckError
+from shared.manifest import Manifest
+
+from device.resources import ResourceProbe, check_feasibility
+from device.slots import SLOT_NAMES, DataDir, SlotInfo, State, open_data_dir, utc_now
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "FIELDPACK_CRASH_AT"
+CRASH_POINTS = ("after-verify", "mid-unpack", "after-unpack", "after-check", "before-switch", "after-switch")
+
+#: ``check(slot_path, manifest)``: raise SlotCheckError if the unpacked bundle does not work.
+SlotCheck = Callable[[Path, Manifest], None]
+#: ``on_progress(phase, done_bytes, total_bytes)``; phase is ``"verify"`` or ``"unpack"``.
+InstallProgress = Callable[[str, int, int], None]
+
+
+def _crashpoint(name: str) -> None:
+    """Test-only fault injection: SIGKILL this process when ``$FIELDPACK_CRASH_AT == name``."""
+    if os.environ.get(CRASH_ENV) == name:
+        log.warning("FIELDPACK_CRASH_AT=%s: killing the install process (test fault injection)", name)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """Outcome of :func:`install_bundle` or :func:`rollback`.
+
+    Attributes:
+        label: ``name@version`` now active.
+        slot: slot name now active; ``slot_path`` its folder.
+        previous: label of the bundle a rollback would return to, or ``None``.
+        changed: False when nothing was done (the bundle was already active).
+        message: one line for the user.
+        payload_bytes: bytes unpacked (0 for a no-op or a rollback).
+        seconds: wall time of the whole operation.
+        key_id: the trusted key that signed the bundle.
+    """
+
+    label: str
+    slot: str
+    slot_path: Path
+    previous: str | None
+    changed: bool
+    message: str
+    payload_bytes: int = 0
+    seconds: float = 0.0
+    key_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "slot": self.slot, "slot_path": str(self.slot_path), "previous": self.previous,
+                "changed": self.changed, "message": self.message, "payload_bytes": self.payload_bytes,
+                "seconds": round(self.seconds, 3), "key_id": self.key_id}
+
+
+def _as_data_dir(data_dir: DataDir | Path | None) -> DataDir:
+    return data_dir if isinstance(data_dir, DataDir) else open_data_dir(data_dir)
+
+
+def clean_leftovers(dd: DataDir, state: State) -> State:
+    """Undo what an interrupted install left: temp files of the state, and any non-active slot the state does
+    not vouch for as complete (emptied, and dropped from the state). Caller holds the lock.
+
+    Returns:
+        The state after cleaning (written to disk if it changed).
+    """
+    for tmp in dd.root.glob(f".{dd.state_path.name}.*.tmp"):
+        log.info("removing leftover temp file %s", tmp)
+        tmp.unlink(missing_ok=True)
+    for slot in SLOT_NAMES:
+        if slot == state.active or dd.slot_complete(slot, state):
+            continue
+        if state.slots[slot] is not None:
+            log.warning("slot %s does not hold the %s the state records; forgetting it", slot,
+                        state.slots[slot].label)
+            state = state.forget(slot)
+            dd.write_state(state)
+        path = dd.slot_path(slot)
+        if not path.is_dir() or any(path.iterdir()):
+            log.info("emptying incomplete slot %s (leftover of an interrupted install)", slot)
+            dd.clear_slot(slot, state)
+    return state
+
+
+def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: SlotCheck | None,
+                   n_ctx: int | None = None, on_progress: InstallProgress | None = None,
+                   probe: ResourceProbe | None = None) -> InstallResult:
+    """Install ``bundle`` into the inactive slot and make it active (steps in the module doc).
+
+    Args:
+        bundle: the ``.fpk`` file.
+        data_dir: an initialised data dir (a :class:`DataDir`, a path, or ``None`` for the default).
+        check: post-unpack check run on the new slot before it becomes active; ``None`` skips it (unit tests
+            of the mechanics only; the CLI passes :func:`device.runtime.check_slot`).
+        n_ctx: context length the device will run with (tokens); ``None`` = the bundle's default. Only the
+            RAM estimate depends on it.
+        on_progress: called with (phase, bytes done, bytes total) as members are hashed and unpacked.
+        probe: source of free-disk / available-RAM numbers (tests inject them); default: this machine.
+
+    Returns:
+        An :class:`InstallResult`; ``changed`` is False when the same bundle was already active.
+
+    Raises:
+        NotInitializedError: the data dir has no state.
+        InstallInProgressError: another install or rollback holds the lock.
+        InputNotFoundError, BundleFormatError, UnsafeMemberError, ManifestError, UnsupportedFormatVersion,
+            SignatureError, IntegrityError: the bundle cannot be trusted (nothing was written).
+        InsufficientResourcesError: not enough disk or RAM (nothing was written).
+        SlotCheckError: the unpacked bundle failed ``check``; the slot is emptied.
+        OutputNotWritableError: the data dir cannot be written (disk full, permissions).
+        In every case the previously active bundle stays active and intact.
+    """
+    t0 = time.monotonic()
+    dd = _as_data_dir(data_dir)
+    bundle = Path(bundle)
+    with dd.lock():
+        state = clean_leftovers(dd, dd.state())
+        with BundleReader(bundle) as reader:
+            manifest = reader.manifest
+            label = manifest.label
+            manifest_sha = hashlib.sha256(reader.manifest_bytes).hexdigest()
+            trusted = dd.trusted_keys()
+            active = state.active
+            old = state.slots[active] if active else None
+            if old is not None and old.manifest_sha256 == manifest_sha and dd.slot_complete(active, state):
+                key = reader.verify_signature(trusted)
+                msg = f"{label} is already active in slot {active}; nothing to do"
+                log.info(msg)
+                prev = state.slots[state.previous].label if state.previous else None
+                return InstallResult(label, active, dd.slot_path(active), prev, False, msg,
+                                     seconds=time.monotonic() - t0, key_id=key.key_id)
+
+            total = reader.payload_bytes
+            key = reader.verify(trusted, on_progress=_counter("verify", total, on_progress))
+            log.info("%s: signature by %s and %d member hashes verified", bundle, key.key_id,
+                     len(manifest.members))
+            _crashpoint("after-verify")
+
+            target = dd.inactive_slot(state)
+            check_feasibility(manifest, total, dd.root, reclaimable_bytes=dd.slot_size(target), n_ctx=n_ctx,
+                              probe=probe)
+
+            if state.slots[target] is not None:  # the rollback target is about to be overwritten
+                state = state.forget(target)
+                dd.write_state(state)
+            dd.clear_slot(target, state)
+            path = dd.slot_path(target)
+            reader.extract_to(path, on_progress=_counter("unpack", total, on_progress),
+                              on_member=_mid_unpack_hook())
+            atomic_write_bytes(path / fmt.MANIFEST_NAME, reader.manifest_bytes)
+            if reader.signature_bytes is not None:
+                atomic_write_bytes(path / fmt.SIGNATURE_NAME, reader.signature_bytes)
+            fsync_dir(path)
+            _crashpoint("after-unpack")
+
+        if check is not None:
+            _run_check(check, dd, target, manifest, old.label if old else None)
+        _crashpoint("after-check")
+
+        info = SlotInfo(label=label, manifest_sha256=manifest_sha, installed_at=utc_now(), payload_bytes=total,
+                        key_id=key.key_id)
+        dd.write_slot_record(target, info)
+        fsync_dir(path)
+        _crashpoint("before-switch")
+
+        new_state = State(active=target, previous=active if old is not None else None,
+                          slots={**state.slots, target: info}, updated_at=utc_now())
+        dd.write_state(new_state)
+        _crashpoint("after-switch")
+
+    seconds = time.monotonic() - t0
+    msg = f"installed {label} into slot {target}" + (f" (previous: {old.label})" if old else "")
+    log.info("%s: %d bytes in %.2f s", msg, total, seconds)
+    return InstallResult(label, target, path, old.label if old else None, True, msg, payload_bytes=total,
+                         seconds=seconds, key_id=key.key_id)
+
+
+def _counter(phase: str, total: int, on_progress: InstallProgress | None) -> Callable[[int], None] | None:
+    if on_progress is None:
+        return None
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        on_progress(phase, done, total)
+
+    return step
+
+
+def _mid_unpack_hook() -> Callable[[str], None]:
+    seen = 0
+
+    def on_member(name: str) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == 2:  # called before each member: the first one is fully written now
+            _crashpoint("mid-unpack")
+
+    return on_member
+
+
+def _run_check(check: SlotCheck, dd: DataDir, slot: str, manifest: Manifest, active_label: str | None) -> None:
+    keeps = f"{active_label} stays active" if active_label else "no bundle is active yet"
+    try:
+        check(dd.slot_path(slot), manifest)
+    except Exception as exc:
+        state = dd.state()
+        try:
+            dd.clear_slot(slot, state)
+        except FieldpackError:
+            log.exception("could not empty slot %s after its failed check", slot)
+        reason = str(exc) if isinstance(exc, FieldpackError) else f"{type(exc).__name__}: {exc}"
+        raise SlotCheckError(f"{manifest.label} failed its post-install check in slot {slot} ({reason}); {keeps}",
+                             hint="read the reason above: rebuild the bundle, or free RAM/disk on the device, then retry") from exc
+
+
+def rollback(data_dir: DataDir | Path | None) -> InstallResult:
+    """Make the previous slot active again (its ``slot.json`` must match the state). The bundle that was
+    active becomes the previous one, so a second rollback rolls forward.
+
+    Raises:
+        NotInitializedError: the data dir has no state.
+        InstallInProgressError: an install or rollback holds the lock.
+        NoPreviousBundleError: there is no previous bundle, or its slot is incomplete.
+    """
+    t0 = time.monotonic()
+    dd = _as_data_dir(data_dir)
+    with dd.lock():
+        state = dd.state()
+        prev = state.previous
+        if prev is None or not dd.slot_complete(prev, state):
+            raise NoPreviousBundleError(f"no complete previous bundle to roll back to in {dd.root}",
+                                        hint="install a bundle with `fieldpack install BUNDLE.fpk`")
+        new_state = State(active=prev, previous=state.active, slots=dict(state.slots), updated_at=utc_now())
+        dd.write_state(new_state)
+    info = state.slots[prev]
+    back = state.slots[state.active].label if state.active else None
+    msg = f"rolled back to {info.label} in slot {prev}" + (f" (previous: {back})" if back else "")
+    log.info(msg)
+    return InstallResult(info.label, prev, dd.slot_path(prev), back, True, msg,
+                         seconds=time.monotonic() - t0, key_id=info.key_id)
+
+
+def status(data_dir: DataDir | Path | None) -> dict[str, Any]:
+    """What is installed, JSON-ready.
+
+    Returns:
+        ``{"data_dir", "active", "previous", "slots": {name: {...}}, "trusted_keys": [key ids],
+        "updated_at"}``; ``active``/``previous`` are slot records (``slot``, ``label``, ``installed_at``,
+        ``manifest_sha256``, ``payload_bytes``, ``size_bytes`` on disk, ``complete``) or ``None``.
+
+    Raises:
+        NotInitializedError: the data dir has no state.
+    """
+    dd = _as_data_dir(data_dir)
+    state = dd.state()
+
+    def record(slot: str | None) -> dict[str, Any] | None:
+        if slot is None or state.slots.get(slot) is None:
+            return None
+        info = state.slots[slot]
+        return {"slot": slot, "label": info.label, "installed_at": info.installed_at,
+                "manifest_sha256": info.manifest_sha256, "payload_bytes": info.payload_bytes,
+                "key_id": info.key_id, "size_bytes": dd.slot_size(slot), "complete": dd.slot_complete(slot, state)}
+
+    return {
+        "data_dir": str(dd.root),
+        "active": record(state.active),
+        "previous": record(state.previous),
+        "slots": {s: record(s) for s in SLOT_NAMES},
+        "trusted_keys": [k.key_id for k in dd.trusted_keys()],
+        "updated_at": state.updated_at,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m device.install BUNDLE [--data-dir D] [--n-ctx N] [--no-check] [--progress]``.
+
+    A bare entry for scripts and the crash tests; technicians use ``fieldpack install``. Prints the result on
+    one line (stdout), or the error on one line (stderr) and exits with the error's ``exit_code``.
+    ``--progress`` prints ``progress PHASE DONE TOTAL`` lines (bytes) to stdout as it goes.
+    """
+    p = argparse.ArgumentParser(prog="python -m device.install", description=main.__doc__)
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--n-ctx", type=int, default=None)
+    p.add_argument("--no-check", action="store_true", help="skip the runtime check (tests of the mechanics)")
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def progress(phase: str, done: int, total: int) -> None:
+        print(f"progress {phase} {done} {total}", flush=True)
+
+    try:
+        check = None
+        if not args.no_check:
+            from device.runtime import check_slot
+            check = check_slot
+        result = install_bundle(args.bundle, args.data_dir, check=check, n_ctx=args.n_ctx,
+                                on_progress=progress if args.progress else None)
+    except FieldpackError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    print(result.message, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
