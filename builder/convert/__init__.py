@@ -1,0 +1,24 @@
+"""Hugging Face checkpoint -> GGUF conversion, on the ``gguf`` package's writer (not llama.cpp's script).
+
+Public surface::
+
+    convert_hf_to_gguf(model_dir, out_path, *, outtype="f16") -> ConversionResult
+    hub_or_local(model) -> Path
+
+Modules: :mod:`.checkpoint` (lazy safetensors), :mod:`.arch` (supported architectures, hyperparameters,
+tensor plan, Q/K permutation), :mod:`.tokenizer` (BPE/SentencePiece vocab, pre-tokenizer detection),
+:mod:`.writer` (the GGUF file), :mod:`.hub` (local path or hub id).
+"""
+
+from builder.convert.arch import SUPPORTED_ARCHITECTURES
+from builder.convert.hub import hub_or_local
+from builder.convert.tokenizer import KNOWN_PRE_TOKENIZERS
+from builder.convert.writer import ConversionResult, convert_hf_to_gguf
+
+__all__ = [
+    "KNOWN_PRE_TOKENIZERS",
+    "SUPPORTED_ARCHITECTURES",
+    "ConversionResult",
+    "convert_hf_to_gguf",
+    "hub_or_local",
+]

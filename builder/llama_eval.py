@@ -1,0 +1,231 @@
+"""Perplexity and KL divergence of GGUF models, computed with llama.cpp's own forward pass.
+
+Method (llama.cpp ``tools/perplexity/perplexity.cpp``, ``perplexity()`` and ``kl_divergence()``): the texts
+are joined and tokenized once; the token stream is cut into non-overlapping windows of ``n_ctx`` tokens; each
+window is evaluated from an empty KV cache (its first token replaced by BOS when the model adds one), and only
+the second half of each window is scored, so every scored token has at least ``n_ctx/2`` tokens of context.
+Perplexity is ``exp(mean NLL)`` over the scored tokens. For KLD the same windows go through a reference and a
+test model; per scored position ``KL(p_ref || p_test) = sum_v p_ref(v) * (log p_ref(v) - log p_test(v))``,
+computed in float64 from log-softmaxed logits, and top-1 agreement is the share of positions where both
+models' argmax token is the same.
+
+Both models must share a vocabulary (a quantized file and the F16/F32 it came from always do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from shared.errors import InputNotFoundError, ModelLoadError, UsageError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalFigures:
+    """Quality of a test GGUF against a reference GGUF on the same scored tokens.
+
+    Attributes:
+        ppl_ref / ppl_test: perplexity (exp of mean NLL in nats) of each model.
+        delta_ppl: ``ppl_test - ppl_ref``.
+        kld_mean: mean KL(ref || test) per scored token, nats.
+        kld_p99: 99th percentile of the per-token KLD, nats.
+        top1_agreement: share (0..1) of scored positions where both argmax tokens are equal.
+        tokens_scored: number of scored positions (second half of each window).
+        chunks: windows evaluated. n_ctx: window length in tokens.
+    """
+
+    ppl_ref: float
+    ppl_test: float
+    delta_ppl: float
+    kld_mean: float
+    kld_p99: float
+    top1_agreement: float
+    tokens_scored: int
+    chunks: int
+    n_ctx: int
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp: the CPUs this process may use (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def open_gguf(path: Path, *, n_ctx: int, logits_all: bool = True, f32_kv: bool = False) -> Iterator[Any]:
+    """Load a GGUF with llama-cpp-python for evaluation and close it afterwards.
+
+    Args:
+        path: GGUF file.
+        n_ctx: context length (tokens) of the llama.cpp context.
+        logits_all: keep the logits of every position (needed for scoring), ``(n_tokens, n_vocab)`` float32.
+        f32_kv: store the KV cache in F32 instead of F16 (isolates conversion error from cache rounding).
+
+    Yields:
+        a ``llama_cpp.Llama``.
+
+    Raises:
+        InputNotFoundError: ``path`` does not exist.
+        ModelLoadError: llama.cpp cannot load the file (corrupt, unknown architecture or tokenizer).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"GGUF file {path} does not exist", hint="convert or quantize the model first")
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv else {}
+    try:
+        llm = Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+            n_threads=default_threads(), n_gpu_layers=0, seed=0, verbose=False, **kv,
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(
+            f"llama.cpp cannot load {path}: {exc}",
+            hint="the file is not a GGUF this llama.cpp build supports; re-convert it with fieldpack",
+        ) from exc
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def adds_bos(llm: Any) -> bool:
+    """Whether llama.cpp adds BOS when tokenizing plain text with this model (``tokenizer.ggml.add_bos_token``)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)))
+
+
+def logits_for(llm: Any, tokens: list[int]) -> np.ndarray:
+    """Run ``tokens`` through a fresh KV cache; return ``(len(tokens), n_vocab)`` float32 logits."""
+    llm.reset()
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)], dtype=np.float32, copy=True)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _windows(llm: Any, texts: list[str], n_ctx: int, max_chunks: int | None) -> tuple[list[list[int]], bool]:
+    if n_ctx < 8 or n_ctx % 2:
+        raise UsageError(f"n_ctx={n_ctx} is too small or odd", hint="use an even n_ctx of at least 8 tokens")
+    text = "\n\n".join(t for t in texts if t.strip())
+    if not text:
+        raise UsageError("No text to evaluate perplexity on", hint="pass at least one non-empty text")
+    add_bos = adds_bos(llm)
+    stream = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    n_chunks = len(stream) // n_ctx
+    if max_chunks is not None:
+        n_chunks = min(n_chunks, max_chunks)
+    if n_chunks < 1:
+        raise UsageError(
+            f"The evaluation text has {len(stream)} tokens, fewer than one window of n_ctx={n_ctx}",
+            hint="pass more text or a smaller n_ctx",
+        )
+    windows = []
+    for c in range(n_chunks):
+        w = list(stream[c * n_ctx : (c + 1) * n_ctx])
+        if add_bos:
+            w[0] = llm.token_bos()  # as llama-perplexity does
+        windows.append(w)
+    return windows, add_bos
+
+
+def _nll_and_logprobs(llm: Any, windows: list[list[int]], keep: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    nll: list[np.ndarray] = []
+    kept: list[np.ndarray] = []
+    for w in windows:
+        n = len(w)
+        first = n // 2
+        logp = _log_softmax(logits_for(llm, w)[first : n - 1])  # predicts tokens first+1 .. n-1
+        targets = np.asarray(w[first + 1 : n])
+        nll.append(-logp[np.arange(len(targets)), targets])
+        if keep:
+            kept.append(logp)
+    return np.concatenate(nll), kept
+
+
+def perplexity(gguf: Path, texts: list[str], n_ctx: int = 256, *, max_chunks: int | None = None) -> float:
+    """Perplexity of ``gguf`` on ``texts`` by llama-perplexity's method (second half of each window scored).
+
+    Raises:
+        UsageError: n_ctx too small/odd, or the text is shorter than one window.
+        InputNotFoundError / ModelLoadError: the GGUF cannot be loaded.
+    """
+    with open_gguf(Path(gguf), n_ctx=n_ctx) as llm:
+        windows, _ = _windows(llm, texts, n_ctx, max_chunks)
+        nll, _ = _nll_and_logprobs(llm, windows, keep=False)
+    return float(math.exp(nll.mean()))
+
+
+def perplexity_kld(
+    ref_gguf: Path,
+    test_gguf: Path,
+    texts: list[str],
+    *,
+    n_ctx: int = 256,
+    max_chunks: int | None = None,
+) -> EvalFigures:
+    """Perplexity of both models and KL divergence of ``test_gguf`` from ``ref_gguf`` on the same windows.
+
+    The windows are built with the reference model's tokenizer and fed as token ids to both models.
+
+    Args:
+        ref_gguf: reference model (usually the F16 conversion).
+        test_gguf: model under test (a quantization of the reference).
+        texts: held-out text; joined with blank lines.
+        n_ctx: window length in tokens (even, >= 8).
+        max_chunks: evaluate at most this many windows.
+
+    Raises:
+        UsageError: bad n_ctx, too little text, or the two models have different vocabulary sizes.
+        InputNotFoundError / ModelLoadError: a GGUF cannot be loaded.
+    """
+    with open_gguf(Path(ref_gguf), n_ctx=n_ctx) as ref:
+        windows, _ = _windows(ref, texts, n_ctx, max_chunks)
+        nll_ref, logp_ref = _nll_and_logprobs(ref, windows, keep=True)
+        n_vocab_ref = ref.n_vocab()
+    with open_gguf(Path(test_gguf), n_ctx=n_ctx) as test:
+        if test.n_vocab() != n_vocab_ref:
+            raise UsageError(
+                f"{test_gguf} has {test.n_vocab()} tokens but {ref_gguf} has {n_vocab_ref}",
+                hint="compare a quantized model only with the model it was quantized from",
+            )
+        nll_test, logp_test = _nll_and_logprobs(test, windows, keep=True)
+    lr = np.concatenate(logp_ref)
+    lt = np.concatenate(logp_test)
+    kld = (np.exp(lr) * (lr - lt)).sum(axis=-1)  # (tokens_scored,) float64, nats
+    top1 = float((lr.argmax(-1) == lt.argmax(-1)).mean())
+    ppl_ref, ppl_test = float(math.exp(nll_ref.mean())), float(math.exp(nll_test.mean()))
+    figures = EvalFigures(
+        ppl_ref=ppl_ref,
+        ppl_test=ppl_test,
+        delta_ppl=ppl_test - ppl_ref,
+        kld_mean=float(kld.mean()),
+        kld_p99=float(np.percentile(kld, 99)),
+        top1_agreement=top1,
+        tokens_scored=int(kld.size),
+        chunks=len(windows),
+        n_ctx=n_ctx,
+    )
+    logger.info(
+        "%s vs %s: PPL %.4f -> %.4f (Δ %+.4f), KLD mean %.5f p99 %.5f, top-1 %.4f over %d tokens",
+        Path(test_gguf).name, Path(ref_gguf).name, ppl_ref, ppl_test, figures.delta_ppl, figures.kld_mean,
+        figures.kld_p99, top1, figures.tokens_scored,
+    )
+    return figures
