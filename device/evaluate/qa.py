@@ -1,0 +1,200 @@
+"""The QA set an eval runs on: a JSON Lines file, one question per line, and how a hit is judged relevant.
+
+Line format (the one of ``shared/qa/README.md``)::
+
+    {"id": "dh-001", "question": "...", "expected_source": "apt.html",
+     "expected_section": "6.1.6. Caching Proxy for Debian Packages",      (optional)
+     "answer_contains": ["apt-cacher-ng", "approx"],                      (optional)
+     "unanswerable": false}                                               (optional, default false)
+
+``expected_source`` is a document path relative to the docs folder the bundle was built from, optionally with
+a section after ``#`` (``"database.md#Connection pool exhausted"``). Unanswerable items carry no
+``expected_source``. Blank lines and lines starting with ``//`` are skipped.
+
+Relevance (what :meth:`Target.matches` decides for one retrieved chunk):
+
+* source: the hit's ``source`` equals the expected path, or ends with ``"/" + path`` (a bundle built from a
+  parent folder of the one the QA set names), compared as POSIX paths, case-sensitively;
+* section (only when the target has one): after case-folding and collapsing whitespace, the expected
+  section is a prefix of the hit's heading path (``"A > B > C"``) or of one of its tails at a ``" > "``
+  boundary (``"B > C"``, ``"C"``). So ``"Pumps"`` and ``"Pumps > Cavitation"`` both match
+  ``"Pumps > Cavitation"``, and ``"6.1.6. Caching Proxy"`` matches ``"6. APT > 6.1. sources > 6.1.6. Caching
+  Proxy for Debian Packages"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import InputNotFoundError, UsageError
+
+from device.evaluate.metrics import normalize_text
+
+SECTION_SEP = " > "
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a question expects retrieval to find: a document, optionally narrowed to a section."""
+
+    source: str
+    section: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str, section: str | None = None) -> "Target":
+        """``"path"`` or ``"path#section"``; an explicit ``section`` argument wins over the ``#`` part."""
+        path, _, frag = spec.partition("#")
+        path = path.strip()
+        while path.startswith("./"):
+            path = path[2:]
+        sec = section if section else (frag or None)
+        return cls(source=path, section=" ".join(sec.split()) if sec else None)
+
+    def source_matches(self, source: str) -> bool:
+        """True when a hit's ``source`` names this document (equal, or ends with ``"/" + path``)."""
+        return source == self.source or source.endswith("/" + self.source)
+
+    def section_matches(self, section: str) -> bool:
+        """True when no section is expected, or the expected one prefixes the hit's heading path or a tail."""
+        if not self.section:
+            return True
+        want = normalize_text(self.section)
+        parts = [normalize_text(p) for p in section.split(SECTION_SEP)]
+        return any(SECTION_SEP.join(parts[i:]).startswith(want) for i in range(len(parts)))
+
+    def matches(self, source: str, section: str) -> bool:
+        """Relevance of one hit: :meth:`source_matches` and :meth:`section_matches`."""
+        return self.source_matches(source) and self.section_matches(section)
+
+    def document(self) -> "Target":
+        """The same target without its section (document-level relevance)."""
+        return Target(self.source)
+
+    def __str__(self) -> str:
+        return f"{self.source}#{self.section}" if self.section else self.source
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question of the QA set.
+
+    Attributes:
+        id: the item's ``id`` (``"line-N"`` when the line has none).
+        question: the question text.
+        target: expected document (and section) for answerable items; ``None`` when ``unanswerable``.
+        answer_contains: short facts a correct answer contains (compared case-insensitively, whitespace
+            collapsed; see :func:`device.evaluate.metrics.contains_all`).
+        unanswerable: the documents do not answer it; abstaining is the correct behaviour.
+        line: 1-based line number in the file.
+    """
+
+    id: str
+    question: str
+    target: Target | None
+    answer_contains: tuple[str, ...] = ()
+    unanswerable: bool = False
+    line: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class QASet:
+    """A loaded QA file: its items, path and sha256 (hex, of the file bytes: recorded in every report)."""
+
+    path: Path
+    sha256: str
+    items: tuple[QAItem, ...]
+
+    @property
+    def answerable(self) -> list[QAItem]:
+        return [i for i in self.items if not i.unanswerable]
+
+    @property
+    def unanswerable(self) -> list[QAItem]:
+        return [i for i in self.items if i.unanswerable]
+
+
+def _bad(path: Path, line: int, what: str, hint: str) -> UsageError:
+    return UsageError(f"QA file {path} line {line}: {what}", hint=hint)
+
+
+def _parse_line(path: Path, n: int, obj: Any) -> QAItem:
+    fmt_hint = ('each line is one JSON object like {"id": "q1", "question": "...", "expected_source": '
+                '"doc.md", "answer_contains": ["..."]} or {"question": "...", "unanswerable": true}')
+    if not isinstance(obj, dict):
+        raise _bad(path, n, f"expected a JSON object, got {type(obj).__name__}", fmt_hint)
+    q = obj.get("question")
+    if not isinstance(q, str) or not q.strip():
+        raise _bad(path, n, "missing or empty \"question\"", fmt_hint)
+    unans = obj.get("unanswerable", False)
+    if not isinstance(unans, bool):
+        raise _bad(path, n, "\"unanswerable\" must be true or false", fmt_hint)
+    contains = obj.get("answer_contains", [])
+    if isinstance(contains, str):
+        contains = [contains]
+    if not isinstance(contains, list) or not all(isinstance(c, str) and c.strip() for c in contains):
+        raise _bad(path, n, "\"answer_contains\" must be a list of non-empty strings", fmt_hint)
+    src = obj.get("expected_source")
+    sec = obj.get("expected_section")
+    if sec is not None and not isinstance(sec, str):
+        raise _bad(path, n, "\"expected_section\" must be a string", fmt_hint)
+    target: Target | None = None
+    if unans:
+        if src:
+            raise _bad(path, n, "an unanswerable item has an \"expected_source\"",
+                       "drop expected_source, or set unanswerable to false")
+    else:
+        if not isinstance(src, str) or not src.strip() or src.strip().startswith("#"):
+            raise _bad(path, n, "answerable item without a document path in \"expected_source\"",
+                       'give "expected_source": "path/in/docs.md" (optionally "#section"), or "unanswerable": true')
+        target = Target.parse(src, sec)
+    item_id = obj.get("id")
+    known = {"id", "question", "expected_source", "expected_section", "answer_contains", "unanswerable"}
+    return QAItem(id=str(item_id) if item_id is not None else f"line-{n}", question=" ".join(q.split()),
+                  target=target, answer_contains=tuple(contains), unanswerable=unans, line=n,
+                  extra={k: v for k, v in obj.items() if k not in known})
+
+
+def load_qa(path: Path) -> QASet:
+    """Read and validate a QA JSON Lines file.
+
+    Raises:
+        InputNotFoundError: the file is missing or unreadable.
+        UsageError: a line is not JSON, not an object, lacks a question, has an answerable item without
+            ``expected_source``, repeats an ``id``, or the file holds no item; the message names the line.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise InputNotFoundError(f"QA file {path} does not exist",
+                                 hint="pass --qa a JSON Lines file of questions (see device/evaluate/qa.py)") from exc
+    except OSError as exc:
+        raise InputNotFoundError(f"cannot read QA file {path}: {exc.strerror}", hint="check its permissions") from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"QA file {path} is not UTF-8 (byte {exc.start})", hint="save it as UTF-8") from exc
+    items: list[QAItem] = []
+    seen: dict[str, int] = {}
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("//"):
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _bad(path, n, f"not valid JSON ({exc.msg} at column {exc.colno})",
+                       "fix the line: one JSON object per line, double-quoted keys and strings") from exc
+        item = _parse_line(path, n, obj)
+        if item.id in seen:
+            raise _bad(path, n, f"id {item.id!r} already used on line {seen[item.id]}", "give each item its own id")
+        seen[item.id] = n
+        items.append(item)
+    if not items:
+        raise UsageError(f"QA file {path} holds no questions", hint="add one JSON object per line")
+    return QASet(path=path, sha256=hashlib.sha256(data).hexdigest(), items=tuple(items))

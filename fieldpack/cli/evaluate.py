@@ -1,0 +1,122 @@
+"""``fieldpack eval``: judge one or more bundles on a QA set (retrieval per mode, answers, latency).
+
+Calls :func:`device.evaluate.evaluate` and renders its report: a rich table on stdout, ``--json`` and
+``--html`` files. Device-side only (no torch); imports happen inside the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+
+def _check_writable(path: Optional[Path], option: str) -> None:
+    from shared.errors import OutputNotWritableError
+
+    if path is None:
+        return
+    parent = path.expanduser().resolve().parent
+    if not parent.is_dir():
+        raise OutputNotWritableError(f"{option} {path}: folder {parent} does not exist",
+                                     hint=f"create it or choose another {option} path")
+    if path.is_dir():
+        raise OutputNotWritableError(f"{option} {path} is a folder", hint=f"give {option} a file name")
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def print_report(doc: dict[str, Any], console: Any = None) -> None:
+    """Print the retrieval and answer tables of an eval report (``EvalReport.to_dict()``) with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    c = console or Console()
+    k = doc["options"]["k"]
+    cuts = [f"recall@{x}" for x in (1, 5, 10) if x <= k]
+    nd = f"ndcg@{min(10, k)}"
+    t = Table(title=f"retrieval ({doc['qa']['questions'] - doc['qa']['unanswerable']} answerable questions, k={k})")
+    for col in ["bundle", "mode", *cuts, "MRR", nd, "section r@5", "p50 ms", "p95 ms"]:
+        t.add_column(col, justify="left" if col in ("bundle", "mode") else "right")
+    for b in doc["bundles"]:
+        for mode, r in b["retrieval"].items():
+            t.add_row(b["label"], mode, *[_f(r.get(x)) for x in cuts], _f(r.get("mrr")), _f(r.get(nd)),
+                      _f(r.get("section", {}).get("recall@5")),
+                      _f(r["latency_ms"]["p50"], 1), _f(r["latency_ms"]["p95"], 1))
+    c.print(t)
+    gens = [(b["label"], b["generation"]) for b in doc["bundles"] if b.get("generation")]
+    if not gens:
+        return
+    t = Table(title="answers")
+    cols = ["bundle", "citation prec.", "context recall", "facts all", "abstain acc.", "false abstain",
+            "TTFT p50/p95 ms", "total p50/p95 ms", "tok/s"]
+    for col in cols:
+        t.add_column(col, justify="left" if col == "bundle" else "right")
+    for label, g in gens:
+        lat = g["latency_ms"]
+        t.add_row(label, _f(g["citation_precision"]), _f(g["context_recall"]), _f(g["answer_contains_rate"]),
+                  _f(g["abstention_accuracy"]), _f(g["false_abstention_rate"]),
+                  f"{_f(lat['time_to_first_token']['p50'], 0)}/{_f(lat['time_to_first_token']['p95'], 0)}",
+                  f"{_f(lat['total']['p50'], 0)}/{_f(lat['total']['p95'], 0)}", _f(g["tokens_per_s"], 1))
+    c.print(t)
+
+
+def eval_cmd(
+    bundles: list[Path] = typer.Argument(..., help=".fpk file(s), installed slot folder(s) or device data dir(s)"),
+    qa: Path = typer.Option(..., "--qa", help="QA set: JSON Lines with question, expected_source[#section], "
+                                              "answer_contains, unanswerable"),
+    html: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report here"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full JSON report here"),
+    k: int = typer.Option(10, "--k", help="chunks retrieved per mode for recall/MRR/nDCG"),
+    no_generate: bool = typer.Option(False, "--no-generate", help="retrieval metrics only (no answers)"),
+    trust: list[Path] = typer.Option([], "--trust", help="public key(s): also check each .fpk's signature"),
+    modes: str = typer.Option("vector,bm25,hybrid", "--modes", help="comma-separated retrieval modes"),
+    answer_k: Optional[int] = typer.Option(None, "--answer-k", help="chunks given to the model (default: bundle's)"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="answer length cap (tokens)"),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="context length (tokens)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="threads (default: physical cores)"),
+) -> None:
+    """Evaluate bundle(s) on a QA set: recall@1/5/10, MRR, nDCG@10 per retrieval mode; citation precision,
+    abstention, answer facts; latency p50/p95."""
+    from device.evaluate.report import MATPLOTLIB_MISSING, report_json, write_html, write_json
+    from device.evaluate.run import EvalOptions, evaluate
+
+    _check_writable(html, "--html")
+    _check_writable(json_out, "--json")
+    opts = EvalOptions(k=k, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+                       generate=not no_generate, trusted_keys=tuple(trust), answer_k=answer_k,
+                       max_tokens=max_tokens, n_ctx=n_ctx, threads=threads)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = progress.add_task(f"eval {label}", total=total)
+            progress.update(tasks[label], completed=done)
+
+        report = evaluate(list(bundles), qa, opts, on_progress=on_progress)
+    doc = report.to_dict()
+    if json_out == Path("-"):
+        typer.echo(report_json(doc), nl=False)
+    else:
+        print_report(doc)
+        if json_out is not None:
+            write_json(doc, json_out)
+            err.print(f"wrote {json_out}")
+    if html is not None:
+        drawn = write_html(doc, html)
+        err.print(f"wrote {html}" + ("" if drawn else f" ({MATPLOTLIB_MISSING})"))
+
+
+def register(root: typer.Typer) -> None:
+    """Add ``fieldpack eval`` to the root app."""
+    root.command("eval")(eval_cmd)
