@@ -255,9 +255,12 @@ def _run_check(check: SlotCheck, dd: DataDir, slot: str, manifest: Manifest, act
             dd.clear_slot(slot, state)
         except FieldpackError:
             log.exception("could not empty slot %s after its failed check", slot)
-        reason = str(exc) if isinstance(exc, FieldpackError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, FieldpackError):
+            reason, hint = " ".join(exc.message.split()).rstrip("."), exc.hint
+        else:
+            reason, hint = f"{type(exc).__name__}: {exc}", None
         raise SlotCheckError(f"{manifest.label} failed its post-install check in slot {slot} ({reason}); {keeps}",
-                             hint="read the reason above: rebuild the bundle, or free RAM/disk on the device, then retry") from exc
+                             hint=hint or "rebuild the bundle, or free RAM/disk on the device, then retry") from exc
 
 
 def rollback(data_dir: DataDir | Path | None) -> InstallResult:

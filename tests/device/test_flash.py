@@ -1,0 +1,220 @@
+"""scripts/flash: the folder/card mode for real; the ssh mode through a fake ``ssh``/``scp`` on PATH that run
+the remote command on this machine (a real sshd cannot be assumed), against the real ``fieldpack`` CLI and
+the real installer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from device.install import install_bundle
+from device.slots import init_data_dir, open_data_dir
+from shared.bundle import BundleReader
+from shared.errors import NotInitializedError, SignatureError, SlotCheckError
+from tests.shared.factories import Keys, base_bundle, make_bundle, make_keys, rebuild_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+FLASH = REPO / "scripts" / "flash"
+
+FAKE_SSH = r"""#!/usr/bin/env bash
+# fake ssh for tests: ssh [options] [user@]host COMMAND... runs COMMAND here with bash
+echo "ssh $*" >> "$FAKE_SSH_LOG"
+while [ $# -gt 0 ]; do case "$1" in -o|-p|-i|-l|-F) shift 2;; -*) shift;; *) break;; esac; done
+host=$1; shift
+if [ "${host#*@}" = unreachable ]; then echo "ssh: connect to host unreachable port 22: No route to host" >&2; exit 255; fi
+exec bash -c "$*"
+"""
+
+FAKE_SCP = r"""#!/usr/bin/env bash
+# fake scp for tests: scp [options] SRC [user@]host:DST copies SRC to DST here
+echo "scp $*" >> "$FAKE_SSH_LOG"
+args=()
+while [ $# -gt 0 ]; do case "$1" in -o|-P|-i|-F) shift 2;; -*) shift;; *) args+=("$1"); shift;; esac; done
+src=${args[0]}; dst=${args[1]}; host=${dst%%:*}; path=${dst#*:}
+if [ "${host#*@}" = unreachable ]; then echo "ssh: connect to host unreachable port 22: No route to host" >&2; exit 255; fi
+exec cp -- "$src" "$path"
+"""
+
+# The real CLI, as a device would have it on PATH.
+FIELDPACK = f"""#!/bin/sh
+PYTHONPATH={REPO} exec {sys.executable} -m fieldpack "$@"
+"""
+
+# The same install path without the runtime's model-load check, for synthetic payloads (they hold no real
+# model): `fieldpack-nocheck install B --data-dir D` -> `python -m device.install --no-check B --data-dir D`.
+FIELDPACK_NOCHECK = f"""#!/bin/sh
+[ "$1" = install ] && shift
+PYTHONPATH={REPO} exec {sys.executable} -m device.install --no-check "$@"
+"""
+
+
+def _exe(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return make_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Path:
+    return base_bundle(tmp_path_factory.mktemp("b"), keys, model_bytes=1 << 20)
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _exe(bin_dir / "ssh", FAKE_SSH)
+    _exe(bin_dir / "scp", FAKE_SCP)
+    _exe(bin_dir / "fieldpack", FIELDPACK)
+    _exe(bin_dir / "fieldpack-nocheck", FIELDPACK_NOCHECK)
+    (tmp_path / "remote-tmp").mkdir()
+    e = {k: v for k, v in os.environ.items() if k not in ("FIELDPACK_DATA_DIR", "FIELDPACK_CMD")}
+    return dict(e, PATH=f"{bin_dir}{os.pathsep}{e['PATH']}", FAKE_SSH_LOG=str(tmp_path / "ssh.log"),
+                HOME=str(tmp_path / "home"))
+
+
+def flash(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(FLASH), *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- folder / card mode --------------------------------------------------------------------------------------
+def test_to_folder_verified_atomic_with_sidecar(bundle: Path, keys: Keys, env: dict[str, str],
+                                                tmp_path: Path) -> None:
+    card = tmp_path / "sdcard"
+    card.mkdir()
+    (card / bundle.name).write_bytes(b"an older bundle of the same name")
+    r = flash(str(bundle), "--to", str(card), "--trust", str(keys.public), env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("OK demo@1.0.0")  # the real `fieldpack verify` ran first
+    copied = card / bundle.name
+    assert copied.read_bytes() == bundle.read_bytes()
+    assert sorted(p.name for p in card.iterdir()) == [bundle.name, f"{bundle.name}.sha256"]  # no partials
+    assert (card / f"{bundle.name}.sha256").read_text() == f"{sha256(bundle)}  {bundle.name}\n"
+    check = subprocess.run(["sha256sum", "-c", f"{bundle.name}.sha256"], cwd=card, capture_output=True, text=True)
+    assert check.returncode == 0 and "OK" in check.stdout
+    assert f"fieldpack install {copied}" in r.stdout
+    # later, on the device: the copy installs
+    dd = init_data_dir(tmp_path / "device", [keys.public])
+    assert install_bundle(copied, dd, check=None).label == "demo@1.0.0"
+
+
+def test_to_folder_without_trust_warns(bundle: Path, env: dict[str, str], tmp_path: Path) -> None:
+    card = tmp_path / "card"
+    card.mkdir()
+    r = flash(str(bundle), "--to", str(card), env=env)
+    assert r.returncode == 0 and "not verified here" in r.stderr
+    assert (card / bundle.name).read_bytes() == bundle.read_bytes()
+
+
+def test_to_missing_folder_creates_nothing(bundle: Path, env: dict[str, str], tmp_path: Path) -> None:
+    r = flash(str(bundle), "--to", str(tmp_path / "not-mounted"), env=env)
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error:") and "mount the card" in line
+    assert not (tmp_path / "not-mounted").exists()
+
+
+@pytest.mark.parametrize("make_bad, code", [
+    (lambda b, d: rebuild_bundle(b, d / "foreign.fpk", make_keys(d / "stranger")), SignatureError.exit_code),
+    (lambda b, d: rebuild_bundle(b, d / "unsigned.fpk", None), SignatureError.exit_code),
+])
+def test_local_verify_failure_copies_nothing(bundle: Path, keys: Keys, env: dict[str, str], tmp_path: Path,
+                                             make_bad, code: int) -> None:
+    bad = make_bad(bundle, tmp_path)
+    card = tmp_path / "card"
+    card.mkdir()
+    r = flash(str(bad), "--to", str(card), "--trust", str(keys.public), env=env)
+    assert r.returncode == code
+    [line] = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert "failed verification here, nothing was copied" in line and "Fix:" in line
+    assert list(card.iterdir()) == []
+
+
+def test_missing_bundle(env: dict[str, str], tmp_path: Path) -> None:
+    r = flash(str(tmp_path / "nope.fpk"), "--to", str(tmp_path), env=env)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+# --- ssh mode (fake ssh/scp) ---------------------------------------------------------------------------------
+def test_over_ssh_installs_and_cleans_up(bundle: Path, keys: Keys, env: dict[str, str], tmp_path: Path) -> None:
+    dd = init_data_dir(tmp_path / "device data", [keys.public])  # a space in the path: quoting is exercised
+    r = flash(str(bundle), "--to", f"tech@pi-07:{dd.root}", "--trust", str(keys.public),
+              "--remote-fieldpack", "fieldpack-nocheck", "--remote-tmp", str(tmp_path / "remote-tmp"),
+              "-o", "BatchMode=yes", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "pi-07: installed demo@1.0.0 into slot a" in r.stdout and "flashed" in r.stdout
+    assert open_data_dir(dd.root).active_slot() == "a"
+    assert list((tmp_path / "remote-tmp").iterdir()) == []  # the upload was removed
+    log = (tmp_path / "ssh.log").read_text().splitlines()
+    assert log[0].startswith("scp -q -o BatchMode=yes ") and f"tech@pi-07:{tmp_path}/remote-tmp/" in log[0]
+    assert log[1].startswith("ssh -o BatchMode=yes tech@pi-07 ")
+    # flashing the same bundle again is a no-op on the device, still success
+    again = flash(str(bundle), "--to", f"tech@pi-07:{dd.root}", "--remote-fieldpack", "fieldpack-nocheck",
+                  "--remote-tmp", str(tmp_path / "remote-tmp"), env=env)
+    assert again.returncode == 0 and "already active" in again.stdout
+
+
+def test_over_ssh_real_cli_reports_the_device_error(bundle: Path, keys: Keys, env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """The real `fieldpack install` runs the runtime's check, which a synthetic model cannot pass: the flash
+    must fail with the device's exit status and its one-line error, and leave the device as it was."""
+    dd = init_data_dir(tmp_path / "device", [keys.public])
+    r = flash(str(bundle), "--to", f"pi-07:{dd.root}", "--remote-tmp", str(tmp_path / "remote-tmp"), env=env)
+    assert r.returncode == SlotCheckError.exit_code, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("pi-07: error: demo@1.0.0 failed its post-install check") and "Fix:" in line
+    assert open_data_dir(dd.root).active_slot() is None
+    assert list((tmp_path / "remote-tmp").iterdir()) == []
+
+
+def test_over_ssh_uninitialised_device(bundle: Path, env: dict[str, str], tmp_path: Path) -> None:
+    r = flash(str(bundle), "--to", f"pi-07:{tmp_path / 'blank'}", "--remote-tmp", str(tmp_path / "remote-tmp"),
+              env=env)
+    assert r.returncode == NotInitializedError.exit_code
+    assert "fieldpack device init" in r.stderr.strip().splitlines()[-1]
+
+
+def test_over_ssh_unreachable_host(bundle: Path, env: dict[str, str], tmp_path: Path) -> None:
+    r = flash(str(bundle), "--to", "pi@unreachable", "--remote-tmp", str(tmp_path / "remote-tmp"), env=env)
+    assert r.returncode == 255
+    assert "No route to host" in r.stderr and "ssh pi@unreachable" in r.stderr
+
+
+def test_over_ssh_missing_remote_fieldpack(bundle: Path, env: dict[str, str], tmp_path: Path) -> None:
+    r = flash(str(bundle), "--to", "pi-07", "--remote-fieldpack", "no-such-fieldpack",
+              "--remote-tmp", str(tmp_path / "remote-tmp"), env=env)
+    assert r.returncode == 127 and "--remote-fieldpack" in r.stderr
+    assert list((tmp_path / "remote-tmp").iterdir()) == []
+
+
+def test_bad_target(bundle: Path, env: dict[str, str]) -> None:
+    r = flash(str(bundle), "--to", "pi 07:/x", env=env)
+    assert r.returncode == 2 and "neither a folder nor user@host" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FIELDPACK_TEST_BUNDLE"),
+                    reason="needs a real built bundle in FIELDPACK_TEST_BUNDLE (the real check loads its model)")
+def test_over_ssh_real_cli_real_bundle(bundle: Path, keys: Keys, env: dict[str, str], tmp_path: Path) -> None:
+    dd = init_data_dir(tmp_path / "device", [keys.public])
+    r = flash(str(bundle), "--to", f"pi-07:{dd.root}", "--trust", str(keys.public),
+              "--remote-tmp", str(tmp_path / "remote-tmp"), env=env)
+    assert r.returncode == 0, r.stderr
+    with BundleReader(bundle) as reader:
+        assert open_data_dir(dd.root).state().slots["a"].label == reader.manifest.label
