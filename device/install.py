@@ -42,7 +42,7 @@ from typing import Any
 from shared import bundle_format as fmt
 from shared.atomic import atomic_write_bytes, fsync_dir
 from shared.bundle import BundleReader
-from shared.errors import FieldpackError, NoPreviousBundleError, SlotCheckError
+from shared.errors import FieldpackError, NoPreviousBundleError, SignatureError, SlotCheckError
 from shared.manifest import Manifest
 
 from device.resources import ResourceProbe, check_feasibility
@@ -165,6 +165,9 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
             label = manifest.label
             manifest_sha = hashlib.sha256(reader.manifest_bytes).hexdigest()
             trusted = dd.trusted_keys()
+            if not trusted:
+                raise SignatureError(f"data dir {dd.root} trusts no builder key, so no bundle can be verified",
+                                     hint=f"run `fieldpack device init --data-dir {dd.root} --trust builder.pub`")
             active = state.active
             old = state.slots[active] if active else None
             if old is not None and old.manifest_sha256 == manifest_sha and dd.slot_complete(active, state):

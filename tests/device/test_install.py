@@ -416,3 +416,12 @@ def test_errors_are_fieldpack_errors_only(dd: DataDir, tmp_path: Path) -> None:
     with pytest.raises(FieldpackError):
         install_bundle(junk, dd, check=None)
     assert dd.state().active is None
+
+
+def test_data_dir_that_trusts_no_key(dd: DataDir, bundles: dict[str, Path]) -> None:
+    for key in (dd.root / "trust").iterdir():
+        key.unlink()
+    with pytest.raises(SignatureError, match="trusts no builder key") as ei:
+        install_bundle(bundles["v1"], dd, check=None)
+    assert "fieldpack device init" in one_line(ei.value)
+    assert dd.state().active is None
