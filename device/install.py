@@ -193,11 +193,15 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
                 dd.write_state(state)
             dd.clear_slot(target, state)
             path = dd.slot_path(target)
-            reader.extract_to(path, on_progress=_counter("unpack", total, on_progress),
-                              on_member=_mid_unpack_hook())
-            atomic_write_bytes(path / fmt.MANIFEST_NAME, reader.manifest_bytes)
-            if reader.signature_bytes is not None:
-                atomic_write_bytes(path / fmt.SIGNATURE_NAME, reader.signature_bytes)
+            try:
+                reader.extract_to(path, on_progress=_counter("unpack", total, on_progress),
+                                  on_member=_mid_unpack_hook())
+                atomic_write_bytes(path / fmt.MANIFEST_NAME, reader.manifest_bytes)
+                if reader.signature_bytes is not None:
+                    atomic_write_bytes(path / fmt.SIGNATURE_NAME, reader.signature_bytes)
+            except FieldpackError:  # disk full, bundle changed since verify: free the space now
+                _clear_quietly(dd, target)
+                raise
             fsync_dir(path)
             _crashpoint("after-unpack")
 
@@ -248,16 +252,19 @@ def _mid_unpack_hook() -> Callable[[str], None]:
     return on_member
 
 
+def _clear_quietly(dd: DataDir, slot: str) -> None:
+    try:
+        dd.clear_slot(slot)
+    except FieldpackError:
+        log.exception("could not empty slot %s; the next install will", slot)
+
+
 def _run_check(check: SlotCheck, dd: DataDir, slot: str, manifest: Manifest, active_label: str | None) -> None:
     keeps = f"{active_label} stays active" if active_label else "no bundle is active yet"
     try:
         check(dd.slot_path(slot), manifest)
     except Exception as exc:
-        state = dd.state()
-        try:
-            dd.clear_slot(slot, state)
-        except FieldpackError:
-            log.exception("could not empty slot %s after its failed check", slot)
+        _clear_quietly(dd, slot)
         if isinstance(exc, FieldpackError):
             reason, hint = " ".join(exc.message.split()).rstrip("."), exc.hint
         else:

@@ -24,6 +24,7 @@ from shared.errors import (
     InputNotFoundError,
     IntegrityError,
     ManifestError,
+    OutputNotWritableError,
     UnsafeMemberError,
 )
 from shared.manifest import Manifest, Member, parse_manifest
@@ -273,13 +274,13 @@ class BundleReader:
             OutputNotWritableError: ``dest`` cannot be written (disk full, permissions).
         """
         dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
+        _mkdir(dest)
         root = dest.resolve()
         for e in self._payload:
             target = (dest / e.name)
             if root not in target.resolve().parents:
                 raise UnsafeMemberError(f"archive member {e.name!r} would escape {dest}", hint="do not install this bundle")
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _mkdir(target.parent)
             if on_member:
                 on_member(e.name)
             with atomic_writer(target) as out:
@@ -314,6 +315,14 @@ class BundleReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputNotWritableError(f"cannot create folder {path}: {exc.strerror or exc}",
+                                     hint="free space or fix the permissions of that file system") from exc
 
 
 def open_bundle(path: Path) -> BundleReader:

@@ -56,6 +56,7 @@ from tests.shared.factories import (
     kv_bytes,
     make_bundle,
     make_keys,
+    member_data_offset,
     raw_entries,
     rebuild_bundle,
     truncated_copy,
@@ -425,3 +426,45 @@ def test_data_dir_that_trusts_no_key(dd: DataDir, bundles: dict[str, Path]) -> N
         install_bundle(bundles["v1"], dd, check=None)
     assert "fieldpack device init" in one_line(ei.value)
     assert dd.state().active is None
+
+
+def test_bundle_altered_between_verify_and_unpack(dd: DataDir, bundles: dict[str, Path], tmp_path: Path) -> None:
+    """Time-of-check/time-of-use: the unpack re-hashes what it writes, so a bundle changed on disk after the
+    verify pass is still refused, and the half-written slot is emptied at once."""
+    install_bundle(bundles["v1"], dd, check=None)
+    before_a = snapshot(dd.root / "slots" / "a")
+    victim = tmp_path / "victim.fpk"
+    victim.write_bytes(bundles["v2"].read_bytes())
+    offset = member_data_offset(victim, fmt.MODEL_NAME) + 10
+
+    def tamper(phase: str, done: int, total: int) -> None:
+        if phase == "verify" and done == total:
+            with open(victim, "r+b") as fh:
+                fh.seek(offset)
+                fh.write(b"\xff\xff")
+
+    with pytest.raises(IntegrityError, match="model.gguf"):
+        install_bundle(victim, dd, check=None, on_progress=tamper)
+    assert dd.active_slot() == "a" and snapshot(dd.root / "slots" / "a") == before_a
+    assert list((dd.root / "slots" / "b").iterdir()) == []
+
+
+def test_write_failure_during_unpack(dd: DataDir, keys: Keys, tmp_path: Path, bundles: dict[str, Path]) -> None:
+    """A real write error mid-unpack (RLIMIT_FSIZE makes writes past 1 MiB fail with EFBIG, as a full disk
+    would with ENOSPC): one-line error, the active bundle untouched, the partial slot emptied."""
+    install_bundle(bundles["v1"], dd, check=None)
+    big = make_bundle(tmp_path / "big.fpk", keys, model_bytes=3 << 20, seed=5, version="5")
+    before_a = snapshot(dd.root / "slots" / "a")
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+            "from device.install import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, "--no-check", "--data-dir", str(dd.root), str(big)],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == UsageError.exit_code, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: cannot write ") and "model.gguf" in line and "Fix:" in line
+    assert dd.active_slot() == "a" and snapshot(dd.root / "slots" / "a") == before_a
+    assert list((dd.root / "slots" / "b").iterdir()) == []
+    assert install_bundle(big, dd, check=None).changed
