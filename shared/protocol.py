@@ -411,6 +411,9 @@ class Status(_Wire):
         uptime_s: seconds since the daemon started.
         ts: device wall clock, Unix seconds, when this status was made.
         error: why the device cannot answer right now (e.g. no active bundle), else ``None``.
+        instance: random id of the daemon process (part of its MQTT client id); two live instances with one
+            device id are a misconfiguration that the daemons detect through it.
+        started_at: device wall clock, Unix seconds, when that process started.
     """
 
     type: Literal["status"] = "status"
@@ -427,6 +430,8 @@ class Status(_Wire):
     uptime_s: float | None = None
     ts: float | None = None
     error: str | None = None
+    instance: str | None = None
+    started_at: float | None = None
 
 
 class Stats(_Record):
@@ -451,6 +456,13 @@ class Stats(_Record):
         return cls(n=len(values), last=values[-1], mean=sum(values) / len(values), p50=rank(0.5), p95=rank(0.95))
 
 
+MetricsCounter = Literal["requests", "answered", "errors", "busy", "expired", "cancelled", "reconnects"]
+METRICS_COUNTERS: tuple[MetricsCounter, ...] = (
+    "requests", "answered", "errors", "busy", "expired", "cancelled", "reconnects"
+)
+"""Names of the :class:`Metrics` counters (keys of the payload)."""
+
+
 class Metrics(_Wire):
     """Counters since start and latency summaries over the last answers of one device.
 
@@ -460,6 +472,13 @@ class Metrics(_Wire):
     while queued; ``cancelled``; ``reconnects`` broker connections after the first.
     Summaries (:class:`Stats`): ``ttft_ms`` engine time to first token, ``tokens_per_s`` decode speed,
     ``retrieval_ms``, ``queue_ms`` wait in the device queue, ``total_ms`` engine time per answer.
+    Example (also the shape of the daemon's ``<data_dir>/metrics.json``)::
+
+        {"v": 1, "type": "metrics", "device": "fieldbox-7", "ts": 1732871234.5, "uptime_s": 3600.2,
+         "requests": 120, "answered": 112, "errors": 3, "busy": 4, "expired": 1, "cancelled": 0,
+         "reconnects": 1, "queue_depth": 0,
+         "ttft_ms":      {"n": 112, "last": 210.0, "mean": 230.1, "p50": 220.0, "p95": 310.0},
+         "tokens_per_s": {...}, "retrieval_ms": {...}, "queue_ms": {...}, "total_ms": {...}}
     """
 
     type: Literal["metrics"] = "metrics"

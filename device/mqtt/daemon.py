@@ -19,8 +19,9 @@ it against a real Mosquitto with a fake engine and a clock they move.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import logging
+import os
 from pathlib import Path
 import queue
 import threading
@@ -53,7 +54,6 @@ _FATAL_CONNACK = {
     "Banned",
     "Bad authentication method",
 }
-_SESSION_TAKEN_OVER = "Session taken over"
 
 STATUS_PERIOD_S = 0.25
 """Housekeeping tick, seconds: a changed status is published at most this often."""
@@ -65,8 +65,9 @@ class DaemonConfig:
 
     Attributes:
         device_id: this device's id (topic level; see ``shared.protocol.NAME_PATTERN``). The MQTT client id is
-            ``fieldpack-device-<device_id>``: one connection per device id, so a second daemon with the same
-            id takes the session over and the first stops with an error instead of both answering.
+            ``fieldpack-<device_id>-<instance>`` with a random instance per process, so no two clients ever
+            share one. A second live daemon with the same device id is noticed through the status topic: the
+            later-started one stops with a ``UsageError`` (see :meth:`MqttDaemon._check_twin`).
         groups: groups whose shared request topic this device serves.
         queue_size: requests that may wait while one is answered; one more gets ``busy``.
         max_question_chars, max_payload_bytes: request limits (characters, bytes).
@@ -83,7 +84,6 @@ class DaemonConfig:
     metrics_interval_s: float = 30.0
     data_dir: Path | None = None
     partial_qos: int = 0
-    client_id: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         protocol.check_name(self.device_id, "device id")
@@ -97,8 +97,6 @@ class DaemonConfig:
             )
         if self.partial_qos not in (0, 1):
             raise errors.UsageError(f"partial QoS {self.partial_qos} is not 0 or 1", hint="use 0 or 1")
-        if not self.client_id:
-            object.__setattr__(self, "client_id", f"fieldpack-device-{self.device_id}")
 
 
 @dataclass(frozen=True)
@@ -155,12 +153,19 @@ class MqttDaemon:
         self._fatal: errors.FieldpackError | None = None
         self._connections = 0
         self._started_at = self._clock.monotonic()
+        self._started_wall = self._clock.time()
+        self.instance = os.urandom(4).hex()
+        """Random id of this daemon process, in its client id and status."""
+        self.client_id = f"fieldpack-{config.device_id}-{self.instance}"
         self._threads: list[threading.Thread] = []
         self._started = False
         self._stopped = False
-        will = protocol.Status(device=config.device_id, online=False, groups=list(config.groups))
+        will = protocol.Status(
+            device=config.device_id, online=False, groups=list(config.groups), instance=self.instance,
+            started_at=self._started_wall,
+        )
         self.client: mqtt.Client = client_factory(
-            settings, config.client_id, will=(protocol.status_topic(config.device_id), will.encode())
+            settings, self.client_id, will=(protocol.status_topic(config.device_id), will.encode())
         )
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
@@ -199,7 +204,7 @@ class MqttDaemon:
         self._started_at = self._clock.monotonic()
         log.info(
             "device %s connecting to %s as %s (groups: %s)",
-            self.config.device_id, self._settings.url, self.config.client_id, ", ".join(self.config.groups) or "-",
+            self.config.device_id, self._settings.url, self.client_id, ", ".join(self.config.groups) or "-",
         )
         connect_async(self.client, self._settings)
         self.client.loop_start()
@@ -248,7 +253,7 @@ class MqttDaemon:
         for thread in self._threads:
             thread.join(timeout_s)
         self._publish_metrics()
-        if self._connected.is_set():
+        if self._connected.is_set() and self._fatal is None:  # a twin that yields leaves the status alone
             info = self._publish_status(online=False)
             try:
                 info.wait_for_publish(timeout=min(timeout_s, 5.0))
@@ -315,7 +320,11 @@ class MqttDaemon:
         if self._connections > 1:
             self._metrics.count("reconnects")
         log.info("connected to %s (connection %d)", self._settings.url, self._connections)
-        subscriptions = [protocol.request_topic(self.config.device_id), protocol.cancel_topic(self.config.device_id)]
+        subscriptions = [
+            protocol.request_topic(self.config.device_id),
+            protocol.cancel_topic(self.config.device_id),
+            protocol.status_topic(self.config.device_id),  # to notice a twin (same device id, other process)
+        ]
         for group in self.config.groups:
             subscriptions += [protocol.group_subscription(group), protocol.group_cancel_topic(group)]
         self.client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in subscriptions])
@@ -327,14 +336,6 @@ class MqttDaemon:
         name = reason.getName() if reason is not None else "unknown"
         if self._stopping.is_set():
             return
-        if name == _SESSION_TAKEN_OVER:
-            self._fail(
-                errors.UsageError(
-                    f"another client connected to {self._settings.url} as {self.config.client_id}",
-                    hint=f"give every device its own --device-id; {self.config.device_id!r} is in use twice",
-                )
-            )
-            return
         log.warning("disconnected from %s (%s); reconnecting", self._settings.url, name)
 
     def _handle_subscribed(self, codes: tuple[ReasonCode, ...]) -> None:
@@ -344,9 +345,11 @@ class MqttDaemon:
         self._subscribed.set()
 
     def _fail(self, err: errors.FieldpackError) -> None:
+        """Stop for good: no more reconnects; :meth:`run` raises ``err``."""
         log.error("%s", err)
         self._fatal = err
         self._halt.set()
+        self.client.disconnect()
 
     def _handle_message(self, message: mqtt.MQTTMessage, received_at: float) -> None:
         kind = protocol.parse_topic(message.topic)
@@ -356,6 +359,8 @@ class MqttDaemon:
             self._handle_request(message, received_at)
         elif kind[0] in ("cancel", "group_cancel"):
             self._handle_cancel(message)
+        elif kind[0] == "status" and kind[1] == self.config.device_id and not message.retain:
+            self._check_twin(message)
         else:
             log.debug("ignoring %s message on %s", kind[0], message.topic)
 
@@ -429,6 +434,33 @@ class MqttDaemon:
             log.debug("request %s queued (depth %d)", request.id, depth)
             self._status_dirty.set()
 
+    def _check_twin(self, message: mqtt.MQTTMessage) -> None:
+        """A live (not retained) online status of this device id from another instance means two daemons
+        serve one device id. Both order themselves by ``(started_at, instance)``; the later one stops with a
+        ``UsageError`` (exit 2: systemd does not restart it), the earlier one re-announces itself so the later
+        one learns of it and keeps serving."""
+        try:
+            other = protocol.decode_status(bytes(message.payload))
+        except errors.ProtocolError:
+            return
+        if not other.online or other.instance in (None, self.instance):
+            return
+        mine = (self._started_wall, self.instance)
+        theirs = (other.started_at or 0.0, other.instance or "")
+        if mine > theirs:
+            self._fail(
+                errors.UsageError(
+                    f"device id {self.config.device_id!r} is already served by another daemon "
+                    f"(instance {other.instance}) on {self._settings.url}",
+                    hint="give every device its own --device-id",
+                )
+            )
+        else:
+            log.error(
+                "a second daemon (instance %s) uses device id %r; it will stop", other.instance, self.config.device_id
+            )
+            self._status_dirty.set()
+
     def _handle_cancel(self, message: mqtt.MQTTMessage) -> None:
         try:
             cancel = protocol.decode_cancel(bytes(message.payload), max_bytes=self.config.max_payload_bytes)
@@ -476,6 +508,8 @@ class MqttDaemon:
             uptime_s=round(self._clock.monotonic() - self._started_at, 3),
             ts=self._clock.time(),
             error=engine_error,
+            instance=self.instance,
+            started_at=self._started_wall,
         )
 
     def _publish_status(self, *, online: bool) -> mqtt.MQTTMessageInfo:

@@ -1,16 +1,9 @@
 """Counters and latency summaries of the MQTT daemon, and the ``metrics.json`` file it keeps.
 
-The daemon publishes :class:`shared.protocol.Metrics` (retained) on ``<root>/device/<id>/metrics`` every
+The daemon publishes :class:`shared.protocol.Metrics` (retained) on the device's metrics topic every
 ``metrics_interval_s`` and, when it has a data dir, writes the same JSON atomically to
-``<data_dir>/metrics.json`` (:data:`METRICS_FILENAME`) for ``fieldpack status``. Shape of that file (one
-JSON object, keys of ``shared.protocol.Metrics``; read it with ``shared.protocol.decode_metrics``)::
-
-    {"v": 1, "type": "metrics", "device": "fieldbox-7", "ts": 1732871234.5, "uptime_s": 3600.2,
-     "requests": 120, "answered": 112, "errors": 3, "busy": 4, "expired": 1, "cancelled": 0,
-     "reconnects": 1, "queue_depth": 0,
-     "ttft_ms":      {"n": 112, "last": 210.0, "mean": 230.1, "p50": 220.0, "p95": 310.0},
-     "tokens_per_s": {...}, "retrieval_ms": {...}, "queue_ms": {...}, "total_ms": {...}}
-
+``<data_dir>/metrics.json`` (:data:`METRICS_FILENAME`) for ``fieldpack status``: one JSON object whose keys
+and an example are given by ``shared.protocol.Metrics``; read it with ``shared.protocol.decode_metrics``.
 Summaries cover the last ``window`` answers (default 256); counters run since the daemon started.
 """
 
@@ -21,8 +14,6 @@ import logging
 import os
 from pathlib import Path
 import threading
-from typing import Literal
-
 from shared import errors, protocol
 
 from device.mqtt.clock import Clock
@@ -31,9 +22,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILENAME = "metrics.json"
 
-Counter = Literal["requests", "answered", "errors", "busy", "expired", "cancelled", "reconnects"]
-_COUNTERS: tuple[Counter, ...] = ("requests", "answered", "errors", "busy", "expired", "cancelled", "reconnects")
-_SERIES = ("ttft_ms", "tokens_per_s", "retrieval_ms", "queue_ms", "total_ms")
+Counter = protocol.MetricsCounter
 
 
 class MetricsRecorder:
@@ -49,8 +38,12 @@ class MetricsRecorder:
         self._device_id = device_id
         self._clock = clock
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._series: dict[str, deque[float]] = {name: deque(maxlen=window) for name in _SERIES}
+        self._counts: dict[str, int] = dict.fromkeys(protocol.METRICS_COUNTERS, 0)
+        self._ttft_ms: deque[float] = deque(maxlen=window)
+        self._tokens_per_s: deque[float] = deque(maxlen=window)
+        self._retrieval_ms: deque[float] = deque(maxlen=window)
+        self._queue_ms: deque[float] = deque(maxlen=window)
+        self._total_ms: deque[float] = deque(maxlen=window)
 
     def count(self, name: Counter, n: int = 1) -> None:
         """Add ``n`` to counter ``name``."""
@@ -65,11 +58,11 @@ class MetricsRecorder:
         generation ran) keeps the answer out of the time-to-first-token and tokens/s summaries."""
         with self._lock:
             if generated:
-                self._series["ttft_ms"].append(ttft_ms)
-                self._series["tokens_per_s"].append(tokens_per_s)
-            self._series["retrieval_ms"].append(retrieval_ms)
-            self._series["queue_ms"].append(queue_ms)
-            self._series["total_ms"].append(total_ms)
+                self._ttft_ms.append(ttft_ms)
+                self._tokens_per_s.append(tokens_per_s)
+            self._retrieval_ms.append(retrieval_ms)
+            self._queue_ms.append(queue_ms)
+            self._total_ms.append(total_ms)
 
     def value(self, name: Counter) -> int:
         """Current value of one counter."""
@@ -79,16 +72,18 @@ class MetricsRecorder:
     def snapshot(self, *, uptime_s: float, queue_depth: int) -> protocol.Metrics:
         """Everything recorded so far as the wire message."""
         with self._lock:
-            counts = dict(self._counts)
-            series = {name: protocol.Stats.of(list(values)) for name, values in self._series.items()}
-        return protocol.Metrics(
-            device=self._device_id,
-            ts=self._clock.time(),
-            uptime_s=round(uptime_s, 3),
-            queue_depth=queue_depth,
-            **counts,  # type: ignore[arg-type]
-            **series,  # type: ignore[arg-type]
-        )
+            return protocol.Metrics(
+                device=self._device_id,
+                ts=self._clock.time(),
+                uptime_s=round(uptime_s, 3),
+                queue_depth=queue_depth,
+                ttft_ms=protocol.Stats.of(list(self._ttft_ms)),
+                tokens_per_s=protocol.Stats.of(list(self._tokens_per_s)),
+                retrieval_ms=protocol.Stats.of(list(self._retrieval_ms)),
+                queue_ms=protocol.Stats.of(list(self._queue_ms)),
+                total_ms=protocol.Stats.of(list(self._total_ms)),
+                **self._counts,  # type: ignore[arg-type]
+            )
 
 
 def write_metrics_file(data_dir: Path, metrics: protocol.Metrics) -> Path:

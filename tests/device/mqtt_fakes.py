@@ -78,7 +78,7 @@ class FakeEngine:
         return self._label
 
     def release(self) -> None:
-        """Let held answers go on (and every later one: holding is one-shot per engine)."""
+        """Let the held answer go on; later answers no longer hold (until then every answer holds)."""
         self._released.set()
 
     def answer(

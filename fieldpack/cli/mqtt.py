@@ -1,0 +1,224 @@
+"""MQTT commands: ``fieldpack serve`` (the device daemon), ``fieldpack mqtt ask`` and ``fieldpack mqtt status``.
+
+Only typer is imported at module level; each command imports the daemon, the requester and the runtime inside
+its body. Errors are raised as ``shared.errors`` classes and turned into one line by ``fieldpack.cli.main``.
+Every broker option can also come from the environment (``FIELDPACK_BROKER``, ``FIELDPACK_MQTT_USERNAME``,
+...), which is how ``scripts/fieldpack-serve.service`` configures the daemon.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+DATA_DIR_HELP = "device data dir (default: $FIELDPACK_DATA_DIR or ~/.local/share/fieldpack)"
+
+Broker = Annotated[
+    str,
+    typer.Option("--broker", envvar="FIELDPACK_BROKER", help="mqtt://host:1883 or mqtts://host:8883"),
+]
+Username = Annotated[Optional[str], typer.Option("--username", envvar="FIELDPACK_MQTT_USERNAME", help="MQTT user")]
+PasswordFile = Annotated[
+    Optional[Path],
+    typer.Option("--password-file", envvar="FIELDPACK_MQTT_PASSWORD_FILE", help="file whose first line is the password"),
+]
+TlsCa = Annotated[
+    Optional[Path],
+    typer.Option("--tls-ca", envvar="FIELDPACK_MQTT_TLS_CA", help="CA (PEM) of the broker's certificate; turns TLS on"),
+]
+TlsCert = Annotated[
+    Optional[Path], typer.Option("--tls-cert", envvar="FIELDPACK_MQTT_TLS_CERT", help="client certificate (PEM)")
+]
+TlsKey = Annotated[Optional[Path], typer.Option("--tls-key", envvar="FIELDPACK_MQTT_TLS_KEY", help="client key (PEM)")]
+Keepalive = Annotated[int, typer.Option("--keepalive", help="MQTT keep-alive, seconds")]
+
+app = typer.Typer(help="Ask field devices over MQTT and read their status.", no_args_is_help=True)
+
+
+def _settings(
+    broker: str,
+    username: Optional[str],
+    password_file: Optional[Path],
+    tls_ca: Optional[Path],
+    tls_cert: Optional[Path],
+    tls_key: Optional[Path],
+    keepalive: int = 30,
+):  # -> device.mqtt.BrokerSettings (imported lazily)
+    from device.mqtt.client import BrokerSettings
+
+    return BrokerSettings.from_options(
+        broker, username=username, password_file=password_file, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+        keepalive_s=keepalive,
+    )
+
+
+def serve(
+    broker: Broker,
+    device_id: Annotated[
+        str, typer.Option("--device-id", envvar="FIELDPACK_DEVICE_ID", help="this device's id, e.g. fieldbox-7")
+    ],
+    username: Username = None,
+    password_file: PasswordFile = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    group: Annotated[
+        Optional[list[str]],
+        typer.Option("--group", envvar="FIELDPACK_GROUP", help="also serve this group's shared requests (repeatable)"),
+    ] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
+    queue_size: Annotated[int, typer.Option("--queue-size", help="requests that may wait; one more gets 'busy'")] = 8,
+    metrics_interval: Annotated[
+        float, typer.Option("--metrics-interval", help="seconds between metrics publications")
+    ] = 30.0,
+    keepalive: Keepalive = 30,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help="context length (tokens)")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads")] = None,
+) -> None:
+    """Answer questions arriving over MQTT from the installed bundle until SIGTERM/SIGINT.
+
+    A bundle installed while serving is used from the next request. Publishes a retained status, a Last Will
+    that marks the device offline, and metrics (also written to DATA_DIR/metrics.json).
+    """
+    import dataclasses
+    import logging
+    import signal
+    import threading
+
+    from device.mqtt import DaemonConfig, MqttDaemon
+    from device.provider import ActiveBundleProvider
+    from device.slots import default_data_dir, open_data_dir
+
+    settings = _settings(broker, username, password_file, tls_ca, tls_cert, tls_key, keepalive)
+    config = DaemonConfig(  # checks the options before anything is opened
+        device_id, groups=tuple(group or ()), queue_size=queue_size, metrics_interval_s=metrics_interval
+    )
+    dd = open_data_dir(data_dir or default_data_dir())
+    config = dataclasses.replace(config, data_dir=dd.root)
+    device_log = logging.getLogger("device")
+    if device_log.getEffectiveLevel() > logging.INFO:  # a daemon reports its connection life by default
+        device_log.setLevel(logging.INFO)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    daemon = MqttDaemon(config, ActiveBundleProvider(dd, n_ctx=n_ctx, threads=threads), settings)
+    daemon.run(stop)
+
+
+@app.command("ask")
+def ask(
+    question: Annotated[str, typer.Argument(help="the question")],
+    broker: Broker,
+    device: Annotated[Optional[str], typer.Option("--device", help="device id to ask")] = None,
+    group: Annotated[Optional[str], typer.Option("--group", help="ask any device of this group")] = None,
+    bundle: Annotated[
+        Optional[str], typer.Option("--bundle", help='require this bundle: "name" or "name@version"')
+    ] = None,
+    username: Username = None,
+    password_file: PasswordFile = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait for the final reply")] = 120.0,
+    expiry: Annotated[
+        Optional[int], typer.Option("--expiry", help="drop the request if it waited longer than this (seconds)")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the final reply as JSON")] = False,
+) -> None:
+    """Ask a device (or a group) over MQTT; streams the answer, then prints the sources."""
+    from device.mqtt import Requester
+    from shared.errors import UsageError
+
+    if (device is None) == (group is None):
+        raise UsageError("give exactly one of --device and --group", hint="e.g. --device fieldbox-7")
+    settings = _settings(broker, username, password_file, tls_ca, tls_cert, tls_key)
+    streamed = not json_out
+    with Requester(settings) as requester:
+        final = requester.ask(
+            question, device=device, group=group, bundle=bundle, stream=streamed, expiry_s=expiry, timeout_s=timeout,
+            on_partial=(lambda p: typer.echo(p.text, nl=False)) if streamed else None,
+        )
+    if json_out:
+        typer.echo(final.model_dump_json(indent=2))
+    if final.error is not None:
+        if streamed and final.partials:
+            typer.echo("")
+        raise final.error.to_exception()
+    if json_out:
+        return
+    typer.echo("")
+    for source in final.sources:
+        typer.echo(f"[{source.n}] {source.citation}")
+    if final.timings is not None:
+        t = final.timings
+        typer.echo(
+            f"-- {final.device}, {final.bundle}: first token {t.time_to_first_token_ms:.0f} ms, "
+            f"{t.tokens_per_s:.1f} tok/s, retrieval {t.retrieval_ms:.0f} ms, queued {t.queue_ms:.0f} ms",
+            err=True,
+        )
+
+
+@app.command("status")
+def status(
+    broker: Broker,
+    username: Username = None,
+    password_file: PasswordFile = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print statuses and metrics as JSON")] = False,
+) -> None:
+    """Every device's retained status (online, bundle, model, queue, uptime) and latest metrics."""
+    import json
+
+    from device.mqtt import Requester
+
+    settings = _settings(broker, username, password_file, tls_ca, tls_cert, tls_key)
+    with Requester(settings) as requester:
+        states = requester.device_states()
+    if json_out:
+        rows = [
+            {"status": s.status.model_dump(), "metrics": s.metrics.model_dump() if s.metrics else None} for s in states
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not states:
+        typer.echo(f"no device has published a status on {settings.url}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("device", "online", "bundle", "model", "queue", "uptime", "answered", "errors", "busy",
+                  "TTFT p50 ms", "tok/s", title=f"devices on {settings.url}")
+    for state in states:
+        s, m = state.status, state.metrics
+        table.add_row(
+            s.device,
+            "yes" if s.online else "NO",
+            s.bundle or (s.error or "-"),
+            s.model or "-",
+            f"{s.queue_depth}/{s.queue_max}" if s.queue_max is not None else "-",
+            _duration(s.uptime_s),
+            str(m.answered) if m else "-",
+            str(m.errors) if m else "-",
+            str(m.busy) if m else "-",
+            f"{m.ttft_ms.p50:.0f}" if m and m.ttft_ms.p50 is not None else "-",
+            f"{m.tokens_per_s.mean:.1f}" if m and m.tokens_per_s.mean is not None else "-",
+        )
+    Console().print(table)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+
+
+def register(root: typer.Typer) -> None:
+    """Add ``serve`` and the ``mqtt`` group (``ask``, ``status``) to the root app."""
+    root.command("serve")(serve)
+    root.add_typer(app, name="mqtt")
