@@ -1,0 +1,180 @@
+"""Chunks + embeddings -> the bundle's retrieval index: one SQLite file with sqlite-vec and FTS5.
+
+Layout: :func:`device.sqlite.index_schema` (``chunks``, ``chunks_vec`` vec0, ``chunks_fts`` FTS5, ``meta``).
+The file is built under a temporary name in the destination folder, VACUUMed, fsynced and renamed, so a crash
+never leaves a half-written index at ``out_path``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from builder.ingest.model import Chunk
+from device import sqlite as idx
+from shared.atomic import fsync_dir
+from shared.errors import IngestError, OutputNotWritableError, UsageError
+
+if TYPE_CHECKING:
+    from device.embedder import OnnxEmbedder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    """What :func:`build_index` wrote.
+
+    Attributes:
+        path: the index file.
+        documents: distinct ``source`` values.
+        chunks: rows in ``chunks``.
+        dimension: embedding width.
+        metric: ``"cosine"`` or ``"l2"``.
+        size_bytes: file size after VACUUM.
+        sha256: hex digest of the file.
+    """
+
+    path: Path
+    documents: int
+    chunks: int
+    dimension: int
+    metric: str
+    size_bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def embed_chunks(chunks: Sequence[Chunk], embedder: OnnxEmbedder, *, batch_size: int = 32) -> np.ndarray:
+    """Embed each chunk's :meth:`Chunk.embedding_text` (section path + text) with the bundle's embedder.
+
+    Returns:
+        ``(len(chunks), embedder.dimension) float32``, rows L2-normalised, in chunk order.
+    """
+    return embedder.embed([c.embedding_text() for c in chunks], batch_size=batch_size)
+
+
+def build_index(
+    chunks: Sequence[Chunk],
+    embeddings: np.ndarray,
+    out_path: Path,
+    *,
+    metric: str = "cosine",
+    embedder_name: str = "",
+) -> IndexStats:
+    """Write the retrieval index for ``chunks``.
+
+    Args:
+        chunks: from :func:`builder.ingest.ingest`; chunk ``i`` gets id ``i + 1``.
+        embeddings: ``(len(chunks), dim)`` float, row ``i`` for chunk ``i`` (see :func:`embed_chunks`).
+        out_path: destination file; replaced atomically if it exists. Its folder must exist.
+        metric: ``"cosine"`` (default) or ``"l2"``.
+        embedder_name: recorded in ``meta`` so the device can check it embeds queries with the same model.
+
+    Raises:
+        IngestError: no chunks.
+        UsageError: shape mismatch, non-finite embeddings, or an unknown metric.
+        OutputNotWritableError: the folder is missing or not writable, or the disk is full.
+    """
+    out_path = Path(out_path)
+    if not chunks:
+        raise IngestError(f"no chunks to index into {out_path}", hint="ingest a docs folder with documents first")
+    if metric not in idx.METRICS:
+        raise UsageError(f"unknown index metric {metric!r}", hint=f"use one of {', '.join(idx.METRICS)}")
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2 or emb.shape[0] != len(chunks) or emb.shape[1] < 1:
+        raise UsageError(
+            f"embeddings of shape {emb.shape} do not match {len(chunks)} chunks",
+            hint="pass one embedding row per chunk, in chunk order (embed_chunks does this)",
+        )
+    if not np.isfinite(emb).all():
+        raise UsageError("embeddings contain NaN or infinity", hint="check the embedder export")
+    emb = np.ascontiguousarray(emb, dtype="<f4")  # (n, dim) little-endian float32, sqlite-vec's blob format
+    dim = int(emb.shape[1])
+    if not out_path.parent.is_dir():
+        raise OutputNotWritableError(
+            f"cannot write {out_path}: folder {out_path.parent} does not exist", hint="create the folder first"
+        )
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        tmp.unlink()  # let SQLite create the file itself
+        _write(tmp, chunks, emb, metric, embedder_name)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out_path)
+        fsync_dir(out_path.parent)
+    except OSError as exc:
+        raise OutputNotWritableError(f"cannot write {out_path}: {exc}", hint="check space and permissions") from exc
+    finally:
+        for p in (tmp, tmp.with_name(tmp.name + "-journal")):
+            p.unlink(missing_ok=True)
+    digest = hashlib.sha256()
+    with open(out_path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    stats = IndexStats(
+        path=out_path,
+        documents=len({c.source for c in chunks}),
+        chunks=len(chunks),
+        dimension=dim,
+        metric=metric,
+        size_bytes=out_path.stat().st_size,
+        sha256=digest.hexdigest(),
+    )
+    log.info("index %s: %d chunks of %d documents, dim %d, %d bytes", out_path, stats.chunks, stats.documents,
+             dim, stats.size_bytes)
+    return stats
+
+
+def _write(path: Path, chunks: Sequence[Chunk], emb: np.ndarray, metric: str, embedder_name: str) -> None:
+    conn = idx.connect(path, readonly=False)
+    try:
+        conn.execute("PRAGMA journal_mode=MEMORY")
+        with conn:  # one transaction
+            for ddl in idx.index_schema(emb.shape[1], metric):
+                conn.execute(ddl)
+            conn.executemany(
+                "INSERT INTO chunks (id, source, section, page, line_start, line_end, text, n_tokens, doc_sha256)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (i, c.source, c.section, c.page, c.line_start, c.line_end, c.text, c.n_tokens, c.doc_sha256)
+                    for i, c in enumerate(chunks, start=1)
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO chunks_vec (chunk_id, embedding) VALUES (?, ?)",
+                ((i, emb[i - 1].tobytes()) for i in range(1, len(chunks) + 1)),
+            )
+            conn.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild')")
+            conn.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('optimize')")
+            meta = {
+                idx.META_INDEX_FORMAT: str(idx.INDEX_FORMAT),
+                idx.META_DIMENSION: str(emb.shape[1]),
+                idx.META_METRIC: metric,
+                idx.META_EMBEDDER: embedder_name,
+                idx.META_CHUNKS: str(len(chunks)),
+                idx.META_DOCUMENTS: str(len({c.source for c in chunks})),
+            }
+            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA journal_mode=DELETE")
+    except idx.SQLiteError as exc:
+        raise OutputNotWritableError(
+            f"SQLite failed writing index {path}: {exc}", hint="check free disk space and retry"
+        ) from exc
+    finally:
+        conn.close()

@@ -1,0 +1,354 @@
+"""Hybrid retrieval over a bundle index: vector kNN (sqlite-vec) + BM25 (FTS5), fused by reciprocal rank fusion.
+
+RRF: each document's fused score is ``sum over rankings of 1 / (k + rank)`` with ``k = 60`` and 1-based ranks
+(Cormack, Clarke & Buettcher, "Reciprocal Rank Fusion outperforms Condorcet and individual Rank Learning
+Methods", SIGIR 2009). BM25 is SQLite FTS5's ``bm25()`` (Robertson & Zaragoza's Okapi BM25, k1 = 1.2,
+b = 0.75; lower is better as SQLite returns it). The user's text never reaches FTS5 as syntax: it is cut into
+quoted terms joined by ``OR`` (:func:`fts5_query`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from device import sqlite as idx
+from device.embedder import OnnxEmbedder
+from device.types import Hit
+from shared.errors import EmptyQuestionError, RuntimeLoadError, UsageError
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["hybrid", "vector", "bm25"]
+MODES: tuple[str, ...] = ("hybrid", "vector", "bm25")
+#: RRF constant k (Cormack et al. 2009).
+RRF_K = 60
+#: FTS5 column weights for ``bm25()``: text, section (heading path), source (file path).
+BM25_WEIGHTS = (1.0, 1.0, 1.0)
+#: At most this many distinct terms of a query go to FTS5.
+MAX_QUERY_TERMS = 48
+#: Default abstention threshold of :func:`is_relevant` (cosine, all-MiniLM-L6-v2, 200-token chunks with their
+#: section path embedded). On the Debian Administrator's Handbook QA set (40 answerable, 6 unanswerable, hybrid
+#: k=5): best similarity of answerable questions 0.379 (one), then >= 0.436; of unanswerable ones <= 0.402
+#: (fp32) / 0.394 (int8). 0.42 passes 39/40 answerable and 0/6 unanswerable with both precisions. Another
+#: embedder needs its own calibration.
+DEFAULT_MIN_SIMILARITY = 0.42
+
+_STOPWORDS = frozenset(
+    """a about above after again all also am an and any are as at be because been before being below between
+    both but by can could did do does doing down during each few for from further had has have having he her
+    here hers him his how i if in into is it its itself just me more most my no nor not now of off on once only
+    or other our ours out over own same she should so some such than that the their theirs them then there
+    these they this those through to too under until up very was we were what when where which while who whom
+    why will with would you your yours""".split()
+)
+_TERM = re.compile(r"\w", re.UNICODE)
+
+
+def fts5_query(text: str) -> str | None:
+    """Turn free text into a safe FTS5 MATCH expression: quoted terms joined by ``OR``.
+
+    Each whitespace-separated token is stripped of surrounding punctuation and written as an FTS5 string
+    (``"..."``, inner ``"`` doubled), so operators (``AND``/``OR``/``NOT``/``NEAR``), column filters (``:``),
+    prefix stars, parentheses, ``-`` and ``^`` in the user's text are literal. A token with inner punctuation
+    (``V-31``, ``max_connections``, ``/etc/apt``) becomes a phrase of its parts. English stop words are
+    dropped unless nothing else remains. Duplicates (case-insensitive) are dropped; at most
+    :data:`MAX_QUERY_TERMS` terms are kept.
+
+    Returns:
+        The expression, or ``None`` when the text has no word characters at all.
+    """
+    terms: list[str] = []
+    seen: set[str] = set()
+    for raw in text.split():
+        tok = raw.strip("\"'`()[]{}<>.,;:!?*^+-=|&~#@$%\\/")
+        if not _TERM.search(tok):
+            continue
+        key = tok.lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        terms.append(tok)
+    content = [t for t in terms if t.lower() not in _STOPWORDS] or terms
+    if not content:
+        return None
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in content[:MAX_QUERY_TERMS])
+
+
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], *, k: int = RRF_K) -> list[tuple[int, float]]:
+    """Fuse ranked id lists: ``score(d) = sum_i 1 / (k + rank_i(d))``, ranks 1-based (Cormack et al. 2009).
+
+    Args:
+        rankings: each a list of ids, best first (an id appearing twice in one list counts at its best rank).
+        k: the RRF constant (60 in the paper).
+
+    Returns:
+        ``(id, score)`` pairs, highest score first; ties broken by the best single rank, then by id.
+    """
+    scores: dict[int, float] = {}
+    best: dict[int, int] = {}
+    for ranking in rankings:
+        seen: set[int] = set()
+        for rank, doc in enumerate(ranking, start=1):
+            if doc in seen:
+                continue
+            seen.add(doc)
+            scores[doc] = scores.get(doc, 0.0) + 1.0 / (k + rank)
+            best[doc] = min(best.get(doc, rank), rank)
+    return sorted(scores.items(), key=lambda item: (-item[1], best[item[0]], item[0]))
+
+
+def identifiers(text: str) -> list[str]:
+    """Exact-match tokens of ``text``: codes, paths and config keys (``A-202``, ``V-31``, ``pg_dump``,
+    ``/etc/apt/sources.list``, ``0x80070005``): a letter plus a digit, ``_`` or ``/``, 3+ characters,
+    surrounding punctuation stripped; lower-cased, in order, without duplicates."""
+    out: list[str] = []
+    for raw in text.split():
+        tok = raw.strip("\"'`()[]{}<>.,;:!?*").lower()
+        if (
+            len(tok) >= 3
+            and any(c.isalpha() for c in tok)
+            and (any(c.isdigit() for c in tok) or "_" in tok or "/" in tok)
+            and tok not in out
+        ):
+            out.append(tok)
+    return out
+
+
+def is_relevant(
+    hits: Sequence[Hit], *, min_similarity: float = DEFAULT_MIN_SIMILARITY, query: str | None = None
+) -> bool:
+    """Whether retrieval found something relevant enough to answer from; ``False`` -> abstain.
+
+    Relevant when either
+      * the best ``vector_similarity`` (cosine of question and chunk embeddings) among ``hits`` reaches
+        ``min_similarity`` (default :data:`DEFAULT_MIN_SIMILARITY`, calibration figures there), or
+      * ``query`` is given and one of its :func:`identifiers` (an alarm code, a path, a config key) occurs
+        verbatim (case-insensitive) in a hit's text: exact lexical evidence a small embedder scores poorly
+        ("alarm A-202" has similarity 0.29 to the CSV row that defines it).
+
+    Hits from ``mode="bm25"`` carry no similarity; :meth:`Retriever.search` in hybrid mode fills the
+    similarity of every returned hit, BM25-only ones too. No hits -> ``False``.
+    """
+    sims = [h.vector_similarity for h in hits if h.vector_similarity is not None]
+    if sims and max(sims) >= min_similarity:
+        return True
+    if query:
+        texts = [h.text.lower() for h in hits]
+        return any(ident in t for ident in identifiers(query) for t in texts)
+    return False
+
+
+class Retriever:
+    """Search one bundle index (``index.sqlite``) with the bundle's embedder.
+
+    Args:
+        db_path: index file written by :func:`builder.index_build.build_index`; opened read-only.
+        embedder: the bundle's :class:`OnnxEmbedder` (same model as the index; the width is checked).
+
+    Raises:
+        RuntimeLoadError: the file is missing, not an index, of an unknown ``index_format``, or its
+            dimension differs from the embedder's.
+
+    The retriever does not own the embedder: :meth:`close` closes only the database.
+    """
+
+    def __init__(self, db_path: Path, embedder: OnnxEmbedder) -> None:
+        self.db_path = Path(db_path)
+        self.embedder = embedder
+        self._conn = idx.connect(self.db_path, readonly=True)
+        try:
+            rows = self._conn.execute("SELECT key, value FROM meta").fetchall()
+        except idx.SQLiteError as exc:
+            self._conn.close()
+            raise RuntimeLoadError(
+                f"{self.db_path} is not a fieldpack index (no meta table): {exc}",
+                hint="rebuild the bundle with `fieldpack build`",
+            ) from exc
+        self.meta: dict[str, str] = {str(k): str(v) for k, v in rows}
+        fmt = self.meta.get(idx.META_INDEX_FORMAT)
+        if fmt != str(idx.INDEX_FORMAT):
+            self._conn.close()
+            raise RuntimeLoadError(
+                f"index {self.db_path} has format {fmt!r}; this fieldpack reads format {idx.INDEX_FORMAT}",
+                hint="rebuild the bundle with this fieldpack version, or upgrade fieldpack on the device",
+            )
+        self.dimension = int(self.meta.get(idx.META_DIMENSION, "0"))
+        self.metric = self.meta.get(idx.META_METRIC, "cosine")
+        if self.dimension != embedder.dimension:
+            self._conn.close()
+            raise RuntimeLoadError(
+                f"index {self.db_path} holds {self.dimension}-d vectors but the embedder makes "
+                f"{embedder.dimension}-d ones",
+                hint="the bundle's index and embedder do not belong together; rebuild the bundle",
+            )
+
+    # --- search --------------------------------------------------------------------------------------------
+    def search(self, query: str, *, k: int = 5, mode: Mode = "hybrid", candidates: int = 20) -> list[Hit]:
+        """The ``k`` best chunks for ``query``.
+
+        Args:
+            query: the user's question, free text (any punctuation is safe).
+            k: hits returned (at most; fewer when the index is small or BM25 matches little).
+            mode: ``"hybrid"`` (vector + BM25, RRF-fused), ``"vector"`` or ``"bm25"``.
+            candidates: list length taken from each retriever before fusion (raised to ``k`` if smaller).
+
+        Returns:
+            Hits best first. ``score`` is the RRF score in every mode; ``vector_rank``/``bm25_rank`` are
+            ranks in each candidate list. In hybrid mode every hit also gets ``vector_similarity`` and, when
+            the chunk matches any query term, ``bm25``, even if it came from only one list.
+
+        Raises:
+            EmptyQuestionError: ``query`` is blank.
+            UsageError: ``k`` < 1 or unknown ``mode``.
+            RuntimeLoadError: the index or embedder is closed or fails.
+        """
+        if not query or not query.strip():
+            raise EmptyQuestionError("the question is empty", hint="ask a question in words")
+        if k < 1:
+            raise UsageError(f"k={k} must be at least 1", hint="ask for 1 or more hits")
+        if mode not in MODES:
+            raise UsageError(f"unknown retrieval mode {mode!r}", hint=f"use one of {', '.join(MODES)}")
+        n = max(candidates, k)
+        qvec: np.ndarray | None = None
+        vec_list: list[tuple[int, float]] = []  # (chunk id, similarity), best first
+        bm_list: list[tuple[int, float]] = []  # (chunk id, bm25), best (lowest) first
+        if mode in ("hybrid", "vector"):
+            qvec = self.embedder.embed([query])[0]  # (dim,) float32, unit norm
+            vec_list = self._vector(qvec, n)
+        if mode in ("hybrid", "bm25"):
+            bm_list = self._bm25(query, n)
+        fused = reciprocal_rank_fusion([[i for i, _ in vec_list], [i for i, _ in bm_list]])[:k]
+        ids = [i for i, _ in fused]
+        vec_rank = {i: r for r, (i, _) in enumerate(vec_list, start=1)}
+        bm_rank = {i: r for r, (i, _) in enumerate(bm_list, start=1)}
+        sims = dict(vec_list)
+        bm25 = dict(bm_list)
+        if mode == "hybrid" and qvec is not None:
+            sims.update(self._similarities(qvec, [i for i in ids if i not in sims]))
+            bm25.update(self._bm25_of(query, [i for i in ids if i not in bm25]))
+        rows = self._rows(ids)
+        hits = []
+        for chunk_id, score in fused:
+            row = rows.get(chunk_id)
+            if row is None:  # pragma: no cover - vec0/FTS5 ids always come from chunks
+                continue
+            source, section, page, line_start, line_end, text = row
+            hits.append(
+                Hit(
+                    chunk_id=chunk_id,
+                    source=source,
+                    section=section,
+                    page=page,
+                    line_start=line_start,
+                    line_end=line_end,
+                    text=text,
+                    score=score,
+                    vector_rank=vec_rank.get(chunk_id),
+                    bm25_rank=bm_rank.get(chunk_id),
+                    vector_similarity=sims.get(chunk_id),
+                    bm25=bm25.get(chunk_id),
+                )
+            )
+        return hits
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            raise RuntimeLoadError(f"retriever for {self.db_path} is closed", hint="open a new Retriever")
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except idx.SQLiteError as exc:
+            raise RuntimeLoadError(
+                f"index query on {self.db_path} failed: {exc}", hint="the index may be damaged; reinstall it"
+            ) from exc
+
+    def _similarity(self, distance: float) -> float:
+        if self.metric == "l2":  # unit vectors: ||a - b||^2 = 2 - 2 cos
+            return 1.0 - distance * distance / 2.0
+        return 1.0 - distance
+
+    def _vector(self, qvec: np.ndarray, n: int) -> list[tuple[int, float]]:
+        rows = self._query(
+            "SELECT chunk_id, distance FROM chunks_vec WHERE embedding MATCH ? AND k = ? ORDER BY distance",
+            (np.ascontiguousarray(qvec, dtype="<f4").tobytes(), n),
+        )
+        return [(int(i), self._similarity(float(d))) for i, d in rows]
+
+    def _bm25(self, query: str, n: int) -> list[tuple[int, float]]:
+        expr = fts5_query(query)
+        if expr is None:
+            return []
+        w = BM25_WEIGHTS
+        rows = self._query(
+            f"SELECT rowid, bm25(chunks_fts, {w[0]}, {w[1]}, {w[2]}) AS s FROM chunks_fts"
+            " WHERE chunks_fts MATCH ? ORDER BY s LIMIT ?",
+            (expr, n),
+        )
+        return [(int(i), float(s)) for i, s in rows]
+
+    def _bm25_of(self, query: str, ids: list[int]) -> dict[int, float]:
+        expr = fts5_query(query)
+        if expr is None or not ids:
+            return {}
+        w = BM25_WEIGHTS
+        marks = ",".join("?" * len(ids))
+        rows = self._query(
+            f"SELECT rowid, bm25(chunks_fts, {w[0]}, {w[1]}, {w[2]}) FROM chunks_fts"
+            f" WHERE chunks_fts MATCH ? AND rowid IN ({marks})",
+            (expr, *ids),
+        )
+        return {int(i): float(s) for i, s in rows}
+
+    def _similarities(self, qvec: np.ndarray, ids: list[int]) -> dict[int, float]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self._query(f"SELECT chunk_id, embedding FROM chunks_vec WHERE chunk_id IN ({marks})", ids)
+        out = {}
+        for i, blob in rows:
+            vec = np.frombuffer(blob, dtype="<f4")
+            out[int(i)] = float(np.dot(vec, qvec) / max(float(np.linalg.norm(vec)), 1e-12))
+        return out
+
+    def _rows(self, ids: list[int]) -> dict[int, tuple[Any, ...]]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self._query(
+            f"SELECT id, source, section, page, line_start, line_end, text FROM chunks WHERE id IN ({marks})", ids
+        )
+        return {int(r[0]): tuple(r[1:]) for r in rows}
+
+    # --- housekeeping --------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """JSON-ready facts about the index: ``path``, ``size_bytes``, ``chunks``, ``documents``,
+        ``dimension``, ``metric``, ``embedder``, ``index_format``."""
+        (chunks,), = self._query("SELECT count(*) FROM chunks", ())
+        (documents,), = self._query("SELECT count(DISTINCT source) FROM chunks", ())
+        return {
+            "path": str(self.db_path),
+            "size_bytes": self.db_path.stat().st_size,
+            "chunks": int(chunks),
+            "documents": int(documents),
+            "dimension": self.dimension,
+            "metric": self.metric,
+            "embedder": self.meta.get(idx.META_EMBEDDER, ""),
+            "index_format": int(self.meta.get(idx.META_INDEX_FORMAT, "0")),
+        }
+
+    def close(self) -> None:
+        """Close the database connection (idempotent). The embedder stays open."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None  # type: ignore[assignment]
+
+    def __enter__(self) -> Retriever:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
