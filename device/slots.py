@@ -363,7 +363,8 @@ class DataDir:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
+                    raise DeviceError(f"cannot lock {self.lock_path}: {exc.strerror}",
+                                      hint="put the data dir on a local file system that supports flock") from exc
                 holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
                 raise InstallInProgressError(
                     f"another install or rollback (pid {holder}) is running on {self.root}",
