@@ -182,6 +182,7 @@ class MosquittoBroker:
             f"log_dest file {self.log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
             "connection_messages true\n"
+            "set_tcp_nodelay true\n"
             f"listener {self.port} {self.host}\n{auth}"
             f"listener {self.tls_port} {self.host}\n{auth}"
             f"cafile {self.tls.ca_cert}\ncertfile {self.tls.server_cert}\nkeyfile {self.tls.server_key}\n"

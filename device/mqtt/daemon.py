@@ -208,6 +208,7 @@ class MqttDaemon:
         )
         connect_async(self.client, self._settings)
         self.client.loop_start()
+        self._replier.start()
         self._worker.start()
         for target, name in ((self._dispatch_loop, "dispatcher"), (self._housekeeping_loop, "housekeeping")):
             thread = threading.Thread(target=target, name=f"fieldpack-mqtt-{name}", daemon=True)
@@ -252,6 +253,7 @@ class MqttDaemon:
             log.warning("worker still answering after %.0f s; leaving it", timeout_s)
         for thread in self._threads:
             thread.join(timeout_s)
+        self._replier.close(timeout_s)  # every reply handed over goes out before the goodbye
         self._publish_metrics()
         if self._connected.is_set() and self._fatal is None:  # a twin that yields leaves the status alone
             info = self._publish_status(online=False)

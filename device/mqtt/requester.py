@@ -220,13 +220,15 @@ class Requester:
         """Every device's retained status (and metrics), sorted by device id.
 
         Subscribes to all status and metrics topics, then collects the retained messages the broker sends
-        until none came for ``settle_s`` seconds (at most ``timeout_s``).
+        right after the SUBACK until no retained one came for ``settle_s`` seconds (at most ``timeout_s``);
+        live updates arriving meanwhile replace them but do not extend the wait.
         """
         with self._lock:
             self._states.clear()
             self._metrics.clear()
-            self._last_state_at = time.monotonic()
         self._subscribe([protocol.STATUS_ALL, protocol.METRICS_ALL], timeout_s)
+        with self._lock:
+            self._last_state_at = max(self._last_state_at, time.monotonic())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
@@ -281,12 +283,14 @@ class Requester:
                 status = protocol.decode_status(message.payload)
                 with self._lock:
                     self._states[status.device] = status
-                    self._last_state_at = time.monotonic()
+                    if message.retain:
+                        self._last_state_at = time.monotonic()
             elif kind is not None and kind[0] == "metrics":
                 metrics = protocol.decode_metrics(message.payload)
                 with self._lock:
                     self._metrics[metrics.device] = metrics
-                    self._last_state_at = time.monotonic()
+                    if message.retain:
+                        self._last_state_at = time.monotonic()
             elif message.topic == self.reply_topic:
                 self._on_reply(message)
         except errors.ProtocolError as err:

@@ -140,6 +140,7 @@ class Worker:
                         reason=f"device {self._device_id} failed while answering (see its log)",
                         hint="retry; report the device log if it persists",
                     ),
+                    stream=job,
                 )
                 self._metrics.count("errors")
             finally:
@@ -205,23 +206,20 @@ class Worker:
             return
 
         queue_ms = (self._clock.monotonic() - job.received_at) * 1000.0
-        sent = 0
 
         def on_token(piece: str) -> None:
-            nonlocal sent
             if request.stream and piece:
-                self._replier.partial(route, sent, piece)
-                sent += 1
+                self._replier.partial(job, route, piece)  # a queue append; published on the replies thread
 
         log.debug("answering request %s (%d chars)", request.id, len(request.question))
         try:
             answer = engine.answer(request.question, on_token=on_token, cancel=job.cancel)
         except errors.FieldpackError as err:
-            self._replier.error(route, protocol.ErrorBody.from_error(err), partials=sent)
+            self._replier.error(route, protocol.ErrorBody.from_error(err), stream=job)
             self._metrics.count("errors")
             return
         if job.cancel.is_set() or answer.finish_reason == "cancelled":
-            self._reply_cancelled(job, partials=sent)
+            self._reply_cancelled(job)
             return
         t = answer.timings
         self._replier.final(
@@ -246,8 +244,8 @@ class Worker:
                     tokens_per_s=t.tokens_per_s,
                     total_ms=t.total_ms,
                 ),
-                partials=sent,
             ),
+            stream=job,
         )
         self._metrics.count("answered")
         self._metrics.observe_answer(
@@ -263,7 +261,7 @@ class Worker:
         log.info("request %s expired while queued; not answered", job.route.request_id)
         self._metrics.count("expired")
 
-    def _reply_cancelled(self, job: Job, *, partials: int) -> None:
+    def _reply_cancelled(self, job: Job) -> None:
         if self._stopping.is_set():
             body = protocol.ErrorBody(
                 code=protocol.ErrorCode.SHUTTING_DOWN,
@@ -277,4 +275,4 @@ class Worker:
                 reason=f"request {job.route.request_id} was cancelled on device {self._device_id}",
             )
             self._metrics.count("cancelled")
-        self._replier.error(job.route, body, partials=partials)
+        self._replier.error(job.route, body, stream=job)
