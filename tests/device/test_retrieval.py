@@ -1,0 +1,213 @@
+"""device.retrieval on real indexes (real MiniLM ONNX, sqlite-vec, FTS5): hybrid search, safe FTS5 queries,
+RRF as defined, relevance/abstention, and (slow) recall@5 on the Debian Administrator's Handbook QA set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from device.retrieval import (
+    DEFAULT_MIN_SIMILARITY,
+    RRF_K,
+    Retriever,
+    fts5_query,
+    identifiers,
+    is_relevant,
+    reciprocal_rank_fusion,
+)
+from device.types import Hit
+from shared.errors import EmptyQuestionError, RuntimeLoadError, UsageError
+from tests.retrieval_fixtures import (  # noqa: F401
+    DEBIAN_HANDBOOK,
+    QA_FILE,
+    build_cached,
+    cache_key,
+    demo_index,
+    embedder,
+    load_qa,
+    minilm_int8,
+)
+
+POOL_QUESTION = "The connection pool is exhausted. What should I do?"
+
+
+@pytest.fixture()
+def retriever(demo_index: Path, embedder: Any):  # noqa: ANN201,F811
+    r = Retriever(demo_index, embedder)
+    yield r
+    r.close()
+
+
+# --- RRF and FTS5 query building (pure) -----------------------------------------------------------------------------
+def test_rrf_fuses_as_defined() -> None:
+    fused = reciprocal_rank_fusion([[1, 2, 3], [3, 1, 4]])
+    expected = {1: 1 / 61 + 1 / 62, 2: 1 / 62, 3: 1 / 63 + 1 / 61, 4: 1 / 63}
+    assert [d for d, _ in fused] == [1, 3, 2, 4]
+    assert dict(fused) == pytest.approx(expected, abs=1e-15)
+    # k changes the scores; an empty list contributes nothing; a duplicate counts once, at its best rank.
+    assert dict(reciprocal_rank_fusion([[7, 7, 8], []], k=0)) == pytest.approx({7: 1.0, 8: 1 / 3})
+    # Ties: equal score -> better single rank first, then lower id.
+    assert [d for d, _ in reciprocal_rank_fusion([[5, 6], [6, 5]])] == [5, 6]
+    assert [d for d, _ in reciprocal_rank_fusion([[9], [2]])] == [2, 9]
+    assert RRF_K == 60 and reciprocal_rank_fusion([]) == []
+
+
+def test_fts5_query_quotes_every_term() -> None:
+    assert fts5_query('what does "max_connections" do?') == '"max_connections"'
+    assert fts5_query("pump AND NOT seal*") == '"pump" OR "seal"'  # operators are words here, and stop words
+    assert fts5_query('say "hi" -- col:val (V-31) ^x') == '"say" OR "hi" OR "col:val" OR "V-31" OR "x"'
+    assert fts5_query('he said ""quoted""') == '"said" OR "quoted"'
+    assert fts5_query('a"b') == '"a""b"'  # inner quote doubled
+    assert fts5_query("the what is") == '"the" OR "what" OR "is"'  # only stop words: keep them
+    assert fts5_query("?! ... --- ***") is None
+    assert fts5_query("Pump pump PUMP") == '"Pump"'
+
+
+def test_identifiers() -> None:
+    assert identifiers("alarm A-202 and V-31, /etc/apt/sources.list? pg_dump ok 6.5 bar wg-quick") == [
+        "a-202", "v-31", "/etc/apt/sources.list", "pg_dump",
+    ]
+
+
+# --- search on the demo docs -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["hybrid", "vector", "bm25"])
+def test_pool_question_finds_database_md_first(retriever: Retriever, mode: str) -> None:
+    hits = retriever.search(POOL_QUESTION, k=5, mode=mode)  # type: ignore[arg-type]
+    assert 1 <= len(hits) <= 5
+    top = hits[0]
+    assert top.source == "database.md"
+    assert top.section == "SCADA historian database > Connection pool exhausted"
+    assert (top.line_start, top.line_end, top.page) == (7, 15, None)
+    assert "historian-reports" in top.text
+    assert top.citation() == "database.md § SCADA historian database > Connection pool exhausted, lines 7-15"
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_hybrid_hits_carry_both_signals(retriever: Retriever) -> None:
+    hits = retriever.search(POOL_QUESTION, k=5, mode="hybrid", candidates=3)
+    top = hits[0]
+    assert top.vector_rank is not None and top.bm25_rank is not None
+    assert top.score == pytest.approx(1 / (RRF_K + top.vector_rank) + 1 / (RRF_K + top.bm25_rank))
+    assert top.bm25 is not None and top.bm25 < 0  # SQLite's bm25(): lower is better
+    # With 3 candidates per list, 5 hits need chunks found by one list only; every hit still has a similarity.
+    assert all(h.vector_similarity is not None and -1.0 <= h.vector_similarity <= 1.0 for h in hits)
+    assert any(h.vector_rank is None or h.bm25_rank is None for h in hits)
+    # The filled-in similarity equals the vector retriever's own figure for the same chunk.
+    vec = {h.chunk_id: h.vector_similarity for h in retriever.search(POOL_QUESTION, k=20, mode="vector")}
+    for h in hits:
+        assert h.vector_similarity == pytest.approx(vec[h.chunk_id], abs=1e-5)
+    bm_only = retriever.search(POOL_QUESTION, k=5, mode="bm25")
+    assert all(h.vector_similarity is None and h.vector_rank is None for h in bm_only)
+    assert [h.bm25 for h in bm_only] == sorted(h.bm25 for h in bm_only)  # type: ignore[type-var]
+
+
+NASTY = [
+    '"', '""', "'", "col:val", "text:pump", "-pump", "pump -seal", "pump*", "*", "^pump", "NEAR(pump seal, 2)",
+    "pump AND", "OR OR OR", "NOT", "(pump", "pump)", "{pump}", "[V-31]", "a + b", "'; DROP TABLE chunks; --",
+    "\\", "pump\u00a0seal", "\u2014", "\U0001f600 pump", "café?", "x" * 3000, "A-202", "?! ... ---",
+]
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "bm25"])
+def test_punctuation_heavy_queries_never_error(retriever: Retriever, mode: str) -> None:
+    for q in NASTY:
+        hits = retriever.search(q, k=3, mode=mode)  # type: ignore[arg-type]
+        assert isinstance(hits, list), q
+    assert retriever.search("?! ... ---", mode="bm25") == []  # no terms at all: nothing, not an error
+    code = retriever.search("A-202", k=1, mode="bm25")
+    assert code[0].source == "alarms.csv"  # the phrase "A 202" matches the CSV row
+    assert retriever.stats()["chunks"] > 0  # and the index is intact after the "DROP TABLE" query
+
+
+def test_relevance_on_and_off_topic(retriever: Retriever) -> None:
+    for q in (POOL_QUESTION, "How often is the sand filter backwashed?", "pump making a rattling noise"):
+        assert is_relevant(retriever.search(q, k=5)), q
+    for q in ("What is the capital of France?", "Who won the 2018 football world cup?", "Explain quantum entanglement"):
+        hits = retriever.search(q, k=5)
+        assert not is_relevant(hits, query=q), q
+        assert max(h.vector_similarity for h in hits) < DEFAULT_MIN_SIMILARITY - 0.1  # type: ignore[type-var]
+    code = retriever.search("alarm A-202", k=5)
+    assert not is_relevant(code)  # MiniLM scores a bare code poorly...
+    assert is_relevant(code, query="alarm A-202")  # ...but the code is in a retrieved chunk verbatim
+    assert not is_relevant([])
+    assert not is_relevant(retriever.search(POOL_QUESTION, k=5, mode="bm25"))  # no similarity -> abstain
+
+
+def test_stats_close_and_refusals(demo_index: Path, embedder: Any, tmp_path: Path) -> None:  # noqa: F811
+    r = Retriever(demo_index, embedder)
+    st = r.stats()
+    assert (st["documents"], st["dimension"], st["metric"], st["embedder"], st["index_format"]) == (
+        7, 384, "cosine", "all-MiniLM-L6-v2", 1,
+    )
+    assert st["chunks"] > 10 and st["size_bytes"] == demo_index.stat().st_size
+    with pytest.raises(EmptyQuestionError):
+        r.search("   ")
+    with pytest.raises(UsageError):
+        r.search("pump", k=0)
+    with pytest.raises(UsageError):
+        r.search("pump", mode="fuzzy")  # type: ignore[arg-type]
+    assert len(r.search("pump", k=50, candidates=2)) >= 10  # candidates raised to k
+    r.close()
+    r.close()
+    with pytest.raises(RuntimeLoadError, match="closed"):
+        r.search("pump")
+
+    from builder.index_build import build_index
+    from builder.ingest import Chunk
+
+    small = tmp_path / "dim8.sqlite"
+    build_index([Chunk("a.md", "", None, 1, 1, "text", 1, "0" * 64)], np.ones((1, 8), np.float32), small)
+    with pytest.raises(RuntimeLoadError, match="8-d vectors but the embedder makes 384-d"):
+        Retriever(small, embedder)
+    plain = tmp_path / "plain.sqlite"
+    import apsw
+
+    apsw.Connection(str(plain)).execute("CREATE TABLE t (x)")
+    with pytest.raises(RuntimeLoadError, match="not a fieldpack index"):
+        Retriever(plain, embedder)
+
+
+def test_hit_round_trips_to_dict(retriever: Retriever) -> None:
+    h = retriever.search("backwash", k=1)[0]
+    d = h.to_dict()
+    assert isinstance(h, Hit) and json.loads(json.dumps(d))["citation"] == h.citation()
+    assert d["source"] == "filters.html" and d["section"] == "Sand filters > Backwash"
+
+
+# --- Debian Administrator's Handbook: recall@5 and abstention calibration (slow) ---------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(not DEBIAN_HANDBOOK.is_dir() or not QA_FILE.is_file(), reason="debian-handbook or QA set missing")
+def test_debian_handbook_recall_and_abstention(cache_dir: Path, embedder: Any, minilm_int8: Any) -> None:  # noqa: F811
+    from builder import index_build, ingest as ingest_pkg
+    from builder.index_build import build_index, embed_chunks
+    from builder.ingest import ingest
+
+    pages = sorted(DEBIAN_HANDBOOK.glob("*.html"))
+    code = sorted(Path(ingest_pkg.__file__).parent.glob("*.py")) + [Path(index_build.__file__)]
+    key = cache_key("debian-handbook", files=[*pages, *code, minilm_int8.onnx_path])
+
+    def build(tmp: Path) -> None:
+        result = ingest(DEBIAN_HANDBOOK, count_tokens=embedder.count_tokens)
+        build_index(result.chunks, embed_chunks(result.chunks, embedder), tmp / "index.sqlite")
+
+    db = build_cached(cache_dir, f"dh-index-{key}", build) / "index.sqlite"
+    qa = load_qa()
+    answerable = [q for q in qa if not q.get("unanswerable")]
+    unanswerable = [q for q in qa if q.get("unanswerable")]
+    assert (len(answerable), len(unanswerable)) == (40, 6)
+    with Retriever(db, embedder) as r:
+        recall = {}
+        for mode in ("vector", "bm25", "hybrid"):
+            found = [q["expected_source"] in [h.source for h in r.search(q["question"], k=5, mode=mode)]
+                     for q in answerable]
+            recall[mode] = sum(found) / len(found)
+        passed = [is_relevant(r.search(q["question"], k=5), query=q["question"]) for q in answerable]
+        refused = [not is_relevant(r.search(q["question"], k=5), query=q["question"]) for q in unanswerable]
+    # Measured 2026-11 (MiniLM int8, 200-token chunks): vector 0.975, bm25 0.875, hybrid 0.975; 39/40 and 6/6.
+    assert recall["hybrid"] >= 0.9 and recall["vector"] >= 0.9 and recall["bm25"] >= 0.75, recall
+    assert sum(passed) >= 38, sum(passed)
+    assert all(refused), [q["id"] for q, ok in zip(unanswerable, refused) if not ok]
