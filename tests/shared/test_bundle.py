@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -248,7 +249,8 @@ def test_untrusted_key(bundle: Path, tmp_path: Path, trusted: list) -> None:
 def test_manifest_edited_after_signing(bundle: Path, tmp_path: Path, keys: Keys, trusted: list) -> None:
     entries = raw_entries(bundle, tmp_path / "m")
     original_sig = entries[1].data
-    edited = entries[0].data.replace(b'"version": "1.0.0"', b'"version": "6.6.6"')
+    doc = json.loads(entries[0].data)
+    edited = (json.dumps({**doc, "version": "6.6.6"}, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
     assert edited != entries[0].data
     bad = write_raw_bundle(tmp_path / "x.fpk", [Entry(fmt.MANIFEST_NAME, edited), Entry(fmt.SIGNATURE_NAME, original_sig)]
                            + entries[2:])
