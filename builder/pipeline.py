@@ -113,11 +113,6 @@ def split_eval(texts: list[str], fraction: float, max_chunks: int, seed: int) ->
     return ([t for i, t in enumerate(texts) if i not in eval_idx], [t for i, t in enumerate(texts) if i in eval_idx])
 
 
-def kv_cache_bytes(n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, bytes_per_elt: int = 2) -> int:
-    """K and V caches of llama.cpp at ``n_ctx`` (f16 by default): 2 * n_layer * n_ctx * n_head_kv * head_dim * 2."""
-    return 2 * n_layer * n_ctx * n_head_kv * head_dim * bytes_per_elt
-
-
 def choose_smoke_question(chunks: list[Any], search: Callable[[str, int], list[str]], k: int = 5) -> tuple[str, str]:
     """Pick a smoke question for the device's post-install check: a section title (or the chunk's first
     sentence) whose own document comes back in the top ``k``. Returns (question, expected source)."""
@@ -186,7 +181,7 @@ def build_bundle(cfg: BuildConfig, *, workdir: Path | None = None, on_stage: Sta
 def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], Any]) -> BuildResult:
     from builder.convert import convert_hf_to_gguf
     from builder.embedder_export import export_embedder
-    from builder.index_build import build_index
+    from builder.index_build import build_index, embed_chunks
     from builder.ingest import ingest, report_to_dict
     from builder.llama_eval import perplexity_kld
     from builder.parity import check_parity
@@ -202,7 +197,7 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
             ing = ingest(cfg.docs, count_tokens=embedder.count_tokens, chunk_tokens=cfg.chunk_tokens,
                          overlap_tokens=cfg.overlap_tokens)
         with stage("index"):
-            vectors = embedder.embed([c.text for c in ing.chunks])
+            vectors = embed_chunks(ing.chunks, embedder)
             index_path = work / "index.sqlite"
             idx = build_index(ing.chunks, vectors, index_path, embedder_name=emb.name)
         with stage("smoke question"):
@@ -252,10 +247,12 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
             fmt.RECIPE_NAME: recipe_path,
         }
         n_ctx = min(cfg.n_ctx, f16.n_ctx_train)
-        head_dim = f16.n_embd // f16.n_head
+        from device.resources import kv_cache_bytes
+
         emb_bytes = hash_file(emb.onnx_path)[0]
         mem = dict(weights_bytes=quant.size_bytes,
-                   kv_cache_bytes=kv_cache_bytes(f16.n_layer, n_ctx, f16.n_head_kv, head_dim),
+                   kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=f16.n_layer, n_head=f16.n_head,
+                                                 n_head_kv=f16.n_head_kv, n_embd=f16.n_embd),
                    embedder_bytes=2 * emb_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
         mem["total_bytes"] = sum(mem.values())
         manifest = Manifest(
@@ -289,7 +286,10 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
                 quantization=dict(_as_dict(qfig), qtype=qtype, size_bytes=quant.size_bytes,
                                   ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes),
                                   fallbacks=len(quant.fallbacks), held_out_chunks=len(held_out)),
-                embedder=_as_dict(emb.gate) if getattr(emb, "gate", None) is not None else None,
+                embedder=dict(_as_dict(emb.gate), precision=emb.precision, kept_int8=emb.kept_int8,
+                              parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
+                              int8_bytes=emb.int8_bytes) if emb.gate is not None else
+                         dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine),
                 stages=stages_quality,
             ),
         )

@@ -197,7 +197,7 @@ class Runtime:
             hits = self.retrieve(q, k=k)
             t_retrieved = time.perf_counter()
             retrieval_ms = (t_retrieved - t0) * 1e3
-            if not is_relevant(hits, min_similarity=rt.min_similarity):
+            if not is_relevant(hits, min_similarity=rt.min_similarity, query=q):
                 if on_token:
                     on_token(ABSTAIN_TEXT)
                 return Answer(question=q, text=ABSTAIN_TEXT, sources=[], abstained=True,
