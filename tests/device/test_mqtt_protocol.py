@@ -1,18 +1,25 @@
-"""Unit tests of the wire protocol (shared.protocol), broker settings and the job board: no broker needed."""
+"""Unit tests of the wire protocol (shared.protocol), broker settings, the job board, the reply publisher and
+the systemd unit: no broker needed."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 import re
+import shutil
+import subprocess
 import threading
+from types import SimpleNamespace
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from shared import errors, protocol
 
 from device.mqtt.client import BrokerSettings, parse_broker_url
 from device.mqtt.jobs import Job, JobBoard, ReplyRoute
+from device.mqtt.replies import Replier
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -243,3 +250,62 @@ def test_job_expiry() -> None:
     job = Job(protocol.Request(id="x", question="q"), ReplyRoute("t", None, "x"), received_at=100.0, expires_at=105.0)
     assert not job.expired(104.9) and job.expired(105.0)
     assert not _job("y").expired(1e12)
+
+
+# --- reply publisher -----------------------------------------------------------------------------------------
+class _RecordingClient:
+    """Stands in for paho's client: records (topic, payload, qos, correlation) of each publish."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any, int, bytes | None]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, properties: Any = None, retain: bool = False) -> Any:
+        self.sent.append((topic, protocol.decode_reply(payload), qos, getattr(properties, "CorrelationData", None)))
+        return SimpleNamespace(rc=mqtt.MQTT_ERR_SUCCESS)
+
+
+def test_replier_merges_waiting_pieces_and_counts_partials_per_stream() -> None:
+    client = _RecordingClient()
+    replier = Replier(client, "dev", partial_qos=0)  # type: ignore[arg-type]
+    a, b = ReplyRoute("r/a", b"A", "a"), ReplyRoute("r/b", None, "b")
+    job_a, job_b = object(), object()
+    for piece in ("x", "y", "z"):  # handed over before the thread runs: one merged message
+        replier.partial(job_a, a, piece)
+    replier.partial(job_b, b, "other")
+    replier.partial(job_a, a, "!")
+    done = protocol.Final(id="a", device="dev", ok=True, answer="xyz!")
+    replier.final(a, done, stream=job_a)
+    replier.error(b, protocol.ErrorBody(code="cancelled", reason="r"), stream=job_b)
+    replier.start()
+    replier.close()
+    summary = [(t, type(m).__name__, getattr(m, "seq", None), getattr(m, "text", None), q, c) for t, m, q, c in client.sent]
+    assert summary == [
+        ("r/a", "Partial", 0, "xyz", 0, b"A"),
+        ("r/b", "Partial", 0, "other", 0, None),
+        ("r/a", "Partial", 1, "!", 0, b"A"),
+        ("r/a", "Final", None, None, 1, b"A"),
+        ("r/b", "Final", None, None, 1, None),
+    ]
+    assert client.sent[3][1].partials == 2 and client.sent[4][1].partials == 1
+
+
+# --- systemd unit --------------------------------------------------------------------------------------------
+def test_systemd_unit_restarts_on_failure_as_its_own_hardened_user(tmp_path: Path) -> None:
+    unit = REPO / "scripts" / "fieldpack-serve.service"
+    keys: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            key, _, value = line.partition("=")
+            keys.setdefault(key, []).append(value)
+    assert keys["Restart"] == ["on-failure"] and "2" in keys["RestartPreventExitStatus"][0].split()
+    assert keys["User"] == ["fieldpack"] and keys["NoNewPrivileges"] == ["yes"]
+    assert keys["ProtectSystem"] == ["strict"] and keys["CapabilityBoundingSet"] == [""]
+    assert keys["ExecStart"][0].split()[1:3] == ["serve", "--data-dir"]
+    assert "FIELDPACK_MQTT_PASSWORD_FILE=%d/mqtt-password" in keys["Environment"]
+    analyze = shutil.which("systemd-analyze")
+    if analyze:
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text())
+        r = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+        problems = [l for l in (r.stdout + r.stderr).splitlines() if l.strip() and "is not executable" not in l]
+        assert not problems, problems
