@@ -192,7 +192,7 @@ class MqttDaemon:
 
     @property
     def fatal_error(self) -> errors.FieldpackError | None:
-        """The error that stopped the daemon (login refused, session taken over), or ``None``."""
+        """The error that stopped the daemon (login refused, device id served by another daemon), or ``None``."""
         return self._fatal
 
     def start(self) -> None:
@@ -223,7 +223,7 @@ class MqttDaemon:
         """:meth:`start`, serve until ``stop`` is set or a fatal error, then :meth:`stop`.
 
         Raises:
-            UsageError: the broker refused the login or another client took this device's session over.
+            UsageError: the broker refused the login, or another daemon serves this device id.
         """
         self.start()
         try:
@@ -242,17 +242,17 @@ class MqttDaemon:
         self._stopped = True
         self._stopping.set()
         self._halt.set()
+        self._intake.put(_Inbound("stop"))
+        for thread in self._threads:  # dispatcher first: after it, nothing more is admitted
+            thread.join(timeout_s)
         for job in self._board.drain():
             self._replier.error(job.route, self._shutting_down_body(job))
             self._metrics.count("errors")
         running = self._board.running
         if running is not None:
             running.cancel.set()
-        self._intake.put(_Inbound("stop"))
         if not self._worker.join(timeout_s):
             log.warning("worker still answering after %.0f s; leaving it", timeout_s)
-        for thread in self._threads:
-            thread.join(timeout_s)
         self._replier.close(timeout_s)  # every reply handed over goes out before the goodbye
         self._publish_metrics()
         if self._connected.is_set() and self._fatal is None:  # a twin that yields leaves the status alone
@@ -403,6 +403,17 @@ class MqttDaemon:
             self._metrics.count("errors")
             return
         route = ReplyRoute(topic, correlation, request.id)
+        if self._stopping.is_set():
+            self._metrics.count("errors")
+            self._replier.error(
+                route,
+                protocol.ErrorBody(
+                    code=protocol.ErrorCode.SHUTTING_DOWN,
+                    reason=f"device {self.config.device_id} is shutting down",
+                    hint="send the request again when the device is back online",
+                ),
+            )
+            return
         job = Job(
             request=request,
             route=route,
