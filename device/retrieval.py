@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from device import sqlite as idx
 from device.embedder import OnnxEmbedder
 from device.types import Hit
 from shared.errors import EmptyQuestionError, RuntimeLoadError, UsageError
+
+if TYPE_CHECKING:
+    import apsw
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +164,12 @@ class Retriever:
     def __init__(self, db_path: Path, embedder: OnnxEmbedder) -> None:
         self.db_path = Path(db_path)
         self.embedder = embedder
-        self._conn = idx.connect(self.db_path, readonly=True)
+        self._conn: apsw.Connection | None = idx.connect(self.db_path, readonly=True)
+        conn = self._conn
         try:
-            rows = self._conn.execute("SELECT key, value FROM meta").fetchall()
+            rows = conn.execute("SELECT key, value FROM meta").fetchall()
         except idx.SQLiteError as exc:
-            self._conn.close()
+            conn.close()
             raise RuntimeLoadError(
                 f"{self.db_path} is not a fieldpack index (no meta table): {exc}",
                 hint="rebuild the bundle with `fieldpack build`",
@@ -173,7 +177,7 @@ class Retriever:
         self.meta: dict[str, str] = {str(k): str(v) for k, v in rows}
         fmt = self.meta.get(idx.META_INDEX_FORMAT)
         if fmt != str(idx.INDEX_FORMAT):
-            self._conn.close()
+            conn.close()
             raise RuntimeLoadError(
                 f"index {self.db_path} has format {fmt!r}; this fieldpack reads format {idx.INDEX_FORMAT}",
                 hint="rebuild the bundle with this fieldpack version, or upgrade fieldpack on the device",
@@ -181,7 +185,7 @@ class Retriever:
         self.dimension = int(self.meta.get(idx.META_DIMENSION, "0"))
         self.metric = self.meta.get(idx.META_METRIC, "cosine")
         if self.dimension != embedder.dimension:
-            self._conn.close()
+            conn.close()
             raise RuntimeLoadError(
                 f"index {self.db_path} holds {self.dimension}-d vectors but the embedder makes "
                 f"{embedder.dimension}-d ones",
@@ -345,7 +349,7 @@ class Retriever:
         """Close the database connection (idempotent). The embedder stays open."""
         if self._conn is not None:
             self._conn.close()
-            self._conn = None  # type: ignore[assignment]
+            self._conn = None
 
     def __enter__(self) -> Retriever:
         return self

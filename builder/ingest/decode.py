@@ -58,12 +58,14 @@ def decode_document(raw: bytes) -> Decoded:
     elif b"\x00" in raw:
         raise SkipFile("binary (NUL bytes)")
     else:
-        for encoding in ("utf-8", "cp1252", "latin-1"):
+        for encoding in ("utf-8", "cp1252"):
             try:
                 text = raw.decode(encoding)
                 break
             except UnicodeDecodeError:
                 continue
+        else:
+            encoding, text = "latin-1", raw.decode("latin-1")  # maps every byte: never fails
     if text.startswith("\ufeff"):
         text = text[1:]
     controls = sum(1 for ch in text if _is_control(ch))

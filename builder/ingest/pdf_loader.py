@@ -40,7 +40,6 @@ def load_pdf(raw: bytes) -> list[Section]:
             password, ``"no text (scanned PDF?)"`` when no page has extractable text.
     """
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
 
     try:
         reader = PdfReader(io.BytesIO(raw))
@@ -49,13 +48,13 @@ def load_pdf(raw: bytes) -> list[Section]:
         pages = list(reader.pages)
     except SkipFile:
         raise
-    except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:
+    except Exception as exc:  # pypdf raises PyPdfError but also bare ValueError/KeyError/... on damaged files
         raise SkipFile(f"unreadable PDF ({type(exc).__name__}: {exc})") from exc
     sections: list[Section] = []
     for number, page in enumerate(pages, start=1):
         try:
             text = page.extract_text() or ""
-        except (PyPdfError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # as above: one damaged page must not lose the document
             log.warning("page %d: text extraction failed (%s); skipping the page", number, exc)
             continue
         text = text.replace("\r\n", "\n").replace("\r", "\n")
