@@ -1,0 +1,299 @@
+"""Compression options: parsed once from ``BuildConfig.compression`` and validated before any heavy work.
+
+The options dict (as the CLI and ``recipe.toml`` spell it)::
+
+    prune         magnitude | wanda | sparsegpt   (unstructured or N:M masks, stored densely in GGUF)
+                  depth                           (drop whole decoder blocks, ShortGPT block influence)
+                  width                           (remove MLP channels, optionally whole GQA groups of heads)
+    sparsity      share of weights zeroed in (0, 1), for the mask methods (default 0.5 without a pattern)
+    pattern       "N:M": at most N non-zeros in every M consecutive input weights of a row (2:4, 4:8)
+    drop_layers   depth: decoder blocks to drop (default: a quarter of them, at least 1)
+    ffn_keep      width: share of MLP channels kept in (0, 1) (default 0.75), rounded to a multiple of 256 (or 32)
+    kv_heads_keep width: KV heads (GQA groups) to keep; each keeps its query heads (default: all)
+    imatrix       "domain": importance matrix from the calibration chunks, used by the quantizer
+    calib_chunks  calibration chunks used for pruning / imatrix (default 128)
+    calib_seq_len calibration window in model tokens (default 256)
+
+:func:`parse_options` checks what can be checked from the options alone; :func:`check_against_model` adds
+what needs the checkpoint's ``config.json`` (architecture, layer count, widths), still without loading weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.errors import CompressionConfigError
+
+MASK_METHODS = ("magnitude", "wanda", "sparsegpt")
+STRUCTURED_METHODS = ("depth", "width")
+PRUNE_METHODS = MASK_METHODS + STRUCTURED_METHODS
+
+#: Hugging Face architectures whose decoder blocks we know how to prune (Llama layout: q/k/v/o + gate/up/down).
+PRUNABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+#: K-quants pack 256 values per block along a row; an MLP width that is a multiple of it keeps Q4_K/Q6_K usable.
+K_QUANT_BLOCK = 256
+#: Q4_0/Q8_0 pack 32; the width rounding falls back to it when the source width is not a multiple of 256.
+LEGACY_QUANT_BLOCK = 32
+
+DEFAULT_SPARSITY = 0.5
+DEFAULT_FFN_KEEP = 0.75
+DEFAULT_CALIB_CHUNKS = 128
+DEFAULT_CALIB_SEQ_LEN = 256
+
+_KNOWN_KEYS = {"prune", "sparsity", "pattern", "drop_layers", "ffn_keep", "kv_heads_keep", "imatrix",
+               "calib_chunks", "calib_seq_len"}
+_PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class CompressionOptions:
+    """Validated compression options (see the module docstring for each field's meaning and default).
+
+    ``pattern`` is ``(n, m)``: at most ``n`` non-zeros kept in every ``m`` consecutive weights of a row.
+    ``sparsity`` is the share of weights zeroed in the pruned matrices; for a pattern it is ``(m - n) / m``.
+    """
+
+    prune: str | None = None
+    sparsity: float | None = None
+    pattern: tuple[int, int] | None = None
+    drop_layers: int | None = None
+    ffn_keep: float | None = None
+    kv_heads_keep: int | None = None
+    imatrix: str | None = None
+    calib_chunks: int = DEFAULT_CALIB_CHUNKS
+    calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN
+
+    @property
+    def target_sparsity(self) -> float | None:
+        """Share of weights the mask methods zero: ``sparsity``, or ``(m - n) / m`` for an N:M pattern."""
+        if self.pattern is not None:
+            n, m = self.pattern
+            return (m - n) / m
+        return self.sparsity
+
+    @property
+    def label(self) -> str:
+        """Short human label: ``wanda 50%``, ``sparsegpt 2:4``, ``depth -1 blocks``, ``width ffn 0.75``."""
+        if self.prune in MASK_METHODS:
+            what = f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else f"{(self.sparsity or 0) * 100:g}%"
+            return f"{self.prune} {what}"
+        if self.prune == "depth":
+            return f"depth -{self.drop_layers} blocks" if self.drop_layers else "depth -25% blocks"
+        if self.prune == "width":
+            return f"width ffn {self.ffn_keep:g}" + (f" kv {self.kv_heads_keep}" if self.kv_heads_keep else "")
+        return "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/TOML-ready dict with ``None`` dropped and the pattern as ``"N:M"`` (what a recipe stores)."""
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.pattern is not None:
+            d["pattern"] = f"{self.pattern[0]}:{self.pattern[1]}"
+        return d
+
+
+def _number(options: dict[str, Any], key: str, kind: type) -> Any:
+    v = options.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+        if kind is int and isinstance(v, float) and v.is_integer():
+            return int(v)
+        raise CompressionConfigError(f"compression option {key}={v!r} is not {'a number' if kind is float else 'an integer'}",
+                                     hint=f"give --{key.replace('_', '-')} a {'number' if kind is float else 'whole number'}")
+    return kind(v)
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    """Parse ``"N:M"`` (N non-zeros kept in every M weights). Raises CompressionConfigError unless 0 < N < M."""
+    m = _PATTERN_RE.match(str(text))
+    if not m:
+        raise CompressionConfigError(f"--pattern {text!r} is not of the form N:M",
+                                     hint="use a semi-structured pattern such as 2:4 or 4:8")
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not 0 < n < mm:
+        raise CompressionConfigError(f"--pattern {text!r} needs 0 < N < M (N weights kept in every M)",
+                                     hint="use 2:4 (50% sparse) or 4:8")
+    return n, mm
+
+
+def parse_options(options: dict[str, Any]) -> CompressionOptions:
+    """Validate the compression options dict without touching the model.
+
+    Raises:
+        CompressionConfigError: an unknown key or method; sparsity outside (0, 1); a pattern that is not N:M
+            with 0 < N < M; sparsity and pattern together; an option that does not apply to the method
+            (e.g. ``--sparsity`` with ``--prune depth``); ``drop_layers`` < 1; ``ffn_keep`` outside (0, 1);
+            ``calib_chunks`` < 1; ``imatrix`` other than ``"domain"``.
+    """
+    unknown = sorted(set(options) - _KNOWN_KEYS)
+    if unknown:
+        raise CompressionConfigError(f"unknown compression option(s) {', '.join(unknown)}",
+                                     hint=f"use only {', '.join(sorted(_KNOWN_KEYS))}")
+    prune = options.get("prune")
+    if prune is not None:
+        prune = str(prune).strip().lower()
+        if prune not in PRUNE_METHODS:
+            raise CompressionConfigError(f"--prune {options['prune']!r} is not a pruning method",
+                                         hint=f"use one of {', '.join(PRUNE_METHODS)}")
+    sparsity = _number(options, "sparsity", float)
+    pattern = parse_pattern(options["pattern"]) if options.get("pattern") not in (None, "") else None
+    drop_layers = _number(options, "drop_layers", int)
+    ffn_keep = _number(options, "ffn_keep", float)
+    kv_heads_keep = _number(options, "kv_heads_keep", int)
+    calib_chunks = _number(options, "calib_chunks", int)
+    calib_seq_len = _number(options, "calib_seq_len", int)
+
+    if sparsity is not None and not 0.0 < sparsity < 1.0:
+        raise CompressionConfigError(f"--sparsity {sparsity} is outside (0, 1)",
+                                     hint="give the share of weights to zero, e.g. 0.5")
+    if sparsity is not None and pattern is not None:
+        raise CompressionConfigError("--sparsity and --pattern were both given",
+                                     hint="an N:M pattern fixes the sparsity ((M-N)/M); give one of them")
+    mask_only = {"sparsity": sparsity, "pattern": pattern}
+    if prune not in MASK_METHODS:
+        for k, v in mask_only.items():
+            if v is not None:
+                raise CompressionConfigError(f"--{k} applies to --prune magnitude|wanda|sparsegpt, not to "
+                                             f"{'no pruning' if prune is None else '--prune ' + prune}",
+                                             hint=f"drop --{k} or choose a mask method")
+    if prune != "depth" and drop_layers is not None:
+        raise CompressionConfigError("--drop-layers applies to --prune depth only", hint="add --prune depth or drop it")
+    if prune != "width" and (ffn_keep is not None or kv_heads_keep is not None):
+        raise CompressionConfigError("--ffn-keep / kv_heads_keep apply to --prune width only",
+                                     hint="add --prune width or drop them")
+    if drop_layers is not None and drop_layers < 1:
+        raise CompressionConfigError(f"--drop-layers {drop_layers} must be at least 1",
+                                     hint="give how many decoder blocks to drop")
+    if ffn_keep is not None and not 0.0 < ffn_keep < 1.0:
+        raise CompressionConfigError(f"--ffn-keep {ffn_keep} is outside (0, 1)",
+                                     hint="give the share of MLP channels to keep, e.g. 0.75")
+    if kv_heads_keep is not None and kv_heads_keep < 1:
+        raise CompressionConfigError(f"kv_heads_keep={kv_heads_keep} would leave attention without heads",
+                                     hint="keep at least 1 KV head")
+    if calib_chunks is not None and calib_chunks < 1:
+        raise CompressionConfigError(f"--calib-chunks {calib_chunks} must be at least 1",
+                                     hint="give how many document chunks to calibrate on, e.g. 128")
+    if calib_seq_len is not None and calib_seq_len < 16:
+        raise CompressionConfigError(f"calib_seq_len={calib_seq_len} is too short", hint="use at least 16 tokens")
+    imatrix = options.get("imatrix")
+    if imatrix in (False, "", None):
+        imatrix = None
+    elif imatrix is True or str(imatrix).lower() == "domain":
+        imatrix = "domain"
+    else:
+        raise CompressionConfigError(f"--imatrix {imatrix!r} is not supported",
+                                     hint="use --imatrix domain (importance matrix from your documents)")
+    if prune in MASK_METHODS and sparsity is None and pattern is None:
+        sparsity = DEFAULT_SPARSITY
+    if prune == "width" and ffn_keep is None:
+        ffn_keep = DEFAULT_FFN_KEEP
+    return CompressionOptions(prune=prune, sparsity=sparsity, pattern=pattern, drop_layers=drop_layers,
+                              ffn_keep=ffn_keep, kv_heads_keep=kv_heads_keep, imatrix=imatrix,
+                              calib_chunks=calib_chunks or DEFAULT_CALIB_CHUNKS,
+                              calib_seq_len=calib_seq_len or DEFAULT_CALIB_SEQ_LEN)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What pruning needs from a checkpoint's ``config.json`` (no weights loaded)."""
+
+    architecture: str
+    n_layer: int
+    hidden: int
+    intermediate: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    max_positions: int
+
+
+def read_model_shape(model_dir: Path) -> ModelShape:
+    """Read :class:`ModelShape` from ``model_dir/config.json``.
+
+    Raises:
+        CompressionConfigError: no readable config.json, or an architecture we cannot prune (named).
+    """
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CompressionConfigError(f"cannot read {path} to plan pruning: {exc}",
+                                     hint="pass a local Hugging Face checkpoint folder") from exc
+    archs = cfg.get("architectures") or [cfg.get("model_type", "unknown")]
+    arch = str(archs[0])
+    if arch not in PRUNABLE_ARCHITECTURES:
+        raise CompressionConfigError(f"cannot prune architecture {arch} ({path})",
+                                     hint=f"pruning supports {', '.join(PRUNABLE_ARCHITECTURES)}; "
+                                          "build without --prune (quantization and --imatrix still work)")
+    try:
+        n_head = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        return ModelShape(
+            architecture=arch, n_layer=int(cfg["num_hidden_layers"]), hidden=hidden,
+            intermediate=int(cfg["intermediate_size"]), n_head=n_head,
+            n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
+            head_dim=int(cfg.get("head_dim") or hidden // n_head),
+            max_positions=int(cfg.get("max_position_embeddings") or 2048))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CompressionConfigError(f"{path} lacks a field pruning needs: {exc}",
+                                     hint="pass an unmodified Hugging Face checkpoint") from exc
+
+
+def resolve_drop_layers(opts: CompressionOptions, shape: ModelShape) -> int:
+    """Blocks to drop: the option, or a quarter of the blocks (at least 1)."""
+    return opts.drop_layers if opts.drop_layers is not None else max(1, round(shape.n_layer * 0.25))
+
+
+def _round_units(x: float) -> int:
+    """Nearest whole number, ties towards the smaller one."""
+    return int(x) + (1 if x - int(x) > 0.5 else 0)
+
+
+def resolve_ffn_width(ffn_keep: float, intermediate: int) -> int:
+    """MLP width after width pruning: ``ffn_keep * intermediate`` rounded to the nearest multiple of 256 (ties
+    towards the smaller width), so K-quants apply to ``ffn_down`` whose rows are this long; when that rounds to
+    0 or to the full width, to the nearest multiple of 32 (Q8_0/Q4_0 blocks) instead.
+
+    Raises:
+        CompressionConfigError: the width rounds to 0 (empty MLP) or to the full width (nothing pruned) at
+            both granularities.
+    """
+    for block in (K_QUANT_BLOCK, LEGACY_QUANT_BLOCK):
+        width = _round_units(ffn_keep * intermediate / block) * block
+        if 0 < width < intermediate:
+            return width
+    if width <= 0:
+        raise CompressionConfigError(
+            f"--ffn-keep {ffn_keep:g} of {intermediate} MLP channels rounds to 0 (widths are kept multiples of "
+            f"{LEGACY_QUANT_BLOCK} so quantization blocks fit) and would leave each MLP empty",
+            hint=f"keep at least {LEGACY_QUANT_BLOCK / intermediate:.3g} of the channels")
+    raise CompressionConfigError(
+        f"--ffn-keep {ffn_keep:g} of {intermediate} MLP channels rounds back to {intermediate} (multiples of "
+        f"{LEGACY_QUANT_BLOCK}): nothing would be pruned",
+        hint=f"keep at most {(intermediate - LEGACY_QUANT_BLOCK) / intermediate:.3g} of the channels")
+
+
+def check_against_model(opts: CompressionOptions, shape: ModelShape) -> None:
+    """Checks that need the model's shape.
+
+    Raises:
+        CompressionConfigError: dropping >= the number of blocks; an MLP width or a KV-head count that would
+            leave a layer empty or prune nothing.
+    """
+    if opts.prune == "depth":
+        n = resolve_drop_layers(opts, shape)
+        if n >= shape.n_layer:
+            raise CompressionConfigError(
+                f"--drop-layers {n} would drop every decoder block of this {shape.n_layer}-block model",
+                hint=f"drop at most {shape.n_layer - 1}")
+    if opts.prune == "width":
+        resolve_ffn_width(opts.ffn_keep or DEFAULT_FFN_KEEP, shape.intermediate)
+        if opts.kv_heads_keep is not None and opts.kv_heads_keep > shape.n_head_kv:
+            raise CompressionConfigError(
+                f"kv_heads_keep={opts.kv_heads_keep} exceeds the model's {shape.n_head_kv} KV heads",
+                hint=f"keep between 1 and {shape.n_head_kv}")

@@ -1,0 +1,324 @@
+"""``fieldpack plan``: which compression fits the device, from figures measured on this machine.
+
+For a checkpoint and the user's documents, every candidate combination of structured pruning
+({none, depth -25% blocks, width MLP x0.75}) and quantization ({F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0}, plus
+Q4_K_M with a domain imatrix) is actually built and measured:
+
+* size: the GGUF's bytes;
+* memory on the device: weights + the f16 KV cache at ``n_ctx`` (``2 * n_layer * n_ctx * n_head_kv * head_dim *
+  2`` bytes) + the embedder, the index and the runtime overhead (the estimates the build writes in the manifest);
+* quality: perplexity, ΔPPL, mean KLD and top-1 agreement against the dense F16 on held-out chunks of the
+  documents (same split and method as ``fieldpack build``);
+* speed: llama.cpp prompt and decode tokens/s on this machine with ``--threads`` threads.
+
+A candidate *fits* when its memory is within ``--device-ram`` and its decode speed reaches ``--min-tokens-per-s``.
+The proposal is the fitting candidate with the lowest KLD (ties: smaller file). The PNG plots KLD against size,
+marks the Pareto front (no other candidate is both smaller and better) and the proposal.
+
+Unstructured and N:M sparsity are not candidates: stored densely in GGUF they cost the same bytes and time as
+the dense model and only lose quality, so they can never be on the front (see ``report.SPARSITY_NOTE``).
+Speed is this machine's: pass ``--threads`` as the device's core count; a slower device scales it down.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import InputNotFoundError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+DEFAULT_PRUNES = ("none", "depth", "width")
+IMATRIX_QUANTS = ("Q4_K_M",)
+#: int8 all-MiniLM-L6-v2 ONNX (~23 MB) as the build counts it (file + runtime arena): an estimate.
+EMBEDDER_BYTES_ESTIMATE = 2 * 23 * 1024 * 1024
+#: Index bytes per chunk: a 384-d float32 vector, FTS5 postings and the text, roughly.
+INDEX_BYTES_PER_CHUNK = 384 * 4 + 4096
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Parse a memory size: ``4GiB``, ``512MiB``, ``4G`` (binary), ``4GB`` (decimal), ``1073741824``.
+
+    Raises:
+        UsageError: not a size, or not positive.
+    """
+    m = _SIZE_RE.match(str(text))
+    if not m or (m.group(3) and not m.group(2)):
+        raise UsageError(f"--device-ram {text!r} is not a size", hint="write it like 4GiB, 512MiB or 8GB")
+    value, unit, binary, b = float(m.group(1)), m.group(2).lower(), bool(m.group(3)), bool(m.group(4))
+    power = " kmgt".index(unit) if unit else 0
+    base = 1000 if (b and not binary and unit) else 1024
+    size = int(value * base ** power)
+    if size <= 0:
+        raise UsageError(f"--device-ram {text!r} is not positive", hint="give the device's RAM, e.g. 4GiB")
+    return size
+
+
+@dataclass
+class Candidate:
+    """One measured combination (all sizes in bytes, speeds in tokens/s, KLD in nats per token)."""
+
+    prune: str
+    quant: str
+    imatrix: bool
+    gguf_bytes: int
+    params: int
+    n_layer: int
+    kv_cache_bytes: int
+    memory_bytes: int
+    ppl: float
+    delta_ppl: float
+    kld_mean: float
+    top1_agreement: float
+    decode_tps: float
+    prompt_tps: float
+    fits_ram: bool = False
+    fast_enough: bool = False
+    pareto: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.prune}/{self.quant}{'+imatrix' if self.imatrix else ''}"
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_ram and self.fast_enough
+
+
+@dataclass
+class Plan:
+    """The measured candidates, the proposal (index into ``candidates`` or ``None``) and the PNG written."""
+
+    candidates: list[Candidate]
+    chosen: int | None
+    device_ram_bytes: int
+    min_tokens_per_s: float
+    n_ctx: int
+    threads: int
+    png: Path | None
+    prune_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def build_flags(self) -> str | None:
+        """The ``fieldpack build`` options of the proposal, or ``None`` when nothing fits."""
+        if self.chosen is None:
+            return None
+        c = self.candidates[self.chosen]
+        flags = [f"--quant {c.quant}"]
+        for k, v in self.prune_options.get(c.prune, {}).items():
+            flags.append(f"--{k.replace('_', '-')} {v}")
+        if c.imatrix:
+            flags.append("--imatrix domain")
+        return " ".join(flags)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"candidates": [dict(asdict(c), label=c.label) for c in self.candidates], "chosen": self.chosen,
+                "device_ram_bytes": self.device_ram_bytes, "min_tokens_per_s": self.min_tokens_per_s,
+                "n_ctx": self.n_ctx, "threads": self.threads, "png": str(self.png) if self.png else None,
+                "build_flags": self.build_flags()}
+
+
+def kv_cache_bytes(n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, bytes_per_element: int = 2) -> int:
+    """llama.cpp's K and V caches at ``n_ctx`` tokens (f16 by default): ``2 * n_layer * n_ctx * n_head_kv *
+    head_dim * bytes_per_element`` bytes."""
+    return 2 * n_layer * n_ctx * n_head_kv * head_dim * bytes_per_element
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """For ``(size, loss)`` points, whether each is Pareto-optimal (no other point <= in both, < in one)."""
+    out = []
+    for i, (s, q) in enumerate(points):
+        dominated = any((s2 <= s and q2 <= q) and (s2 < s or q2 < q) for j, (s2, q2) in enumerate(points) if j != i)
+        out.append(not dominated)
+    return out
+
+
+def choose(candidates: list[Candidate]) -> int | None:
+    """Index of the fitting candidate with the lowest KLD (then the smaller file), or ``None``."""
+    fitting = [i for i, c in enumerate(candidates) if c.fits]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda i: (candidates[i].kld_mean, candidates[i].gguf_bytes))
+
+
+def _chunks(model_dir: Path, docs_dir: Path, seed: int) -> tuple[list[str], list[str]]:
+    from builder.compress.calibration import load_tokenizer
+    from builder.ingest import ingest
+    from builder.pipeline import split_eval
+
+    tok = load_tokenizer(model_dir)
+    res = ingest(docs_dir, count_tokens=lambda t: len(tok(t, add_special_tokens=False, verbose=False)["input_ids"]),
+                 chunk_tokens=200, overlap_tokens=0)
+    return split_eval([c.text for c in res.chunks], 0.1, 64, seed)
+
+
+def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tokens_per_s: float,
+              threads: int | None = None, n_ctx: int = 2048, out_png: Path | None = None,
+              quants: tuple[str, ...] = DEFAULT_QUANTS, prunes: tuple[str, ...] = DEFAULT_PRUNES,
+              imatrix_quants: tuple[str, ...] = IMATRIX_QUANTS, work_dir: Path | None = None,
+              seed: int = 0) -> Plan:
+    """Build and measure every candidate; propose the best quality that fits the device.
+
+    Args:
+        model_dir: local Hugging Face checkpoint.
+        docs_dir: the documents the bundle will answer from (calibration and held-out text).
+        device_ram_bytes: the device's RAM for fieldpack (bytes).
+        min_tokens_per_s: the slowest acceptable decode speed (tokens/s, measured here).
+        threads: llama.cpp threads for timing (default: this machine's).
+        n_ctx: context length on the device (tokens) for the KV cache estimate.
+        out_png: where to draw quality vs size (``None``: no plot).
+        quants / prunes / imatrix_quants: the grid.
+        work_dir: scratch folder (default: a temp folder, removed afterwards).
+
+    Raises:
+        InputNotFoundError: model or docs folder missing.
+        UsageError: bad limits or an unknown quant type / prune name.
+        CompressionConfigError / BuildError subclasses from pruning, conversion and quantization.
+    """
+    from builder.compress import prune_checkpoint, validate_compression
+    from builder.compress.imatrix import compute_imatrix_gguf
+    from builder.compress.report import fit_eval_ctx, gguf_params, measure_speed
+    from builder.convert import convert_hf_to_gguf
+    from builder.llama_eval import default_threads, perplexity_kld
+    from builder.pipeline import RUNTIME_OVERHEAD_BYTES
+    from builder.quantize import QUANT_TYPES, quantize_gguf
+
+    model_dir, docs_dir = Path(model_dir), Path(docs_dir)
+    if not (model_dir / "config.json").is_file():
+        raise InputNotFoundError(f"model folder {model_dir} has no config.json", hint="pass a local checkpoint folder")
+    if not docs_dir.is_dir():
+        raise InputNotFoundError(f"docs folder {docs_dir} does not exist", hint="pass the folder of your documents")
+    if min_tokens_per_s < 0 or n_ctx < 16:
+        raise UsageError("--min-tokens-per-s must be >= 0 and --n-ctx >= 16", hint="e.g. --min-tokens-per-s 10 --n-ctx 2048")
+    bad = [q for q in quants if q.upper() not in QUANT_TYPES] + [q for q in imatrix_quants if q.upper() not in QUANT_TYPES]
+    if bad:
+        raise UsageError(f"unknown quant type(s) {', '.join(bad)}", hint=f"use {', '.join(QUANT_TYPES)}")
+    prune_opts: dict[str, dict[str, Any]] = {"none": {}, "depth": {"prune": "depth"},
+                                             "width": {"prune": "width", "ffn_keep": 0.75}}
+    unknown = [p for p in prunes if p not in prune_opts]
+    if unknown:
+        raise UsageError(f"unknown plan prune(s) {', '.join(unknown)}", hint="use none, depth, width")
+    threads = int(threads or default_threads())
+    own_work = work_dir is None
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fieldpack-plan-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        calib, held = _chunks(model_dir, docs_dir, seed)
+        other_bytes = RUNTIME_OVERHEAD_BYTES + EMBEDDER_BYTES_ESTIMATE + INDEX_BYTES_PER_CHUNK * (len(calib) + len(held))
+        ref = convert_hf_to_gguf(model_dir, work / "dense-f16.gguf", outtype="f16")
+        eval_ctx = fit_eval_ctx(ref.path, held, min(256, ref.n_ctx_train))
+        head_dim = ref.n_embd // ref.n_head
+        bases: dict[str, tuple[Path, int]] = {"none": (ref.path, ref.n_layer)}
+        for p in prunes:
+            if p == "none":
+                continue
+            opts = validate_compression(prune_opts[p], model_dir=model_dir)
+            _, conv, _, resolved = prune_checkpoint(model_dir, opts, calib, work / p, seed=seed)
+            prune_opts[p] = {k: v for k, v in resolved.items() if k in ("prune", "drop_layers", "ffn_keep")}
+            bases[p] = (conv.path, conv.n_layer)
+        cands: list[Candidate] = []
+        for p in prunes:
+            base, n_layer = bases[p]
+            imx = None
+            for q in list(quants) + [f"{q}+imatrix" for q in imatrix_quants]:
+                qt, use_imx = q.split("+")[0].upper(), q.endswith("+imatrix")
+                if use_imx and imx is None:
+                    imx = compute_imatrix_gguf(base, calib, work / p / "imatrix.gguf", n_ctx=512).path
+                if qt == "F16" and not use_imx:
+                    path = base
+                else:
+                    path = quantize_gguf(base, work / p / f"{qt}{'-imx' if use_imx else ''}.gguf", qt,
+                                         imatrix=imx if use_imx else None).path
+                figs = perplexity_kld(ref.path, path, held, n_ctx=eval_ctx)
+                sp = measure_speed(path, threads=threads)
+                kv = kv_cache_bytes(n_layer, n_ctx, ref.n_head_kv, head_dim)
+                size = Path(path).stat().st_size
+                cands.append(Candidate(
+                    prune=p, quant=qt, imatrix=use_imx, gguf_bytes=size, params=gguf_params(path), n_layer=n_layer,
+                    kv_cache_bytes=kv, memory_bytes=size + kv + other_bytes, ppl=figs.ppl_test,
+                    delta_ppl=figs.delta_ppl, kld_mean=figs.kld_mean, top1_agreement=figs.top1_agreement,
+                    decode_tps=sp.decode_tps, prompt_tps=sp.prompt_tps))
+                log.info("plan %s: %d bytes, KLD %.5f, %.1f tok/s", cands[-1].label, size, figs.kld_mean, sp.decode_tps)
+        for c, front in zip(cands, pareto_front([(c.gguf_bytes, c.kld_mean) for c in cands])):
+            c.pareto = front
+            c.fits_ram = c.memory_bytes <= device_ram_bytes
+            c.fast_enough = c.decode_tps >= min_tokens_per_s
+        plan = Plan(candidates=cands, chosen=choose(cands), device_ram_bytes=device_ram_bytes,
+                    min_tokens_per_s=min_tokens_per_s, n_ctx=n_ctx, threads=threads, png=None,
+                    prune_options={k: {kk: vv for kk, vv in v.items()} for k, v in prune_opts.items()})
+        if out_png is not None:
+            plan.png = draw_plan(plan, Path(out_png))
+        return plan
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def draw_plan(plan: Plan, out_png: Path) -> Path:
+    """Scatter KLD (log scale) against GGUF size, Pareto front as a line, the proposal starred; PNG written
+    atomically to ``out_png``."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floor = 1e-6
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for i, c in enumerate(plan.candidates):
+        x, y = c.gguf_bytes / 2 ** 20, max(c.kld_mean, floor)
+        ax.scatter([x], [y], marker="o" if c.fits else "x", color="tab:green" if c.fits else "tab:red", zorder=3)
+        ax.annotate(c.label, (x, y), textcoords="offset points", xytext=(4, 4 if i % 2 else -10), fontsize=7)
+    front = sorted((c.gguf_bytes / 2 ** 20, max(c.kld_mean, floor)) for c in plan.candidates if c.pareto)
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="tab:blue", label="Pareto front", zorder=2)
+    if plan.chosen is not None:
+        c = plan.candidates[plan.chosen]
+        ax.scatter([c.gguf_bytes / 2 ** 20], [max(c.kld_mean, floor)], marker="*", s=260, color="gold",
+                   edgecolors="black", zorder=4, label=f"proposal: {c.label}")
+    ax.set_yscale("log")
+    ax.set_xlabel("GGUF size (MiB)")
+    ax.set_ylabel(f"mean KLD vs dense F16 (nats/token, floor {floor:g})")
+    ax.set_title(f"quality vs size — fits: RAM <= {plan.device_ram_bytes / 2 ** 30:.2f} GiB at n_ctx {plan.n_ctx}, "
+                 f">= {plan.min_tokens_per_s:g} tok/s ({plan.threads} threads here)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    with tmp.open("rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, out_png)
+    return out_png
+
+
+def format_plan(plan: Plan) -> str:
+    """A plain-text table of the candidates with the proposal marked, and the build flags."""
+    lines = [f"{'candidate':<24} {'GGUF MiB':>9} {'memory MiB':>10} {'PPL':>8} {'ΔPPL':>8} {'KLD':>8} {'top-1':>6} "
+             f"{'decode t/s':>10} {'fits':>5} {'front':>5}"]
+    for i, c in enumerate(plan.candidates):
+        mark = "*" if i == plan.chosen else " "
+        lines.append(f"{mark}{c.label:<23} {c.gguf_bytes / 2**20:>9.2f} {c.memory_bytes / 2**20:>10.1f} {c.ppl:>8.3f} "
+                     f"{c.delta_ppl:>+8.3f} {c.kld_mean:>8.4f} {c.top1_agreement:>6.3f} {c.decode_tps:>10.1f} "
+                     f"{'yes' if c.fits else 'no':>5} {'yes' if c.pareto else '':>5}")
+    flags = plan.build_flags()
+    if flags:
+        c = plan.candidates[plan.chosen]  # type: ignore[index]
+        lines.append(f"proposal: {c.label} (memory {c.memory_bytes / 2**20:.1f} MiB of "
+                     f"{plan.device_ram_bytes / 2**20:.0f} MiB, {c.decode_tps:.1f} tok/s here): fieldpack build {flags}")
+    else:
+        lines.append("no candidate fits: lower --n-ctx, raise --device-ram, lower --min-tokens-per-s, or pick a smaller model")
+    lines.append("speeds are this machine's with the given --threads; unstructured/N:M sparsity is never proposed "
+                 "(stored densely in GGUF, no smaller or faster in llama.cpp)")
+    return "\n".join(lines)

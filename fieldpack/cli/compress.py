@@ -1,0 +1,44 @@
+"""Compression commands: ``fieldpack plan``. Module-level imports: typer only (the work is in builder.compress)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def plan(
+    model: Path = typer.Option(..., "--model", help="local Hugging Face checkpoint folder"),
+    docs: Path = typer.Option(..., "--docs", help="folder of the documents the bundle will answer from"),
+    device_ram: str = typer.Option(..., "--device-ram", help="RAM the device gives fieldpack, e.g. 4GiB, 512MiB"),
+    min_tokens_per_s: float = typer.Option(..., "--min-tokens-per-s", help="slowest acceptable decode speed (tokens/s)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads for timing (the device's cores)"),
+    n_ctx: int = typer.Option(2048, "--n-ctx", help="context length on the device (tokens), for the KV cache"),
+    out: Path = typer.Option(Path("plan.png"), "--out", help="PNG of quality vs size with the Pareto front"),
+    quants: str = typer.Option("F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0", "--quants", help="comma-separated quant types"),
+    prunes: str = typer.Option("none,depth,width", "--prunes", help="structured pruning candidates: none,depth,width"),
+    imatrix_quants: str = typer.Option("Q4_K_M", "--imatrix-quants", help="quant types also tried with a domain imatrix ('' for none)"),
+    json_out: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+) -> None:
+    """Measure size, memory, quality and speed of compression candidates here; propose the best that fits."""
+    import json
+
+    from builder.compress.plan import format_plan, make_plan, parse_size
+
+    def split(s: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in s.split(",") if x.strip())
+
+    result = make_plan(model, docs, device_ram_bytes=parse_size(device_ram), min_tokens_per_s=min_tokens_per_s,
+                       threads=threads, n_ctx=n_ctx, out_png=out, quants=split(quants), prunes=split(prunes),
+                       imatrix_quants=split(imatrix_quants))
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        typer.echo(format_plan(result))
+        typer.echo(f"wrote {result.png}")
+
+
+def register(root: typer.Typer) -> None:
+    """Add ``plan`` to the root app."""
+    root.command("plan")(plan)
