@@ -1,0 +1,18 @@
+"""fieldpack benchmarks: each family measures fieldpack and a baseline in the same run and records ratios.
+
+Run all: ``python -m benchmarks all --out bench/`` (``--quick`` for small sizes); one family:
+``python -m benchmarks retrieval --out bench/``. Each family writes ``<family>.json`` and ``<family>.png`` into
+the output folder; ``summary.md`` there is rewritten from every family JSON present after each run.
+
+Families (one module each):
+
+* :mod:`benchmarks.quality` — `fieldpack eval` of a Debian-handbook bundle on the shared QA set;
+* :mod:`benchmarks.retrieval` — fieldpack index (vector, BM25, hybrid) vs LangChain Chroma + sentence-transformers;
+* :mod:`benchmarks.embedder` — ONNX fp32 / int8 vs sentence-transformers on torch;
+* :mod:`benchmarks.generation` — ``Runtime.answer`` vs raw llama-cpp-python; decode vs the memory-bandwidth bound;
+* :mod:`benchmarks.install` — verify + unpack vs ``sha256sum`` + ``tar -x``; process start to first answer.
+
+These are build-host tools (they import builder, torch, chromadb); the ``bench`` extra installs what they need.
+"""
+
+FAMILIES = ("quality", "embedder", "retrieval", "generation", "install")

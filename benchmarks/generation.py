@@ -1,0 +1,206 @@
+"""Generation: ``Runtime.answer`` vs raw llama-cpp-python ``create_completion`` on the same GGUF, prompt and
+threads; decode speed vs the memory-bandwidth bound; time to first token split into its parts.
+
+Model: the bench decoder (:func:`benchmarks.common.bench_checkpoint`: Llama layout, random weights, EOS/EOT
+never chosen so every generation runs to ``max_tokens``) built into a Q4_K_M bundle by the real pipeline.
+
+* Same prompt: for each question, the raw baseline gets the exact token list ``Runtime.answer`` built
+  (:func:`device.prompt.fit_prompt` over the hits it retrieved), and the same sampling (greedy) and stop strings.
+  Both stream; each runs on its own ``llama_cpp.Llama`` of the same file, n_ctx, n_batch and threads; calls
+  alternate (ours, raw) per question so both see the same machine load.
+* Decode tokens/s, wall clock: ``(tokens - 1) / (t_last_piece - t_first_piece)``; also llama.cpp's own perf
+  counters (``n_eval / t_eval``). Ratio ours/raw: target >= 0.97.
+* Bandwidth bound: bytes of weights read per generated token (every tensor of the GGUF except the token
+  embedding table, of which one row is read) over a measured memory copy bandwidth (numpy, 256 MiB, bytes
+  read + written per second: the STREAM "copy" convention). KV cache traffic is left out (short contexts).
+* TTFT split (ours): retrieval (embed + search), prompt eval (llama.cpp perf counter), and the rest until the
+  first piece (prompt building, first decode step, streaming).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common as C
+
+log = logging.getLogger(__name__)
+
+FAMILY = "generation"
+QUESTIONS = [
+    "The connection pool is exhausted. What should I do?",
+    "Pump 3 pressure alarm: what are the next steps?",
+    "When is a sand filter backwashed?",
+    "How do I respond to a low chlorine residual alarm?",
+    "What happens during a shift handover?",
+    "What does cavitation sound like and how do I fix it?",
+]
+
+
+def weight_bytes_per_token(gguf_path: Path) -> dict[str, int]:
+    """Bytes of weights a decode step reads: all tensors except ``token_embd.weight`` (one row is gathered),
+    unless the model has no ``output.weight`` (tied embeddings: the table is read whole as the output layer)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(gguf_path))
+    sizes = {t.name: int(t.n_bytes) for t in r.tensors}
+    total = sum(sizes.values())
+    embd = sizes.get("token_embd.weight", 0)
+    tied = "output.weight" not in sizes
+    return {"total_tensor_bytes": total, "token_embd_bytes": embd, "tied_output": int(tied),
+            "bytes_per_token": total if tied else total - embd}
+
+
+def _stream(call: Any) -> tuple[float, float, float, list[str]]:
+    """Run a streaming generation; (t_start, t_first_piece, t_end, pieces)."""
+    pieces: list[str] = []
+    t_first = None
+    t0 = time.perf_counter()
+    for piece in call():
+        if piece and t_first is None:
+            t_first = time.perf_counter()
+        pieces.append(piece)
+    t_end = time.perf_counter()
+    return t0, t_first or t_end, t_end, pieces
+
+
+def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
+    """Run the generation benchmark; writes ``generation.json`` and ``generation.png`` into ``out``."""
+    import llama_cpp
+
+    from device.prompt import fit_prompt
+    from device.runtime import Runtime
+
+    threads = C.bench_threads()
+    info = C.machine_info()
+    slot = C.bench_slot(quick)
+    max_tokens = 64 if quick else 128
+    questions = QUESTIONS[:3] if quick else QUESTIONS
+    rows = []
+    with Runtime(slot, threads=threads) as rt:
+        n_ctx = rt.n_ctx
+        raw = llama_cpp.Llama(model_path=str(slot / "model.gguf"), n_ctx=n_ctx, n_threads=threads,
+                              n_threads_batch=threads, n_batch=min(512, n_ctx), verbose=False, seed=0)
+        stop = list(rt.manifest.runtime.stop)
+        try:
+            rt.answer(questions[0], max_tokens=8)  # warm-up both (page cache, thread pools)
+            raw.create_completion("warm up", max_tokens=8)
+            for q in questions:
+                first: list[float] = []
+
+                def on_token(piece: str) -> None:
+                    if piece and not first:
+                        first.append(time.perf_counter())
+
+                t0 = time.perf_counter()
+                ans = rt.answer(q, max_tokens=max_tokens, on_token=on_token)
+                t2 = time.perf_counter()
+                t1 = first[0] if first else t2
+                if ans.abstained:
+                    log.warning("generation: %r abstained; skipped", q)
+                    continue
+                tm = ans.timings
+                built = fit_prompt(ans.question, ans.sources, [], render=rt.render, tokenize=rt.tokenize_prompt,
+                                   budget_tokens=n_ctx - max_tokens)
+
+                def raw_call() -> Any:
+                    llama_cpp.llama_perf_context_reset(raw.ctx)
+                    for chunk in raw.create_completion(built.tokens, max_tokens=max_tokens, temperature=0.0, top_k=1,
+                                                       top_p=1.0, min_p=0.0, repeat_penalty=1.0, stop=stop,
+                                                       stream=True):
+                        yield chunk["choices"][0].get("text") or ""
+
+                r0, r1, r2, _ = _stream(raw_call)
+                perf = llama_cpp.llama_perf_context(raw.ctx)
+                raw_tokens = int(perf.n_eval)
+                raw_perf_tps = raw_tokens / (perf.t_eval_ms / 1e3) if perf.t_eval_ms > 0 else 0.0
+                row = {
+                    "question": q, "prompt_tokens": tm.prompt_tokens, "same_prompt": len(built.tokens) == tm.prompt_tokens,
+                    "ours": {"tokens": tm.completion_tokens,
+                             "decode_tps_wall": (tm.completion_tokens - 1) / (t2 - t1) if t2 > t1 else None,
+                             "decode_tps_perf": tm.tokens_per_s, "total_ms": tm.total_ms,
+                             "retrieval_ms": tm.retrieval_ms, "prompt_eval_ms": tm.prompt_eval_ms,
+                             "ttft_ms": tm.time_to_first_token_ms,
+                             "ttft_wall_ms": (t1 - t0) * 1e3,
+                             "rest_to_first_token_ms": tm.time_to_first_token_ms - tm.retrieval_ms - tm.prompt_eval_ms},
+                    "raw": {"tokens": raw_tokens,
+                            "decode_tps_wall": (raw_tokens - 1) / (r2 - r1) if r2 > r1 else None,
+                            "decode_tps_perf": raw_perf_tps, "prompt_eval_ms": float(perf.t_p_eval_ms),
+                            "ttft_wall_ms": (r1 - r0) * 1e3, "total_ms": (r2 - r0) * 1e3},
+                }
+                row["ratio_decode_wall"] = row["ours"]["decode_tps_wall"] / row["raw"]["decode_tps_wall"]
+                row["ratio_decode_perf"] = tm.tokens_per_s / raw_perf_tps if raw_perf_tps else None
+                log.info("generation %r: ours %.1f tok/s, raw %.1f tok/s", q, row["ours"]["decode_tps_wall"],
+                         row["raw"]["decode_tps_wall"])
+                rows.append(row)
+        finally:
+            raw.close()
+    bw = C.memory_bandwidth()
+    wb = weight_bytes_per_token(slot / "model.gguf")
+    bound = bw["bytes_per_s"] / wb["bytes_per_token"]
+
+    def med(side: str, key: str) -> float:
+        return C.median([r[side][key] for r in rows if r[side][key] is not None])
+
+    ours_tps, raw_tps = med("ours", "decode_tps_wall"), med("raw", "decode_tps_wall")
+    doc = {
+        "family": FAMILY, "quick": quick, "machine": info, "threads": threads, "n_ctx": n_ctx,
+        "max_tokens": max_tokens, "model": {"gguf_bytes": (slot / "model.gguf").stat().st_size, **wb,
+                                             "shape": C.BENCH_SHAPES["quick" if quick else "full"], "quant": "Q4_K_M"},
+        "memory_bandwidth": bw, "bandwidth_bound_tps": bound,
+        "summary": {
+            "ours_decode_tps": ours_tps, "raw_decode_tps": raw_tps, "ratio_decode_wall": ours_tps / raw_tps,
+            "ratio_decode_perf": C.median([r["ratio_decode_perf"] for r in rows if r["ratio_decode_perf"]]),
+            "ours_decode_tps_perf": med("ours", "decode_tps_perf"), "raw_decode_tps_perf": med("raw", "decode_tps_perf"),
+            "ours_share_of_bound": ours_tps / bound, "raw_share_of_bound": raw_tps / bound,
+            "ttft_ms_p50": C.percentile([r["ours"]["ttft_ms"] for r in rows], 50),
+            "ttft_split_ms_p50": {k: C.percentile([r["ours"][k] for r in rows], 50)
+                                  for k in ("retrieval_ms", "prompt_eval_ms", "rest_to_first_token_ms")},
+            "raw_ttft_wall_ms_p50": C.percentile([r["raw"]["ttft_wall_ms"] for r in rows], 50),
+            "prompt_tokens_p50": C.percentile([r["prompt_tokens"] for r in rows], 50),
+        },
+        "questions": rows,
+    }
+    C.write_result(out, FAMILY, doc, lambda fig: draw(fig, doc), figsize=(10, 3.8))
+    return doc
+
+
+def draw(fig: Any, doc: dict[str, Any]) -> None:
+    a, b = fig.subplots(1, 2)
+    s = doc["summary"]
+    a.bar(["Runtime.answer", "raw llama-cpp", "bandwidth bound"],
+          [s["ours_decode_tps"], s["raw_decode_tps"], doc["bandwidth_bound_tps"]], color=["#37a", "#888", "#ccc"])
+    a.set(ylabel="tokens / s", title=f"decode ({doc['threads']} threads, Q4_K_M, "
+                                     f"{doc['model']['bytes_per_token'] / 2**20:.0f} MiB weights/token)")
+    sp = s["ttft_split_ms_p50"]
+    left = 0.0
+    for key, label in (("retrieval_ms", "retrieval"), ("prompt_eval_ms", "prompt eval"),
+                       ("rest_to_first_token_ms", "first decode + prompt build")):
+        b.barh(["ours"], [sp[key]], left=left, label=label)
+        left += sp[key]
+    b.barh(["raw"], [s["raw_ttft_wall_ms_p50"]], color="#888", label="raw (prompt eval + first decode)")
+    b.set(xlabel="ms (p50)", title=f"time to first token, ~{s['prompt_tokens_p50']:.0f} prompt tokens")
+    b.legend(fontsize=7)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+
+
+def summarize(doc: dict[str, Any]) -> list[str]:
+    s, m = doc["summary"], doc["model"]
+    sp = s["ttft_split_ms_p50"]
+    lines = [f"## Generation ({m['quant']} bench model {m['gguf_bytes'] / 2**20:.0f} MiB, {doc['threads']} threads, "
+             f"{doc['max_tokens']} tokens per answer, {len(doc['questions'])} questions)", ""]
+    lines += C.md_table(["figure", "Runtime.answer", "raw llama-cpp-python", "ours / raw"], [
+        ["decode tok/s (wall)", s["ours_decode_tps"], s["raw_decode_tps"], s["ratio_decode_wall"]],
+        ["decode tok/s (llama.cpp perf)", s["ours_decode_tps_perf"], s["raw_decode_tps_perf"], s["ratio_decode_perf"]],
+        ["share of bandwidth bound", s["ours_share_of_bound"], s["raw_share_of_bound"], "–"],
+    ])
+    lines += ["", f"Bandwidth bound: {doc['memory_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s copy bandwidth / "
+                  f"{m['bytes_per_token'] / 2**20:.1f} MiB weights per token = {doc['bandwidth_bound_tps']:.0f} tok/s. "
+                  f"Time to first token p50 {C.fmt(s['ttft_ms_p50'])} ms = retrieval {C.fmt(sp['retrieval_ms'])} + "
+                  f"prompt eval {C.fmt(sp['prompt_eval_ms'])} + first decode/prompt build "
+                  f"{C.fmt(sp['rest_to_first_token_ms'])} ms (raw: {C.fmt(s['raw_ttft_wall_ms_p50'])} ms without "
+                  f"retrieval).", ""]
+    return lines
