@@ -104,13 +104,31 @@ def check_inputs(cfg: BuildConfig) -> Path:
     return hub_or_local(cfg.model)
 
 
-def split_eval(texts: list[str], fraction: float, max_chunks: int, seed: int) -> tuple[list[str], list[str]]:
-    """Split chunk texts into (calibration, evaluation), fixed by ``seed``; evaluation has >= 1 item."""
+def split_eval(texts: list[str], fraction: float, max_chunks: int, seed: int, *,
+               count_tokens: Callable[[str], int] = lambda t: max(1, len(t) // 4),
+               min_tokens: int = 0) -> tuple[list[str], list[str]]:
+    """Split chunk texts into (calibration, evaluation), fixed by ``seed``.
+
+    The evaluation split takes ``fraction`` of the chunks (at most ``max_chunks``, at least 1), then grows, in the
+    same seeded order, until it holds ``min_tokens`` model tokens or half of all chunks, so small document sets
+    still give a few perplexity windows.
+    """
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     n_eval = min(max_chunks, max(1, round(len(texts) * fraction)))
+    tokens = sum(count_tokens(texts[i]) for i in order[:n_eval])
+    while tokens < min_tokens and n_eval < len(texts) // 2:
+        tokens += count_tokens(texts[order[n_eval]])
+        n_eval += 1
     eval_idx = set(order[:n_eval])
     return ([t for i, t in enumerate(texts) if i not in eval_idx], [t for i, t in enumerate(texts) if i in eval_idx])
+
+
+def eval_window(held_out_tokens: int, n_ctx_train: int, *, preferred: int = 256, min_windows: int = 4) -> int:
+    """Perplexity window (even, tokens): ``preferred`` if the held-out text gives ``min_windows`` of it, else the
+    largest even length that does (never below 32, never above n_ctx_train)."""
+    n = min(preferred, n_ctx_train, held_out_tokens // min_windows)
+    return max(32, n - n % 2)
 
 
 def choose_smoke_question(chunks: list[Any], search: Callable[[str, int], list[str]], k: int = 5) -> tuple[str, str]:
@@ -215,7 +233,10 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
     with stage("parity"):
         parity = check_parity(model_dir, f16.path)
 
-    calib, held_out = split_eval([c.text for c in ing.chunks], cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed)
+    count_model_tokens = _model_token_counter(model_dir)
+    calib, held_out = split_eval([c.text for c in ing.chunks], cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed,
+                                 count_tokens=count_model_tokens, min_tokens=4 * 256)
+    n_ctx_eval = eval_window(sum(count_model_tokens(t) for t in held_out), f16.n_ctx_train)
     dense = f16.path
     stages_quality: list[dict[str, Any]] = []
     if cfg.compression:
@@ -233,7 +254,6 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
             imatrix = compute_imatrix(dense, calib, work / "imatrix.dat")
         quant = quantize_gguf(dense, work / "model.gguf", qtype, imatrix=imatrix)
     with stage("quality"):
-        n_ctx_eval = min(256, f16.n_ctx_train)
         qfig = perplexity_kld(f16.path, quant.path, held_out, n_ctx=n_ctx_eval)
 
     with stage("bundle"):
@@ -285,7 +305,8 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
                 parity=_as_dict(parity),
                 quantization=dict(_as_dict(qfig), qtype=qtype, size_bytes=quant.size_bytes,
                                   ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes),
-                                  fallbacks=len(quant.fallbacks), held_out_chunks=len(held_out)),
+                                  fallbacks=len(quant.fallbacks), held_out_chunks=len(held_out),
+                                  window_tokens=n_ctx_eval),
                 embedder=dict(_as_dict(emb.gate), precision=emb.precision, kept_int8=emb.kept_int8,
                               parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
                               int8_bytes=emb.int8_bytes) if emb.gate is not None else
@@ -295,6 +316,17 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
         )
         write_bundle(cfg.output, manifest, files, cfg.sign)
     return BuildResult(bundle=cfg.output, manifest=manifest, ingest_report=[report_to_dict(r) for r in ing.report])
+
+
+def _model_token_counter(model_dir: Path) -> Callable[[str], int]:
+    """Count model tokens with the checkpoint's tokenizer.json (fast, no model load); ~4 chars/token otherwise."""
+    tok_file = model_dir / "tokenizer.json"
+    if tok_file.is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tok_file))
+        return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+    return lambda text: max(1, len(text) // 4)
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:

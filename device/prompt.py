@@ -11,7 +11,7 @@ then the oldest history turn; the question itself is never cut (a question that 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from device.types import Hit
 from shared.errors import QuestionTooLongError
@@ -27,6 +27,8 @@ ABSTAIN_TEXT = "I cannot answer that from the installed documents: no passage is
 
 #: Largest share of a chunk's characters put into the prompt; chunks are already small (embedder-token sized).
 _MAX_SOURCE_CHARS = 2000
+#: A source trimmed below this many words is dropped instead (too little left to ground an answer).
+_MIN_SOURCE_WORDS = 24
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,9 @@ def fit_prompt(
 ) -> BuiltPrompt:
     """Build the largest prompt that fits ``budget_tokens``.
 
-    Drops the lowest-ranked hit first, then the oldest history turn, until the rendered prompt's token count is
-    at most ``budget_tokens``. Cost: one render + tokenize per attempt (at most ``len(hits) + len(history) + 1``).
+    Drops the lowest-ranked hit first (down to one), then the oldest history turn, then halves the best hit's
+    text (never below ``_MIN_SOURCE_WORDS`` words), until the rendered prompt's token count is at most
+    ``budget_tokens``. The caller abstains when no hit is left. Cost: one render + tokenize per attempt.
 
     Args:
         render: chat template renderer, messages -> prompt text (with the generation prompt appended).
@@ -90,15 +93,23 @@ def fit_prompt(
     """
     hits = list(hits)
     history = list(history)
+    best = hits[0] if hits else None
+    keep_words = len(best.text.split()) if best else 0
     while True:
         text = render(build_messages(question, hits, history))
         tokens = tokenize(text)
         if len(tokens) <= budget_tokens:
             return BuiltPrompt(text=text, tokens=tokens, hits=hits, history_used=len(history))
-        if hits:
+        if len(hits) > 1:
             hits.pop()
         elif history:
             history.pop(0)
+        elif hits and keep_words > _MIN_SOURCE_WORDS:
+            # the best source alone is too long: keep its first half rather than answer ungrounded
+            keep_words = max(_MIN_SOURCE_WORDS, keep_words // 2)
+            hits[0] = replace(best, text=" ".join(best.text.split()[:keep_words]) + " …")
+        elif hits:
+            hits.pop()
         else:
             raise QuestionTooLongError(
                 f"the question needs {len(tokens)} prompt tokens but the context allows {budget_tokens} "

@@ -205,6 +205,13 @@ class Runtime:
                               bundle=self.bundle_label, finish_reason="abstained")
             built = fit_prompt(q, hits, history, render=self.render, tokenize=self.tokenize_prompt,
                                budget_tokens=self.n_ctx - max_tokens)
+            if not built.hits:  # not even a trimmed source fits beside the question: do not answer ungrounded
+                if on_token:
+                    on_token(ABSTAIN_TEXT)
+                return Answer(question=q, text=ABSTAIN_TEXT, sources=[], abstained=True,
+                              timings=Timings(retrieval_ms=retrieval_ms, total_ms=retrieval_ms),
+                              bundle=self.bundle_label, finish_reason="abstained",
+                              extra={"reason": "no source fits the context"})
             text, finish, gen = self._generate(built.tokens, max_tokens, on_token, cancel)
             total_ms = (time.perf_counter() - t0) * 1e3
             timings = Timings(retrieval_ms=retrieval_ms, prompt_tokens=len(built.tokens),

@@ -200,7 +200,7 @@ def demo(
         init_data_dir(data_dir, [keys / "builder.pub"])
     dd = open_data_dir(data_dir)
     res = install_bundle(bundle, dd, check=check_slot)
-    typer.echo(f"installed: {res}")
+    typer.echo(res.message)
     from fieldpack.cli.show import print_answer
 
     with Runtime(dd.active_slot_path()) as rt:

@@ -39,7 +39,7 @@ def install(bundle: Path = typer.Argument(..., help="the .fpk to install"),
     from device.runtime import check_slot
 
     res = install_bundle(bundle, _data_dir(data_dir), check=check_slot, n_ctx=n_ctx)
-    typer.echo(json.dumps(_jsonable(res)) if json_out else f"installed {res}")
+    typer.echo(json.dumps(_jsonable(res)) if json_out else res.message)
 
 
 def _jsonable(obj):
@@ -122,7 +122,7 @@ def rollback(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DA
     from device.install import rollback as do_rollback
 
     res = do_rollback(_data_dir(data_dir))
-    typer.echo(f"rolled back: {res}")
+    typer.echo(res.message)
 
 
 def register(root: typer.Typer) -> None:

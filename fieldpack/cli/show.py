@@ -49,7 +49,10 @@ def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Co
     t.add_row("smoke check", f"{m.smoke.question!r} -> {m.smoke.expected_source}")
     c.print(t)
     mem = r.memory
-    t = Table(title=f"runtime defaults (n_ctx {r.n_ctx}, max_tokens {r.max_tokens}, stop {r.stop})", show_header=False)
+    t = Table(title="runtime defaults and memory at n_ctx", show_header=False)
+    t.add_row("n_ctx / max_tokens / top-k chunks", f"{r.n_ctx} / {r.max_tokens} / {r.top_k_chunks}")
+    t.add_row("stop strings", ", ".join(r.stop))
+    t.add_row("abstain below cosine", f"{r.min_similarity:.2f}")
     for k in ("weights_bytes", "kv_cache_bytes", "embedder_bytes", "index_bytes", "overhead_bytes", "total_bytes"):
         t.add_row(k.replace("_bytes", "").replace("_", " "), _mib(getattr(mem, k)))
     c.print(t)

@@ -36,12 +36,27 @@ def test_drops_lowest_ranked_first_then_history() -> None:
     full = len(_tok(_render(build_messages("why?", hits, history))))
     p = fit_prompt("why?", hits, history, render=_render, tokenize=_tok, budget_tokens=full - 10)
     assert [h.chunk_id for h in p.hits] == [0, 1] and p.history_used == 2
-    no_hits = len(_tok(_render(build_messages("why?", [], history))))
-    p = fit_prompt("why?", hits, history, render=_render, tokenize=_tok, budget_tokens=no_hits - 1)
-    assert p.hits == [] and p.history_used == 1
-    assert len(p.tokens) <= no_hits - 1
+    # the best source outlives the history: history goes (oldest first) before the last source
+    one_hit_no_history = len(_tok(_render(build_messages("why?", hits[:1], []))))
+    p = fit_prompt("why?", hits, history, render=_render, tokenize=_tok, budget_tokens=one_hit_no_history)
+    assert [h.chunk_id for h in p.hits] == [0] and p.history_used == 0
+    assert len(p.tokens) <= one_hit_no_history
 
 
 def test_question_alone_too_long_is_refused() -> None:
     with pytest.raises(QuestionTooLongError, match="prompt tokens"):
         fit_prompt("word " * 500, [_hit(0)], [], render=_render, tokenize=_tok, budget_tokens=100)
+
+
+def test_single_long_source_is_trimmed_not_dropped() -> None:
+    big = _hit(0, words=400)
+    only_question = len(_tok(_render(build_messages("why?", [], []))))
+    p = fit_prompt("why?", [big, _hit(1)], [], render=_render, tokenize=_tok, budget_tokens=only_question + 120)
+    assert [h.chunk_id for h in p.hits] == [0]
+    assert len(p.hits[0].text.split()) < 400 and len(p.tokens) <= only_question + 120
+
+
+def test_no_room_for_any_source_leaves_no_hits() -> None:
+    only_question = len(_tok(_render(build_messages("why?", [], []))))
+    p = fit_prompt("why?", [_hit(0, words=400)], [], render=_render, tokenize=_tok, budget_tokens=only_question + 5)
+    assert p.hits == []
