@@ -142,6 +142,12 @@ class Runtime:
         return self.manifest.label
 
     @property
+    def model_label(self) -> str:
+        """``"<source> <architecture> <file type>"``, e.g. ``"qwen2.5-0.5b-instruct qwen2 Q4_K_M"``."""
+        m = self.manifest.model
+        return f"{m.source} {m.architecture} {m.file_type}"
+
+    @property
     def llama(self) -> Any:
         """The owned ``llama_cpp.Llama`` (for benchmarks comparing against raw llama-cpp-python)."""
         return self._llm
