@@ -75,6 +75,33 @@ def builder_version() -> str:
     return __version__
 
 
+def quiet_third_party() -> None:
+    """Silence libraries' progress bars and advisory warnings (transformers weight loading, the torch ONNX
+    exporter's optional-op notes, onnxruntime's quantization pre-processing advice); our stages report progress."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torch.onnx", "torch._dynamo", "onnxscript", "onnx_ir", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # transformers is a builder dependency; absent only in broken installs
+        pass
+
+    class _DropOrtAdvice(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "pre-processing before quantization" not in record.getMessage()
+
+    for h in logging.getLogger().handlers:
+        h.addFilter(_DropOrtAdvice())
+
+
 def check_inputs(cfg: BuildConfig) -> Path:
     """Fail fast on every user input before heavy work. Returns the local model folder.
 
@@ -165,6 +192,7 @@ def build_bundle(cfg: BuildConfig, *, workdir: Path | None = None, on_stage: Sta
         ``cfg.output`` on failure.
     """
     timings: list[StageTiming] = []
+    quiet_third_party()
 
     def stage(name: str):
         class _S:

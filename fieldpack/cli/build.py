@@ -175,6 +175,9 @@ def demo(
     from device.slots import init_data_dir, open_data_dir
     from shared.signing import generate_keypair
 
+    from builder.pipeline import quiet_third_party
+
+    quiet_third_party()
     docs = docs or _repo_demo_docs()
     out.mkdir(parents=True, exist_ok=True)
     keys = out / "keys"
@@ -186,7 +189,8 @@ def demo(
         make_tiny_model(model_dir, arch="llama", corpus=load_corpus(docs))
     bundle = out / "riverside-ops-1.0.0.fpk"
     cfg = BuildConfig.validated(dict(model=str(model_dir), docs=docs, name="riverside-ops", version="1.0.0",
-                                     quant=quant, sign=keys / "builder.key", output=bundle, n_ctx=1024))
+                                     quant=quant, sign=keys / "builder.key", output=bundle, n_ctx=1024,
+                                     max_tokens=128))
     hook, status = _stage_printer()
     try:
         result = build_bundle(cfg, on_stage=hook)
