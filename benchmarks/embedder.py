@@ -60,7 +60,7 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
     torch.set_num_threads(threads)
     st = SentenceTransformer(str(C.minilm_dir()), device="cpu")
     ref, st_rate = _throughput(lambda ts: st.encode(ts, batch_size=BATCH, normalize_embeddings=True,
-                                                    convert_to_numpy=True), texts, passes)
+                                                    convert_to_numpy=True, show_progress_bar=False), texts, passes)
     systems: dict[str, Any] = {"sentence-transformers (torch fp32)": {"sentences_per_s": st_rate,
                                                                       "max_seq_length": st.max_seq_length}}
     for prec, exp in exports.items():

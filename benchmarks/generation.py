@@ -9,11 +9,12 @@ never chosen so every generation runs to ``max_tokens``) built into a Q4_K_M bun
   Both stream; each runs on its own ``llama_cpp.Llama`` of the same file, n_ctx, n_batch and threads; calls
   alternate (ours, raw) per question so both see the same machine load.
 * Decode tokens/s, wall clock: ``(tokens - 1) / (t_last_piece - t_first_piece)``; also llama.cpp's own perf
-  counters (``n_eval / t_eval``). Ratio ours/raw: target >= 0.97.
+  counters (``n_eval / t_eval``). Each question is run ``repeats`` times; the ratio
+  ours/raw is the ratio of the medians over all runs (target >= 0.97).
 * Bandwidth bound: bytes of weights read per generated token (every tensor of the GGUF except the token
   embedding table, of which one row is read) over a measured memory copy bandwidth (numpy, 256 MiB, bytes
   read + written per second: the STREAM "copy" convention). KV cache traffic is left out (short contexts).
-* TTFT split (ours): retrieval (embed + search), prompt eval (llama.cpp perf counter), and the rest until the
+* TTFT split (ours, first run of each question: a repeated prompt reuses llama.cpp's KV cache): retrieval (embed + search), prompt eval (llama.cpp perf counter), and the rest until the
   first piece (prompt building, first decode step, streaming).
 """
 
@@ -78,6 +79,7 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
     slot = C.bench_slot(quick)
     max_tokens = 64 if quick else 128
     questions = QUESTIONS[:3] if quick else QUESTIONS
+    repeats = 2 if quick else 3
     rows = []
     with Runtime(slot, threads=threads) as rt:
         n_ctx = rt.n_ctx
@@ -87,7 +89,7 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
         try:
             rt.answer(questions[0], max_tokens=8)  # warm-up both (page cache, thread pools)
             raw.create_completion("warm up", max_tokens=8)
-            for q in questions:
+            for q in [q for _ in range(repeats) for q in questions]:  # alternate ours/raw, repeat the set
                 first: list[float] = []
 
                 def on_token(piece: str) -> None:
@@ -117,7 +119,8 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
                 raw_tokens = int(perf.n_eval)
                 raw_perf_tps = raw_tokens / (perf.t_eval_ms / 1e3) if perf.t_eval_ms > 0 else 0.0
                 row = {
-                    "question": q, "prompt_tokens": tm.prompt_tokens, "same_prompt": len(built.tokens) == tm.prompt_tokens,
+                    "question": q, "repeat": sum(1 for r in rows if r["question"] == q),
+                    "prompt_tokens": tm.prompt_tokens, "same_prompt": len(built.tokens) == tm.prompt_tokens,
                     "ours": {"tokens": tm.completion_tokens,
                              "decode_tps_wall": (tm.completion_tokens - 1) / (t2 - t1) if t2 > t1 else None,
                              "decode_tps_perf": tm.tokens_per_s, "total_ms": tm.total_ms,
@@ -145,21 +148,24 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
         return C.median([r[side][key] for r in rows if r[side][key] is not None])
 
     ours_tps, raw_tps = med("ours", "decode_tps_wall"), med("raw", "decode_tps_wall")
+    first = [r for r in rows if r["repeat"] == 0]
     doc = {
         "family": FAMILY, "quick": quick, "machine": info, "threads": threads, "n_ctx": n_ctx,
-        "max_tokens": max_tokens, "model": {"gguf_bytes": (slot / "model.gguf").stat().st_size, **wb,
+        "max_tokens": max_tokens, "repeats": repeats, "model": {"gguf_bytes": (slot / "model.gguf").stat().st_size, **wb,
                                              "shape": C.BENCH_SHAPES["quick" if quick else "full"], "quant": "Q4_K_M"},
         "memory_bandwidth": bw, "bandwidth_bound_tps": bound,
         "summary": {
             "ours_decode_tps": ours_tps, "raw_decode_tps": raw_tps, "ratio_decode_wall": ours_tps / raw_tps,
-            "ratio_decode_perf": C.median([r["ratio_decode_perf"] for r in rows if r["ratio_decode_perf"]]),
+            "ratio_decode_perf": med("ours", "decode_tps_perf") / med("raw", "decode_tps_perf"),
+            "ratio_decode_wall_per_run_p50": C.percentile([r["ratio_decode_wall"] for r in rows], 50),
             "ours_decode_tps_perf": med("ours", "decode_tps_perf"), "raw_decode_tps_perf": med("raw", "decode_tps_perf"),
             "ours_share_of_bound": ours_tps / bound, "raw_share_of_bound": raw_tps / bound,
-            "ttft_ms_p50": C.percentile([r["ours"]["ttft_ms"] for r in rows], 50),
-            "ttft_split_ms_p50": {k: C.percentile([r["ours"][k] for r in rows], 50)
+            # first runs only: llama-cpp-python reuses the KV cache of a repeated prompt prefix
+            "ttft_ms_p50": C.percentile([r["ours"]["ttft_ms"] for r in first], 50),
+            "ttft_split_ms_p50": {k: C.percentile([r["ours"][k] for r in first], 50)
                                   for k in ("retrieval_ms", "prompt_eval_ms", "rest_to_first_token_ms")},
-            "raw_ttft_wall_ms_p50": C.percentile([r["raw"]["ttft_wall_ms"] for r in rows], 50),
-            "prompt_tokens_p50": C.percentile([r["prompt_tokens"] for r in rows], 50),
+            "raw_ttft_wall_ms_p50": C.percentile([r["raw"]["ttft_wall_ms"] for r in first], 50),
+            "prompt_tokens_p50": C.percentile([r["prompt_tokens"] for r in first], 50),
         },
         "questions": rows,
     }
@@ -191,7 +197,7 @@ def summarize(doc: dict[str, Any]) -> list[str]:
     s, m = doc["summary"], doc["model"]
     sp = s["ttft_split_ms_p50"]
     lines = [f"## Generation ({m['quant']} bench model {m['gguf_bytes'] / 2**20:.0f} MiB, {doc['threads']} threads, "
-             f"{doc['max_tokens']} tokens per answer, {len(doc['questions'])} questions)", ""]
+             f"{doc['max_tokens']} tokens per answer, {len(doc['questions'])} runs each, medians)", ""]
     lines += C.md_table(["figure", "Runtime.answer", "raw llama-cpp-python", "ours / raw"], [
         ["decode tok/s (wall)", s["ours_decode_tps"], s["raw_decode_tps"], s["ratio_decode_wall"]],
         ["decode tok/s (llama.cpp perf)", s["ours_decode_tps_perf"], s["raw_decode_tps_perf"], s["ratio_decode_perf"]],

@@ -90,7 +90,8 @@ class _STEmbeddings:
         self.model = SentenceTransformer(str(model_dir), device="cpu")
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return self.model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True).tolist()
+        return self.model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True,
+                                 show_progress_bar=False).tolist()
 
     def embed_query(self, text: str) -> list[float]:
         return self.embed_documents([text])[0]
@@ -216,7 +217,7 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
     info = C.machine_info()
     emb = C.embedder_export("int8")
     corpora = [C.stage_corpus("debian-handbook", C.DEBIAN_HANDBOOK)]
-    fractions = (0.1,) if quick else (0.25, 1.0)
+    fractions = (0.05,) if quick else (0.25, 1.0)
     corpora += [C.stage_corpus(f"postgresql-{round(f * 100)}pct", C.POSTGRES_DOCS, fraction=f) for f in fractions]
     n_synth = 30 if quick else 100
     results = []

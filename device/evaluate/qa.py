@@ -189,7 +189,7 @@ def load_qa(path: Path) -> QASet:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise _bad(path, n, f"not valid JSON ({exc.msg} at column {exc.colno})",
-                       "fix the line: one JSON object per line, double-quoted keys and strings") from exc
+                       "write one JSON object per line, with double-quoted keys and strings") from exc
         item = _parse_line(path, n, obj)
         if item.id in seen:
             raise _bad(path, n, f"id {item.id!r} already used on line {seen[item.id]}", "give each item its own id")

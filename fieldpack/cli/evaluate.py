@@ -30,7 +30,9 @@ def _f(v: Any, digits: int = 3) -> str:
 
 
 def print_report(doc: dict[str, Any], console: Any = None) -> None:
-    """Print the retrieval and answer tables of an eval report (``EvalReport.to_dict()``) with rich."""
+    """Print an eval report (``EvalReport.to_dict()``) with rich: per bundle a retrieval table (one row per
+    mode), then one answers table with a column per bundle."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -38,29 +40,41 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
     k = doc["options"]["k"]
     cuts = [f"recall@{x}" for x in (1, 5, 10) if x <= k]
     nd = f"ndcg@{min(10, k)}"
-    t = Table(title=f"retrieval ({doc['qa']['questions'] - doc['qa']['unanswerable']} answerable questions, k={k})")
-    for col in ["bundle", "mode", *cuts, "MRR", nd, "section r@5", "p50 ms", "p95 ms"]:
-        t.add_column(col, justify="left" if col in ("bundle", "mode") else "right")
+    n = doc["qa"]["questions"] - doc["qa"]["unanswerable"]
     for b in doc["bundles"]:
+        t = Table(title=f"{b['label']}: retrieval, {n} answerable questions, k={k}, latency ms", box=box.SIMPLE_HEAD,
+                  title_justify="left")
+        for col in ["mode", *[x.replace("recall", "R") for x in cuts], "MRR", nd.replace("ndcg", "nDCG"),
+                    "sec R@5", "p50", "p95"]:
+            t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
         for mode, r in b["retrieval"].items():
-            t.add_row(b["label"], mode, *[_f(r.get(x)) for x in cuts], _f(r.get("mrr")), _f(r.get(nd)),
+            t.add_row(mode, *[_f(r.get(x)) for x in cuts], _f(r.get("mrr")), _f(r.get(nd)),
                       _f(r.get("section", {}).get("recall@5")),
                       _f(r["latency_ms"]["p50"], 1), _f(r["latency_ms"]["p95"], 1))
-    c.print(t)
+        c.print(t)
     gens = [(b["label"], b["generation"]) for b in doc["bundles"] if b.get("generation")]
     if not gens:
         return
-    t = Table(title="answers")
-    cols = ["bundle", "citation prec.", "context recall", "facts all", "abstain acc.", "false abstain",
-            "TTFT p50/p95 ms", "total p50/p95 ms", "tok/s"]
-    for col in cols:
-        t.add_column(col, justify="left" if col == "bundle" else "right")
-    for label, g in gens:
-        lat = g["latency_ms"]
-        t.add_row(label, _f(g["citation_precision"]), _f(g["context_recall"]), _f(g["answer_contains_rate"]),
-                  _f(g["abstention_accuracy"]), _f(g["false_abstention_rate"]),
-                  f"{_f(lat['time_to_first_token']['p50'], 0)}/{_f(lat['time_to_first_token']['p95'], 0)}",
-                  f"{_f(lat['total']['p50'], 0)}/{_f(lat['total']['p95'], 0)}", _f(g["tokens_per_s"], 1))
+    t = Table(title="answers", box=box.SIMPLE_HEAD, title_justify="left")
+    t.add_column("metric", no_wrap=True)
+    for label, _ in gens:
+        t.add_column(label, justify="right")
+
+    def lat(g: dict[str, Any], stage: str) -> str:
+        x = g["latency_ms"][stage]
+        return f"{_f(x['p50'], 0)} / {_f(x['p95'], 0)}"
+
+    for name, get in [
+        ("citation precision", lambda g: _f(g["citation_precision"])),
+        ("context recall", lambda g: _f(g["context_recall"])),
+        ("answer contains all facts", lambda g: _f(g["answer_contains_rate"])),
+        ("abstention accuracy", lambda g: _f(g["abstention_accuracy"])),
+        ("false abstention rate", lambda g: _f(g["false_abstention_rate"])),
+        ("first token ms p50 / p95", lambda g: lat(g, "time_to_first_token")),
+        ("total ms p50 / p95", lambda g: lat(g, "total")),
+        ("decode tokens/s", lambda g: _f(g["tokens_per_s"], 1)),
+    ]:
+        t.add_row(name, *[get(g) for _, g in gens])
     c.print(t)
 
 
@@ -94,16 +108,19 @@ def eval_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:
-        tasks: dict[str, Any] = {}
+    if not err.is_terminal:  # no live display into a pipe or file: stderr stays for the one-line error
+        report = evaluate(list(bundles), qa, opts)
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as progress:
+            tasks: dict[str, Any] = {}
 
-        def on_progress(label: str, done: int, total: int) -> None:
-            if label not in tasks:
-                tasks[label] = progress.add_task(f"eval {label}", total=total)
-            progress.update(tasks[label], completed=done)
+            def on_progress(label: str, done: int, total: int) -> None:
+                if label not in tasks:
+                    tasks[label] = progress.add_task(f"eval {label}", total=total)
+                progress.update(tasks[label], completed=done)
 
-        report = evaluate(list(bundles), qa, opts, on_progress=on_progress)
+            report = evaluate(list(bundles), qa, opts, on_progress=on_progress)
     doc = report.to_dict()
     if json_out == Path("-"):
         typer.echo(report_json(doc), nl=False)
