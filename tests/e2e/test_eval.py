@@ -109,3 +109,32 @@ def test_eval_bad_inputs_are_one_line_errors(bundle_v1: Path, qa_file: Path, tmp
 
     r = run_cli("eval", str(bundle_v1), "--qa", str(qa_file), "--html", str(tmp_path / "no" / "dir" / "r.html"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_eval_works_without_torch_or_builder(bundle_v1: Path, qa_file: Path, tmp_path: Path) -> None:
+    """The device extra alone suffices: with torch, transformers, sentence-transformers, onnx, gguf and builder
+    made unimportable, eval still loads the bundle, retrieves, generates and writes its reports."""
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import REPO
+
+    out = tmp_path / "r.json"
+    code = f"""
+import importlib.abc, sys
+BLOCKED = {{"torch", "transformers", "sentence_transformers", "onnx", "gguf", "builder"}}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked on the device: {{name}}")
+        return None
+sys.meta_path.insert(0, Block())
+from fieldpack.cli import main
+main(["eval", {str(bundle_v1)!r}, "--qa", {str(qa_file)!r}, "--json", {str(out)!r}, "--max-tokens", "8",
+      "--html", {str(tmp_path / "r.html")!r}])
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["bundles"][0]["generation"]["n"] == 5
+    assert (tmp_path / "r.html").stat().st_size > 1000
