@@ -83,6 +83,12 @@ def quiet_third_party() -> None:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:  # torch configures its own loggers on import, so import it first, then lower them
+        import torch._logging
+
+        torch._logging.set_logs(onnx=logging.ERROR)
+    except (ImportError, AttributeError, ValueError):
+        pass
     for name in ("torch.onnx", "torch._dynamo", "onnxscript", "onnx_ir", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
