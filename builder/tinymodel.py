@@ -165,12 +165,16 @@ def chatml(question: str, answer: str) -> str:
 
 
 def _train_tokenizer(arch: Arch, texts: list[str]):  # -> tokenizers.Tokenizer
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     regex = LLAMA3_SPLIT_REGEX if arch == "llama" else QWEN2_SPLIT_REGEX
     # Llama 3 sets ignore_merges (a whole pre-token found in the vocab is emitted as is); llama.cpp does the
     # same for pre-type llama-bpe, and not for qwen2. Matching it keeps HF and llama.cpp token ids identical.
     tok = Tokenizer(models.BPE(ignore_merges=(arch == "llama")))
+    if arch == "qwen2":
+        # Qwen2's tokenizer.json applies NFC (and transformers >= 5 adds it for model_type qwen2 anyway).
+        # llama.cpp does not normalize, so only already-NFC text tokenizes identically there.
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),

@@ -188,12 +188,14 @@ def detect_pre_tokenizer(tokenizer_json: dict[str, Any], *, source: str = "token
     if normalizer is not None:
         kind = normalizer.get("type")
         # Qwen2's tokenizer.json applies NFC; llama.cpp does not, which only matters for text that is not
-        # already NFC (the usual state of text), so it is accepted as llama.cpp's own converter does.
-        if not (kind == "NFC" and name == "qwen2"):
+        # already NFC, so it is accepted as llama.cpp's own converter does (callers should NFC-normalize text
+        # before tokenizing with llama.cpp). Any other normalizer changes ordinary text and is refused.
+        if kind != "NFC":
             raise UnsupportedTokenizerError(
                 f"Byte-level BPE tokenizer in {source} has a {kind} normalizer that llama.cpp does not apply",
-                hint="use a tokenizer without a normalizer (or Qwen2's NFC)",
+                hint="use a tokenizer without a normalizer (or with NFC only, as Qwen2's)",
             )
+        logger.warning("%s: NFC normalizer is not applied by llama.cpp; NFC-normalize text before tokenizing", source)
     return name
 
 
