@@ -116,6 +116,15 @@ def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process since its exec (bytes): ``VmHWM`` of /proc/self/status.
+    (``getrusage().ru_maxrss`` is not used: Linux carries it over fork+exec from the parent.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return rss_bytes()
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 

@@ -140,13 +140,12 @@ def serve(spec: dict[str, Any]) -> dict[str, Any]:
     ``spec``: ``{"system": "fieldpack"|"chroma", "store", "queries": [{"q", "target"}], "k", "threads",
     "embedder": export dict (fieldpack)}``.
     """
-    import resource
-
     from device.evaluate.qa import Target
 
     rss0 = C.rss_bytes()
     t0 = time.perf_counter()
     k, threads = int(spec["k"]), int(spec["threads"])
+    embed_ms: list[float] = []  # chroma only: the query-embedding share of each search
     if spec["system"] == "fieldpack":
         from device.embedder import OnnxEmbedder
         from device.retrieval import Retriever
@@ -164,11 +163,17 @@ def serve(spec: dict[str, Any]) -> dict[str, Any]:
         modes = ["vector"]
 
         def search(q: str, mode: str) -> list[str]:
-            return [d.metadata["source"] for d in store.similarity_search(q, k=k)]
+            # what similarity_search does, in two timed steps: query embedding, then the HNSW search
+            t = time.perf_counter()
+            vec = store.embeddings.embed_query(q)
+            embed_ms.append((time.perf_counter() - t) * 1e3)
+            return [d.metadata["source"] for d in store.similarity_search_by_vector(vec, k=k)]
     load_s = time.perf_counter() - t0
+    rss_loaded = C.rss_bytes()
     queries = spec["queries"]
     for mode in modes:  # warm-up
         search(queries[0]["q"], mode)
+    embed_ms.clear()
     out: dict[str, Any] = {"load_seconds": load_s, "modes": {}}
     for mode in modes:
         ms, ranks = [], []
@@ -179,8 +184,11 @@ def serve(spec: dict[str, Any]) -> dict[str, Any]:
             target = Target(item["target"])
             ranks.append(next((i + 1 for i, s in enumerate(sources) if target.source_matches(s)), None))
         out["modes"][mode] = {"latency_ms": ms, "ranks": ranks}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    out.update(rss_start=rss0, rss_end=C.rss_bytes(), rss_peak=peak, rss_delta=peak - rss0)
+        if embed_ms:
+            out["modes"][mode]["embed_ms"] = list(embed_ms)
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so a child would report the parent's peak
+    peak = C.peak_rss_bytes()
+    out.update(rss_start=rss0, rss_loaded=rss_loaded, rss_end=C.rss_bytes(), rss_peak=peak, rss_delta=peak - rss0)
     return out
 
 
@@ -254,8 +262,11 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
                            "rss_delta_bytes": chroma["rss_delta"], "rss_peak_bytes": chroma["rss_peak"], "modes": {}},
             }
             for sysname, res in (("fieldpack", ours), ("chroma", chroma)):
+                row[sysname]["rss_loaded_delta_bytes"] = res["rss_loaded"] - res["rss_start"]
                 for mode, m in res["modes"].items():
                     row[sysname]["modes"][mode] = {"latency_ms": C.lat(m["latency_ms"]), **_quality(m["ranks"])}
+                    if "embed_ms" in m:
+                        row[sysname]["modes"][mode]["embed_latency_ms"] = C.lat(m["embed_ms"])
             cv = row["chroma"]["modes"]["vector"]
             fv = row["fieldpack"]["modes"]
             row["ratios"] = {
@@ -326,10 +337,12 @@ def summarize(doc: dict[str, Any]) -> list[str]:
                      *[f"{C.fmt(f['modes'][m]['latency_ms']['p50'])} / {C.fmt(f['modes'][m]['latency_ms']['p95'])}"
                        for m in MODES],
                      f"{C.fmt(c['modes']['vector']['latency_ms']['p50'])} / {C.fmt(c['modes']['vector']['latency_ms']['p95'])}",
+                     C.fmt((c['modes']['vector'].get('embed_latency_ms') or {}).get('p50')),
                      *[f"{C.fmt(f['modes'][m]['recall@5'])} / {C.fmt(f['modes'][m]['mrr@10'])}" for m in MODES],
                      f"{C.fmt(c['modes']['vector']['recall@5'])} / {C.fmt(c['modes']['vector']['mrr@10'])}"])
     lines += C.md_table(["corpus", "chunks", "queries", "build s (fp / chroma)", "RSS MiB (fp / chroma)",
                          "vector p50/p95 ms", "bm25 p50/p95 ms", "hybrid p50/p95 ms", "chroma p50/p95 ms",
+                         "chroma embed p50 ms",
                          "vector R@5/MRR", "bm25 R@5/MRR", "hybrid R@5/MRR", "chroma R@5/MRR"], rows)
     lines.append("")
     rrows = [[r["corpus"], r["ratios"]["build_time_chroma_over_fieldpack"], r["ratios"]["rss_chroma_over_fieldpack"],

@@ -8,7 +8,9 @@ Line format (the one of ``shared/qa/README.md``)::
      "unanswerable": false}                                               (optional, default false)
 
 ``expected_source`` is a document path relative to the docs folder the bundle was built from, optionally with
-a section after ``#`` (``"database.md#Connection pool exhausted"``). Unanswerable items carry no
+a section after ``#`` (``"database.md#Connection pool exhausted"``): it is the item's :attr:`QAItem.target`,
+what the primary retrieval metrics judge. ``expected_section`` (or the ``#`` part) also makes a
+:attr:`QAItem.section_target`, judged by the section-level metrics only. Unanswerable items carry no
 ``expected_source``. Blank lines and lines starting with ``//`` are skipped.
 
 Relevance (what :meth:`Target.matches` decides for one retrieved chunk):
@@ -85,7 +87,8 @@ class QAItem:
     Attributes:
         id: the item's ``id`` (``"line-N"`` when the line has none).
         question: the question text.
-        target: expected document (and section) for answerable items; ``None`` when ``unanswerable``.
+        target: what ``expected_source`` names (a document, or ``path#section``); ``None`` when ``unanswerable``.
+        section_target: the document narrowed to ``expected_section`` (or the ``#`` part), ``None`` if neither.
         answer_contains: short facts a correct answer contains (compared case-insensitively, whitespace
             collapsed; see :func:`device.evaluate.metrics.contains_all`).
         unanswerable: the documents do not answer it; abstaining is the correct behaviour.
@@ -95,6 +98,7 @@ class QAItem:
     id: str
     question: str
     target: Target | None
+    section_target: Target | None = None
     answer_contains: tuple[str, ...] = ()
     unanswerable: bool = False
     line: int = 0
@@ -143,6 +147,7 @@ def _parse_line(path: Path, n: int, obj: Any) -> QAItem:
     if sec is not None and not isinstance(sec, str):
         raise _bad(path, n, "\"expected_section\" must be a string", fmt_hint)
     target: Target | None = None
+    section_target: Target | None = None
     if unans:
         if src:
             raise _bad(path, n, "an unanswerable item has an \"expected_source\"",
@@ -151,11 +156,13 @@ def _parse_line(path: Path, n: int, obj: Any) -> QAItem:
         if not isinstance(src, str) or not src.strip() or src.strip().startswith("#"):
             raise _bad(path, n, "answerable item without a document path in \"expected_source\"",
                        'give "expected_source": "path/in/docs.md" (optionally "#section"), or "unanswerable": true')
-        target = Target.parse(src, sec)
+        target = Target.parse(src)
+        section = sec or target.section
+        section_target = Target(target.source, " ".join(section.split())) if section else None
     item_id = obj.get("id")
     known = {"id", "question", "expected_source", "expected_section", "answer_contains", "unanswerable"}
     return QAItem(id=str(item_id) if item_id is not None else f"line-{n}", question=" ".join(q.split()),
-                  target=target, answer_contains=tuple(contains), unanswerable=unans, line=n,
+                  target=target, section_target=section_target, answer_contains=tuple(contains), unanswerable=unans, line=n,
                   extra={k: v for k, v in obj.items() if k not in known})
 
 

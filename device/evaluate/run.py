@@ -15,8 +15,9 @@ Metrics (definitions in :mod:`device.evaluate.metrics`; relevance in :mod:`devic
 
 * retrieval, over answerable items, one target per question (repeat hits of the target collapsed):
   ``recall@1/5/10`` (target in the top k), ``mrr`` (reciprocal rank of the target within the top ``k``, 0 if
-  absent), ``ndcg@10`` (binary gain, log2 discount), and the same at section level (``section``) over items
-  whose target names a section;
+  absent), ``ndcg@10`` (binary gain, log2 discount); the target is what ``expected_source`` names (a document,
+  or ``path#section``). ``section`` holds the same figures at section level over the items that name a section
+  (``expected_section`` or ``#``), with ``section.document_level`` the document-level figures of those items;
 * ``citation_precision``: over answerable items that were *answered* (not abstained), the share whose answer
   cites, with an in-text marker ``[n]`` (also ``[n, m]``), at least one source ``n`` whose document is the
   expected one. An answer with no marker cites nothing. ``cited_marker_precision`` is the micro share of
@@ -267,6 +268,9 @@ def _retrieval_row(rt: Any, item: QAItem, mode: str, k: int) -> dict[str, Any]:
         doc = item.target.document()
         row["rank"] = M.first_relevant_rank([item.target.matches(h.source, h.section) for h in hits])
         row["doc_rank"] = M.first_relevant_rank([doc.matches(h.source, h.section) for h in hits])
+    if item.section_target is not None:
+        row["section_rank"] = M.first_relevant_rank([item.section_target.matches(h.source, h.section)
+                                                     for h in hits])
     return row
 
 
@@ -315,7 +319,7 @@ def aggregate_retrieval(results: Sequence[QuestionResult], mode: str, k: int) ->
     rows = [q.retrieval[mode] for q in results if mode in q.retrieval]
     judged = [(q, q.retrieval[mode]) for q in results if mode in q.retrieval and not q.unanswerable]
     out = _rank_metrics([r["rank"] for _, r in judged], k)
-    sec = [r["rank"] for q, r in judged if q.has_section]
+    sec = [r["section_rank"] for q, r in judged if q.has_section]
     if sec:
         s = _rank_metrics(sec, k)
         s.pop("recall_curve", None)
@@ -394,7 +398,7 @@ def evaluate_slot(slot_dir: Path, qa: QASet, opts: EvalOptions, *, path: str = "
         for i, item in enumerate(qa.items):
             q = QuestionResult(id=item.id, question=item.question, unanswerable=item.unanswerable,
                                target=str(item.target) if item.target else None,
-                               has_section=bool(item.target and item.target.section))
+                               has_section=item.section_target is not None)
             for mode in opts.modes:
                 q.retrieval[mode] = _retrieval_row(rt, item, mode, opts.k)
             if opts.generate:

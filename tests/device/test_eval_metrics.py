@@ -142,10 +142,15 @@ def test_load_qa_reads_the_shared_format(tmp_path: Path) -> None:
                         "",
                         '{"id": "b", "question": "Who won in 1954?", "unanswerable": true}'))
     assert [i.id for i in qa.items] == ["a", "b"]
-    assert str(qa.items[0].target) == "database.md#Connection pool exhausted"
+    assert str(qa.items[0].target) == "database.md"  # expected_source alone is the primary target
+    assert str(qa.items[0].section_target) == "database.md#Connection pool exhausted"
     assert qa.items[0].answer_contains == ("restart",)
     assert qa.items[1].target is None and qa.unanswerable == [qa.items[1]]
     assert len(qa.sha256) == 64
+    frag = load_qa(_write(tmp_path / "frag.jsonl", '{"question": "q", "expected_source": "db.md#Backups"}'))
+    assert str(frag.items[0].target) == str(frag.items[0].section_target) == "db.md#Backups"
+    plain = load_qa(_write(tmp_path / "plain.jsonl", '{"question": "q", "expected_source": "db.md"}'))
+    assert plain.items[0].section_target is None
 
 
 def test_the_shared_debian_qa_set_loads() -> None:
@@ -204,6 +209,8 @@ def _q(qid: str, ranks: dict[str, int | None], *, unanswerable: bool = False, se
         row = {"latency_ms": 2.0, "n_hits": 10, "top": []}
         if not unanswerable:
             row.update(rank=r, doc_rank=r)
+        if section:
+            row["section_rank"] = None if r is None else r + 1  # the section's chunk comes one lower
         q.retrieval[mode] = row
     return q
 
@@ -221,7 +228,8 @@ def test_aggregate_retrieval_known_values() -> None:
     assert r["recall@1"] == 0.25 and r["recall@5"] == 0.5 and r["recall@10"] == 0.75
     assert r["mrr"] == pytest.approx((1 + 0.5 + 0 + 1 / 7) / 4)
     assert r["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 0 + 1 / math.log2(8)) / 4)
-    assert r["section"]["n"] == 1 and r["section"]["mrr"] == 0.5
+    assert r["section"]["n"] == 1 and r["section"]["mrr"] == pytest.approx(1 / 3)
+    assert r["section"]["document_level"]["mrr"] == 0.5
     assert r["latency_ms"]["n"] == 5 and r["latency_ms"]["p50"] == 2.0
     assert r["recall_curve"][0] == 0.25 and r["recall_curve"][-1] == 0.75
     small = aggregate_retrieval(qs, "hybrid", 3)
