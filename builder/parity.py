@@ -82,8 +82,10 @@ class ParityReport:
 
     def summary(self) -> str:
         """One line with the figures."""
+        n_bad = len(self.tokenization_mismatches)
+        tok = "identical" if self.tokenization_identical else f"DIFFERS on {n_bad} prompt(s)"
         return (
-            f"tokenization {'identical' if self.tokenization_identical else f'DIFFERS on {len(self.tokenization_mismatches)} prompt(s)'}"
+            f"tokenization {tok}"
             f", top-1 agreement {self.top1_agreement:.4f} ({self.top1_flips} flips beyond ties)"
             f", max |Δlogit| {self.max_abs_logit_diff:.3g} (tolerance {self.tolerance:.3g})"
             f", mean |Δlogit| {self.mean_abs_logit_diff:.3g} over {self.tokens_compared} positions"
@@ -160,10 +162,10 @@ def check_parity(
     mismatches: list[str] = []
     diffs_max: list[float] = []
     diffs_sum = 0.0
-    n_pos = n_same = n_flips = 0
+    n_pos = n_same = n_flips = n_vocab = 0
     with open_gguf(gguf_path, n_ctx=n_ctx, f32_kv=True) as llm:
         add_bos = adds_bos(llm)
-        for text, ids in zip(texts, hf_ids):
+        for text, ids in zip(texts, hf_ids, strict=True):
             ll_ids = list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False))
             if ll_ids != ids:
                 mismatches.append(text)
@@ -178,6 +180,7 @@ def check_parity(
                     f"{gguf_path} gives logits of shape {got.shape}, {model_dir} gives {ref.shape}",
                     hint="the GGUF's vocabulary does not match the checkpoint; re-convert it",
                 )
+            n_vocab = ref.shape[-1]
             d = np.abs(ref.astype(np.float64) - got)
             diffs_max.append(float(d.max()))
             diffs_sum += float(d.sum())
@@ -189,7 +192,7 @@ def check_parity(
             n_pos += len(ids)
 
     max_diff = max(diffs_max) if diffs_max else 0.0
-    mean_diff = diffs_sum / max(1, n_pos * (ref.shape[-1] if n_pos else 1))
+    mean_diff = diffs_sum / max(1, n_pos * n_vocab)
     passed = not mismatches and max_diff <= logit_atol and (not require_top1 or n_flips == 0)
     report = ParityReport(
         prompts=texts,

@@ -147,7 +147,9 @@ def read_imatrix(path: Path) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     if not path.is_file():
-        raise InputNotFoundError(f"imatrix file {path} does not exist", hint="run llama-imatrix first or drop --imatrix")
+        raise InputNotFoundError(
+            f"imatrix file {path} does not exist", hint="run llama-imatrix first or quantize without an imatrix"
+        )
     with path.open("rb") as fh:
         magic = fh.read(4)
     data = _read_imatrix_gguf(path) if magic == b"GGUF" else _read_imatrix_legacy(path)
@@ -340,14 +342,16 @@ def quantize_gguf(
             errors = [ln.strip() for ln in lines if "fail" in ln.lower() or "error" in ln.lower()]
             raise QuantizationError(
                 f"llama.cpp could not quantize {src} to {key}: {errors[-1] if errors else f'return code {rc}'}",
-                hint="check that the source is an F16/F32 GGUF of a supported architecture (and the imatrix matches it)",
+                hint="pass an F16/F32 GGUF of a supported architecture (and an imatrix computed for that model)",
             )
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
         digest = _sha256(tmp)
         os.replace(tmp, dst)
     except OSError as exc:
-        raise OutputNotWritableError(f"Cannot write {dst}: {exc}", hint="check free disk space and permissions") from exc
+        raise OutputNotWritableError(
+            f"Cannot write {dst}: {exc}", hint="check free disk space and permissions"
+        ) from exc
     finally:
         tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0

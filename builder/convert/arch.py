@@ -207,6 +207,17 @@ def llama3_rope_factors(hp: HParams) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
+def _loader(checkpoint: Any, name: str, permute_heads: int | None) -> Callable[[], np.ndarray]:
+    """A deferred load of one checkpoint tensor, Q/K-permuted over ``permute_heads`` heads when given."""
+
+    def load() -> np.ndarray:
+        data = checkpoint.tensor(name)
+        # looked up at call time, so tests can swap the module's permute_qk
+        return data if permute_heads is None else permute_qk(data, permute_heads)
+
+    return load
+
+
 def plan_tensors(checkpoint: Any, hp: HParams) -> list[TensorPlan]:
     """Map every checkpoint tensor to its GGUF name and loader (with the Q/K permutation where needed).
 
@@ -245,10 +256,10 @@ def plan_tensors(checkpoint: Any, hp: HParams) -> list[TensorPlan]:
                 hint="the checkpoint has layers this converter does not know; use a plain "
                 f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} checkpoint",
             )
-        load: Callable[[], np.ndarray] = lambda n=name: checkpoint.tensor(n)
+        heads = None
         if hp.permute_qk and ".self_attn.q_proj." in name:
-            load = lambda n=name: permute_qk(checkpoint.tensor(n), hp.n_head)
+            heads = hp.n_head
         elif hp.permute_qk and ".self_attn.k_proj." in name:
-            load = lambda n=name: permute_qk(checkpoint.tensor(n), hp.n_head_kv)
-        plans.append(TensorPlan(gguf_name, meta.shape, load, name))
+            heads = hp.n_head_kv  # GQA: K has the KV head count
+        plans.append(TensorPlan(gguf_name, meta.shape, _loader(checkpoint, name, heads), name))
     return plans

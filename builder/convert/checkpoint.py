@@ -100,7 +100,8 @@ class Checkpoint:
                         metas[name] = TensorMeta(name, tuple(int(d) for d in sl.get_shape()), sl.get_dtype(), shard)
             except Exception as exc:  # safetensors raises its own SafetensorError / OSError
                 raise ModelLoadError(
-                    f"Cannot read safetensors file {shard}: {exc}", hint="the file is corrupt or truncated; re-download it"
+                    f"Cannot read safetensors file {shard}: {exc}",
+                    hint="the file is corrupt or truncated; re-download it",
                 ) from exc
         return metas
 

@@ -167,7 +167,7 @@ def convert_hf_to_gguf(model_dir: Path, out_path: Path, *, outtype: OutType = "f
         write_hparams(writer, hp)
         _write_vocab(writer, vocab)
         dtypes = [_out_dtype(p, outtype) for p in plans]
-        for plan, dt in zip(plans, dtypes):
+        for plan, dt in zip(plans, dtypes, strict=True):
             nbytes = int(np.prod(plan.shape)) * np.dtype(dt).itemsize
             writer.add_tensor_info(plan.gguf_name, plan.shape, np.dtype(dt), nbytes)
             type_counts["F16" if dt is np.float16 else "F32"] += 1
@@ -176,7 +176,7 @@ def convert_hf_to_gguf(model_dir: Path, out_path: Path, *, outtype: OutType = "f
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for plan, dt in zip(plans, dtypes):
+            for plan, dt in zip(plans, dtypes, strict=True):
                 data = plan.load()
                 if tuple(data.shape) != tuple(plan.shape):
                     raise ModelLoadError(

@@ -116,14 +116,17 @@ def tiny_dirs(tiny_llama_dir: Path, tiny_qwen2_dir: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def converted(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], ConversionResult]:
+def converted(
+    tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str, str], ConversionResult]:
     """``converted(arch, outtype)`` -> ConversionResult of the tiny model, converted once per session."""
     root = tmp_path_factory.mktemp("gguf")
     done: dict[tuple[str, str], ConversionResult] = {}
 
     def get(arch: str, outtype: str) -> ConversionResult:
         if (arch, outtype) not in done:
-            done[(arch, outtype)] = convert_hf_to_gguf(tiny_dirs[arch], root / f"{arch}-{outtype}.gguf", outtype=outtype)
+            out = root / f"{arch}-{outtype}.gguf"
+            done[(arch, outtype)] = convert_hf_to_gguf(tiny_dirs[arch], out, outtype=outtype)
         return done[(arch, outtype)]
 
     return get

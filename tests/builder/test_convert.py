@@ -171,7 +171,8 @@ def test_qk_permutation_is_applied_to_llama_only(converted, tiny_llama_dir: Path
     np.testing.assert_array_equal(llama["blk.0.attn_q.weight"], permute_qk(q_hf, 4))
     np.testing.assert_array_equal(llama["blk.0.attn_k.weight"], permute_qk(k_hf, 2))  # GQA: KV heads
     assert not np.array_equal(llama["blk.0.attn_q.weight"], q_hf)
-    np.testing.assert_array_equal(qwen["blk.0.attn_q.weight"], hf(tiny_qwen2_dir, "model.layers.0.self_attn.q_proj.weight"))
+    q_qwen = hf(tiny_qwen2_dir, "model.layers.0.self_attn.q_proj.weight")
+    np.testing.assert_array_equal(qwen["blk.0.attn_q.weight"], q_qwen)  # qwen2: NEOX RoPE, HF layout
 
 
 def test_unsupported_architecture_is_refused_by_name(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -239,7 +240,7 @@ def test_spm_style_tokenizer_json_becomes_a_llama_vocab(spm_llama_dir: Path, tmp
     assert tokens[3] == "<0x00>" and types[3:259] == [6] * 256  # BYTE
     assert types[0] == 2 and types[1] == types[2] == 3  # UNKNOWN, CONTROL
     assert _field(reader, "tokenizer.ggml.add_space_prefix") is True
-    merged = [s for s, t in zip(scores, types) if t == 1 and s < 0]
+    merged = [s for s, t in zip(scores, types, strict=True) if t == 1 and s < 0]
     assert merged and merged == sorted(merged, reverse=True)  # earlier merges score higher
 
 
