@@ -10,6 +10,7 @@ then the oldest history turn; the question itself is never cut (a question that 
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -53,7 +54,8 @@ def format_sources(hits: Sequence[Hit]) -> str:
     """Render hits as ``[n] citation\\ntext`` blocks separated by blank lines."""
     blocks = []
     for i, h in enumerate(hits, start=1):
-        blocks.append(f"[{i}] {h.citation()}\n{h.text[:_MAX_SOURCE_CHARS].strip()}")
+        text = unicodedata.normalize("NFC", h.text[:_MAX_SOURCE_CHARS].strip())
+        blocks.append(f"[{i}] {h.citation()}\n{text}")
     return "\n\n".join(blocks)
 
 

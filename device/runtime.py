@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,8 @@ class Runtime:
         """
         from device.retrieval import is_relevant
 
-        q = " ".join((question or "").split())
+        # NFC: llama.cpp does not apply a tokenizer's Unicode normalizer (Qwen2's is NFC), so normalise here
+        q = unicodedata.normalize("NFC", " ".join((question or "").split()))
         if not q:
             raise EmptyQuestionError("the question is empty", hint="ask a question in words")
         if len(q) > MAX_QUESTION_CHARS:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,4 +27,181 @@ def cache_dir() -> Path:
     """
     d = Path(os.environ.get("FIELDPACK_TEST_CACHE", REPO / ".fieldpack-cache" / "tests"))
     d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+#: Bump to retrain the cached tiny models even though no input changed.
+TINY_CACHE_VERSION = "tiny-1"
+TINY_STEPS = 300
+TINY_SEED = 0
+DEMO_DOCS = REPO / "demo" / "docs"
+#: Bump when the build pipeline changes in a way the cached e2e bundles must reflect.
+E2E_CACHE_VERSION = "e2e-1"
+
+
+def _key(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else p.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """Return ``root/name``, building it with ``build(tmp)`` and renaming into place if absent.
+
+    An exclusive ``flock`` on ``root/.name.lock`` makes concurrent sessions (other engineers' test runs in
+    the same tree) wait for one build instead of each training their own copy.
+    """
+    final = root / name
+    if (final / ".complete").is_file():
+        return final
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (final / ".complete").is_file():
+                return final
+            for stale in root.glob(f".{name}.*.tmp"):  # left by killed runs
+                if not _pid_alive(stale.name.rsplit(".", 2)[-2]):
+                    shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp = root / f".{name}.{os.getpid()}.tmp"
+            tmp.mkdir(parents=True)
+            build(tmp)
+            (tmp / ".complete").write_text("ok\n")
+            os.rename(tmp, final)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return final
+
+
+@pytest.fixture(scope="session")
+def demo_corpus() -> list[str]:
+    from builder import tinymodel
+
+    return tinymodel.load_corpus(DEMO_DOCS)
+
+
+@pytest.fixture(scope="session")
+def heldout_texts(demo_corpus: list[str]) -> list[str]:
+    """The demo sentences in a shuffled order: in-vocabulary text the models never saw in this sequence."""
+    sents = [s.strip() for d in demo_corpus for s in re.split(r"(?<=[.!?])\s+", d) if s.strip()]
+    random.Random(1).shuffle(sents)
+    return [" ".join(sents)]
+
+
+def _tiny(cache_dir: Path, corpus: list[str], arch: str) -> Path:
+    from builder import tinymodel
+
+    source = Path(tinymodel.__file__).read_bytes()
+    key = _key(TINY_CACHE_VERSION, arch, str(TINY_STEPS), str(TINY_SEED), source, *corpus)
+    return cached_dir(
+        cache_dir,
+        f"tiny-{arch}-{key}",
+        lambda d: tinymodel.make_tiny_model(d, arch=arch, corpus=corpus, steps=TINY_STEPS, seed=TINY_SEED),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(cache_dir: Path, demo_corpus: list[str]) -> Path:
+    return _tiny(cache_dir, demo_corpus, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(cache_dir: Path, demo_corpus: list[str]) -> Path:
+    return _tiny(cache_dir, demo_corpus, "qwen2")
+
+
+
+
+# --- real bundles for end-to-end tests (build host -> device) ------------------------------------------------
+def _tree_hash(*paths: Path) -> str:
+    h = hashlib.sha256(E2E_CACHE_VERSION.encode())
+    for root in paths:
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and "__pycache__" not in p.parts:
+                h.update(str(p.relative_to(root)).encode())
+                h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None,
+            timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m fieldpack ARGS`` as a user would; returns the completed process (never raises)."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "fieldpack", *args], cwd=REPO, capture_output=True, text=True,
+                          env=full_env, input=input, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def e2e_dir(cache_dir: Path) -> Path:
+    """Cache folder for real bundles, keyed by everything that goes into them (docs, builder, shared and the
+    device modules the builder reuses)."""
+    d = cache_dir / f"e2e-{_tree_hash(DEMO_DOCS, REPO / 'builder', REPO / 'shared', REPO / 'device')}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def e2e_keys(e2e_dir: Path) -> Path:
+    k = e2e_dir / "keys"
+    if not (k / "builder.key").exists():
+        shutil.rmtree(k, ignore_errors=True)
+        from shared.signing import generate_keypair
+
+        generate_keypair(k)
+    return k
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir: Path) -> Path:
+    """The trained tiny Llama checkpoint (same cache as the builder tests)."""
+    return tiny_llama_dir
+
+
+def _build(e2e_dir: Path, e2e_keys: Path, model: Path, version: str, quant: str) -> Path:
+    out = e2e_dir / f"riverside-{version}-{quant}.fpk"
+    if out.exists():
+        return out
+    with open(e2e_dir / f".{out.name}.lock", "w") as lock:  # parallel sessions wait for one build
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists():
+            return out
+        r = run_cli("build", "--model", str(model), "--docs", str(DEMO_DOCS), "--quant", quant,
+                    "--name", "riverside", "--version", version, "--sign", str(e2e_keys / "builder.key"),
+                    "-o", str(out), "--n-ctx", "1024", "--max-tokens", "128")
+        assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle_v1(e2e_dir: Path, e2e_keys: Path, tiny_llama: Path) -> Path:
+    """Signed Q4_K_M bundle of the tiny llama model over demo/docs, version 1.0.0."""
+    return _build(e2e_dir, e2e_keys, tiny_llama, "1.0.0", "Q4_K_M")
+
+
+@pytest.fixture(scope="session")
+def bundle_v2(e2e_dir: Path, e2e_keys: Path, tiny_llama: Path) -> Path:
+    """Same inputs, Q8_0, version 1.1.0: a second real bundle for upgrade/rollback."""
+    return _build(e2e_dir, e2e_keys, tiny_llama, "1.1.0", "Q8_0")
+
+
+@pytest.fixture()
+def device_dir(tmp_path: Path, e2e_keys: Path, bundle_v1: Path) -> Path:
+    """A fresh data dir with bundle_v1 installed."""
+    d = tmp_path / "device"
+    r = run_cli("device", "init", "--data-dir", str(d), "--trust", str(e2e_keys / "builder.pub"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("install", str(bundle_v1), "--data-dir", str(d))
+    assert r.returncode == 0, r.stderr
     return d

@@ -51,6 +51,7 @@ def build(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="the .fpk to write"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="replay a recipe.toml (options given here override it)"),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="default context length on the device (tokens)"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="default answer length cap (tokens)"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="sentence-transformers folder (default all-MiniLM-L6-v2)"),
     prune: Optional[str] = typer.Option(None, "--prune", help="magnitude | wanda | sparsegpt | depth | width"),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured sparsity in (0, 1)"),
@@ -69,7 +70,7 @@ def build(
                                    drop_layers=drop_layers, ffn_keep=ffn_keep, imatrix=imatrix,
                                    calib_chunks=calib_chunks).items() if v is not None}
     opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
-                n_ctx=n_ctx, embedder=embedder)
+                n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder)
     if recipe:
         overrides = {k: v for k, v in opts.items() if v is not None}
         if compression:

@@ -21,93 +21,10 @@ from typing import Callable
 import pytest
 
 from builder import tinymodel
+from tests.conftest import DEMO_DOCS, TINY_SEED, TINY_STEPS, cached_dir  # noqa: F401  (shared fixtures live there)
 from builder.convert import ConversionResult, convert_hf_to_gguf
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_DOCS = REPO / "demo" / "docs"
-#: Bump to retrain the cached tiny models even though no input changed.
-TINY_CACHE_VERSION = "tiny-1"
-TINY_STEPS = 300
-TINY_SEED = 0
-
-
-def _key(*parts: str | bytes) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else p.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> Path:
-    """Return ``root/name``, building it with ``build(tmp)`` and renaming into place if absent.
-
-    An exclusive ``flock`` on ``root/.name.lock`` makes concurrent sessions (other engineers' test runs in
-    the same tree) wait for one build instead of each training their own copy.
-    """
-    final = root / name
-    if (final / ".complete").is_file():
-        return final
-    with open(root / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if (final / ".complete").is_file():
-                return final
-            for stale in root.glob(f".{name}.*.tmp"):  # left by killed runs
-                if not _pid_alive(stale.name.rsplit(".", 2)[-2]):
-                    shutil.rmtree(stale, ignore_errors=True)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp = root / f".{name}.{os.getpid()}.tmp"
-            tmp.mkdir(parents=True)
-            build(tmp)
-            (tmp / ".complete").write_text("ok\n")
-            os.rename(tmp, final)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return final
-
-
-@pytest.fixture(scope="session")
-def demo_corpus() -> list[str]:
-    return tinymodel.load_corpus(DEMO_DOCS)
-
-
-@pytest.fixture(scope="session")
-def heldout_texts(demo_corpus: list[str]) -> list[str]:
-    """The demo sentences in a shuffled order: in-vocabulary text the models never saw in this sequence."""
-    sents = [s.strip() for d in demo_corpus for s in re.split(r"(?<=[.!?])\s+", d) if s.strip()]
-    random.Random(1).shuffle(sents)
-    return [" ".join(sents)]
-
-
-def _tiny(cache_dir: Path, corpus: list[str], arch: str) -> Path:
-    source = Path(tinymodel.__file__).read_bytes()
-    key = _key(TINY_CACHE_VERSION, arch, str(TINY_STEPS), str(TINY_SEED), source, *corpus)
-    return cached_dir(
-        cache_dir,
-        f"tiny-{arch}-{key}",
-        lambda d: tinymodel.make_tiny_model(d, arch=arch, corpus=corpus, steps=TINY_STEPS, seed=TINY_SEED),
-    )
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(cache_dir: Path, demo_corpus: list[str]) -> Path:
-    return _tiny(cache_dir, demo_corpus, "llama")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen2_dir(cache_dir: Path, demo_corpus: list[str]) -> Path:
-    return _tiny(cache_dir, demo_corpus, "qwen2")
 
 
 @pytest.fixture(scope="session")

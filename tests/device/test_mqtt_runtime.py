@@ -22,10 +22,7 @@ pytestmark = [
 
 pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
 runtime = pytest.importorskip("device.runtime", reason="needs device.runtime")
-try:  # the end-to-end fixtures: a real signed bundle built from demo/docs, installed into a data dir
-    from tests.e2e.conftest import bundle_v1, bundle_v2, device_dir, e2e_dir, keys, run_cli, tiny_llama  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the e2e suite being present
-    pytest.skip(f"needs the e2e fixtures of tests/e2e/conftest.py ({exc})", allow_module_level=True)
+from tests.conftest import run_cli  # noqa: E402  (bundle fixtures: bundle_v1, bundle_v2, device_dir in tests/conftest.py)
 
 QUESTION = "The connection pool is exhausted. What should I do?"
 

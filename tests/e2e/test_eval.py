@@ -32,11 +32,11 @@ def qa_file(tmp_path: Path) -> Path:
     return p
 
 
-def test_eval_bundle_and_installed_slot_side_by_side(bundle_v1: Path, keys: Path, device_dir: Path,
+def test_eval_bundle_and_installed_slot_side_by_side(bundle_v1: Path, e2e_keys: Path, device_dir: Path,
                                                      qa_file: Path, tmp_path: Path) -> None:
     out_json, out_html = tmp_path / "eval.json", tmp_path / "eval.html"
     r = run_cli("eval", str(bundle_v1), str(device_dir), "--qa", str(qa_file), "--k", "5",
-                "--trust", str(keys / "builder.pub"), "--json", str(out_json), "--html", str(out_html),
+                "--trust", str(e2e_keys / "builder.pub"), "--json", str(out_json), "--html", str(out_html),
                 "--max-tokens", "24")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "retrieval" in r.stdout and "hybrid" in r.stdout and "riverside@1.0.0" in r.stdout

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 QUESTION = "The connection pool is exhausted. What should I do?"
 
 
-def test_inspect_and_verify(bundle_v1: Path, keys: Path) -> None:
-    r = run_cli("inspect", str(bundle_v1), "--trust", str(keys / "builder.pub"))
+def test_inspect_and_verify(bundle_v1: Path, e2e_keys: Path) -> None:
+    r = run_cli("inspect", str(bundle_v1), "--trust", str(e2e_keys / "builder.pub"))
     assert r.returncode == 0, r.stderr
     assert "riverside@1.0.0" in r.stdout and "Q4_K_M" in r.stdout and "valid" in r.stdout
     r = run_cli("inspect", str(bundle_v1), "--json")
@@ -28,7 +28,7 @@ def test_inspect_and_verify(bundle_v1: Path, keys: Path) -> None:
     assert m["quality"]["quantization"]["kld_mean"] >= 0
     assert any(t.startswith("Q4_K") for t in m["model"]["tensor_types"])
     assert m["runtime"]["memory"]["total_bytes"] > m["runtime"]["memory"]["weights_bytes"] > 0
-    r = run_cli("verify", str(bundle_v1), "--trust", str(keys / "builder.pub"))
+    r = run_cli("verify", str(bundle_v1), "--trust", str(e2e_keys / "builder.pub"))
     assert r.returncode == 0 and r.stdout.startswith("OK riverside@1.0.0"), r.stderr
 
 
