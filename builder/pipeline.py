@@ -29,6 +29,7 @@ from shared.bundle import describe_members, hash_file, write_bundle
 from shared.errors import (
     BuildError,
     InputNotFoundError,
+    NoDocumentsError,
     OutputNotWritableError,
     UnknownQuantTypeError,
 )
@@ -124,8 +125,7 @@ def check_inputs(cfg: BuildConfig) -> Path:
     if cfg.quant.upper() not in QUANT_TYPES:
         raise UnknownQuantTypeError(f"unknown --quant {cfg.quant!r}",
                                     hint=f"use one of {', '.join(sorted(QUANT_TYPES))}")
-    if not cfg.docs.is_dir():
-        raise InputNotFoundError(f"docs folder {cfg.docs} does not exist", hint="pass --docs a folder of documents")
+    check_docs_folder(cfg.docs)
     load_private_key(cfg.sign)
     out_dir = cfg.output.parent
     if not out_dir.is_dir():
@@ -134,7 +134,47 @@ def check_inputs(cfg: BuildConfig) -> Path:
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as exc:
         raise OutputNotWritableError(f"cannot write in {out_dir}: {exc.strerror}", hint="choose a writable -o path") from exc
-    return hub_or_local(cfg.model)
+    model_dir = hub_or_local(cfg.model)
+    preflight_model(model_dir)
+    return model_dir
+
+
+def check_docs_folder(docs: Path) -> None:
+    """Cheap look before heavy work: the folder exists and holds at least one non-empty file of a supported
+    type. (Ingest still reports per file what it indexed or skipped and why.)
+
+    Raises:
+        InputNotFoundError: not a folder.  NoDocumentsError: no candidate file.
+    """
+    from builder.ingest.pipeline import FORMATS
+
+    if not docs.is_dir():
+        raise InputNotFoundError(f"docs folder {docs} does not exist", hint="pass --docs a folder of documents")
+    seen = 0
+    for p in docs.rglob("*"):
+        if p.is_file() and not p.name.startswith("."):
+            seen += 1
+            if p.suffix.lower() in FORMATS and p.stat().st_size > 0:
+                return
+    raise NoDocumentsError(
+        f"docs folder {docs} has nothing indexable ({seen} files, none a non-empty "
+        f"{'/'.join(sorted(FORMATS))} file)", hint="put Markdown, text, HTML, PDF or CSV documents in it")
+
+
+def preflight_model(model_dir: Path) -> None:
+    """Read the checkpoint's config and tokenizer (no weights) so an unsupported architecture or tokenizer is
+    refused in a second, before any export or training-time work.
+
+    Raises:
+        InputNotFoundError, ModelLoadError, UnsupportedArchitectureError, UnsupportedTokenizerError.
+    """
+    from builder.convert.arch import read_hparams
+    from builder.convert.checkpoint import Checkpoint
+    from builder.convert.tokenizer import read_vocab
+
+    ckpt = Checkpoint(model_dir)
+    hp = read_hparams(ckpt.config, ckpt.architecture, source=str(ckpt.model_dir))
+    read_vocab(ckpt.model_dir, hp.n_vocab, ckpt.config)
 
 
 def split_eval(texts: list[str], fraction: float, max_chunks: int, seed: int, *,

@@ -1,0 +1,104 @@
+"""`fieldpack build` refuses bad input in one line, with a non-zero exit, before heavy work, leaving nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEMO_DOCS, run_cli
+
+
+@pytest.fixture(scope="module")
+def keypair(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("keys")
+    from shared.signing import generate_keypair
+
+    generate_keypair(d)
+    return d
+
+
+def _build(model: Path | str, docs: Path, key: Path, out: Path, *extra: str):
+    return run_cli("build", "--model", str(model), "--docs", str(docs), "--name", "t", "--sign", str(key),
+                   "-o", str(out), *extra, timeout=300)
+
+
+def _one_line_error(r, code: int, *needles: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and "Fix:" in lines[-1], r.stderr[-2000:]
+    for n in needles:
+        assert n in lines[-1], lines[-1]
+
+
+def _no_output(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".") and "fpk" in p.name or "fieldpack-build" in p.name]
+
+
+def test_missing_model_folder(tmp_path: Path, keypair: Path) -> None:
+    out = tmp_path / "b.fpk"
+    r = _build(tmp_path / "no-such-model", DEMO_DOCS, keypair / "builder.key", out)
+    _one_line_error(r, 2, "no-such-model")
+    _no_output(out)
+
+
+def test_unsupported_architecture(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
+    model = tmp_path / "gpt-neox"
+    shutil.copytree(tiny_llama_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    r = _build(model, DEMO_DOCS, keypair / "builder.key", tmp_path / "b.fpk")
+    _one_line_error(r, 5, "GPTNeoXForCausalLM")
+
+
+def test_unknown_tokenizer(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
+    model = tmp_path / "odd-tok"
+    shutil.copytree(tiny_llama_dir, model)
+    tj = json.loads((model / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Whitespace"}
+    (model / "tokenizer.json").write_text(json.dumps(tj))
+    r = _build(model, DEMO_DOCS, keypair / "builder.key", tmp_path / "b.fpk")
+    _one_line_error(r, 5, "tokenizer")
+
+
+def test_unknown_quant_type(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
+    r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.key", tmp_path / "b.fpk", "--quant", "Q4_X")
+    _one_line_error(r, 5, "Q4_X", "Q4_K_M")
+
+
+def test_docs_with_nothing_indexable(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "empty.md").write_text("")
+    (docs / "blob.bin").write_bytes(os.urandom(64))
+    r = _build(tiny_llama_dir, docs, keypair / "builder.key", tmp_path / "b.fpk")
+    _one_line_error(r, 5, str(docs))
+
+
+def test_signing_key_missing_or_wrong_type(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
+    r = _build(tiny_llama_dir, DEMO_DOCS, tmp_path / "nokey.key", tmp_path / "b.fpk")
+    _one_line_error(r, 3, "nokey.key", "keygen")
+    r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.pub", tmp_path / "b.fpk")
+    _one_line_error(r, 3, "builder.pub")
+
+
+def test_output_not_writable(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
+    r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.key", tmp_path / "missing-dir" / "b.fpk")
+    _one_line_error(r, 2, "missing-dir")
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.key", ro / "b.fpk")
+        _one_line_error(r, 2, str(ro))
+
+
+def test_hub_id_offline(tmp_path: Path, keypair: Path) -> None:
+    r = run_cli("build", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--docs", str(DEMO_DOCS), "--name", "t",
+                "--sign", str(keypair / "builder.key"), "-o", str(tmp_path / "b.fpk"),
+                env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+    _one_line_error(r, 2, "Qwen/Qwen2.5-0.5B-Instruct", "local")
