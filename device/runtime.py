@@ -172,7 +172,7 @@ class Runtime:
 
     def answer(self, question: str, *, on_token: Callable[[str], None] | None = None,
                cancel: threading.Event | None = None, history: Sequence[Turn] = (),
-               k: int | None = None, max_tokens: int | None = None) -> Answer:
+               k: int | None = None, max_tokens: int | None = None, extra_stop: Sequence[str] = ()) -> Answer:
         """Answer ``question`` from the bundle's documents, streaming text pieces to ``on_token``.
 
         Args:
@@ -182,6 +182,7 @@ class Runtime:
             history: earlier turns to keep if the budget allows (oldest dropped first).
             k: number of chunks to retrieve (default: manifest ``runtime.top_k_chunks``).
             max_tokens: answer length cap (default: manifest ``runtime.max_tokens``).
+            extra_stop: stop strings in addition to the manifest's (EOS/EOT tokens always stop).
 
         Raises:
             EmptyQuestionError: the question is empty or whitespace.
@@ -220,7 +221,7 @@ class Runtime:
                               timings=Timings(retrieval_ms=retrieval_ms, total_ms=retrieval_ms),
                               bundle=self.bundle_label, finish_reason="abstained",
                               extra={"reason": "no source fits the context"})
-            text, finish, gen = self._generate(built.tokens, max_tokens, on_token, cancel)
+            text, finish, gen = self._generate(built.tokens, max_tokens, on_token, cancel, extra_stop)
             total_ms = (time.perf_counter() - t0) * 1e3
             timings = Timings(retrieval_ms=retrieval_ms, prompt_tokens=len(built.tokens),
                               prompt_eval_ms=gen["prompt_eval_ms"],
@@ -231,7 +232,7 @@ class Runtime:
                           bundle=self.bundle_label, finish_reason=finish)
 
     def _generate(self, tokens: list[int], max_tokens: int, on_token: Callable[[str], None] | None,
-                  cancel: threading.Event | None) -> tuple[str, str, dict[str, float]]:
+                  cancel: threading.Event | None, extra_stop: Sequence[str] = ()) -> tuple[str, str, dict[str, float]]:
         """Greedy streaming generation. Returns (text, finish_reason, figures in ms / tokens)."""
         import llama_cpp
 
@@ -243,7 +244,7 @@ class Runtime:
         finish = "stop"
         n_chunks = 0
         stream = llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0,
-                                       min_p=0.0, repeat_penalty=1.0, stop=list(self.manifest.runtime.stop),
+                                       min_p=0.0, repeat_penalty=1.0, stop=[*self.manifest.runtime.stop, *extra_stop],
                                        stream=True)
         try:
             for chunk in stream:

@@ -82,6 +82,28 @@ def test_streamed_equals_non_streamed(device_dir: Path) -> None:
             assert plain["choices"][0]["text"] == ans.text
 
 
+def test_stop_string_split_across_tokens(device_dir: Path) -> None:
+    """A stop string that spans a token boundary ends the streamed answer exactly where the non-streamed one
+    ends, and never leaks a prefix of itself into the stream."""
+    from device.runtime import Runtime
+    from device.slots import open_data_dir
+
+    with Runtime(open_data_dir(device_dir).active_slot_path()) as rt:
+        full = rt.answer(QUESTION)
+        toks = rt.llama.tokenize(full.text.encode(), add_bos=False, special=False)
+        assert len(toks) >= 6, full.text
+        # a stop string made of the tail of token 3 and the head of token 4 (or whole tokens if 1 char long)
+        t3 = rt.llama.detokenize([toks[3]]).decode(errors="ignore")
+        t4 = rt.llama.detokenize([toks[4]]).decode(errors="ignore")
+        stop = (t3[-2:] + t4[:2]).strip() or (t3 + t4)
+        assume_at = full.text.find(stop)
+        assert assume_at > 0
+        pieces: list[str] = []
+        ans = rt.answer(QUESTION, on_token=pieces.append, extra_stop=[stop])
+        assert "".join(pieces) == ans.text == full.text[:assume_at]
+        assert stop not in ans.text
+
+
 def test_upgrade_status_and_rollback(device_dir: Path, bundle_v2: Path) -> None:
     r = run_cli("install", str(bundle_v2), "--data-dir", str(device_dir))
     assert r.returncode == 0, r.stderr
