@@ -77,8 +77,9 @@ def prune_checkpoint(model_dir: Path, opts: CompressionOptions, calib_texts: lis
 
     Returns:
         ``(pruned_dir, conversion, detail, resolved)``: the checkpoint folder, its ConversionResult, flat
-        figures for the report (achieved sparsity, dropped blocks, widths, calibration tokens, device, parity
-        top-1) and the options with defaults resolved (for the recipe).
+        figures for the report (``removed``: what was pruned in words, achieved sparsity, dropped blocks,
+        widths, calibration tokens, device, parity top-1) and the options with defaults resolved (for the
+        recipe).
 
     Raises:
         CompressionConfigError: an architecture we cannot prune, bad widths, a calibration set too small.
@@ -114,16 +115,20 @@ def prune_checkpoint(model_dir: Path, opts: CompressionOptions, calib_texts: lis
     if opts.prune in ("magnitude", "wanda", "sparsegpt"):
         rep: Any = prune_with_masks(model, opts.prune, sparsity=opts.sparsity, pattern=opts.pattern,
                                     input_ids=calib.input_ids if calib is not None else None, device=device)
+        what = f"{opts.pattern[0]}:{opts.pattern[1]}" if opts.pattern else f"{opts.sparsity:.0%}"
         detail: dict[str, Any] = {"achieved_sparsity": round(rep.achieved_sparsity, 6), "matrices": rep.matrices}
     elif opts.prune == "depth":
         n_drop = resolve_drop_layers(opts, shape)
         rep = prune_depth(model, n_drop, calib.input_ids, device=device)
         resolved["drop_layers"] = n_drop
+        what = f"-{n_drop} of {shape.n_layer} blocks"
         detail = {"dropped_blocks": ",".join(map(str, rep.dropped_blocks)),
                   "block_influence": ",".join(f"{b:.4f}" for b in rep.block_influence)}
     else:
         width = resolve_ffn_width(opts.ffn_keep, shape.intermediate)
         rep = prune_width(model, width, calib.input_ids, kv_heads_keep=opts.kv_heads_keep, device=device)
+        what = f"ffn {rep.ffn_before}->{rep.ffn_after}" + (
+            f", kv heads {rep.kv_heads_before}->{rep.kv_heads_after}" if rep.kv_heads_after != rep.kv_heads_before else "")
         detail = {"ffn": f"{rep.ffn_before}->{rep.ffn_after}",
                   "kv_heads": f"{rep.kv_heads_before}->{rep.kv_heads_after}"}
     calib_tokens = calib.n_tokens if calib is not None else 0
@@ -133,7 +138,7 @@ def prune_checkpoint(model_dir: Path, opts: CompressionOptions, calib_texts: lis
     del model
     conv = convert_hf_to_gguf(pruned_dir, Path(work_dir) / f"model-{opts.prune}-{outtype}.gguf", outtype=outtype)
     parity = check_parity(pruned_dir, conv.path)
-    detail.update(calib_tokens=calib_tokens, device=device, parity_top1=parity.top1_agreement)
+    detail.update(removed=what, calib_tokens=calib_tokens, device=device, parity_top1=parity.top1_agreement)
     return pruned_dir, conv, detail, resolved
 
 
@@ -168,7 +173,7 @@ def apply_compression(cfg: Any, model_dir: Path, f16: Any, calib_texts: list[str
     _, conv, detail, resolved = prune_checkpoint(model_dir, opts, calib_texts, work_dir,
                                                  seed=int(getattr(cfg, "seed", 0)),
                                                  outtype=getattr(cfg, "parity_outtype", "f16"))
-    rows = quality_rows(Path(f16.path), [("pruned", opts.prune, opts.label.split(" ", 1)[-1], conv.path)],
+    rows = quality_rows(Path(f16.path), [("pruned", opts.prune, detail.pop("removed"), conv.path)],
                         held_out_texts, n_ctx=min(256, int(getattr(f16, "n_ctx_train", 256) or 256)))
     out = [r.to_dict() for r in rows]
     out[-1].update(detail)

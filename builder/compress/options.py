@@ -35,6 +35,10 @@ PRUNE_METHODS = MASK_METHODS + STRUCTURED_METHODS
 #: Hugging Face architectures whose decoder blocks we know how to prune (Llama layout: q/k/v/o + gate/up/down).
 PRUNABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
+#: Architectures whose llama.cpp graph accepts ``n_head * head_dim != hidden_size`` (llama.cpp's qwen2 loader
+#: requires a square ``attn_q``), so whole GQA groups can be removed.
+HEAD_PRUNABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
 #: K-quants pack 256 values per block along a row; an MLP width that is a multiple of it keeps Q4_K/Q6_K usable.
 K_QUANT_BLOCK = 256
 #: Q4_0/Q8_0 pack 32; the width rounding falls back to it when the source width is not a multiple of 256.
@@ -293,6 +297,13 @@ def check_against_model(opts: CompressionOptions, shape: ModelShape) -> None:
                 hint=f"drop at most {shape.n_layer - 1}")
     if opts.prune == "width":
         resolve_ffn_width(opts.ffn_keep or DEFAULT_FFN_KEEP, shape.intermediate)
+        if (opts.kv_heads_keep is not None and opts.kv_heads_keep < shape.n_head_kv
+                and shape.architecture not in HEAD_PRUNABLE_ARCHITECTURES):
+            raise CompressionConfigError(
+                f"cannot remove attention heads of {shape.architecture}: llama.cpp's graph for it needs "
+                "n_head * head_dim == hidden_size",
+                hint=f"drop kv_heads_keep (MLP width pruning still works); head pruning supports "
+                     f"{', '.join(HEAD_PRUNABLE_ARCHITECTURES)}")
         if opts.kv_heads_keep is not None and opts.kv_heads_keep > shape.n_head_kv:
             raise CompressionConfigError(
                 f"kv_heads_keep={opts.kv_heads_keep} exceeds the model's {shape.n_head_kv} KV heads",

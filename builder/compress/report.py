@@ -171,14 +171,14 @@ def quality_rows(ref_gguf: Path, variants: list[tuple[str, str, str, Path]], hel
 
     ref_gguf = Path(ref_gguf)
     n_ctx = fit_eval_ctx(ref_gguf, held_out, n_ctx)
-    ref_speed = measure_speed(ref_gguf, threads=threads) if measure else None
+    ref_speed = measure_speed(ref_gguf, threads=threads, repeats=3) if measure else None
     ref_bytes = ref_gguf.stat().st_size
     rows: list[QualityRow] = []
     ref_ppl: float | None = None
     for stage, method, sparsity, path in variants:
         figs = perplexity_kld(ref_gguf, path, held_out, n_ctx=n_ctx)
         ref_ppl = figs.ppl_ref
-        sp = measure_speed(path, threads=threads) if measure else None
+        sp = measure_speed(path, threads=threads, repeats=3) if measure else None
         size = Path(path).stat().st_size
         rows.append(QualityRow(
             stage=stage, method=method, sparsity=sparsity, params=gguf_params(path), gguf_bytes=size,

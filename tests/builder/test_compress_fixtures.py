@@ -26,7 +26,7 @@ PG_HTML = Path("/usr/share/doc/postgresql-doc-15/html")
 PG_PAGES = ("backup", "wal", "routine", "continuous-archiving", "warm-standby", "hot-standby", "high-availability",
             "maintenance")
 FIXTURE_VERSION = "compress-fixtures-v1"
-PG_STEPS = 400
+PG_STEPS = 1200
 CHUNK_CHARS = 800
 
 

@@ -77,6 +77,10 @@ def test_unprunable_architecture_is_named(tmp_path: Path) -> None:
     with pytest.raises(CompressionConfigError, match="cannot prune architecture GPT2LMHeadModel"):
         validate_compression({"prune": "wanda"}, model_dir=d)
     validate_compression({"imatrix": "domain"}, model_dir=d)  # quantization-only options do not need pruning
+    q = _config_dir(tmp_path, architectures=["Qwen2ForCausalLM"])
+    with pytest.raises(CompressionConfigError, match="cannot remove attention heads of Qwen2ForCausalLM"):
+        validate_compression({"prune": "width", "ffn_keep": 0.5, "kv_heads_keep": 1}, model_dir=q)
+    validate_compression({"prune": "width", "ffn_keep": 0.5}, model_dir=q)
 
 
 def test_ffn_width_rounds_to_k_quant_blocks() -> None:

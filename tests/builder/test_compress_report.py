@@ -1,0 +1,127 @@
+"""The quality report, apply_compression as the pipeline calls it, and ``fieldpack plan``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from builder.compress.plan import Candidate, Plan, choose, pareto_front, parse_size
+from builder.compress.report import SPARSITY_NOTE, QualityRow, format_table, measure_speed
+from shared.errors import UsageError
+
+
+def test_parse_size() -> None:
+    assert parse_size("4GiB") == 4 * 2**30
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("4G") == 4 * 2**30
+    assert parse_size("8GB") == 8 * 10**9
+    assert parse_size("1.5 GiB") == int(1.5 * 2**30)
+    assert parse_size("123456") == 123456
+    for bad in ("four gigs", "4XB", "0GiB", "", "GiB"):
+        with pytest.raises(UsageError):
+            parse_size(bad)
+
+
+def test_pareto_front_and_choice() -> None:
+    pts = [(10, 0.0), (6, 0.01), (7, 0.02), (4, 0.05), (4, 0.08), (3, 0.5)]
+    assert pareto_front(pts) == [True, True, False, True, False, True]
+
+    def cand(size: int, kld: float, ram: bool, fast: bool) -> Candidate:
+        return Candidate(prune="none", quant="Q4_K_M", imatrix=False, gguf_bytes=size, params=1, n_layer=1,
+                         kv_cache_bytes=0, memory_bytes=size, ppl=1.0, delta_ppl=0.0, kld_mean=kld,
+                         top1_agreement=1.0, decode_tps=1.0, prompt_tps=1.0, fits_ram=ram, fast_enough=fast)
+
+    cands = [cand(10, 0.0, False, True), cand(6, 0.01, True, False), cand(4, 0.05, True, True), cand(3, 0.05, True, True)]
+    assert choose(cands) == 3  # best KLD that fits both limits; tie broken by the smaller file
+    assert choose([cands[0], cands[1]]) is None
+    plan = Plan(candidates=cands, chosen=3, device_ram_bytes=1, min_tokens_per_s=1, n_ctx=1, threads=1, png=None,
+                prune_options={"none": {}})
+    assert plan.build_flags() == "--quant Q4_K_M"
+
+
+def test_table_states_that_sparsity_is_stored_densely() -> None:
+    row = QualityRow(stage="pruned", method="wanda", sparsity="50%", params=10, gguf_bytes=20, ppl=3.0,
+                     delta_ppl=0.5, kld_mean=0.1, top1_agreement=0.9, decode_tps=None, prompt_tps=None)
+    text = format_table([row], title="t")
+    assert "| pruned | wanda | 50% | 10 | 20 |" in text
+    assert SPARSITY_NOTE in text and "neither smaller nor faster in llama.cpp" in SPARSITY_NOTE
+
+
+def test_measure_speed_generates_through_llama_cpp(converted) -> None:
+    sp = measure_speed(converted("llama", "f16").path, n_prompt=32, n_decode=8, threads=1, repeats=1)
+    assert sp.n_prompt == 32 and sp.n_decode == 8
+    assert sp.prompt_tps > 0 and sp.decode_tps > 0
+
+
+def tensor_bytes(path: Path) -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+
+@pytest.mark.slow
+def test_apply_compression_reports_and_sparse_gguf_is_not_smaller(tiny_llama_dir, converted, demo_corpus,
+                                                                  tmp_path) -> None:
+    from builder.compress import apply_compression
+
+    f16 = converted("llama", "f16")
+    calib, held = demo_corpus[1:], demo_corpus[:1]
+    sizes, paths = {}, {}
+    for comp in ({"prune": "wanda", "pattern": "2:4"}, {"prune": "depth"}):
+        cfg = SimpleNamespace(compression=dict(comp), seed=0, parity_outtype="f16")
+        path, rows = apply_compression(cfg, tiny_llama_dir, f16, calib, held, tmp_path / comp["prune"])
+        sizes[comp["prune"]], paths[comp["prune"]] = path.stat().st_size, path
+        assert [r["stage"] for r in rows] == ["dense", "pruned"]
+        dense, pruned = rows
+        assert dense["gguf_bytes"] == f16.size_bytes and dense["kld_mean"] == 0.0
+        assert pruned["gguf_bytes"] == path.stat().st_size and pruned["kld_mean"] > 0
+        assert pruned["ppl"] > 0 and pruned["decode_tps"] > 0 and pruned["prompt_tps"] > 0
+        assert all(isinstance(v, (str, int, float, type(None))) for v in pruned.values())  # flat, manifest-ready
+        if comp["prune"] == "wanda":
+            assert pruned["achieved_sparsity"] == 0.5 and pruned["note"] == "sparse weights stored densely"
+            assert pruned["sparsity"] == "2:4"
+        else:
+            assert pruned["sparsity"] == "-1 of 2 blocks" and pruned["dropped_blocks"] in ("0", "1")
+            assert cfg.compression["drop_layers"] == 1  # resolved default recorded for the recipe
+    # 2:4 zeros cost the same tensor bytes in GGUF (the files differ only in metadata such as general.name)
+    assert tensor_bytes(paths["wanda"]) == tensor_bytes(f16.path)
+    assert abs(sizes["wanda"] - f16.size_bytes) < 1024
+    assert tensor_bytes(paths["depth"]) < 0.7 * tensor_bytes(f16.path)
+
+
+@pytest.mark.slow
+def test_plan_command_writes_a_png_and_proposes_what_fits(tiny_llama_dir, tmp_path, capsys) -> None:
+    from fieldpack.cli import main
+
+    out = tmp_path / "plan.png"
+    argv = ["plan", "--model", str(tiny_llama_dir), "--docs", str(Path(__file__).resolve().parents[2] / "demo" / "docs"),
+            "--device-ram", "4GiB", "--min-tokens-per-s", "1", "--threads", "2", "--n-ctx", "512",
+            "--quants", "F16,Q8_0,Q4_K_M", "--prunes", "none,depth", "--out", str(out), "--json"]
+    with pytest.raises(SystemExit) as ex:
+        main(argv)
+    assert ex.value.code == 0
+    import json
+
+    plan = json.loads(capsys.readouterr().out)
+    labels = [c["label"] for c in plan["candidates"]]
+    assert labels == ["none/F16", "none/Q8_0", "none/Q4_K_M", "none/Q4_K_M+imatrix",
+                      "depth/F16", "depth/Q8_0", "depth/Q4_K_M", "depth/Q4_K_M+imatrix"]
+    c = plan["candidates"]
+    assert c[0]["kld_mean"] == pytest.approx(0.0, abs=1e-9) and c[0]["pareto"]
+    assert c[4]["gguf_bytes"] < c[0]["gguf_bytes"] and c[4]["n_layer"] == 1
+    chosen = c[plan["chosen"]]
+    assert chosen["fits_ram"] and chosen["fast_enough"] and chosen["label"] == "none/F16"  # 4 GiB fits the best
+    assert plan["build_flags"] == "--quant F16"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a device too small for any candidate: no proposal, and the text says what to change
+    from builder.compress.plan import Plan, format_plan
+
+    cands = [Candidate(**{k: v for k, v in d.items() if k != "label"}) for d in c]
+    for x in cands:
+        x.fits_ram = False
+    text = format_plan(Plan(candidates=cands, chosen=choose(cands), device_ram_bytes=64 * 2**20,
+                            min_tokens_per_s=1, n_ctx=512, threads=2, png=None))
+    assert "no candidate fits" in text and "raise --device-ram" in text
