@@ -5,6 +5,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
