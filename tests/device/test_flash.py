@@ -229,3 +229,14 @@ def test_over_ssh_real_cli_real_bundle(bundle: Path, keys: Keys, env: dict[str, 
               "--remote-tmp", str(tmp_path / "remote-tmp"), env=env)
     assert r.returncode == 0, r.stderr
     assert open_data_dir(dd.root).state().slots["a"].label == label_of(bundle)
+
+
+@pytest.mark.slow
+def test_over_ssh_with_a_real_built_bundle(bundle_v1: Path, e2e_keys: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """The technician's path end to end: real bundle from the builder, real `fieldpack install` (which loads
+    the model and runs the smoke question) on the 'device' behind the fake ssh."""
+    dd = init_data_dir(tmp_path / "device", [e2e_keys / "builder.pub"])
+    r = flash(str(bundle_v1), "--to", f"pi-07:{dd.root}", "--trust", str(e2e_keys / "builder.pub"),
+              "--remote-tmp", str(tmp_path / "remote-tmp"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert open_data_dir(dd.root).state().slots["a"].label == "riverside@1.0.0"
