@@ -26,6 +26,10 @@ SYSTEM_PROMPT = (
 #: Sentence returned, without generation, when retrieval finds nothing relevant enough.
 ABSTAIN_TEXT = "I cannot answer that from the installed documents: no passage is relevant enough to the question."
 
+#: Returned when relevant passages exist but not even a trimmed one fits the context beside the question.
+NO_ROOM_TEXT = ("I cannot answer that within this model's context: the relevant passages do not fit beside the "
+                "question. Ask a shorter question, or use a larger n_ctx or a smaller max_tokens.")
+
 #: Largest share of a chunk's characters put into the prompt; chunks are already small (embedder-token sized).
 _MAX_SOURCE_CHARS = 2000
 #: A source trimmed below this many words is dropped instead (too little left to ground an answer).

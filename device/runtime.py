@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from device.prompt import ABSTAIN_TEXT, Turn, fit_prompt
+from device.prompt import ABSTAIN_TEXT, NO_ROOM_TEXT, Turn, fit_prompt
 from device.types import Answer, Hit, Timings
 from shared import bundle_format as fmt
 from shared.errors import EmptyQuestionError, RuntimeLoadError, SlotCheckError
@@ -216,8 +216,8 @@ class Runtime:
                                budget_tokens=self.n_ctx - max_tokens)
             if not built.hits:  # not even a trimmed source fits beside the question: do not answer ungrounded
                 if on_token:
-                    on_token(ABSTAIN_TEXT)
-                return Answer(question=q, text=ABSTAIN_TEXT, sources=[], abstained=True,
+                    on_token(NO_ROOM_TEXT)
+                return Answer(question=q, text=NO_ROOM_TEXT, sources=[], abstained=True,
                               timings=Timings(retrieval_ms=retrieval_ms, total_ms=retrieval_ms),
                               bundle=self.bundle_label, finish_reason="abstained",
                               extra={"reason": "no source fits the context"})
