@@ -64,7 +64,6 @@ def build(
 ) -> None:
     """Build a signed bundle from a checkpoint and a folder of documents."""
     from builder.config import BuildConfig
-    from builder.pipeline import build_bundle
 
     compression: dict[str, Any] = {k: v for k, v in dict(prune=prune, sparsity=sparsity, pattern=pattern,
                                    drop_layers=drop_layers, ffn_keep=ffn_keep, imatrix=imatrix,
@@ -90,13 +89,7 @@ def build(
         from builder.compress import validate_compression
 
         validate_compression(cfg.compression)
-    hook, status = _stage_printer()
-    try:
-        result = build_bundle(cfg, on_stage=hook)
-    finally:
-        if status["s"]:
-            status["s"].stop()
-    _print_ingest_report(result.ingest_report)
+    result = _build_with_progress(cfg)
     m = result.manifest
     size = result.bundle.stat().st_size
     typer.echo(f"wrote {result.bundle} ({size / 2**20:.1f} MiB): {m.label}, {m.model.architecture} "
@@ -104,6 +97,20 @@ def build(
     typer.echo("stage seconds: " + ", ".join(f"{s.name} {s.seconds:.1f}" for s in result.stages))
     if json_out:
         typer.echo(m.to_bytes().decode())
+
+
+def _build_with_progress(cfg: Any) -> Any:
+    """Run :func:`builder.pipeline.build_bundle` with a rich status per stage; print the ingest report."""
+    from builder.pipeline import build_bundle
+
+    hook, status = _stage_printer()
+    try:
+        result = build_bundle(cfg, on_stage=hook)
+    finally:
+        if status["s"]:
+            status["s"].stop()
+    _print_ingest_report(result.ingest_report)
+    return result
 
 
 def _print_ingest_report(report: list[dict[str, Any]]) -> None:
@@ -169,7 +176,6 @@ def demo(
 ) -> None:
     """The main job end to end on the embedded demo: build a tiny model and a bundle, install it, ask."""
     from builder.config import BuildConfig
-    from builder.pipeline import build_bundle
     from builder.tinymodel import load_corpus, make_tiny_model
     from device.install import install_bundle
     from device.runtime import Runtime, check_slot
@@ -192,13 +198,7 @@ def demo(
     cfg = BuildConfig.validated(dict(model=str(model_dir), docs=docs, name="riverside-ops", version="1.0.0",
                                      quant=quant, sign=keys / "builder.key", output=bundle, n_ctx=1024,
                                      max_tokens=128))
-    hook, status = _stage_printer()
-    try:
-        result = build_bundle(cfg, on_stage=hook)
-    finally:
-        if status["s"]:
-            status["s"].stop()
-    _print_ingest_report(result.ingest_report)
+    result = _build_with_progress(cfg)
     typer.echo(f"built {bundle} ({bundle.stat().st_size / 2**20:.1f} MiB)")
     data_dir = out / "device"
     if not (data_dir / "state.json").exists():
