@@ -121,12 +121,14 @@ class _Collector:
     """The eval callback: sums of squared activations per weight, per input column."""
 
     def __init__(self) -> None:
+        import llama_cpp
+
         self.lib = _ggml_base()
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, float] = {}
         self.checked = False
         self.error: BaseException | None = None
-        self.callback = __import__("llama_cpp").ggml_backend_sched_eval_callback(self._cb)
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)  # kept alive with the collector
 
     def _check_layout(self, addr: int, t: _GGMLTensor) -> None:
         lib = self.lib

@@ -216,7 +216,10 @@ def prune_width(model: Any, ffn_width: int, input_ids: Any, *, kv_heads_keep: in
         model: Llama-layout causal LM on CPU.
         ffn_width: MLP channels kept per block (already rounded, see :func:`options.resolve_ffn_width`).
         input_ids: ``(n_windows, seq_len)`` calibration windows.
-        kv_heads_keep: KV heads kept per block; ``None`` keeps attention as is.
+        kv_heads_keep: KV heads kept per block; ``None`` keeps attention as is. Only for architectures whose
+            llama.cpp graph allows ``n_head * head_dim != hidden_size`` (Llama, Mistral; not Qwen2), which
+            :func:`options.check_against_model` enforces. An ``o_proj`` narrower than 256 loses K-quants
+            (llama.cpp falls back to another type for it).
 
     Raises:
         CompressionConfigError: a width that would empty the MLP or attention, or prune nothing.

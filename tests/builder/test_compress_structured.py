@@ -3,7 +3,6 @@ GGUF is smaller, passes the parity gate, loads in llama.cpp and generates."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
