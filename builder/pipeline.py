@@ -318,6 +318,8 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
             from builder.compress import apply_compression  # issue "Compression"
 
             dense, stages_quality = apply_compression(cfg, model_dir, f16, calib, held_out, work)
+    # the manifest describes the model that ships: after depth/width pruning, read its shape from the GGUF
+    shipped = shipped_model_facts(f16, dense) if dense != f16.path else f16
 
     qtype = cfg.quant.upper()
     with stage(f"quantize {qtype}"):
@@ -345,8 +347,8 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
 
         emb_bytes = hash_file(emb.onnx_path)[0]
         mem = dict(weights_bytes=quant.size_bytes,
-                   kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=f16.n_layer, n_head=f16.n_head,
-                                                 n_head_kv=f16.n_head_kv, n_embd=f16.n_embd),
+                   kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head=shipped.n_head,
+                                                 n_head_kv=shipped.n_head_kv, n_embd=shipped.n_embd),
                    embedder_bytes=2 * emb_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
         mem["total_bytes"] = sum(mem.values())
         manifest = Manifest(
@@ -357,9 +359,10 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
             created_at=datetime.now(timezone.utc).replace(microsecond=0),
             members=describe_members(files),
             model=ModelInfo(
-                architecture=f16.architecture, parameter_count=f16.parameter_count, file_type=qtype,
-                tensor_types=quant.tensor_types, n_ctx_train=f16.n_ctx_train, n_embd=f16.n_embd,
-                n_layer=f16.n_layer, n_head=f16.n_head, n_head_kv=f16.n_head_kv, vocab_size=f16.vocab_size,
+                architecture=shipped.architecture, parameter_count=shipped.parameter_count, file_type=qtype,
+                tensor_types=quant.tensor_types, n_ctx_train=shipped.n_ctx_train, n_embd=shipped.n_embd,
+                n_layer=shipped.n_layer, n_head=shipped.n_head, n_head_kv=shipped.n_head_kv,
+                vocab_size=shipped.vocab_size,
                 chat_template_present=bool(f16.chat_template), bos_id=f16.bos_id, eos_id=f16.eos_id,
                 eot_id=f16.eot_id, tokenizer_model=f16.tokenizer_model, tokenizer_pre=f16.tokenizer_pre,
                 source=Path(cfg.model).name or cfg.model),
@@ -390,6 +393,27 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
         )
         write_bundle(cfg.output, manifest, files, cfg.sign)
     return BuildResult(bundle=cfg.output, manifest=manifest, ingest_report=[report_to_dict(r) for r in ing.report])
+
+
+def shipped_model_facts(f16: Any, gguf_path: Path) -> Any:
+    """``f16`` (a ConversionResult) with the shape fields re-read from a pruned GGUF: block count, widths, head
+    counts and parameter count (sum of tensor elements). Raises BuildError if the file lacks the keys."""
+    import dataclasses
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    arch = f16.architecture
+
+    def field(key: str) -> int:
+        f = reader.fields.get(f"{arch}.{key}")
+        if f is None:
+            raise BuildError(f"pruned model {gguf_path} has no {arch}.{key}", hint="report this as a bug")
+        return int(f.parts[f.data[0]][0])
+
+    return dataclasses.replace(
+        f16, n_layer=field("block_count"), n_embd=field("embedding_length"), n_head=field("attention.head_count"),
+        n_head_kv=field("attention.head_count_kv"), parameter_count=int(sum(int(t.n_elements) for t in reader.tensors)))
 
 
 def _model_token_counter(model_dir: Path) -> Callable[[str], int]:

@@ -88,7 +88,8 @@ def build(
     if cfg.compression:
         from builder.compress import validate_compression
 
-        validate_compression(cfg.compression)
+        local = Path(cfg.model)
+        validate_compression(cfg.compression, model_dir=local if local.is_dir() else None)
     result = _build_with_progress(cfg)
     m = result.manifest
     size = result.bundle.stat().st_size

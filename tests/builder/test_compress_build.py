@@ -38,6 +38,8 @@ def test_build_with_compression_records_and_replays_its_recipe(tiny_llama_dir: P
     dense, pruned = m1.quality.stages
     assert dense["stage"] == "dense" and pruned["stage"] == "pruned" and pruned["sparsity"] == "-1 of 2 blocks"
     assert pruned["gguf_bytes"] < dense["gguf_bytes"]
+    assert m1.model.n_layer == 1  # the manifest describes the model that ships, not the unpruned one
+    assert m1.model.parameter_count < 1_705_216
 
     recipe = tmp_path / "recipe.toml"
     recipe.write_bytes(tomli_w.dumps(m1.recipe).encode())
