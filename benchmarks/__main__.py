@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,18 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("benchmarks").setLevel(logging.INFO)
     a.out.mkdir(parents=True, exist_ok=True)
     failed = []
-    for fam in (FAMILIES if a.family == "all" else (a.family,)):
+    if a.family == "all":
+        # one fresh process per family: torch, ONNX Runtime and llama.cpp thread pools (two OpenMP users in
+        # one process) and allocator state from one family must not skew the next one's figures
+        for fam in FAMILIES:
+            t0 = time.perf_counter()
+            log.info("benchmark %s ...", fam)
+            cmd = [sys.executable, "-m", "benchmarks", fam, "--out", str(a.out)] + (["--quick"] if a.quick else [])
+            rc = subprocess.run(cmd + (["-v"] if a.verbose else [])).returncode
+            if rc != 0:  # one family failing must not lose the others' results
+                log.error("benchmark %s failed (exit %d)", fam, rc)
+                failed.append(fam)
+                continue
+            log.info("benchmark %s done in %.0f s", fam, time.perf_counter() - t0)
+    else:
         t0 = time.perf_counter()
-        log.info("benchmark %s ...", fam)
-        try:
-            importlib.import_module(f"benchmarks.{fam}").run(a.out, quick=a.quick)
-        except Exception:  # one family failing must not lose the others' results
-            if a.family != "all":
-                raise
-            log.exception("benchmark %s failed", fam)
-            failed.append(fam)
-            continue
-        log.info("benchmark %s done in %.0f s", fam, time.perf_counter() - t0)
+        importlib.import_module(f"benchmarks.{a.family}").run(a.out, quick=a.quick)
+        log.info("benchmark %s done in %.0f s", a.family, time.perf_counter() - t0)
     summary = write_summary(a.out)
     print(f"wrote {summary}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

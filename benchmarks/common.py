@@ -103,10 +103,13 @@ def machine_info() -> dict[str, Any]:
 
 
 def bench_threads() -> int:
-    """Threads every system gets in a benchmark: the physical cores (llama.cpp's own default)."""
+    """Threads every system gets in a benchmark: ``$FIELDPACK_BENCH_THREADS`` if set, else the physical cores
+    (llama.cpp's own default). On a machine shared with other work, 1 avoids llama.cpp's OpenMP barriers
+    spinning against foreign processes (decode steps then stall for seconds)."""
     from device.runtime import physical_cores
 
-    return physical_cores()
+    env = os.environ.get("FIELDPACK_BENCH_THREADS")
+    return int(env) if env else physical_cores()
 
 
 def rss_bytes() -> int:

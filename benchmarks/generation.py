@@ -6,10 +6,12 @@ never chosen so every generation runs to ``max_tokens``) built into a Q4_K_M bun
 
 * Same prompt: for each question, the raw baseline gets the exact token list ``Runtime.answer`` built
   (:func:`device.prompt.fit_prompt` over the hits it retrieved), and the same sampling (greedy) and stop strings.
-  Both stream; each runs on its own ``llama_cpp.Llama`` of the same file, n_ctx, n_batch and threads; calls
-  alternate (ours, raw) per question so both see the same machine load.
-* Decode tokens/s, wall clock: ``(tokens - 1) / (t_last_piece - t_first_piece)``; also llama.cpp's own perf
-  counters (``n_eval / t_eval``). Each question is run ``repeats`` times; the ratio
+  Both stream; each runs on its own ``llama_cpp.Llama`` of the same file, n_ctx, n_batch and threads, ours in
+  this process, then the baseline in a child process (:func:`raw_worker`) over the same prompt list, then ours
+  again (medians over both passes of ours, so a drift of the machine's load hits both sides alike).
+* Decode tokens/s, wall clock: ``tokens / (generation wall time - llama.cpp prompt-eval time)``, where ours'
+  generation wall time is ``Answer.timings.total_ms - retrieval_ms`` (so prompt building counts against us) and
+  the raw one is the streamed call's; also llama.cpp's own perf counters (``n_eval / t_eval``). Each question is run ``repeats`` times; the ratio
   ours/raw is the ratio of the medians over all runs (target >= 0.97).
 * Bandwidth bound: bytes of weights read per generated token (every tensor of the GGUF except the token
   embedding table, of which one row is read) over a measured memory copy bandwidth (numpy, 256 MiB, bytes
@@ -67,9 +69,45 @@ def _stream(call: Any) -> tuple[float, float, float, list[str]]:
     return t0, t_first or t_end, t_end, pieces
 
 
-def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
-    """Run the generation benchmark; writes ``generation.json`` and ``generation.png`` into ``out``."""
+def raw_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The baseline, run in its own process: plain ``llama_cpp.Llama`` + streamed ``create_completion`` of each
+    prompt (token ids) in ``spec["prompts"]``, greedy, same stop strings. Per prompt: tokens, wall times (s),
+    llama.cpp perf counters (ms)."""
     import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=spec["gguf"], n_ctx=spec["n_ctx"], n_threads=spec["threads"],
+                          n_threads_batch=spec["threads"], n_batch=min(512, spec["n_ctx"]), verbose=False, seed=0)
+    out = []
+    try:
+        llm.create_completion("warm up", max_tokens=8)
+        for tokens in spec["prompts"]:
+            llama_cpp.llama_perf_context_reset(llm.ctx)
+
+            def call(tokens: list[int] = tokens) -> Any:
+                for chunk in llm.create_completion(tokens, max_tokens=spec["max_tokens"], temperature=0.0, top_k=1,
+                                                   top_p=1.0, min_p=0.0, repeat_penalty=1.0, stop=spec["stop"],
+                                                   stream=True):
+                    yield chunk["choices"][0].get("text") or ""
+
+            r0, r1, r2, _ = _stream(call)
+            perf = llama_cpp.llama_perf_context(llm.ctx)
+            out.append({"tokens": int(perf.n_eval), "wall_s": r2 - r0, "first_piece_s": r1 - r0,
+                        "prompt_eval_ms": float(perf.t_p_eval_ms), "eval_ms": float(perf.t_eval_ms)})
+    finally:
+        llm.close()
+    return out
+
+
+def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
+    """Run the generation benchmark; writes ``generation.json`` and ``generation.png`` into ``out``.
+
+    Ours runs in this process, the raw baseline in a child process afterwards on the very same prompt tokens
+    (two llama.cpp contexts in one process share one OpenMP pool and stalled each other on this machine).
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
 
     from device.prompt import fit_prompt
     from device.runtime import Runtime
@@ -80,16 +118,14 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
     max_tokens = 64 if quick else 128
     questions = QUESTIONS[:3] if quick else QUESTIONS
     repeats = 2 if quick else 3
-    rows = []
     with Runtime(slot, threads=threads) as rt:
         n_ctx = rt.n_ctx
-        raw = llama_cpp.Llama(model_path=str(slot / "model.gguf"), n_ctx=n_ctx, n_threads=threads,
-                              n_threads_batch=threads, n_batch=min(512, n_ctx), verbose=False, seed=0)
         stop = list(rt.manifest.runtime.stop)
-        try:
-            rt.answer(questions[0], max_tokens=8)  # warm-up both (page cache, thread pools)
-            raw.create_completion("warm up", max_tokens=8)
-            for q in [q for _ in range(repeats) for q in questions]:  # alternate ours/raw, repeat the set
+        rt.answer(questions[0], max_tokens=8)  # warm-up (page cache, thread pools)
+
+        def ours_pass(tag: str) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            for q in [q for _ in range(repeats) for q in questions]:
                 first: list[float] = []
 
                 def on_token(piece: str) -> None:
@@ -106,49 +142,60 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
                 tm = ans.timings
                 built = fit_prompt(ans.question, ans.sources, [], render=rt.render, tokenize=rt.tokenize_prompt,
                                    budget_tokens=n_ctx - max_tokens)
-
-                def raw_call() -> Any:
-                    llama_cpp.llama_perf_context_reset(raw.ctx)
-                    for chunk in raw.create_completion(built.tokens, max_tokens=max_tokens, temperature=0.0, top_k=1,
-                                                       top_p=1.0, min_p=0.0, repeat_penalty=1.0, stop=stop,
-                                                       stream=True):
-                        yield chunk["choices"][0].get("text") or ""
-
-                r0, r1, r2, _ = _stream(raw_call)
-                perf = llama_cpp.llama_perf_context(raw.ctx)
-                raw_tokens = int(perf.n_eval)
-                raw_perf_tps = raw_tokens / (perf.t_eval_ms / 1e3) if perf.t_eval_ms > 0 else 0.0
-                row = {
-                    "question": q, "repeat": sum(1 for r in rows if r["question"] == q),
+                out.append({
+                    "question": q, "pass": tag, "repeat": sum(1 for r in out if r["question"] == q),
+                    "prompt": list(built.tokens),
                     "prompt_tokens": tm.prompt_tokens, "same_prompt": len(built.tokens) == tm.prompt_tokens,
                     "ours": {"tokens": tm.completion_tokens,
-                             "decode_tps_wall": (tm.completion_tokens - 1) / (t2 - t1) if t2 > t1 else None,
+                             # generation wall time less llama.cpp's prompt eval: decode + sampling + streaming +
+                             # prompt building (counted against us). Not timed from the first piece: text held
+                             # back while it could still start a stop string arrives late.
+                             "decode_tps_wall": tm.completion_tokens / ((tm.total_ms - tm.retrieval_ms
+                                                                          - tm.prompt_eval_ms) / 1e3),
+                             "first_piece_to_end_s": t2 - t1,
                              "decode_tps_perf": tm.tokens_per_s, "total_ms": tm.total_ms,
                              "retrieval_ms": tm.retrieval_ms, "prompt_eval_ms": tm.prompt_eval_ms,
-                             "ttft_ms": tm.time_to_first_token_ms,
-                             "ttft_wall_ms": (t1 - t0) * 1e3,
-                             "rest_to_first_token_ms": tm.time_to_first_token_ms - tm.retrieval_ms - tm.prompt_eval_ms},
-                    "raw": {"tokens": raw_tokens,
-                            "decode_tps_wall": (raw_tokens - 1) / (r2 - r1) if r2 > r1 else None,
-                            "decode_tps_perf": raw_perf_tps, "prompt_eval_ms": float(perf.t_p_eval_ms),
-                            "ttft_wall_ms": (r1 - r0) * 1e3, "total_ms": (r2 - r0) * 1e3},
-                }
-                row["ratio_decode_wall"] = row["ours"]["decode_tps_wall"] / row["raw"]["decode_tps_wall"]
-                row["ratio_decode_perf"] = tm.tokens_per_s / raw_perf_tps if raw_perf_tps else None
-                log.info("generation %r: ours %.1f tok/s, raw %.1f tok/s", q, row["ours"]["decode_tps_wall"],
-                         row["raw"]["decode_tps_wall"])
-                rows.append(row)
-        finally:
-            raw.close()
+                             "ttft_ms": tm.time_to_first_token_ms, "ttft_wall_ms": (t1 - t0) * 1e3,
+                             "rest_to_first_token_ms": tm.time_to_first_token_ms - tm.retrieval_ms
+                             - tm.prompt_eval_ms},
+                })
+                log.info("generation %s %r: ours %.1f tok/s", tag, q, out[-1]["ours"]["decode_tps_wall"])
+            return out
+
+        # ours, then the baseline, then ours again: a drift of the machine's load hits both sides alike
+        rows = ours_pass("A")
+        prompts = [r.pop("prompt") for r in rows]
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_path = Path(tmp) / "raw.json"
+            spec_path.write_text(json.dumps({"gguf": str(slot / "model.gguf"), "n_ctx": n_ctx, "threads": threads,
+                                             "max_tokens": max_tokens, "stop": stop, "prompts": prompts}))
+            r = subprocess.run([sys.executable, "-m", "benchmarks.generation", "--raw", str(spec_path)],
+                               cwd=C.REPO, capture_output=True, text=True, timeout=3600)
+            if r.returncode != 0:
+                raise RuntimeError(f"raw llama-cpp-python baseline failed:\n{r.stderr[-3000:]}")
+            raws = json.loads(r.stdout.strip().splitlines()[-1])
+        rows_b = ours_pass("B")
+        for row in rows_b:
+            row.pop("prompt")
+    for row, raw in zip(rows, raws):
+        perf_tps = raw["tokens"] / (raw["eval_ms"] / 1e3) if raw["eval_ms"] > 0 else 0.0
+        row["raw"] = {"tokens": raw["tokens"],
+                      "decode_tps_wall": raw["tokens"] / (raw["wall_s"] - raw["prompt_eval_ms"] / 1e3),
+                      "decode_tps_perf": perf_tps, "prompt_eval_ms": raw["prompt_eval_ms"],
+                      "ttft_wall_ms": raw["first_piece_s"] * 1e3, "total_ms": raw["wall_s"] * 1e3}
+        row["ratio_decode_wall"] = row["ours"]["decode_tps_wall"] / row["raw"]["decode_tps_wall"]
+        row["ratio_decode_perf"] = row["ours"]["decode_tps_perf"] / perf_tps if perf_tps else None
     bw = C.memory_bandwidth()
     wb = weight_bytes_per_token(slot / "model.gguf")
     bound = bw["bytes_per_s"] / wb["bytes_per_token"]
 
+    rows += rows_b
+
     def med(side: str, key: str) -> float:
-        return C.median([r[side][key] for r in rows if r[side][key] is not None])
+        return C.median([r[side][key] for r in rows if side in r and r[side][key] is not None])
 
     ours_tps, raw_tps = med("ours", "decode_tps_wall"), med("raw", "decode_tps_wall")
-    first = [r for r in rows if r["repeat"] == 0]
+    first = [r for r in rows if r["repeat"] == 0 and r["pass"] == "A"]
     doc = {
         "family": FAMILY, "quick": quick, "machine": info, "threads": threads, "n_ctx": n_ctx,
         "max_tokens": max_tokens, "repeats": repeats, "model": {"gguf_bytes": (slot / "model.gguf").stat().st_size, **wb,
@@ -157,7 +204,7 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
         "summary": {
             "ours_decode_tps": ours_tps, "raw_decode_tps": raw_tps, "ratio_decode_wall": ours_tps / raw_tps,
             "ratio_decode_perf": med("ours", "decode_tps_perf") / med("raw", "decode_tps_perf"),
-            "ratio_decode_wall_per_run_p50": C.percentile([r["ratio_decode_wall"] for r in rows], 50),
+            "ratio_decode_wall_per_run_p50": C.percentile([r["ratio_decode_wall"] for r in rows if "raw" in r], 50),
             "ours_decode_tps_perf": med("ours", "decode_tps_perf"), "raw_decode_tps_perf": med("raw", "decode_tps_perf"),
             "ours_share_of_bound": ours_tps / bound, "raw_share_of_bound": raw_tps / bound,
             # first runs only: llama-cpp-python reuses the KV cache of a repeated prompt prefix
@@ -197,7 +244,8 @@ def summarize(doc: dict[str, Any]) -> list[str]:
     s, m = doc["summary"], doc["model"]
     sp = s["ttft_split_ms_p50"]
     lines = [f"## Generation ({m['quant']} bench model {m['gguf_bytes'] / 2**20:.0f} MiB, {doc['threads']} threads, "
-             f"{doc['max_tokens']} tokens per answer, {len(doc['questions'])} runs each, medians)", ""]
+             f"{doc['max_tokens']} tokens per answer; medians of {len(doc['questions'])} runs of ours, "
+             f"{sum(1 for r in doc['questions'] if 'raw' in r)} of raw)", ""]
     lines += C.md_table(["figure", "Runtime.answer", "raw llama-cpp-python", "ours / raw"], [
         ["decode tok/s (wall)", s["ours_decode_tps"], s["raw_decode_tps"], s["ratio_decode_wall"]],
         ["decode tok/s (llama.cpp perf)", s["ours_decode_tps_perf"], s["raw_decode_tps_perf"], s["ratio_decode_perf"]],
@@ -210,3 +258,17 @@ def summarize(doc: dict[str, Any]) -> list[str]:
                   f"{C.fmt(sp['rest_to_first_token_ms'])} ms (raw: {C.fmt(s['raw_ttft_wall_ms_p50'])} ms without "
                   f"retrieval).", ""]
     return lines
+
+
+def _main() -> None:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.generation")
+    p.add_argument("--raw", type=Path, required=True, help="internal: run the raw baseline from a spec file")
+    a = p.parse_args()
+    print(json.dumps(raw_worker(json.loads(a.raw.read_text()))))
+
+
+if __name__ == "__main__":
+    _main()
