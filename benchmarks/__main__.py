@@ -18,7 +18,7 @@ log = logging.getLogger("benchmarks")
 
 def write_summary(out: Path) -> Path:
     """Rewrite ``out/summary.md`` from every ``<family>.json`` present in ``out``."""
-    from shared.atomic import atomic_write_text
+    from fieldpack.shared.atomic import atomic_write_text
 
     lines = ["# fieldpack benchmarks", ""]
     machine = None

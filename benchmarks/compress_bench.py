@@ -54,12 +54,12 @@ def run(out: Path, *, quick: bool = False, threads: int = 1) -> dict[str, Any]:
     2-thread llama.cpp decode of this tiny model swings between ~4 and ~10,000 tokens/s with the other
     processes' scheduling (its threads wait for each other every matrix), which makes ratios meaningless.
     """
-    from builder.compress import prune_checkpoint, validate_compression
-    from builder.compress.imatrix import compute_imatrix_gguf
-    from builder.compress.report import SPARSITY_NOTE, fit_eval_ctx, gguf_params, measure_speed
-    from builder.convert import convert_hf_to_gguf
-    from builder.llama_eval import perplexity_kld
-    from builder.quantize import quantize_gguf
+    from fieldpack.builder.compress import prune_checkpoint, validate_compression
+    from fieldpack.builder.compress.imatrix import compute_imatrix_gguf
+    from fieldpack.builder.compress.report import SPARSITY_NOTE, fit_eval_ctx, gguf_params, measure_speed
+    from fieldpack.builder.convert import convert_hf_to_gguf
+    from fieldpack.builder.llama_eval import perplexity_kld
+    from fieldpack.builder.quantize import quantize_gguf
 
     info = C.machine_info()
     model_dir, calib, held = test_model()

@@ -21,7 +21,7 @@ BATCH = 32
 
 
 def _sentences(n: int, count_tokens: Any) -> list[str]:
-    from builder.ingest import ingest
+    from fieldpack.builder.ingest import ingest
 
     corpus = C.stage_corpus("debian-handbook", C.DEBIAN_HANDBOOK)
     chunks = ingest(corpus.docs, count_tokens=count_tokens, chunk_tokens=200, overlap_tokens=40).chunks
@@ -45,7 +45,7 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from device.embedder import OnnxEmbedder
+    from fieldpack.retrieval.embedder import OnnxEmbedder
 
     threads = C.bench_threads()
     info = C.machine_info()

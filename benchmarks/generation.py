@@ -109,8 +109,8 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
     import sys
     import tempfile
 
-    from device.prompt import fit_prompt
-    from device.runtime import Runtime
+    from fieldpack.device.prompt import fit_prompt
+    from fieldpack.device.runtime import Runtime
 
     threads = C.bench_threads()
     info = C.machine_info()

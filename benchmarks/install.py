@@ -58,9 +58,9 @@ def _first_byte_and_exit(cmd: list[str], env: dict[str, str]) -> tuple[float, fl
 
 def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
     """Run the install/cold-start benchmark; writes ``install.json`` and ``install.png`` into ``out``."""
-    from device.install import install_bundle
-    from device.runtime import check_slot
-    from device.slots import init_data_dir
+    from fieldpack.device.install import install_bundle
+    from fieldpack.device.runtime import check_slot
+    from fieldpack.device.slots import init_data_dir
 
     info = C.machine_info()
     threads = C.bench_threads()

@@ -34,8 +34,8 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from device.mqtt import BrokerSettings, DaemonConfig, MqttDaemon, Requester  # noqa: E402
-from device.types import Answer, AnswerEngine, Timings  # noqa: E402
+from fieldpack.device.mqtt import BrokerSettings, DaemonConfig, MqttDaemon, Requester  # noqa: E402
+from fieldpack.device.types import Answer, AnswerEngine, Timings  # noqa: E402
 
 QUESTION = "The connection pool is exhausted. What should I do?"
 
@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = broker.settings()
             broker_desc = f"local mosquitto {settings.url}"
         if args.data_dir:
-            from device.provider import ActiveBundleProvider
-            from device.slots import open_data_dir
+            from fieldpack.device.provider import ActiveBundleProvider
+            from fieldpack.device.slots import open_data_dir
 
             provider: Any = ActiveBundleProvider(open_data_dir(args.data_dir))
             engine_desc = "runtime"

@@ -21,7 +21,7 @@ FAMILY = "quality"
 
 def tiny_model() -> Path:
     """The tiny e2e Llama (trained on demo/docs, as tests/e2e/conftest.py makes it), cached."""
-    from builder import tinymodel
+    from fieldpack.builder import tinymodel
 
     def build(tmp: Path) -> None:
         tinymodel.make_tiny_model(tmp, arch="llama", corpus=tinymodel.load_corpus(C.DEMO_DOCS))
@@ -32,9 +32,9 @@ def tiny_model() -> Path:
 
 def debian_bundle() -> tuple[Path, Path]:
     """Signed Q4_K_M bundle of the tiny model over the handbook; ``(bundle, public key)``, cached."""
-    from builder import pipeline
-    from builder.config import BuildConfig
-    from shared.signing import generate_keypair
+    from fieldpack.builder import pipeline
+    from fieldpack.builder.config import BuildConfig
+    from fieldpack.shared.signing import generate_keypair
 
     model = tiny_model()
     corpus = C.stage_corpus("debian-handbook", C.DEBIAN_HANDBOOK)
@@ -53,8 +53,8 @@ def debian_bundle() -> tuple[Path, Path]:
 
 def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
     """Build (cached) and evaluate the handbook bundle; ``--quick`` skips generation (retrieval only)."""
-    from device.evaluate.report import write_html, write_json
-    from device.evaluate.run import EvalOptions, evaluate
+    from fieldpack.device.evaluate.report import write_html, write_json
+    from fieldpack.device.evaluate.run import EvalOptions, evaluate
 
     info = C.machine_info()
     bundle, pub = debian_bundle()

@@ -43,7 +43,7 @@ CHUNK_TOKENS, OVERLAP_TOKENS = 200, 40
 # --- queries ---------------------------------------------------------------------------------------------------
 def debian_queries() -> list[dict[str, str]]:
     """The shared QA set's answerable questions: ``{"q", "target"}`` with the expected document."""
-    from device.evaluate.qa import load_qa
+    from fieldpack.device.evaluate.qa import load_qa
 
     qa = load_qa(C.DEBIAN_QA)
     return [{"q": i.question, "target": i.target.source} for i in qa.items if i.target is not None]
@@ -67,8 +67,8 @@ def title_queries(chunks: list[Any], n: int, seed: int = 0) -> list[dict[str, st
 # --- building -------------------------------------------------------------------------------------------------
 def build_fieldpack(chunks: list[Any], emb: dict[str, Any], out: Path, threads: int) -> dict[str, Any]:
     """Embed with the ONNX embedder and write the sqlite-vec + FTS5 index; seconds and bytes."""
-    from builder.index_build import build_index, embed_chunks
-    from device.embedder import OnnxEmbedder
+    from fieldpack.builder.index_build import build_index, embed_chunks
+    from fieldpack.retrieval.embedder import OnnxEmbedder
 
     t0 = time.perf_counter()
     with OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]), max_tokens=int(emb["max_tokens"]),
@@ -141,15 +141,15 @@ def serve(spec: dict[str, Any]) -> dict[str, Any]:
     ``spec``: ``{"system": "fieldpack"|"chroma", "store", "queries": [{"q", "target"}], "k", "threads",
     "embedder": export dict (fieldpack)}``.
     """
-    from device.evaluate.qa import Target
+    from fieldpack.device.evaluate.qa import Target
 
     rss0 = C.rss_bytes()
     t0 = time.perf_counter()
     k, threads = int(spec["k"]), int(spec["threads"])
     embed_ms: list[float] = []  # chroma only: the query-embedding share of each search
     if spec["system"] == "fieldpack":
-        from device.embedder import OnnxEmbedder
-        from device.retrieval import Retriever
+        from fieldpack.retrieval.embedder import OnnxEmbedder
+        from fieldpack.retrieval.search import Retriever
 
         emb = spec["embedder"]
         embedder = OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]),
@@ -205,7 +205,7 @@ def _serve_in_subprocess(spec: dict[str, Any], work: Path) -> dict[str, Any]:
 
 
 def _quality(ranks: list[int | None]) -> dict[str, float | None]:
-    from device.evaluate import metrics as M
+    from fieldpack.device.evaluate import metrics as M
 
     n = len(ranks)
     return {"n": n, "recall@1": M.rate(r is not None and r <= 1 for r in ranks),
@@ -219,8 +219,8 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
     import shutil
     import tempfile
 
-    from builder.ingest import ingest
-    from device.embedder import OnnxEmbedder
+    from fieldpack.builder.ingest import ingest
+    from fieldpack.retrieval.embedder import OnnxEmbedder
 
     threads = C.bench_threads()
     info = C.machine_info()

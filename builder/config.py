@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.errors import UsageError
+from fieldpack.shared.errors import UsageError
 
 QuantName = str  # validated against builder.quantize.QUANT_TYPES at build time
 
@@ -36,7 +36,7 @@ class BuildConfig(BaseModel):
     n_ctx: int = Field(default=2048, ge=128, description="default context on the device (tokens)")
     max_tokens: int = Field(default=256, ge=8, description="answer length cap (tokens)")
     top_k_chunks: int = Field(default=4, ge=1, le=20)
-    min_similarity: float | None = Field(default=None, description="abstention threshold; default from device.retrieval")
+    min_similarity: float | None = Field(default=None, description="abstention threshold; default from retrieval.search")
     parity_outtype: Literal["f16", "f32"] = Field(default="f16")
     eval_fraction: float = Field(default=0.1, gt=0.0, lt=0.5, description="share of chunks held out for PPL/KLD")
     eval_max_chunks: int = Field(default=64, ge=1)

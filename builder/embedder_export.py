@@ -2,7 +2,7 @@
 
 The exported graph (``torch.onnx.export`` with the dynamo exporter, dynamic batch and sequence axes) runs the
 encoder, mean-pools (or takes [CLS]) over the attention mask and L2-normalises, so the device needs only ONNX
-Runtime and ``tokenizers`` (:class:`device.embedder.OnnxEmbedder`).
+Runtime and ``tokenizers`` (:class:`retrieval.embedder.OnnxEmbedder`).
 
 int8: ``onnxruntime.quantization.quantize_dynamic`` (per-channel QInt8 weights, activations quantised at run
 time). The int8 file is kept only if it passes a gate against fp32 on a small fixed sentence set (mean cosine)
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.atomic import fsync_dir
-from shared.errors import (
+from fieldpack.shared.atomic import fsync_dir
+from fieldpack.shared.errors import (
     EmbedderError,
     InputNotFoundError,
     ModelLoadError,
@@ -230,7 +230,7 @@ def export_embedder(
         fp32_path = tmp / "fp32.onnx"
         torch_ref = _export_fp32(ckpt, tok_path, fp32_path)  # (n_gate, dim) float32 from PyTorch
 
-        from device.embedder import OnnxEmbedder
+        from fieldpack.retrieval.embedder import OnnxEmbedder
 
         with OnnxEmbedder(fp32_path, tok_path, max_tokens=ckpt.max_tokens) as emb32:
             fp32_vecs = emb32.embed(list(GATE_SENTENCES))
@@ -385,7 +385,7 @@ def _export_fp32(ckpt: _Checkpoint, tok_path: Path, out: Path) -> np.ndarray:
     params = inspect.signature(model.forward).parameters
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in params else [])
     wrapper = _make_wrapper(model, ckpt.pooling, names)
-    from device.embedder import encode_batch, load_tokenizer
+    from fieldpack.retrieval.embedder import encode_batch, load_tokenizer
 
     batch = encode_batch(load_tokenizer(tok_path, max_tokens=ckpt.max_tokens), list(GATE_SENTENCES))
     example = tuple(torch.from_numpy(batch[n][:2]) for n in names)  # batch 2 of distinct lengths

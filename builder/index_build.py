@@ -1,6 +1,6 @@
 """Chunks + embeddings -> the bundle's retrieval index: one SQLite file with sqlite-vec and FTS5.
 
-Layout: :func:`device.sqlite.index_schema` (``chunks``, ``chunks_vec`` vec0, ``chunks_fts`` FTS5, ``meta``).
+Layout: :func:`retrieval.index.index_schema` (``chunks``, ``chunks_vec`` vec0, ``chunks_fts`` FTS5, ``meta``).
 The file is built under a temporary name in the destination folder, VACUUMed, fsynced and renamed, so a crash
 never leaves a half-written index at ``out_path``.
 """
@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from builder.ingest.model import Chunk
-from device import sqlite as idx
-from shared.atomic import fsync_dir
-from shared.errors import IngestError, OutputNotWritableError, UsageError
+from fieldpack.builder.ingest.model import Chunk
+from fieldpack.retrieval import index as idx
+from fieldpack.shared import index_format
+from fieldpack.shared.atomic import fsync_dir
+from fieldpack.shared.errors import IngestError, OutputNotWritableError, UsageError
 
 if TYPE_CHECKING:
-    from device.embedder import OnnxEmbedder
+    from fieldpack.retrieval.embedder import OnnxEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def build_index(
     out_path = Path(out_path)
     if not chunks:
         raise IngestError(f"no chunks to index into {out_path}", hint="ingest a docs folder with documents first")
-    if metric not in idx.METRICS:
-        raise UsageError(f"unknown index metric {metric!r}", hint=f"use one of {', '.join(idx.METRICS)}")
+    if metric not in index_format.METRICS:
+        raise UsageError(f"unknown index metric {metric!r}", hint=f"use one of {', '.join(index_format.METRICS)}")
     emb = np.asarray(embeddings)
     if emb.ndim != 2 or emb.shape[0] != len(chunks) or emb.shape[1] < 1:
         raise UsageError(
@@ -145,7 +146,7 @@ def _write(path: Path, chunks: Sequence[Chunk], emb: np.ndarray, metric: str, em
     try:
         conn.execute("PRAGMA journal_mode=MEMORY")
         with conn:  # one transaction
-            for ddl in idx.index_schema(emb.shape[1], metric):
+            for ddl in index_format.index_schema(emb.shape[1], metric):
                 conn.execute(ddl)
             conn.executemany(
                 "INSERT INTO chunks (id, source, section, page, line_start, line_end, text, n_tokens, doc_sha256)"
@@ -162,12 +163,12 @@ def _write(path: Path, chunks: Sequence[Chunk], emb: np.ndarray, metric: str, em
             conn.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild')")
             conn.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('optimize')")
             meta = {
-                idx.META_INDEX_FORMAT: str(idx.INDEX_FORMAT),
-                idx.META_DIMENSION: str(emb.shape[1]),
-                idx.META_METRIC: metric,
-                idx.META_EMBEDDER: embedder_name,
-                idx.META_CHUNKS: str(len(chunks)),
-                idx.META_DOCUMENTS: str(len({c.source for c in chunks})),
+                index_format.META_INDEX_FORMAT: str(index_format.INDEX_FORMAT),
+                index_format.META_DIMENSION: str(emb.shape[1]),
+                index_format.META_METRIC: metric,
+                index_format.META_EMBEDDER: embedder_name,
+                index_format.META_CHUNKS: str(len(chunks)),
+                index_format.META_DOCUMENTS: str(len({c.source for c in chunks})),
             }
             conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
         conn.execute("VACUUM")

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from shared.errors import InputNotFoundError, ModelLoadError, UsageError
+from fieldpack.shared.errors import InputNotFoundError, ModelLoadError, UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.llama_eval import adds_bos, logits_for, open_gguf
-from shared.errors import InputNotFoundError, ModelLoadError, ParityError, UsageError
+from fieldpack.builder.llama_eval import adds_bos, logits_for, open_gguf
+from fieldpack.shared.errors import InputNotFoundError, ModelLoadError, ParityError, UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -23,17 +23,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from builder.config import BuildConfig
-from shared import bundle_format as fmt
-from shared.bundle import describe_members, hash_file, write_bundle
-from shared.errors import (
+from fieldpack.builder.config import BuildConfig
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.bundle import describe_members, hash_file, write_bundle
+from fieldpack.shared.kv_cache import kv_cache_bytes
+from fieldpack.shared.errors import (
     BuildError,
     InputNotFoundError,
     NoDocumentsError,
     OutputNotWritableError,
     UnknownQuantTypeError,
 )
-from shared.manifest import (
+from fieldpack.shared.manifest import (
     EmbedderInfo,
     IndexInfo,
     Manifest,
@@ -43,7 +44,7 @@ from shared.manifest import (
     RuntimeDefaults,
     SmokeTest,
 )
-from shared.signing import load_private_key
+from fieldpack.shared.signing import load_private_key
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,10 @@ class BuildResult:
 
 
 def builder_version() -> str:
-    from fieldpack import __version__
+    """fieldpack's installed version (package metadata), recorded in the manifest."""
+    from importlib.metadata import version
 
-    return __version__
+    return version("fieldpack")
 
 
 def quiet_third_party() -> None:
@@ -119,8 +121,8 @@ def check_inputs(cfg: BuildConfig) -> Path:
         OutputNotWritableError: the output's folder is missing or not writable.
         UsageError: a hub id given while offline.
     """
-    from builder.convert import hub_or_local
-    from builder.quantize import QUANT_TYPES
+    from fieldpack.builder.convert import hub_or_local
+    from fieldpack.builder.quantize import QUANT_TYPES
 
     if cfg.quant.upper() not in QUANT_TYPES:
         raise UnknownQuantTypeError(f"unknown --quant {cfg.quant!r}",
@@ -146,7 +148,7 @@ def check_docs_folder(docs: Path) -> None:
     Raises:
         InputNotFoundError: not a folder.  NoDocumentsError: no candidate file.
     """
-    from builder.ingest.pipeline import FORMATS
+    from fieldpack.builder.ingest.pipeline import FORMATS
 
     if not docs.is_dir():
         raise InputNotFoundError(f"docs folder {docs} does not exist", hint="pass --docs a folder of documents")
@@ -168,9 +170,9 @@ def preflight_model(model_dir: Path) -> None:
     Raises:
         InputNotFoundError, ModelLoadError, UnsupportedArchitectureError, UnsupportedTokenizerError.
     """
-    from builder.convert.arch import read_hparams
-    from builder.convert.checkpoint import Checkpoint
-    from builder.convert.tokenizer import read_vocab
+    from fieldpack.builder.convert.arch import read_hparams
+    from fieldpack.builder.convert.checkpoint import Checkpoint
+    from fieldpack.builder.convert.tokenizer import read_vocab
 
     ckpt = Checkpoint(model_dir)
     hp = read_hparams(ckpt.config, ckpt.architecture, source=str(ckpt.model_dir))
@@ -271,15 +273,15 @@ def build_bundle(cfg: BuildConfig, *, workdir: Path | None = None, on_stage: Sta
 
 
 def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], Any]) -> BuildResult:
-    from builder.convert import convert_hf_to_gguf
-    from builder.embedder_export import export_embedder
-    from builder.index_build import build_index, embed_chunks
-    from builder.ingest import ingest, report_to_dict
-    from builder.llama_eval import perplexity_kld
-    from builder.parity import check_parity
-    from builder.quantize import quantize_gguf
-    from device.embedder import OnnxEmbedder
-    from device.retrieval import DEFAULT_MIN_SIMILARITY, Retriever
+    from fieldpack.builder.convert import convert_hf_to_gguf
+    from fieldpack.builder.embedder_export import export_embedder
+    from fieldpack.builder.index_build import build_index, embed_chunks
+    from fieldpack.builder.ingest import ingest, report_to_dict
+    from fieldpack.builder.llama_eval import perplexity_kld
+    from fieldpack.builder.parity import check_parity
+    from fieldpack.builder.quantize import quantize_gguf
+    from fieldpack.retrieval.embedder import OnnxEmbedder
+    from fieldpack.retrieval.search import DEFAULT_MIN_SIMILARITY, Retriever
 
     with stage("embedder"):
         emb = export_embedder(cfg.embedder, work / "embedder", int8=cfg.embedder_int8)
@@ -315,7 +317,7 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
     stages_quality: list[dict[str, Any]] = []
     if cfg.compression:
         with stage("compress"):
-            from builder.compress import apply_compression  # issue "Compression"
+            from fieldpack.builder.compress import apply_compression  # issue "Compression"
 
             dense, stages_quality = apply_compression(cfg, model_dir, f16, calib, held_out, work)
     # the manifest describes the model that ships: after depth/width pruning, read its shape from the GGUF
@@ -325,7 +327,7 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
     with stage(f"quantize {qtype}"):
         imatrix = None
         if cfg.compression.get("imatrix"):
-            from builder.compress import compute_imatrix
+            from fieldpack.builder.compress import compute_imatrix
 
             imatrix = compute_imatrix(dense, calib, work / "imatrix.dat")
         quant = quantize_gguf(dense, work / "model.gguf", qtype, imatrix=imatrix)
@@ -343,12 +345,10 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
             fmt.RECIPE_NAME: recipe_path,
         }
         n_ctx = min(cfg.n_ctx, f16.n_ctx_train)
-        from device.resources import kv_cache_bytes
-
         emb_bytes = hash_file(emb.onnx_path)[0]
         mem = dict(weights_bytes=quant.size_bytes,
-                   kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head=shipped.n_head,
-                                                 n_head_kv=shipped.n_head_kv, n_embd=shipped.n_embd),
+                   kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head_kv=shipped.n_head_kv,
+                                                 head_dim=shipped.n_embd // shipped.n_head),
                    embedder_bytes=2 * emb_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
         mem["total_bytes"] = sum(mem.values())
         manifest = Manifest(

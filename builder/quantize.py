@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from shared.errors import InputNotFoundError, OutputNotWritableError, QuantizationError, UnknownQuantTypeError
+from fieldpack.shared.errors import InputNotFoundError, OutputNotWritableError, QuantizationError, UnknownQuantTypeError
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def quantize_gguf(
     """
     import llama_cpp
 
-    from builder.llama_eval import default_threads
+    from fieldpack.builder.llama_eval import default_threads
 
     key = qtype.upper()
     if key not in QUANT_TYPES:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from shared.errors import InputNotFoundError, ModelLoadError, NoDocumentsError, OutputNotWritableError
+from fieldpack.shared.errors import InputNotFoundError, ModelLoadError, NoDocumentsError, OutputNotWritableError
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.markup import escape
 
-from device.prompt import Turn
-from device.types import Answer
-from shared.errors import QueryError
+from fieldpack.device.prompt import Turn
+from fieldpack.device.types import Answer
+from fieldpack.shared.errors import QueryError
 
 HELP = "commands: /sources  show the last answer's sources in full · /clear  forget history · /quit  leave"
 PROMPT = "you> "

@@ -39,14 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared import bundle_format as fmt
-from shared.atomic import atomic_write_bytes, fsync_dir
-from shared.bundle import BundleReader
-from shared.errors import FieldpackError, NoPreviousBundleError, SignatureError, SlotCheckError
-from shared.manifest import Manifest
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.atomic import atomic_write_bytes, fsync_dir
+from fieldpack.shared.bundle import BundleReader
+from fieldpack.shared.errors import FieldpackError, NoPreviousBundleError, SignatureError, SlotCheckError
+from fieldpack.shared.manifest import Manifest
 
-from device.resources import ResourceProbe, check_feasibility
-from device.slots import SLOT_NAMES, DataDir, SlotInfo, State, open_data_dir, utc_now
+from fieldpack.device.resources import ResourceProbe, check_feasibility
+from fieldpack.device.slots import SLOT_NAMES, DataDir, SlotInfo, State, open_data_dir, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check = None
         if not args.no_check:
-            from device.runtime import check_slot
+            from fieldpack.device.runtime import check_slot
             check = check_slot
         result = install_bundle(args.bundle, args.data_dir, check=check, n_ctx=args.n_ctx,
                                 on_progress=progress if args.progress else None)

@@ -14,8 +14,8 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from device.types import Hit
-from shared.errors import QuestionTooLongError
+from fieldpack.retrieval.types import Hit
+from fieldpack.shared.errors import QuestionTooLongError
 
 SYSTEM_PROMPT = (
     "You are a field assistant working offline. Answer the question using only the numbered sources. "

@@ -7,9 +7,9 @@ import logging
 import threading
 from pathlib import Path
 
-from device.runtime import Runtime
-from device.slots import DataDir
-from shared.errors import NoActiveBundleError
+from fieldpack.device.runtime import Runtime
+from fieldpack.device.slots import DataDir
+from fieldpack.shared.errors import NoActiveBundleError
 
 log = logging.getLogger(__name__)
 

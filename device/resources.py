@@ -6,11 +6,7 @@ psutil is used when it is installed (it is in the ``device`` extra); without it 
 
 The RAM a bundle needs is what its manifest says (``runtime.memory.total_bytes``, computed by the builder at
 ``runtime.n_ctx``), with the KV-cache part recomputed when the device is configured with another ``n_ctx``:
-an f16 KV cache holds, per token and layer, one K and one V vector per KV head::
-
-    kv_bytes(n_ctx) = 2 (K and V) * n_layer * n_head_kv * (n_embd / n_head) * 2 (bytes per f16) * n_ctx
-
-(grouped-query attention, Ainslie et al. 2023, is why ``n_head_kv`` can be below ``n_head``).
+the formula is :func:`fieldpack.shared.kv_cache.kv_cache_bytes`.
 """
 
 from __future__ import annotations
@@ -21,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.errors import InsufficientResourcesError
-from shared.manifest import Manifest
+from fieldpack.shared.errors import InsufficientResourcesError
+from fieldpack.shared.kv_cache import kv_cache_bytes
+from fieldpack.shared.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +29,6 @@ MIB = 1024 * 1024
 DISK_MARGIN_BYTES = 16 * MIB
 DISK_MARGIN_FRACTION = 0.02
 #: Bytes per KV-cache element (llama.cpp's default cache type is f16).
-KV_BYTES_PER_ELEMENT = 2
 
 
 def free_disk_bytes(path: Path) -> int:
@@ -72,13 +68,6 @@ def available_ram_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def kv_cache_bytes(n_ctx: int, *, n_layer: int, n_head: int, n_head_kv: int, n_embd: int,
-                   bytes_per_element: int = KV_BYTES_PER_ELEMENT) -> int:
-    """Size of the KV cache for ``n_ctx`` tokens (bytes); see the module doc for the formula."""
-    head_dim = n_embd // n_head
-    return 2 * n_layer * n_head_kv * head_dim * bytes_per_element * n_ctx
-
-
 def ram_needed(manifest: Manifest, n_ctx: int | None = None) -> int:
     """RAM the bundle needs resident (bytes) at ``n_ctx`` tokens (default: the manifest's ``runtime.n_ctx``).
 
@@ -89,7 +78,7 @@ def ram_needed(manifest: Manifest, n_ctx: int | None = None) -> int:
     if n_ctx is None or n_ctx == manifest.runtime.n_ctx:
         return mem.total_bytes
     m = manifest.model
-    kv = kv_cache_bytes(n_ctx, n_layer=m.n_layer, n_head=m.n_head, n_head_kv=m.n_head_kv, n_embd=m.n_embd)
+    kv = kv_cache_bytes(n_ctx, n_layer=m.n_layer, n_head_kv=m.n_head_kv, head_dim=m.n_embd // m.n_head)
     return mem.total_bytes - mem.kv_cache_bytes + kv
 
 

@@ -2,7 +2,7 @@
 
 :class:`Runtime` owns exactly three native handles, loaded once and closed together on :meth:`Runtime.close`
 (or when the daemon swaps bundles): the llama.cpp model/context (``llama_cpp.Llama``), the ONNX Runtime
-session of the embedder, and the SQLite connection of the index (inside :class:`device.retrieval.Retriever`).
+session of the embedder, and the SQLite connection of the index (inside :class:`retrieval.search.Retriever`).
 
 Answering (:meth:`Runtime.answer`): embed the question with the bundle's ONNX embedder; hybrid retrieval
 (sqlite-vec cosine kNN + FTS5 BM25, fused by reciprocal rank fusion); abstain without generating when nothing
@@ -22,11 +22,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from device.prompt import ABSTAIN_TEXT, NO_ROOM_TEXT, Turn, fit_prompt
-from device.types import Answer, Hit, Timings
-from shared import bundle_format as fmt
-from shared.errors import EmptyQuestionError, RuntimeLoadError, SlotCheckError
-from shared.manifest import Manifest, parse_manifest
+from fieldpack.device.prompt import ABSTAIN_TEXT, NO_ROOM_TEXT, Turn, fit_prompt
+from fieldpack.device.types import Answer, Timings
+from fieldpack.retrieval.types import Hit
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.errors import EmptyQuestionError, RuntimeLoadError, SlotCheckError
+from fieldpack.shared.manifest import Manifest, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ class Runtime:
 
     # -- lifetime ----------------------------------------------------------------------------------------------
     def _load(self, verbose: bool) -> None:
-        from device.embedder import OnnxEmbedder
-        from device.retrieval import Retriever
+        from fieldpack.retrieval.embedder import OnnxEmbedder
+        from fieldpack.retrieval.search import Retriever
 
         t0 = time.perf_counter()
         emb = self.manifest.embedder
@@ -167,7 +168,7 @@ class Runtime:
 
     # -- answering ---------------------------------------------------------------------------------------------
     def retrieve(self, question: str, *, k: int | None = None, mode: str = "hybrid") -> list[Hit]:
-        """Top-``k`` chunks for ``question`` (default k from the manifest). See device.retrieval.Retriever."""
+        """Top-``k`` chunks for ``question`` (default k from the manifest). See retrieval.search.Retriever."""
         return self._retriever.search(question, k=k or self.manifest.runtime.top_k_chunks, mode=mode)
 
     def answer(self, question: str, *, on_token: Callable[[str], None] | None = None,
@@ -188,14 +189,14 @@ class Runtime:
             EmptyQuestionError: the question is empty or whitespace.
             QuestionTooLongError: the question alone does not fit ``n_ctx - max_tokens`` tokens.
         """
-        from device.retrieval import is_relevant
+        from fieldpack.retrieval.search import is_relevant
 
         # NFC: llama.cpp does not apply a tokenizer's Unicode normalizer (Qwen2's is NFC), so normalise here
         q = unicodedata.normalize("NFC", " ".join((question or "").split()))
         if not q:
             raise EmptyQuestionError("the question is empty", hint="ask a question in words")
         if len(q) > MAX_QUESTION_CHARS:
-            from shared.errors import QuestionTooLongError
+            from fieldpack.shared.errors import QuestionTooLongError
 
             raise QuestionTooLongError(f"the question has {len(q)} characters (limit {MAX_QUESTION_CHARS})",
                                        hint="ask a shorter question")
@@ -327,7 +328,7 @@ def check_slot(slot_dir: Path, manifest: Manifest) -> None:
     Raises:
         SlotCheckError: anything fails (wraps RuntimeLoadError and friends with the slot named).
     """
-    from shared.errors import FieldpackError
+    from fieldpack.shared.errors import FieldpackError
 
     try:
         with Runtime(slot_dir, n_ctx=min(manifest.runtime.n_ctx, 512)) as rt:

@@ -35,9 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from shared import bundle_format as fmt
-from shared.atomic import atomic_write_bytes, fsync_dir
-from shared.errors import (
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.atomic import atomic_write_bytes, fsync_dir
+from fieldpack.shared.errors import (
     DeviceError,
     InstallInProgressError,
     IntegrityError,
@@ -45,8 +45,8 @@ from shared.errors import (
     OutputNotWritableError,
     UsageError,
 )
-from shared.manifest import Manifest, parse_manifest
-from shared.signing import PublicKey, load_public_key
+from fieldpack.shared.manifest import Manifest, parse_manifest
+from fieldpack.shared.signing import PublicKey, load_public_key
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class DataDir:
             IntegrityError: a member is missing, or its size or sha256 differs (names it).
             DeviceError: the slot has no manifest.
         """
-        from shared.bundle import hash_file
+        from fieldpack.shared.bundle import hash_file
 
         manifest = self.slot_manifest(slot)
         for m in manifest.members:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from shared.errors import OutputNotWritableError
+from fieldpack.shared.errors import OutputNotWritableError
 
 
 def fsync_dir(path: Path) -> None:

@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import bundle_format as fmt
-from shared.atomic import atomic_writer, fsync_dir
-from shared.errors import (
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.atomic import atomic_writer, fsync_dir
+from fieldpack.shared.errors import (
     BundleFormatError,
     InputNotFoundError,
     IntegrityError,
@@ -27,8 +27,8 @@ from shared.errors import (
     OutputNotWritableError,
     UnsafeMemberError,
 )
-from shared.manifest import Manifest, Member, parse_manifest
-from shared.signing import PublicKey, sign_manifest, verify_manifest
+from fieldpack.shared.manifest import Manifest, Member, parse_manifest
+from fieldpack.shared.signing import PublicKey, sign_manifest, verify_manifest
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from shared import bundle_format as fmt
-from shared.errors import ManifestError, UnsupportedFormatVersion
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.errors import ManifestError, UnsupportedFormatVersion
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

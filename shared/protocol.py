@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared import errors
+from fieldpack.shared import errors
 
 PROTOCOL_VERSION = 1
 """Version of this protocol; in every payload (``"v"``) and in the topic root."""

@@ -17,9 +17,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import bundle_format as fmt
-from shared.atomic import atomic_write_bytes
-from shared.errors import OutputNotWritableError, SignatureError, SigningKeyError
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.atomic import atomic_write_bytes
+from fieldpack.shared.errors import OutputNotWritableError, SignatureError, SigningKeyError
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def cached_dir(root: Path, name: str, build: Callable[[Path], None]) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_corpus() -> list[str]:
-    from builder import tinymodel
+    from fieldpack.builder import tinymodel
 
     return tinymodel.load_corpus(DEMO_DOCS)
 
@@ -103,7 +103,7 @@ def heldout_texts(demo_corpus: list[str]) -> list[str]:
 
 
 def _tiny(cache_dir: Path, corpus: list[str], arch: str) -> Path:
-    from builder import tinymodel
+    from fieldpack.builder import tinymodel
 
     source = Path(tinymodel.__file__).read_bytes()
     key = _key(TINY_CACHE_VERSION, arch, str(TINY_STEPS), str(TINY_SEED), source, *corpus)
@@ -159,7 +159,7 @@ def e2e_keys(e2e_dir: Path) -> Path:
     k = e2e_dir / "keys"
     if not (k / "builder.key").exists():
         shutil.rmtree(k, ignore_errors=True)
-        from shared.signing import generate_keypair
+        from fieldpack.shared.signing import generate_keypair
 
         generate_keypair(k)
     return k

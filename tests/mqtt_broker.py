@@ -29,7 +29,7 @@ import subprocess
 import time
 from typing import Any
 
-from device.mqtt.client import BrokerSettings
+from fieldpack.device.mqtt.client import BrokerSettings
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"

@@ -3,7 +3,7 @@ tests/device/test_retrieval.py).
 
 The MiniLM ONNX exports (fp32 and int8) are expensive (~10 s each on 2 cores), so they are cached under
 ``cache_dir`` (``<repo>/.fieldpack-cache/tests``), keyed by a hash of the checkpoint files, the source of
-:mod:`builder.embedder_export` and :mod:`device.embedder`, and :data:`RETRIEVAL_CACHE_VERSION`. Import the
+:mod:`builder.embedder_export` and :mod:`retrieval.embedder`, and :data:`RETRIEVAL_CACHE_VERSION`. Import the
 fixtures into a test module with ``from tests.retrieval_fixtures import minilm_fp32, ...``.
 """
 
@@ -81,8 +81,8 @@ def build_cached(root: Path, name: str, build: Any) -> Path:
 
 
 def _export(cache_dir: Path, *, int8: bool) -> ExportedEmbedder:
-    from builder import embedder_export
-    from device import embedder as device_embedder
+    from fieldpack.builder import embedder_export
+    from fieldpack.device import embedder as device_embedder
 
     model_dir = embedder_export.default_model_dir()
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
@@ -112,8 +112,8 @@ def minilm_int8(cache_dir: Path) -> ExportedEmbedder:
 
 @pytest.fixture(scope="session")
 def embedder(minilm_int8: ExportedEmbedder) -> Iterator[Any]:
-    """A :class:`device.embedder.OnnxEmbedder` on the int8 export, as a device would open it."""
-    from device.embedder import OnnxEmbedder
+    """A :class:`retrieval.embedder.OnnxEmbedder` on the int8 export, as a device would open it."""
+    from fieldpack.retrieval.embedder import OnnxEmbedder
 
     emb = OnnxEmbedder(minilm_int8.onnx_path, minilm_int8.tokenizer_path, max_tokens=minilm_int8.max_tokens)
     yield emb
@@ -123,8 +123,8 @@ def embedder(minilm_int8: ExportedEmbedder) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def demo_index(tmp_path_factory: pytest.TempPathFactory, embedder: Any) -> Path:
     """Index of demo/docs (ingest -> embed -> build_index), made once per session (~1 s)."""
-    from builder.index_build import build_index, embed_chunks
-    from builder.ingest import ingest
+    from fieldpack.builder.index_build import build_index, embed_chunks
+    from fieldpack.builder.ingest import ingest
 
     result = ingest(DEMO_DOCS, count_tokens=embedder.count_tokens)
     path = tmp_path_factory.mktemp("demo-index") / "index.sqlite"

@@ -23,7 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from builder.compress.options import (
+from fieldpack.builder.compress.options import (
     CompressionOptions,
     check_against_model,
     parse_options,
@@ -31,7 +31,7 @@ from builder.compress.options import (
     resolve_drop_layers,
     resolve_ffn_width,
 )
-from shared.errors import CompressionConfigError
+from fieldpack.shared.errors import CompressionConfigError
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,11 @@ def prune_checkpoint(model_dir: Path, opts: CompressionOptions, calib_texts: lis
     import torch
     from transformers import AutoModelForCausalLM
 
-    from builder.compress.calibration import build_calibration, require_tokens
-    from builder.compress.masks import pick_device, prune_with_masks
-    from builder.compress.structured import prune_depth, prune_width, report_dict, save_checkpoint
-    from builder.convert import convert_hf_to_gguf
-    from builder.parity import check_parity
+    from fieldpack.builder.compress.calibration import build_calibration, require_tokens
+    from fieldpack.builder.compress.masks import pick_device, prune_with_masks
+    from fieldpack.builder.compress.structured import prune_depth, prune_width, report_dict, save_checkpoint
+    from fieldpack.builder.convert import convert_hf_to_gguf
+    from fieldpack.builder.parity import check_parity
 
     shape = read_model_shape(model_dir)
     check_against_model(opts, shape)
@@ -163,7 +163,7 @@ def apply_compression(cfg: Any, model_dir: Path, f16: Any, calib_texts: list[str
         ParityError: the pruned checkpoint and its GGUF disagree (a bug in the written config).
         BuildError subclasses from conversion.
     """
-    from builder.compress.report import quality_rows
+    from fieldpack.builder.compress.report import quality_rows
 
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     opts = validate_compression(cfg.compression, model_dir=model_dir)
@@ -201,11 +201,11 @@ def compute_imatrix(dense_gguf_or_model: Path, calib_texts: list[str], out_path:
         InputNotFoundError / ModelLoadError / QuantizationError / UsageError: see
         :func:`builder.compress.imatrix.compute_imatrix_gguf`.
     """
-    from builder.compress.imatrix import DEFAULT_IMATRIX_CTX, compute_imatrix_gguf
+    from fieldpack.builder.compress.imatrix import DEFAULT_IMATRIX_CTX, compute_imatrix_gguf
 
     src = Path(dense_gguf_or_model)
     if src.is_dir():
-        from builder.convert import convert_hf_to_gguf
+        from fieldpack.builder.convert import convert_hf_to_gguf
 
         src = convert_hf_to_gguf(src, Path(out_path).with_name(Path(out_path).stem + "-src-f16.gguf")).path
     return compute_imatrix_gguf(src, calib_texts, Path(out_path), n_ctx=n_ctx or DEFAULT_IMATRIX_CTX,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.errors import CompressionConfigError
+from fieldpack.shared.errors import CompressionConfigError
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import InputNotFoundError, ModelLoadError, QuantizationError, UsageError
+from fieldpack.shared.errors import InputNotFoundError, ModelLoadError, QuantizationError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,8 @@ def compute_imatrix_gguf(gguf_path: Path, texts: list[str], out_path: Path, *, n
     """
     import llama_cpp
 
-    from builder.llama_eval import default_threads
-    from builder.quantize import write_imatrix_gguf
+    from fieldpack.builder.llama_eval import default_threads
+    from fieldpack.builder.quantize import write_imatrix_gguf
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.errors import CompressionConfigError
+from fieldpack.shared.errors import CompressionConfigError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.errors import CompressionConfigError
+from fieldpack.shared.errors import CompressionConfigError
 
 MASK_METHODS = ("magnitude", "wanda", "sparsegpt")
 STRUCTURED_METHODS = ("depth", "width")

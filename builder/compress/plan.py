@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.errors import InputNotFoundError, UsageError
+from fieldpack.shared.errors import InputNotFoundError, UsageError
+from fieldpack.shared.kv_cache import kv_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +127,6 @@ class Plan:
                 "build_flags": self.build_flags()}
 
 
-def kv_cache_bytes(n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, bytes_per_element: int = 2) -> int:
-    """llama.cpp's K and V caches at ``n_ctx`` tokens (f16 by default): ``2 * n_layer * n_ctx * n_head_kv *
-    head_dim * bytes_per_element`` bytes."""
-    return 2 * n_layer * n_ctx * n_head_kv * head_dim * bytes_per_element
-
-
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     """For ``(size, loss)`` points, whether each is Pareto-optimal (no other point <= in both, < in one)."""
     out = []
@@ -150,9 +145,9 @@ def choose(candidates: list[Candidate]) -> int | None:
 
 
 def _chunks(model_dir: Path, docs_dir: Path, seed: int) -> tuple[list[str], list[str]]:
-    from builder.compress.calibration import load_tokenizer
-    from builder.ingest import ingest
-    from builder.pipeline import split_eval
+    from fieldpack.builder.compress.calibration import load_tokenizer
+    from fieldpack.builder.ingest import ingest
+    from fieldpack.builder.pipeline import split_eval
 
     tok = load_tokenizer(model_dir)
     res = ingest(docs_dir, count_tokens=lambda t: len(tok(t, add_special_tokens=False, verbose=False)["input_ids"]),
@@ -183,13 +178,13 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
         UsageError: bad limits or an unknown quant type / prune name.
         CompressionConfigError / BuildError subclasses from pruning, conversion and quantization.
     """
-    from builder.compress import prune_checkpoint, validate_compression
-    from builder.compress.imatrix import compute_imatrix_gguf
-    from builder.compress.report import fit_eval_ctx, gguf_params, measure_speed
-    from builder.convert import convert_hf_to_gguf
-    from builder.llama_eval import default_threads, perplexity_kld
-    from builder.pipeline import RUNTIME_OVERHEAD_BYTES
-    from builder.quantize import QUANT_TYPES, quantize_gguf
+    from fieldpack.builder.compress import prune_checkpoint, validate_compression
+    from fieldpack.builder.compress.imatrix import compute_imatrix_gguf
+    from fieldpack.builder.compress.report import fit_eval_ctx, gguf_params, measure_speed
+    from fieldpack.builder.convert import convert_hf_to_gguf
+    from fieldpack.builder.llama_eval import default_threads, perplexity_kld
+    from fieldpack.builder.pipeline import RUNTIME_OVERHEAD_BYTES
+    from fieldpack.builder.quantize import QUANT_TYPES, quantize_gguf
 
     model_dir, docs_dir = Path(model_dir), Path(docs_dir)
     if not (model_dir / "config.json").is_file():
@@ -239,7 +234,7 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
                                          imatrix=imx if use_imx else None).path
                 figs = perplexity_kld(ref.path, path, held, n_ctx=eval_ctx)
                 sp = measure_speed(path, threads=threads)
-                kv = kv_cache_bytes(n_layer, n_ctx, ref.n_head_kv, head_dim)
+                kv = kv_cache_bytes(n_ctx, n_layer=n_layer, n_head_kv=ref.n_head_kv, head_dim=head_dim)
                 size = Path(path).stat().st_size
                 cands.append(Candidate(
                     prune=p, quant=qt, imatrix=use_imx, gguf_bytes=size, params=gguf_params(path), n_layer=n_layer,

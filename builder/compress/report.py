@@ -89,7 +89,7 @@ def fit_eval_ctx(ref_gguf: Path, texts: list[str], cap: int = 256) -> int:
     """
     from llama_cpp import Llama
 
-    from shared.errors import UsageError
+    from fieldpack.shared.errors import UsageError
 
     llm = Llama(model_path=str(ref_gguf), vocab_only=True, verbose=False)
     try:
@@ -117,8 +117,8 @@ def measure_speed(gguf_path: Path, *, n_prompt: int = 128, n_decode: int = 32, t
     import numpy as np
     from llama_cpp import Llama
 
-    from builder.llama_eval import default_threads
-    from shared.errors import InputNotFoundError, ModelLoadError
+    from fieldpack.builder.llama_eval import default_threads
+    from fieldpack.shared.errors import InputNotFoundError, ModelLoadError
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -167,7 +167,7 @@ def quality_rows(ref_gguf: Path, variants: list[tuple[str, str, str, Path]], hel
     Returns:
         ``[dense row] + [one row per variant]`` with size and decode speed also as ratios to the dense row.
     """
-    from builder.llama_eval import perplexity, perplexity_kld
+    from fieldpack.builder.llama_eval import perplexity, perplexity_kld
 
     ref_gguf = Path(ref_gguf)
     n_ctx = fit_eval_ctx(ref_gguf, held_out, n_ctx)

@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.errors import CompressionConfigError, OutputNotWritableError
+from fieldpack.shared.errors import CompressionConfigError, OutputNotWritableError
 
-from builder.compress.masks import (
+from fieldpack.builder.compress.masks import (
     InputStats,
     capture_block_inputs,
     decoder_layers,

@@ -10,10 +10,10 @@ tensor plan, Q/K permutation), :mod:`.tokenizer` (BPE/SentencePiece vocab, pre-t
 :mod:`.writer` (the GGUF file), :mod:`.hub` (local path or hub id).
 """
 
-from builder.convert.arch import SUPPORTED_ARCHITECTURES
-from builder.convert.hub import hub_or_local
-from builder.convert.tokenizer import KNOWN_PRE_TOKENIZERS
-from builder.convert.writer import ConversionResult, convert_hf_to_gguf
+from fieldpack.builder.convert.arch import SUPPORTED_ARCHITECTURES
+from fieldpack.builder.convert.hub import hub_or_local
+from fieldpack.builder.convert.tokenizer import KNOWN_PRE_TOKENIZERS
+from fieldpack.builder.convert.writer import ConversionResult, convert_hf_to_gguf
 
 __all__ = [
     "KNOWN_PRE_TOKENIZERS",

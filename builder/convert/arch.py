@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from shared.errors import ModelLoadError, UnsupportedArchitectureError
+from fieldpack.shared.errors import ModelLoadError, UnsupportedArchitectureError
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import InputNotFoundError, ModelLoadError
+from fieldpack.shared.errors import InputNotFoundError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 import re
 from pathlib import Path
 
-from shared.errors import InputNotFoundError, UsageError
+from fieldpack.shared.errors import InputNotFoundError, UsageError
 
 logger = logging.getLogger(__name__)
 

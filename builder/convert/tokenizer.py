@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ModelLoadError, UnsupportedTokenizerError
+from fieldpack.shared.errors import ModelLoadError, UnsupportedTokenizerError
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from typing import Literal
 
 import numpy as np
 
-from builder.convert.arch import HParams, TensorPlan, plan_tensors, read_hparams, write_hparams
-from builder.convert.checkpoint import Checkpoint
-from builder.convert.tokenizer import Vocab, read_vocab
-from shared.errors import ModelLoadError, OutputNotWritableError, UsageError
+from fieldpack.builder.convert.arch import HParams, TensorPlan, plan_tensors, read_hparams, write_hparams
+from fieldpack.builder.convert.checkpoint import Checkpoint
+from fieldpack.builder.convert.tokenizer import Vocab, read_vocab
+from fieldpack.shared.errors import ModelLoadError, OutputNotWritableError, UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ Modules: ``decode`` (bytes -> normalised text), ``md_loader`` / ``text_loader`` 
 (the walk), ``report`` (JSON and rich forms).
 """
 
-from builder.ingest.model import Chunk, FileReport, IngestResult
-from builder.ingest.pipeline import FORMATS, ingest
-from builder.ingest.report import report_table, report_to_dict
+from fieldpack.builder.ingest.model import Chunk, FileReport, IngestResult
+from fieldpack.builder.ingest.pipeline import FORMATS, ingest
+from fieldpack.builder.ingest.report import report_table, report_to_dict
 
 __all__ = ["FORMATS", "Chunk", "FileReport", "IngestResult", "ingest", "report_table", "report_to_dict"]

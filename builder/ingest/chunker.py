@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from builder.ingest.model import Block, Section
+from fieldpack.builder.ingest.model import Block, Section
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+")
 _LIST_ITEM = re.compile(r"^[ \t]*(?:[-*+•]|\d{1,3}[.)])[ \t]+", re.MULTILINE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 
-from builder.ingest.model import Block, Section, SkipFile
+from fieldpack.builder.ingest.model import Block, Section, SkipFile
 
 
 def load_csv(text: str, *, title: str, tsv: bool = False) -> list[Section]:

@@ -14,7 +14,7 @@ import codecs
 import unicodedata
 from dataclasses import dataclass
 
-from builder.ingest.model import SkipFile
+from fieldpack.builder.ingest.model import SkipFile
 
 #: Share of control characters (C0 except tab/LF/CR/FF/VT, plus C1) above which decoded text is binary.
 MAX_CONTROL_SHARE = 0.05

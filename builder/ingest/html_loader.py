@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
-from builder.ingest.model import Block, Section
+from fieldpack.builder.ingest.model import Block, Section
 
 _DROP = {"script", "style", "nav", "head", "title", "template", "noscript", "svg", "iframe", "object", "button", "select"}
 _NAV_CLASSES = {"docnav", "nav", "navbar", "navigation", "breadcrumb", "breadcrumbs", "skip-link", "menu", "toc"}

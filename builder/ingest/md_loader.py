@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from builder.ingest.model import Block, Section
+from fieldpack.builder.ingest.model import Block, Section
 
 _ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
 _FENCE_OPEN = re.compile(r"^( {0,3})(`{3,}|~{3,})(.*)$")

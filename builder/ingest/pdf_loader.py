@@ -11,7 +11,7 @@ import io
 import logging
 import re
 
-from builder.ingest.model import Block, Section, SkipFile
+from fieldpack.builder.ingest.model import Block, Section, SkipFile
 
 log = logging.getLogger(__name__)
 

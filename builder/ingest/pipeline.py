@@ -9,15 +9,15 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from builder.ingest.chunker import chunk_sections
-from builder.ingest.csv_loader import load_csv
-from builder.ingest.decode import decode_document
-from builder.ingest.html_loader import load_html
-from builder.ingest.md_loader import load_markdown
-from builder.ingest.model import Chunk, FileReport, IngestResult, Section, SkipFile
-from builder.ingest.pdf_loader import load_pdf
-from builder.ingest.text_loader import load_text
-from shared.errors import IngestError, InputNotFoundError, NoDocumentsError, UsageError
+from fieldpack.builder.ingest.chunker import chunk_sections
+from fieldpack.builder.ingest.csv_loader import load_csv
+from fieldpack.builder.ingest.decode import decode_document
+from fieldpack.builder.ingest.html_loader import load_html
+from fieldpack.builder.ingest.md_loader import load_markdown
+from fieldpack.builder.ingest.model import Chunk, FileReport, IngestResult, Section, SkipFile
+from fieldpack.builder.ingest.pdf_loader import load_pdf
+from fieldpack.builder.ingest.text_loader import load_text
+from fieldpack.shared.errors import IngestError, InputNotFoundError, NoDocumentsError, UsageError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from builder.ingest.model import FileReport, IngestResult
+from fieldpack.builder.ingest.model import FileReport, IngestResult
 
 if TYPE_CHECKING:
     from rich.table import Table

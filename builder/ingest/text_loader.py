@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from builder.ingest.model import Block, Section
+from fieldpack.builder.ingest.model import Block, Section
 
 _UNDERLINE = re.compile(r"^\s*(=+|-+)\s*$")
 MAX_HEADING_CHARS = 80

@@ -8,7 +8,7 @@
 Device-side code: imports neither torch, transformers nor builder; matplotlib only when plotting.
 """
 
-from device.evaluate.qa import QAItem, QASet, Target, load_qa
-from device.evaluate.run import EvalOptions, EvalReport, evaluate
+from fieldpack.device.evaluate.qa import QAItem, QASet, Target, load_qa
+from fieldpack.device.evaluate.run import EvalOptions, EvalReport, evaluate
 
 __all__ = ["EvalOptions", "EvalReport", "evaluate", "load_qa", "QAItem", "QASet", "Target"]

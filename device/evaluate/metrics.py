@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from shared.errors import UsageError
+from fieldpack.shared.errors import UsageError
 
 
 def _check_k(k: int) -> None:

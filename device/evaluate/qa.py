@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.errors import InputNotFoundError, UsageError
+from fieldpack.shared.errors import InputNotFoundError, UsageError
 
-from device.evaluate.metrics import normalize_text
+from fieldpack.device.evaluate.metrics import normalize_text
 
 SECTION_SEP = " > "
 

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared.atomic import atomic_write_text
+from fieldpack.shared.atomic import atomic_write_text
 
-from device.evaluate.run import EvalReport
+from fieldpack.device.evaluate.run import EvalReport
 
 log = logging.getLogger(__name__)
 

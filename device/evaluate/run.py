@@ -46,11 +46,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from shared import bundle_format as fmt
-from shared.errors import InputNotFoundError, IntegrityError, UsageError
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.errors import InputNotFoundError, IntegrityError, UsageError
 
-from device.evaluate import metrics as M
-from device.evaluate.qa import QAItem, QASet, Target, load_qa
+from fieldpack.device.evaluate import metrics as M
+from fieldpack.device.evaluate.qa import QAItem, QASet, Target, load_qa
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,9 @@ class EvalReport:
 # --- opening bundles ---------------------------------------------------------------------------------------
 def _verify_dir(slot_dir: Path) -> None:
     """Re-hash every member listed in ``slot_dir/manifest.json``. Raises IntegrityError naming the member."""
-    from shared.bundle import hash_file
+    from fieldpack.shared.bundle import hash_file
 
-    from device.runtime import read_slot_manifest
+    from fieldpack.device.runtime import read_slot_manifest
 
     manifest = read_slot_manifest(slot_dir)
     for m in manifest.members:
@@ -204,9 +204,9 @@ def open_slot(bundle: Path, scratch: Path, trusted_keys: Sequence[Path] = ()) ->
     bundle = Path(bundle)
     if bundle.is_dir():
         if (bundle / "state.json").is_file():
-            from shared.errors import NoActiveBundleError
+            from fieldpack.shared.errors import NoActiveBundleError
 
-            from device.slots import open_data_dir
+            from fieldpack.device.slots import open_data_dir
 
             slot = open_data_dir(bundle).active_slot_path()
             if slot is None:
@@ -222,9 +222,9 @@ def open_slot(bundle: Path, scratch: Path, trusted_keys: Sequence[Path] = ()) ->
                                  hint="pass a .fpk file, a slot folder, or a data dir")
     if not bundle.exists():
         raise InputNotFoundError(f"bundle {bundle} does not exist", hint="check the path to the .fpk file")
-    from shared.atomic import atomic_write_bytes
-    from shared.bundle import BundleReader
-    from shared.signing import load_public_key
+    from fieldpack.shared.atomic import atomic_write_bytes
+    from fieldpack.shared.bundle import BundleReader
+    from fieldpack.shared.signing import load_public_key
 
     keys = [load_public_key(Path(k)) for k in trusted_keys]
     with BundleReader(bundle) as reader:
@@ -384,9 +384,9 @@ def evaluate_slot(slot_dir: Path, qa: QASet, opts: EvalOptions, *, path: str = "
         RuntimeLoadError: the runtime cannot load the slot. QueryError subclasses do not escape: a question
             the runtime refuses is recorded as abstained with ``error`` set.
     """
-    from shared.errors import QueryError
+    from fieldpack.shared.errors import QueryError
 
-    from device.runtime import Runtime
+    from fieldpack.device.runtime import Runtime
 
     t0 = time.perf_counter()
     results: list[QuestionResult] = []

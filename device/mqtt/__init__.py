@@ -14,11 +14,11 @@ Modules, one job each::
 Topic names and payload keys live in :mod:`shared.protocol` only.
 """
 
-from device.mqtt.client import BrokerSettings, make_client
-from device.mqtt.clock import Clock, SystemClock
-from device.mqtt.daemon import DaemonConfig, MqttDaemon
-from device.mqtt.metrics import METRICS_FILENAME, write_metrics_file
-from device.mqtt.requester import DeviceState, Pending, Requester
+from fieldpack.device.mqtt.client import BrokerSettings, make_client
+from fieldpack.device.mqtt.clock import Clock, SystemClock
+from fieldpack.device.mqtt.daemon import DaemonConfig, MqttDaemon
+from fieldpack.device.mqtt.metrics import METRICS_FILENAME, write_metrics_file
+from fieldpack.device.mqtt.requester import DeviceState, Pending, Requester
 
 __all__ = [
     "BrokerSettings",

@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-from shared import errors, protocol
+from fieldpack.shared import errors, protocol
 
 log = logging.getLogger(__name__)
 

@@ -31,15 +31,15 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from shared import errors, protocol
+from fieldpack.shared import errors, protocol
 
-from device.mqtt.client import BrokerSettings, connect_async, json_properties, make_client
-from device.mqtt.clock import Clock, SystemClock
-from device.mqtt.jobs import Job, JobBoard, ReplyRoute
-from device.mqtt.metrics import MetricsRecorder, write_metrics_file
-from device.mqtt.replies import Replier
-from device.mqtt.worker import EngineInfo, Worker
-from device.types import EngineProvider
+from fieldpack.device.mqtt.client import BrokerSettings, connect_async, json_properties, make_client
+from fieldpack.device.mqtt.clock import Clock, SystemClock
+from fieldpack.device.mqtt.jobs import Job, JobBoard, ReplyRoute
+from fieldpack.device.mqtt.metrics import MetricsRecorder, write_metrics_file
+from fieldpack.device.mqtt.replies import Replier
+from fieldpack.device.mqtt.worker import EngineInfo, Worker
+from fieldpack.device.types import EngineProvider
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import threading
 from typing import Literal
 
-from shared import protocol
+from fieldpack.shared import protocol
 
 
 @dataclass(frozen=True)

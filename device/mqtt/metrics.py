@@ -14,9 +14,9 @@ import logging
 import os
 from pathlib import Path
 import threading
-from shared import errors, protocol
+from fieldpack.shared import errors, protocol
 
-from device.mqtt.clock import Clock
+from fieldpack.device.mqtt.clock import Clock
 
 log = logging.getLogger(__name__)
 

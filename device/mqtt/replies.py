@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 
-from shared import protocol
+from fieldpack.shared import protocol
 
-from device.mqtt.client import json_properties
-from device.mqtt.jobs import ReplyRoute
+from fieldpack.device.mqtt.client import json_properties
+from fieldpack.device.mqtt.jobs import ReplyRoute
 
 log = logging.getLogger(__name__)
 

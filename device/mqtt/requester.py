@@ -20,9 +20,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from shared import errors, protocol
+from fieldpack.shared import errors, protocol
 
-from device.mqtt.client import BrokerSettings, fresh_client_id, json_properties, make_client
+from fieldpack.device.mqtt.client import BrokerSettings, fresh_client_id, json_properties, make_client
 
 log = logging.getLogger(__name__)
 

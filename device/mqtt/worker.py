@@ -13,13 +13,13 @@ import logging
 import threading
 from typing import Callable
 
-from shared import errors, protocol
+from fieldpack.shared import errors, protocol
 
-from device.mqtt.clock import Clock
-from device.mqtt.jobs import Job, JobBoard
-from device.mqtt.metrics import MetricsRecorder
-from device.mqtt.replies import Replier
-from device.types import Answer, AnswerEngine, EngineProvider
+from fieldpack.device.mqtt.clock import Clock
+from fieldpack.device.mqtt.jobs import Job, JobBoard
+from fieldpack.device.mqtt.metrics import MetricsRecorder
+from fieldpack.device.mqtt.replies import Replier
+from fieldpack.device.types import Answer, AnswerEngine, EngineProvider
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import sys
 import click
 import typer
 
-from shared.errors import FieldpackError
+from fieldpack.shared.errors import FieldpackError
 
 app = typer.Typer(
     name="fieldpack",

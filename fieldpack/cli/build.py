@@ -17,7 +17,7 @@ def _repo_demo_docs() -> Path:
 
 def keygen(out: Path = typer.Option(..., "--out", help="folder for builder.key (0600) and builder.pub")) -> None:
     """Make an ed25519 signing key pair."""
-    from shared.signing import generate_keypair, key_id, load_public_key
+    from fieldpack.shared.signing import generate_keypair, key_id, load_public_key
 
     priv, pub = generate_keypair(out)
     typer.echo(f"wrote {priv} and {pub} (key id {key_id(load_public_key(pub).raw)})")
@@ -63,7 +63,7 @@ def build(
     json_out: bool = typer.Option(False, "--json", help="print the manifest as JSON when done"),
 ) -> None:
     """Build a signed bundle from a checkpoint and a folder of documents."""
-    from builder.config import BuildConfig
+    from fieldpack.builder.config import BuildConfig
 
     compression: dict[str, Any] = {k: v for k, v in dict(prune=prune, sparsity=sparsity, pattern=pattern,
                                    drop_layers=drop_layers, ffn_keep=ffn_keep, imatrix=imatrix,
@@ -78,7 +78,7 @@ def build(
     else:
         missing = [f"--{k}" if k != "output" else "-o" for k in ("model", "docs", "name", "sign", "output") if opts[k] is None]
         if missing:
-            from shared.errors import UsageError
+            from fieldpack.shared.errors import UsageError
 
             raise UsageError(f"missing {', '.join(missing)}", hint="give them, or replay a build with --recipe recipe.toml")
         data = {k: v for k, v in opts.items() if v is not None}
@@ -86,7 +86,7 @@ def build(
             data["compression"] = compression
         cfg = BuildConfig.validated(data)
     if cfg.compression:
-        from builder.compress import validate_compression
+        from fieldpack.builder.compress import validate_compression
 
         local = Path(cfg.model)
         validate_compression(cfg.compression, model_dir=local if local.is_dir() else None)
@@ -102,7 +102,7 @@ def build(
 
 def _build_with_progress(cfg: Any) -> Any:
     """Run :func:`builder.pipeline.build_bundle` with a rich status per stage; print the ingest report."""
-    from builder.pipeline import build_bundle
+    from fieldpack.builder.pipeline import build_bundle
 
     hook, status = _stage_printer()
     try:
@@ -135,9 +135,9 @@ def inspect(bundle: Path = typer.Argument(..., help="the .fpk"),
             trust: Optional[list[Path]] = typer.Option(None, "--trust", help="public key(s) to check the signature")) -> None:
     """Show a bundle's manifest: model, tensor types, index, memory, quality figures, signature status."""
     from fieldpack.cli.show import print_manifest
-    from shared.bundle import open_bundle
-    from shared.errors import SignatureError
-    from shared.signing import load_public_key
+    from fieldpack.shared.bundle import open_bundle
+    from fieldpack.shared.errors import SignatureError
+    from fieldpack.shared.signing import load_public_key
 
     with open_bundle(bundle) as reader:
         if json_out:
@@ -160,8 +160,8 @@ def inspect(bundle: Path = typer.Argument(..., help="the .fpk"),
 def verify(bundle: Path = typer.Argument(..., help="the .fpk"),
            trust: list[Path] = typer.Option(..., "--trust", help="trusted public key(s)")) -> None:
     """Check a bundle's signature and every member's sha256."""
-    from shared.bundle import open_bundle
-    from shared.signing import load_public_key
+    from fieldpack.shared.bundle import open_bundle
+    from fieldpack.shared.signing import load_public_key
 
     keys = [load_public_key(p) for p in trust]
     with open_bundle(bundle) as reader:
@@ -176,14 +176,14 @@ def demo(
     quant: str = typer.Option("Q4_K_M", "--quant"),
 ) -> None:
     """The main job end to end on the embedded demo: build a tiny model and a bundle, install it, ask."""
-    from builder.config import BuildConfig
-    from builder.tinymodel import load_corpus, make_tiny_model
-    from device.install import install_bundle
-    from device.runtime import Runtime, check_slot
-    from device.slots import init_data_dir, open_data_dir
-    from shared.signing import generate_keypair
+    from fieldpack.builder.config import BuildConfig
+    from fieldpack.builder.tinymodel import load_corpus, make_tiny_model
+    from fieldpack.device.install import install_bundle
+    from fieldpack.device.runtime import Runtime, check_slot
+    from fieldpack.device.slots import init_data_dir, open_data_dir
+    from fieldpack.shared.signing import generate_keypair
 
-    from builder.pipeline import quiet_third_party
+    from fieldpack.builder.pipeline import quiet_third_party
 
     quiet_third_party()
     docs = docs or _repo_demo_docs()

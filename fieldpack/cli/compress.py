@@ -24,7 +24,7 @@ def plan(
     """Measure size, memory, quality and speed of compression candidates here; propose the best that fits."""
     import json
 
-    from builder.compress.plan import format_plan, make_plan, parse_size
+    from fieldpack.builder.compress.plan import format_plan, make_plan, parse_size
 
     def split(s: str) -> tuple[str, ...]:
         return tuple(x.strip() for x in s.split(",") if x.strip())

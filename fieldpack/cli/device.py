@@ -15,7 +15,7 @@ device_app = typer.Typer(help="Set up a device's data dir.", no_args_is_help=Tru
 
 
 def _data_dir(path: Optional[Path]):
-    from device.slots import default_data_dir, open_data_dir
+    from fieldpack.device.slots import default_data_dir, open_data_dir
 
     return open_data_dir(path or default_data_dir())
 
@@ -24,7 +24,7 @@ def _data_dir(path: Optional[Path]):
 def device_init(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
                 trust: list[Path] = typer.Option(..., "--trust", help="public key(s) whose bundles this device installs")) -> None:
     """Create the data dir (A/B slots, trusted keys, state)."""
-    from device.slots import default_data_dir, init_data_dir
+    from fieldpack.device.slots import default_data_dir, init_data_dir
 
     dd = init_data_dir(data_dir or default_data_dir(), list(trust))
     typer.echo(f"initialised {dd.root} trusting {len(trust)} key(s)")
@@ -35,8 +35,8 @@ def install(bundle: Path = typer.Argument(..., help="the .fpk to install"),
             n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="context length this device will run (tokens)"),
             json_out: bool = typer.Option(False, "--json")) -> None:
     """Verify, unpack into the inactive slot, check, then activate (previous bundle kept for rollback)."""
-    from device.install import install_bundle
-    from device.runtime import check_slot
+    from fieldpack.device.install import install_bundle
+    from fieldpack.device.runtime import check_slot
 
     res = install_bundle(bundle, _data_dir(data_dir), check=check_slot, n_ctx=n_ctx)
     typer.echo(json.dumps(_jsonable(res)) if json_out else res.message)
@@ -51,8 +51,8 @@ def _jsonable(obj):
 
 
 def _runtime(data_dir: Optional[Path], n_ctx: Optional[int], threads: Optional[int]):
-    from device.runtime import Runtime
-    from shared.errors import NoActiveBundleError
+    from fieldpack.device.runtime import Runtime
+    from fieldpack.shared.errors import NoActiveBundleError
 
     dd = _data_dir(data_dir)
     slot = dd.active_slot_path()
@@ -69,7 +69,7 @@ def ask(question: str = typer.Argument(..., help="the question"),
         threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (default: physical cores)"),
         max_tokens: Optional[int] = typer.Option(None, "--max-tokens")) -> None:
     """Answer one question from the installed bundle, with numbered sources."""
-    from shared.errors import EmptyQuestionError
+    from fieldpack.shared.errors import EmptyQuestionError
 
     if not question.strip():
         raise EmptyQuestionError("the question is empty", hint='ask in words, e.g. fieldpack ask "pump 3 alarm?"')
@@ -89,7 +89,7 @@ def chat(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_D
          n_ctx: Optional[int] = typer.Option(None, "--n-ctx"),
          threads: Optional[int] = typer.Option(None, "--threads")) -> None:
     """Interactive offline assistant (streams tokens; /sources, /clear, /quit)."""
-    from device.chat import run_chat
+    from fieldpack.device.chat import run_chat
 
     with _runtime(data_dir, n_ctx, threads) as rt:
         run_chat(rt)
@@ -98,7 +98,7 @@ def chat(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_D
 def status(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
            json_out: bool = typer.Option(False, "--json")) -> None:
     """Active and previous bundle, model, index, memory, and the daemon's latest metrics."""
-    from device.install import status as device_status
+    from fieldpack.device.install import status as device_status
 
     dd = _data_dir(data_dir)
     info = device_status(dd)
@@ -119,7 +119,7 @@ def status(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA
 
 def rollback(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
     """Make the previous bundle active again."""
-    from device.install import rollback as do_rollback
+    from fieldpack.device.install import rollback as do_rollback
 
     res = do_rollback(_data_dir(data_dir))
     typer.echo(res.message)

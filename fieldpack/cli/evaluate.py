@@ -13,7 +13,7 @@ import typer
 
 
 def _check_writable(path: Optional[Path], option: str) -> None:
-    from shared.errors import OutputNotWritableError
+    from fieldpack.shared.errors import OutputNotWritableError
 
     if path is None:
         return
@@ -95,8 +95,8 @@ def eval_cmd(
 ) -> None:
     """Evaluate bundle(s) on a QA set: recall@1/5/10, MRR, nDCG@10 per retrieval mode; citation precision,
     abstention, answer facts; latency p50/p95."""
-    from device.evaluate.report import MATPLOTLIB_MISSING, report_json, write_html, write_json
-    from device.evaluate.run import EvalOptions, evaluate
+    from fieldpack.device.evaluate.report import MATPLOTLIB_MISSING, report_json, write_html, write_json
+    from fieldpack.device.evaluate.run import EvalOptions, evaluate
 
     _check_writable(html, "--html")
     _check_writable(json_out, "--json")

@@ -46,7 +46,7 @@ def _settings(
     tls_key: Optional[Path],
     keepalive: int = 30,
 ):  # -> device.mqtt.BrokerSettings (imported lazily)
-    from device.mqtt.client import BrokerSettings
+    from fieldpack.device.mqtt.client import BrokerSettings
 
     return BrokerSettings.from_options(
         broker, username=username, password_file=password_file, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
@@ -87,9 +87,9 @@ def serve(
     import signal
     import threading
 
-    from device.mqtt import DaemonConfig, MqttDaemon
-    from device.provider import ActiveBundleProvider
-    from device.slots import default_data_dir, open_data_dir
+    from fieldpack.device.mqtt import DaemonConfig, MqttDaemon
+    from fieldpack.device.provider import ActiveBundleProvider
+    from fieldpack.device.slots import default_data_dir, open_data_dir
 
     settings = _settings(broker, username, password_file, tls_ca, tls_cert, tls_key, keepalive)
     config = DaemonConfig(  # checks the options before anything is opened
@@ -128,8 +128,8 @@ def ask(
     json_out: Annotated[bool, typer.Option("--json", help="print the final reply as JSON")] = False,
 ) -> None:
     """Ask a device (or a group) over MQTT; streams the answer, then prints the sources."""
-    from device.mqtt import Requester
-    from shared.errors import UsageError
+    from fieldpack.device.mqtt import Requester
+    from fieldpack.shared.errors import UsageError
 
     if (device is None) == (group is None):
         raise UsageError("give exactly one of --device and --group", hint="e.g. --device fieldbox-7")
@@ -173,7 +173,7 @@ def status(
     """Every device's retained status (online, bundle, model, queue, uptime) and latest metrics."""
     import json
 
-    from device.mqtt import Requester
+    from fieldpack.device.mqtt import Requester
 
     settings = _settings(broker, username, password_file, tls_ca, tls_cert, tls_key)
     with Requester(settings) as requester:

@@ -7,8 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from device.types import Answer
-from shared.manifest import Manifest
+from fieldpack.device.types import Answer
+from fieldpack.shared.manifest import Manifest
 
 
 def _mib(n: int) -> str:

@@ -20,9 +20,9 @@ from typing import Callable
 
 import pytest
 
-from builder import tinymodel
+from fieldpack.builder import tinymodel
 from tests.conftest import DEMO_DOCS, TINY_SEED, TINY_STEPS, cached_dir  # noqa: F401  (shared fixtures live there)
-from builder.convert import ConversionResult, convert_hf_to_gguf
+from fieldpack.builder.convert import ConversionResult, convert_hf_to_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ from tests.conftest import DEMO_DOCS, run_cli
 @pytest.fixture(scope="module")
 def keypair(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("keys")
-    from shared.signing import generate_keypair
+    from fieldpack.shared.signing import generate_keypair
 
     generate_keypair(d)
     return d

@@ -21,7 +21,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_build_with_compression_records_and_replays_its_recipe(tiny_llama_dir: Path, tmp_path: Path) -> None:
     import tomli_w
 
-    from shared.bundle import open_bundle
+    from fieldpack.shared.bundle import open_bundle
 
     r = _cli("keygen", "--out", str(tmp_path / "keys"))
     assert r.returncode == 0, r.stderr

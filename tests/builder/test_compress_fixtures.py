@@ -93,7 +93,7 @@ def split_chunks(chunks: list[str], n_eval: int, seed: int = 0) -> tuple[list[st
 
 def trained_model(name: str, arch: str, corpus: list[str], steps: int, root: Path | None = None) -> Path:
     """A :func:`builder.tinymodel.make_tiny_model` checkpoint, cached by a hash of its inputs."""
-    from builder.tinymodel import make_tiny_model
+    from fieldpack.builder.tinymodel import make_tiny_model
 
     out = (root or cache_root()) / f"{name}-{_key(arch, steps, hashlib.sha256(''.join(corpus).encode()).hexdigest())}"
     if not (out / "model.safetensors").is_file():

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.compress import compute_imatrix
-from builder.compress.imatrix import compute_imatrix_gguf
-from builder.quantize import quantize_gguf, read_imatrix
+from fieldpack.builder.compress import compute_imatrix
+from fieldpack.builder.compress.imatrix import compute_imatrix_gguf
+from fieldpack.builder.quantize import quantize_gguf, read_imatrix
 from tests.builder.test_compress_fixtures import pg_corpus, pg_llama  # noqa: F401  (fixtures)
 
 #: GGUF weight name -> Hugging Face module whose input it multiplies (tiny Llama, 2 blocks).
@@ -78,8 +78,8 @@ def test_quantizer_uses_the_imatrix(converted, demo_corpus, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_domain_imatrix_lowers_q4_k_m_divergence_on_held_out_chunks(pg_llama, pg_corpus, tmp_path) -> None:  # noqa: F811
-    from builder.convert import convert_hf_to_gguf
-    from builder.llama_eval import perplexity_kld
+    from fieldpack.builder.convert import convert_hf_to_gguf
+    from fieldpack.builder.llama_eval import perplexity_kld
 
     calib, held = pg_corpus
     f16 = convert_hf_to_gguf(pg_llama, tmp_path / "f16.gguf")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from builder.compress.masks import (
+from fieldpack.builder.compress.masks import (
     InputStats,
     magnitude_mask,
     matrix_mask,
@@ -125,7 +125,7 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(pattern: tuple[i
 
 
 def _windows(model_dir, texts, seq_len=128):
-    from builder.compress.calibration import build_calibration
+    from fieldpack.builder.compress.calibration import build_calibration
 
     return build_calibration(model_dir, texts, n_chunks=10_000, seq_len=seq_len, seed=0).input_ids
 

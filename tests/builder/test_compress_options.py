@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.compress import validate_compression
-from builder.compress.calibration import CalibrationSet, require_tokens
-from builder.compress.options import parse_options, resolve_ffn_width
-from shared.errors import CompressionConfigError
+from fieldpack.builder.compress import validate_compression
+from fieldpack.builder.compress.calibration import CalibrationSet, require_tokens
+from fieldpack.builder.compress.options import parse_options, resolve_ffn_width
+from fieldpack.shared.errors import CompressionConfigError
 
 
 def _config_dir(tmp_path: Path, **over) -> Path:
@@ -105,7 +105,7 @@ def test_too_small_calibration_set_says_how_many_tokens() -> None:
 
 
 def test_recipe_keeps_and_replays_compression(tmp_path: Path) -> None:
-    from builder.config import BuildConfig
+    from fieldpack.builder.config import BuildConfig
 
     comp = {"prune": "sparsegpt", "pattern": "2:4", "calib_chunks": 64, "imatrix": "domain"}
     cfg = BuildConfig.validated(dict(model="m", docs=tmp_path, name="n", sign=tmp_path / "k", output=tmp_path / "o.fpk",

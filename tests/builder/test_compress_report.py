@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from builder.compress.plan import Candidate, Plan, choose, pareto_front, parse_size
-from builder.compress.report import SPARSITY_NOTE, QualityRow, format_table, measure_speed
-from shared.errors import UsageError
+from fieldpack.builder.compress.plan import Candidate, Plan, choose, pareto_front, parse_size
+from fieldpack.builder.compress.report import SPARSITY_NOTE, QualityRow, format_table, measure_speed
+from fieldpack.shared.errors import UsageError
 
 
 def test_parse_size() -> None:
@@ -64,7 +64,7 @@ def tensor_bytes(path: Path) -> int:
 @pytest.mark.slow
 def test_apply_compression_reports_and_sparse_gguf_is_not_smaller(tiny_llama_dir, converted, demo_corpus,
                                                                   tmp_path) -> None:
-    from builder.compress import apply_compression
+    from fieldpack.builder.compress import apply_compression
 
     f16 = converted("llama", "f16")
     calib, held = demo_corpus[1:], demo_corpus[:1]
@@ -117,7 +117,7 @@ def test_plan_command_writes_a_png_and_proposes_what_fits(tiny_llama_dir, tmp_pa
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a device too small for any candidate: no proposal, and the text says what to change
-    from builder.compress.plan import Plan, format_plan
+    from fieldpack.builder.compress.plan import Plan, format_plan
 
     cands = [Candidate(**{k: v for k, v in d.items() if k != "label"}) for d in c]
     for x in cands:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from builder.compress.calibration import build_calibration
-from builder.compress.structured import block_influence, prune_depth, prune_width
+from fieldpack.builder.compress.calibration import build_calibration
+from fieldpack.builder.compress.structured import block_influence, prune_depth, prune_width
 
 
 def _load(model_dir: Path):
@@ -84,8 +84,8 @@ def test_pruned_checkpoint_converts_loads_and_generates(arch, options, tiny_dirs
 
     from llama_cpp import Llama
 
-    from builder.compress import prune_checkpoint, validate_compression
-    from builder.quantize import quantize_gguf
+    from fieldpack.builder.compress import prune_checkpoint, validate_compression
+    from fieldpack.builder.quantize import quantize_gguf
 
     dense = converted(arch, "f16")
     opts = validate_compression(options, model_dir=tiny_dirs[arch])

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.convert import convert_hf_to_gguf, hub_or_local
-from builder.convert.tokenizer import read_sentencepiece_model
-from shared.errors import (
+from fieldpack.builder.convert import convert_hf_to_gguf, hub_or_local
+from fieldpack.builder.convert.tokenizer import read_sentencepiece_model
+from fieldpack.shared.errors import (
     InputNotFoundError,
     ModelLoadError,
     UnsupportedArchitectureError,
@@ -117,7 +117,7 @@ def test_gguf_metadata_matches_tokenizer_and_config(converted, tiny_llama_dir: P
 def test_llama_cpp_chats_with_the_conversion_and_stops_at_end_of_turn(converted, demo_corpus, arch: str) -> None:
     from llama_cpp import Llama
 
-    from builder.tinymodel import make_qa_pairs
+    from fieldpack.builder.tinymodel import make_qa_pairs
 
     pairs = make_qa_pairs(demo_corpus)[:10]
     llm = Llama(str(converted(arch, "f16").path), n_ctx=512, verbose=False, seed=0)
@@ -158,7 +158,7 @@ def test_sharded_checkpoint_converts_to_the_same_tensors(tiny_llama_dir: Path, c
 def test_qk_permutation_is_applied_to_llama_only(converted, tiny_llama_dir: Path, tiny_qwen2_dir: Path) -> None:
     from safetensors import safe_open
 
-    from builder.convert.arch import permute_qk
+    from fieldpack.builder.convert.arch import permute_qk
 
     def hf(d: Path, name: str) -> np.ndarray:
         with safe_open(str(d / "model.safetensors"), framework="pt") as fh:

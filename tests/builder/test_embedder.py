@@ -1,4 +1,4 @@
-"""builder.embedder_export + device.embedder: the ONNX graph matches sentence-transformers, the int8 gate
+"""builder.embedder_export + retrieval.embedder: the ONNX graph matches sentence-transformers, the int8 gate
 decides honestly, other checkpoints (CLS pooling, no tokenizer.json) export, bad ones are refused clearly."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.embedder_export import GATE_SENTENCES, default_model_dir, export_embedder
-from device.embedder import OnnxEmbedder
-from shared.errors import InputNotFoundError, RuntimeLoadError, UnsupportedArchitectureError, UsageError
+from fieldpack.builder.embedder_export import GATE_SENTENCES, default_model_dir, export_embedder
+from fieldpack.retrieval.embedder import OnnxEmbedder
+from fieldpack.shared.errors import InputNotFoundError, RuntimeLoadError, UnsupportedArchitectureError, UsageError
 from tests.retrieval_fixtures import ExportedEmbedder, minilm_fp32, minilm_int8  # noqa: F401
 
 SENTENCES = [

@@ -1,4 +1,4 @@
-"""builder.index_build + device.sqlite: the index file's layout, contents, atomic write, and refusals."""
+"""builder.index_build + retrieval.index: the index file's layout, contents, atomic write, and refusals."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.index_build import build_index, embed_chunks
-from builder.ingest import Chunk, ingest
-from device import sqlite as idx
-from shared.errors import IngestError, OutputNotWritableError, RuntimeLoadError, UsageError
+from fieldpack.builder.index_build import build_index, embed_chunks
+from fieldpack.builder.ingest import Chunk, ingest
+from fieldpack.retrieval import index as idx
+from fieldpack.shared.errors import IngestError, OutputNotWritableError, RuntimeLoadError, UsageError
 from tests.retrieval_fixtures import DEMO_DOCS, embedder, minilm_int8  # noqa: F401
 
 

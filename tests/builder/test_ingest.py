@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.ingest import Chunk, IngestResult, ingest, report_table, report_to_dict
-from shared.errors import InputNotFoundError, NoDocumentsError, UsageError
+from fieldpack.builder.ingest import Chunk, IngestResult, ingest, report_table, report_to_dict
+from fieldpack.shared.errors import InputNotFoundError, NoDocumentsError, UsageError
 from tests.retrieval_fixtures import DEMO_DOCS, embedder, make_pdf, minilm_int8  # noqa: F401
 
 

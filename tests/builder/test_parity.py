@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import builder.convert.arch as arch_mod
-import builder.convert.tokenizer as tok_mod
-from builder.convert import convert_hf_to_gguf
-from builder.parity import DEFAULT_PROMPTS, TOLERANCE_BY_FILE_TYPE, check_parity
-from builder.quantize import quantize_gguf
-from shared.errors import ParityError, UsageError
+import fieldpack.builder.convert.arch as arch_mod
+import fieldpack.builder.convert.tokenizer as tok_mod
+from fieldpack.builder.convert import convert_hf_to_gguf
+from fieldpack.builder.parity import DEFAULT_PROMPTS, TOLERANCE_BY_FILE_TYPE, check_parity
+from fieldpack.builder.quantize import quantize_gguf
+from fieldpack.shared.errors import ParityError, UsageError
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

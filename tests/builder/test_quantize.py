@@ -9,17 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.convert import convert_hf_to_gguf
-from builder.llama_eval import perplexity, perplexity_kld
-from builder.parity import gguf_file_type
-from builder.quantize import (
+from fieldpack.builder.convert import convert_hf_to_gguf
+from fieldpack.builder.llama_eval import perplexity, perplexity_kld
+from fieldpack.builder.parity import gguf_file_type
+from fieldpack.builder.quantize import (
     NOMINAL_TENSOR_TYPE,
     QUANT_TYPES,
     quantize_gguf,
     read_imatrix,
     write_imatrix_gguf,
 )
-from shared.errors import QuantizationError, UnknownQuantTypeError, UsageError
+from fieldpack.shared.errors import QuantizationError, UnknownQuantTypeError, UsageError
 
 
 @pytest.fixture(scope="module")

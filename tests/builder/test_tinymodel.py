@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import tinymodel
-from shared.errors import InputNotFoundError, NoDocumentsError
+from fieldpack.builder import tinymodel
+from fieldpack.shared.errors import InputNotFoundError, NoDocumentsError
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import signal
 import threading
 
-from device.mqtt import BrokerSettings, DaemonConfig, MqttDaemon
+from fieldpack.device.mqtt import BrokerSettings, DaemonConfig, MqttDaemon
 from tests.device.mqtt_fakes import FakeEngine, FakeProvider
 
 

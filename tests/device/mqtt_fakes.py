@@ -7,9 +7,10 @@ import threading
 import time
 from typing import Callable
 
-from shared import errors
+from fieldpack.shared import errors
 
-from device.types import Answer, Hit, Timings
+from fieldpack.device.types import Answer, Timings
+from fieldpack.retrieval.types import Hit
 
 
 class FakeClock:

@@ -13,9 +13,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from shared import protocol
+from fieldpack.shared import protocol
 
-from device.mqtt.client import BrokerSettings, fresh_client_id, tls_context
+from fieldpack.device.mqtt.client import BrokerSettings, fresh_client_id, tls_context
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0, what: str = "condition") -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from device.evaluate import metrics as M
-from device.evaluate.qa import Target, load_qa
-from device.evaluate.run import (
+from fieldpack.device.evaluate import metrics as M
+from fieldpack.device.evaluate.qa import Target, load_qa
+from fieldpack.device.evaluate.run import (
     EvalReport,
     BundleEval,
     QuestionResult,
@@ -20,7 +20,7 @@ from device.evaluate.run import (
     cited_numbers,
     declines,
 )
-from shared.errors import FieldpackError, InputNotFoundError, UsageError
+from fieldpack.shared.errors import FieldpackError, InputNotFoundError, UsageError
 
 
 # --- ranking metrics ----------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_cited_numbers() -> None:
 
 
 def test_declines() -> None:
-    from device.prompt import ABSTAIN_TEXT
+    from fieldpack.device.prompt import ABSTAIN_TEXT
 
     assert declines(ABSTAIN_TEXT)
     assert declines("The documents do not answer this question.")
@@ -279,7 +279,7 @@ def _report() -> EvalReport:
 
 
 def test_json_report_round_trips(tmp_path: Path) -> None:
-    from device.evaluate.report import write_json
+    from fieldpack.device.evaluate.report import write_json
 
     doc = json.loads(write_json(_report(), tmp_path / "r.json").read_text())
     assert doc["report_version"] == 1
@@ -289,7 +289,7 @@ def test_json_report_round_trips(tmp_path: Path) -> None:
 
 def test_html_report_is_self_contained_with_plots(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from device.evaluate.report import write_html
+    from fieldpack.device.evaluate.report import write_html
 
     path = tmp_path / "r.html"
     assert write_html(_report(), path) is True
@@ -300,7 +300,7 @@ def test_html_report_is_self_contained_with_plots(tmp_path: Path) -> None:
 
 
 def test_html_report_without_matplotlib_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from device.evaluate.report import MATPLOTLIB_MISSING, write_html
+    from fieldpack.device.evaluate.report import MATPLOTLIB_MISSING, write_html
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     path = tmp_path / "r.html"
@@ -311,7 +311,7 @@ def test_html_report_without_matplotlib_says_so(tmp_path: Path, monkeypatch: pyt
 
 
 def test_errors_are_one_line_fieldpack_errors(tmp_path: Path) -> None:
-    from device.evaluate.run import EvalOptions, evaluate
+    from fieldpack.device.evaluate.run import EvalOptions, evaluate
 
     qa = _write(tmp_path / "qa.jsonl", '{"question": "q?", "expected_source": "a.md"}')
     with pytest.raises(InputNotFoundError, match="nope.fpk does not exist"):

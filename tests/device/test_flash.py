@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from device.install import install_bundle
-from device.slots import init_data_dir, open_data_dir
-from shared.bundle import BundleReader
-from shared.errors import NotInitializedError, SignatureError, SlotCheckError
+from fieldpack.device.install import install_bundle
+from fieldpack.device.slots import init_data_dir, open_data_dir
+from fieldpack.shared.bundle import BundleReader
+from fieldpack.shared.errors import NotInitializedError, SignatureError, SlotCheckError
 from tests.shared.factories import Keys, base_bundle, make_bundle, make_keys, rebuild_bundle
 
 REPO = Path(__file__).resolve().parents[2]

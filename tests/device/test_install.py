@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from device import resources
-from device.install import clean_leftovers, install_bundle, rollback, status
-from device.resources import ResourceProbe, check_feasibility, kv_cache_bytes, ram_needed
-from device.slots import (
+from fieldpack.device import resources
+from fieldpack.device.install import clean_leftovers, install_bundle, rollback, status
+from fieldpack.device.resources import ResourceProbe, check_feasibility, ram_needed
+from fieldpack.shared.kv_cache import kv_cache_bytes
+from fieldpack.device.slots import (
     ENV_DATA_DIR,
     SLOT_RECORD_FILE,
     DataDir,
@@ -27,9 +28,9 @@ from device.slots import (
     init_data_dir,
     open_data_dir,
 )
-from shared import bundle_format as fmt
-from shared.bundle import BundleReader
-from shared.errors import (
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.bundle import BundleReader
+from fieldpack.shared.errors import (
     BundleFormatError,
     DeviceError,
     FieldpackError,
@@ -46,7 +47,7 @@ from shared.errors import (
     UnsupportedFormatVersion,
     UsageError,
 )
-from shared.manifest import Manifest
+from fieldpack.shared.manifest import Manifest
 from tests.shared.factories import (
     N_CTX,
     Entry,
@@ -347,8 +348,8 @@ def test_ram_needed_follows_n_ctx(dd: DataDir, bundles: dict[str, Path]) -> None
 
 def test_kv_cache_formula() -> None:
     # Llama-3.2-1B: 16 layers, 32 heads, 8 KV heads, n_embd 2048 -> 32 KiB per token in f16
-    assert kv_cache_bytes(1, n_layer=16, n_head=32, n_head_kv=8, n_embd=2048) == 32 * 1024
-    assert kv_cache_bytes(4096, n_layer=16, n_head=32, n_head_kv=8, n_embd=2048) == 128 * MIB
+    assert kv_cache_bytes(1, n_layer=16, n_head_kv=8, head_dim=64) == 32 * 1024
+    assert kv_cache_bytes(4096, n_layer=16, n_head_kv=8, head_dim=64) == 128 * MIB
 
 
 def test_disk_check_counts_the_slot_it_will_free(dd: DataDir, bundles: dict[str, Path]) -> None:
@@ -401,7 +402,7 @@ def test_second_install_at_the_same_time(dd: DataDir, bundles: dict[str, Path]) 
 
 def test_module_entry_point(dd: DataDir, bundles: dict[str, Path], tmp_path: Path, keys: Keys) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "device.install", "--no-check", "--data-dir", str(dd.root)]
+    cmd = [sys.executable, "-m", "fieldpack.device.install", "--no-check", "--data-dir", str(dd.root)]
     ok = subprocess.run(cmd + [str(bundles["v1"])], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == f"installed {label_of(bundles['v1'])} into slot a"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from device.install import CRASH_ENV, CRASH_POINTS, install_bundle, rollback
-from device.slots import SLOT_NAMES, DataDir, init_data_dir, open_data_dir
-from shared.bundle import BundleReader
+from fieldpack.device.install import CRASH_ENV, CRASH_POINTS, install_bundle, rollback
+from fieldpack.device.slots import SLOT_NAMES, DataDir, init_data_dir, open_data_dir
+from fieldpack.shared.bundle import BundleReader
 from tests.shared.factories import Keys, large_bundles, make_bundle, make_keys
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def install_cmd(dd: DataDir, bundle: Path) -> list[str]:
-    return [sys.executable, "-m", "device.install", "--no-check", "--progress", "--data-dir", str(dd.root),
+    return [sys.executable, "-m", "fieldpack.device.install", "--no-check", "--progress", "--data-dir", str(dd.root),
             str(bundle)]
 
 

@@ -15,9 +15,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from shared import errors, protocol
+from fieldpack.shared import errors, protocol
 
-from device.mqtt import DaemonConfig, MqttDaemon
+from fieldpack.device.mqtt import DaemonConfig, MqttDaemon
 from fieldpack.cli.mqtt import register
 from tests.device.mqtt_fakes import FakeEngine, FakeProvider, fake_tokens
 from tests.device.mqtt_probe import Probe
@@ -106,8 +106,8 @@ def test_status_lists_devices(cli: typer.Typer, broker: MosquittoBroker, daemon:
 def test_serve_runs_the_real_provider_and_stops_on_sigterm(broker: MosquittoBroker, tmp_path: Path) -> None:
     """`fieldpack serve` as a process on a data dir with no bundle yet: it serves, answers `no_active_bundle`
     (exit 6 from `fieldpack mqtt ask`), shows the reason in its status, and stops cleanly on SIGTERM."""
-    from device.slots import init_data_dir
-    from shared.signing import generate_keypair
+    from fieldpack.device.slots import init_data_dir
+    from fieldpack.shared.signing import generate_keypair
 
     _, pub = generate_keypair(tmp_path / "keys")
     data_dir = init_data_dir(tmp_path / "data", [pub]).root

@@ -16,11 +16,11 @@ import uuid
 
 import pytest
 
-from shared import errors, protocol
+from fieldpack.shared import errors, protocol
 
-from device.mqtt import DaemonConfig, MqttDaemon, Requester
-from device.mqtt.client import BrokerSettings
-from device.mqtt.metrics import METRICS_FILENAME
+from fieldpack.device.mqtt import DaemonConfig, MqttDaemon, Requester
+from fieldpack.device.mqtt.client import BrokerSettings
+from fieldpack.device.mqtt.metrics import METRICS_FILENAME
 from tests.device.mqtt_fakes import FakeClock, FakeEngine, FakeProvider, fake_tokens
 from tests.device.mqtt_probe import Probe, wait_for
 from tests.mqtt_broker import MosquittoBroker, have_mosquitto, make_tls_files
@@ -210,7 +210,7 @@ def test_request_with_nowhere_to_reply_is_logged_and_dropped(
     watcher = Probe(broker.settings())
     try:
         watcher.subscribe("#")
-        with caplog.at_level(logging.WARNING, logger="device.mqtt.daemon"):
+        with caplog.at_level(logging.WARNING, logger="fieldpack.device.mqtt.daemon"):
             probe.publish(topic, _request("lost-1"))  # valid, but neither Response Topic nor reply_to
             probe.publish(topic, b"not json either")
             probe.publish(topic, _request("found-1"), response_topic=f"probe-replies/{probe.client_id}")

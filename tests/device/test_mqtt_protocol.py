@@ -15,11 +15,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from shared import errors, protocol
+from fieldpack.shared import errors, protocol
 
-from device.mqtt.client import BrokerSettings, parse_broker_url
-from device.mqtt.jobs import Job, JobBoard, ReplyRoute
-from device.mqtt.replies import Replier
+from fieldpack.device.mqtt.client import BrokerSettings, parse_broker_url
+from fieldpack.device.mqtt.jobs import Job, JobBoard, ReplyRoute
+from fieldpack.device.mqtt.replies import Replier
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from shared import protocol
+from fieldpack.shared import protocol
 
 from tests.mqtt_broker import MosquittoBroker, have_mosquitto
 
@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
-runtime = pytest.importorskip("device.runtime", reason="needs device.runtime")
+runtime = pytest.importorskip("fieldpack.device.runtime", reason="needs device.runtime")
 from tests.conftest import run_cli  # noqa: E402  (bundle fixtures: bundle_v1, bundle_v2, device_dir in tests/conftest.py)
 
 QUESTION = "The connection pool is exhausted. What should I do?"
@@ -36,9 +36,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker
 def test_real_engine_answers_over_mqtt_and_picks_up_a_new_bundle(
     broker: MosquittoBroker, device_dir: Path, bundle_v2: Path
 ) -> None:
-    from device.mqtt import DaemonConfig, MqttDaemon, Requester
-    from device.provider import ActiveBundleProvider
-    from device.slots import open_data_dir
+    from fieldpack.device.mqtt import DaemonConfig, MqttDaemon, Requester
+    from fieldpack.device.provider import ActiveBundleProvider
+    from fieldpack.device.slots import open_data_dir
 
     dev = f"real-{uuid.uuid4().hex[:8]}"
     dd = open_data_dir(device_dir)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from device.prompt import Turn, build_messages, fit_prompt
-from device.types import Hit
-from shared.errors import QuestionTooLongError
+from fieldpack.device.prompt import Turn, build_messages, fit_prompt
+from fieldpack.retrieval.types import Hit
+from fieldpack.shared.errors import QuestionTooLongError
 
 
 def _hit(i: int, words: int = 50) -> Hit:

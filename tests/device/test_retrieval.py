@@ -1,4 +1,4 @@
-"""device.retrieval on real indexes (real MiniLM ONNX, sqlite-vec, FTS5): hybrid search, safe FTS5 queries,
+"""retrieval.search on real indexes (real MiniLM ONNX, sqlite-vec, FTS5): hybrid search, safe FTS5 queries,
 RRF as defined, relevance/abstention, and (slow) recall@5 on the Debian Administrator's Handbook QA set."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device.retrieval import (
+from fieldpack.retrieval.search import (
     DEFAULT_MIN_SIMILARITY,
     RRF_K,
     Retriever,
@@ -19,8 +19,8 @@ from device.retrieval import (
     is_relevant,
     reciprocal_rank_fusion,
 )
-from device.types import Hit
-from shared.errors import EmptyQuestionError, RuntimeLoadError, UsageError
+from fieldpack.retrieval.types import Hit
+from fieldpack.shared.errors import EmptyQuestionError, RuntimeLoadError, UsageError
 from tests.retrieval_fixtures import (  # noqa: F401
     DEBIAN_HANDBOOK,
     QA_FILE,
@@ -156,8 +156,8 @@ def test_stats_close_and_refusals(demo_index: Path, embedder: Any, tmp_path: Pat
     with pytest.raises(RuntimeLoadError, match="closed"):
         r.search("pump")
 
-    from builder.index_build import build_index
-    from builder.ingest import Chunk
+    from fieldpack.builder.index_build import build_index
+    from fieldpack.builder.ingest import Chunk
 
     small = tmp_path / "dim8.sqlite"
     build_index([Chunk("a.md", "", None, 1, 1, "text", 1, "0" * 64)], np.ones((1, 8), np.float32), small)
@@ -182,9 +182,9 @@ def test_hit_round_trips_to_dict(retriever: Retriever) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not DEBIAN_HANDBOOK.is_dir() or not QA_FILE.is_file(), reason="debian-handbook or QA set missing")
 def test_debian_handbook_recall_and_abstention(cache_dir: Path, embedder: Any, minilm_int8: Any) -> None:  # noqa: F811
-    from builder import index_build, ingest as ingest_pkg
-    from builder.index_build import build_index, embed_chunks
-    from builder.ingest import ingest
+    from fieldpack.builder import index_build, ingest as ingest_pkg
+    from fieldpack.builder.index_build import build_index, embed_chunks
+    from fieldpack.builder.ingest import ingest
 
     pages = sorted(DEBIAN_HANDBOOK.glob("*.html"))
     code = sorted(Path(ingest_pkg.__file__).parent.glob("*.py")) + [Path(index_build.__file__)]

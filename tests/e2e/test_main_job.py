@@ -64,15 +64,15 @@ def test_bad_questions_get_one_line_errors(device_dir: Path, tmp_path: Path) -> 
 def test_streamed_equals_non_streamed(device_dir: Path) -> None:
     """Streaming pieces concatenate to exactly the non-streamed completion of the same prompt (llama.cpp,
     greedy), including multi-byte characters and stop strings split across tokens."""
-    from device.runtime import Runtime
-    from device.slots import open_data_dir
+    from fieldpack.device.runtime import Runtime
+    from fieldpack.device.slots import open_data_dir
 
     with Runtime(open_data_dir(device_dir).active_slot_path()) as rt:
         for q in (QUESTION, "Pump 3 pressure alarm: what are the next steps? — ü ß 水"):
             pieces: list[str] = []
             ans = rt.answer(q, on_token=pieces.append)
             assert "".join(pieces) == ans.text
-            from device.prompt import fit_prompt
+            from fieldpack.device.prompt import fit_prompt
 
             built = fit_prompt(q, ans.sources, [], render=rt.render, tokenize=rt.tokenize_prompt,
                                budget_tokens=rt.n_ctx - rt.manifest.runtime.max_tokens)
@@ -85,8 +85,8 @@ def test_streamed_equals_non_streamed(device_dir: Path) -> None:
 def test_stop_string_split_across_tokens(device_dir: Path) -> None:
     """A stop string that spans a token boundary ends the streamed answer exactly where the non-streamed one
     ends, and never leaks a prefix of itself into the stream."""
-    from device.runtime import Runtime
-    from device.slots import open_data_dir
+    from fieldpack.device.runtime import Runtime
+    from fieldpack.device.slots import open_data_dir
 
     with Runtime(open_data_dir(device_dir).active_slot_path()) as rt:
         full = rt.answer(QUESTION)

@@ -30,9 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from shared import bundle_format as fmt
-from shared.bundle import BundleReader, describe_members, write_bundle
-from shared.manifest import (
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.bundle import BundleReader, describe_members, write_bundle
+from fieldpack.shared.manifest import (
     EmbedderInfo,
     IndexInfo,
     Manifest,
@@ -42,7 +42,7 @@ from shared.manifest import (
     RuntimeDefaults,
     SmokeTest,
 )
-from shared.signing import generate_keypair, sign_manifest
+from fieldpack.shared.signing import generate_keypair, sign_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_ROOT = REPO / ".fieldpack-cache"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from shared import bundle_format as fmt
-from shared.bundle import BundleReader, check_member_name, write_bundle
-from shared.errors import (
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.bundle import BundleReader, check_member_name, write_bundle
+from fieldpack.shared.errors import (
     BundleFormatError,
     InputNotFoundError,
     IntegrityError,
@@ -22,7 +22,7 @@ from shared.errors import (
     UnsafeMemberError,
     UnsupportedFormatVersion,
 )
-from shared.signing import load_public_key, sign_manifest
+from fieldpack.shared.signing import load_public_key, sign_manifest
 from tests.shared.factories import (
     Entry,
     Keys,

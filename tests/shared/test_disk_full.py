@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.bundle import write_bundle
-from shared.errors import OutputNotWritableError
+from fieldpack.shared.bundle import write_bundle
+from fieldpack.shared.errors import OutputNotWritableError
 from tests.shared.factories import make_keys, make_manifest, make_member_files
 
 

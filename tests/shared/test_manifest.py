@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shared import bundle_format as fmt
-from shared.errors import ManifestError, UnsupportedFormatVersion
-from shared.manifest import Manifest, MemoryNeeds, parse_manifest
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.errors import ManifestError, UnsupportedFormatVersion
+from fieldpack.shared.manifest import Manifest, MemoryNeeds, parse_manifest
 from tests.shared.factories import make_manifest, make_member_files
 
 

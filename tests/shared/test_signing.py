@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.errors import OutputNotWritableError, SignatureError, SigningKeyError
-from shared.signing import generate_keypair, key_id, load_private_key, load_public_key, sign_manifest, verify_manifest
+from fieldpack.shared.errors import OutputNotWritableError, SignatureError, SigningKeyError
+from fieldpack.shared.signing import generate_keypair, key_id, load_private_key, load_public_key, sign_manifest, verify_manifest
 
 MSG = b'{"format": "fieldpack-bundle"}\n'
 

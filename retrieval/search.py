@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from device import sqlite as idx
-from device.embedder import OnnxEmbedder
-from device.types import Hit
-from shared.errors import EmptyQuestionError, RuntimeLoadError, UsageError
+from fieldpack.retrieval import index as idx
+from fieldpack.shared import index_format
+from fieldpack.retrieval.embedder import OnnxEmbedder
+from fieldpack.retrieval.types import Hit
+from fieldpack.shared.errors import EmptyQuestionError, RuntimeLoadError, UsageError
 
 if TYPE_CHECKING:
     import apsw
@@ -175,15 +176,15 @@ class Retriever:
                 hint="rebuild the bundle with `fieldpack build`",
             ) from exc
         self.meta: dict[str, str] = {str(k): str(v) for k, v in rows}
-        fmt = self.meta.get(idx.META_INDEX_FORMAT)
-        if fmt != str(idx.INDEX_FORMAT):
+        fmt = self.meta.get(index_format.META_INDEX_FORMAT)
+        if fmt != str(index_format.INDEX_FORMAT):
             conn.close()
             raise RuntimeLoadError(
-                f"index {self.db_path} has format {fmt!r}; this fieldpack reads format {idx.INDEX_FORMAT}",
+                f"index {self.db_path} has format {fmt!r}; this fieldpack reads format {index_format.INDEX_FORMAT}",
                 hint="rebuild the bundle with this fieldpack version, or upgrade fieldpack on the device",
             )
-        self.dimension = int(self.meta.get(idx.META_DIMENSION, "0"))
-        self.metric = self.meta.get(idx.META_METRIC, "cosine")
+        self.dimension = int(self.meta.get(index_format.META_DIMENSION, "0"))
+        self.metric = self.meta.get(index_format.META_METRIC, "cosine")
         if self.dimension != embedder.dimension:
             conn.close()
             raise RuntimeLoadError(
@@ -341,8 +342,8 @@ class Retriever:
             "documents": int(documents),
             "dimension": self.dimension,
             "metric": self.metric,
-            "embedder": self.meta.get(idx.META_EMBEDDER, ""),
-            "index_format": int(self.meta.get(idx.META_INDEX_FORMAT, "0")),
+            "embedder": self.meta.get(index_format.META_EMBEDDER, ""),
+            "index_format": int(self.meta.get(index_format.META_INDEX_FORMAT, "0")),
         }
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shared.errors import RuntimeLoadError, UsageError
+from fieldpack.shared.errors import RuntimeLoadError, UsageError
 
 if TYPE_CHECKING:
     import onnxruntime
