@@ -24,9 +24,9 @@ def keygen(out: Path = typer.Option(..., "--out", help="folder for builder.key (
 
 
 def _stage_printer():
-    from rich.console import Console
+    from fieldpack.cli.console import console as make_console
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     status = {"s": None}
 
     def hook(name: str, event: str) -> None:
@@ -115,12 +115,13 @@ def _build_with_progress(cfg: Any) -> Any:
 
 
 def _print_ingest_report(report: list[dict[str, Any]]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from fieldpack.cli.console import console as make_console
 
     indexed = [r for r in report if r.get("status") == "indexed"]
     skipped = [r for r in report if r.get("status") != "indexed"]
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     console.print(f"ingest: {len(indexed)} files indexed, {len(skipped)} skipped, "
                   f"{sum(int(r.get('chunks', 0)) for r in indexed)} chunks")
     if skipped:

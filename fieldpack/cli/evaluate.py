@@ -33,10 +33,11 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
     """Print an eval report (``EvalReport.to_dict()``) with rich: per bundle a retrieval table (one row per
     mode), then one answers table with a column per bundle."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    c = console or Console()
+    from fieldpack.cli.console import console as make_console
+
+    c = console or make_console()
     k = doc["options"]["k"]
     cuts = [f"recall@{x}" for x in (1, 5, 10) if x <= k]
     nd = f"ndcg@{min(10, k)}"
@@ -104,10 +105,11 @@ def eval_cmd(
                        generate=not no_generate, trusted_keys=tuple(trust), answer_k=answer_k,
                        max_tokens=max_tokens, n_ctx=n_ctx, threads=threads)
 
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    err = Console(stderr=True)
+    from fieldpack.cli.console import console as make_console
+
+    err = make_console(stderr=True)
     if not err.is_terminal:  # no live display into a pipe or file: stderr stays for the one-line error
         report = evaluate(list(bundles), qa, opts)
     else:

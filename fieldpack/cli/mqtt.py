@@ -187,7 +187,6 @@ def status(
     if not states:
         typer.echo(f"no device has published a status on {settings.url}")
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("device", "online", "bundle", "model", "queue", "uptime", "answered", "errors", "busy",
@@ -207,7 +206,9 @@ def status(
             f"{m.ttft_ms.p50:.0f}" if m and m.ttft_ms.p50 is not None else "-",
             f"{m.tokens_per_s.mean:.1f}" if m and m.tokens_per_s.mean is not None else "-",
         )
-    Console().print(table)
+    from fieldpack.cli.console import console
+
+    console().print(table)
 
 
 def _duration(seconds: float | None) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+
+from fieldpack.cli.console import console as make_console
 from rich.table import Table
 
 from fieldpack.device.types import Answer
@@ -25,7 +27,7 @@ def _fmt(v: Any) -> str:
 
 def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Console | None = None) -> None:
     """Print the manifest as a few tables: identity, model, embedder/index, memory, quality, members."""
-    c = console or Console()
+    c = console or make_console()
     c.print(f"[bold]{m.label}[/]  format v{m.format_version}, built {m.created_at.isoformat()} by fieldpack "
             f"{m.builder_version}, {_mib(bundle_size)}")
     c.print(f"signature: {signature}")
@@ -79,7 +81,7 @@ def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Co
 
 def print_answer(ans: Answer, *, streamed: bool = False, console: Console | None = None) -> None:
     """Print the answer (unless already streamed), numbered sources and timings."""
-    c = console or Console()
+    c = console or make_console()
     if not streamed:
         c.print(ans.text, markup=False, highlight=False)
     if ans.sources:

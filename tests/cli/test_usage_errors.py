@@ -1,0 +1,104 @@
+"""Usage mistakes through the installed ``fieldpack`` command: one line on stderr, exit 2, in every family."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cli.conftest import assert_one_line_error, run_cli
+
+# (argv, text the one line must contain): unknown option, missing argument/option, bad value type per family.
+CASES = [
+    # root
+    (["nosuchcmd"], "No such command"),
+    (["--bogus"], "--bogus"),
+    # build host
+    (["build", "--bogus", "x"], "--bogus"),
+    (["build", "--n-ctx", "many"], "--n-ctx"),
+    (["keygen"], "--out"),
+    (["inspect"], "BUNDLE"),
+    (["inspect", "x.fpk", "--bogus"], "--bogus"),
+    (["verify", "x.fpk"], "--trust"),
+    # device
+    (["ask"], "question"),
+    (["ask", "--bogus", "x"], "--bogus"),
+    (["ask", "--k", "abc", "q"], "--k"),
+    (["ask", "q", "--threads", "1.5"], "--threads"),
+    (["install"], "BUNDLE"),
+    (["install", "x.fpk", "--n-ctx", "big"], "--n-ctx"),
+    (["device", "init"], "--trust"),
+    (["device", "nosuch"], "No such command"),
+    (["status", "--bogus"], "--bogus"),
+    (["chat", "--n-ctx", "x"], "--n-ctx"),
+    (["rollback", "extra"], "extra"),
+    # mqtt
+    (["mqtt", "ask"], "question"),
+    (["mqtt", "ask", "q", "--bogus"], "--bogus"),
+    (["mqtt", "ask", "q", "--broker", "mqtt://h", "--timeout", "soon"], "--timeout"),
+    (["mqtt", "status", "--keepalive", "1"], "--keepalive"),
+    (["mqtt", "nosuch"], "No such command"),
+    (["serve", "--broker", "mqtt://h", "--device-id", "a", "--queue-size", "many"], "--queue-size"),
+    # eval, plan
+    (["eval"], "BUNDLES"),
+    (["eval", "b.fpk", "--qa", "q.jsonl", "--k", "ten"], "--k"),
+    (["plan", "--model", "m"], "--docs"),
+    (["plan", "--bogus"], "--bogus"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_usage_error_is_one_line_exit_2(argv: list[str], needle: str) -> None:
+    r = run_cli(*argv, env={"FIELDPACK_BROKER": ""})
+    line = assert_one_line_error(r, 2)
+    assert needle.lower() in line.lower(), line
+    assert r.stdout == ""
+
+
+@pytest.mark.slow
+def test_every_command_answers_unknown_option_in_one_line() -> None:
+    """Every registered command, also those added later, goes through the one handler."""
+    import typer
+
+    from fieldpack.cli import app
+
+    def paths(cmd, prefix):  # type: ignore[no-untyped-def]
+        sub = getattr(cmd, "commands", None)
+        if not sub:
+            yield prefix
+            return
+        for name, c in sub.items():
+            yield from paths(c, [*prefix, name])
+
+    all_paths = list(paths(typer.main.get_command(app), []))
+    assert len(all_paths) >= 15
+    for p in all_paths:
+        r = run_cli(*p, "--no-such-option-xyz")
+        assert_one_line_error(r, 2, "--no-such-option-xyz", f"fieldpack {' '.join(p)} --help")
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_short_and_long(flag: str) -> None:
+    for argv in ([flag], ["ask", flag], ["mqtt", "ask", flag], ["device", "init", flag]):
+        r = run_cli(*argv)
+        assert r.returncode == 0, r.stderr
+        assert "Usage:" in r.stdout and r.stderr == ""
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"fieldpack {version('fieldpack')}"
+    # `build --version` stays the bundle version option, not the program's
+    r = run_cli("build", "--version")
+    assert_one_line_error(r, 2, "--version")
+
+
+def test_no_arguments_shows_help() -> None:
+    for argv in ([], ["mqtt"], ["device"]):
+        r = run_cli(*argv)
+        assert r.returncode == 0 and "Usage:" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_shell_completion_script() -> None:
+    r = run_cli("--show-completion", "bash")
+    assert r.returncode == 0 and "_fieldpack_completion" in r.stdout, r.stderr
