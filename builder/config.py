@@ -10,12 +10,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fieldpack.shared.errors import UsageError
+from fieldpack.shared.manifest import check_bundle_name, check_bundle_version
 
 QuantName = str  # validated against builder.quantize.QUANT_TYPES at build time
 
 
 class BuildConfig(BaseModel):
-    """Everything ``fieldpack build`` needs. Paths are as given by the user (made absolute on load).
+    """Everything ``fieldpack build`` needs. Paths are made absolute on construction (relative ones against the
+    current folder; in a recipe file, against the recipe's folder), so a saved recipe replays from any folder.
+    ``name`` and ``version`` follow the manifest's rules, checked here, before any stage runs.
 
     Sizes: ``chunk_tokens``/``overlap_tokens`` in embedder tokens; ``n_ctx``/``max_tokens`` in model tokens.
     """
@@ -43,6 +46,27 @@ class BuildConfig(BaseModel):
     seed: int = Field(default=0)
     compression: dict[str, Any] = Field(default_factory=dict, description="pruning / imatrix options (see builder.compress)")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_bundle_name(v)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        return check_bundle_version(v)
+
+    @field_validator("docs", "sign", "output", "embedder")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return None if v is None else Path(v).expanduser().absolute()
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, v: str) -> str:
+        p = Path(v).expanduser()
+        return str(p.absolute()) if p.exists() else v  # a local folder becomes absolute; a hub id stays as is
+
     @field_validator("overlap_tokens")
     @classmethod
     def _overlap(cls, v: int, info: Any) -> int:
@@ -62,7 +86,7 @@ class BuildConfig(BaseModel):
             raise UsageError(f"recipe {path} does not exist", hint="pass a recipe.toml written by a build") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"recipe {path} is not valid TOML: {exc}", hint="fix the file or rebuild without --recipe") from exc
-        data = data.get("build", data)
+        data = _relative_to(data.get("build", data), Path(path).expanduser().absolute().parent)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.validated(data, origin=str(path))
 
@@ -74,7 +98,10 @@ class BuildConfig(BaseModel):
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            raise UsageError(f"{origin}: {where}: {err['msg']}", hint="see `fieldpack build --help`") from exc
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            opt = f"--{where.replace('_', '-')}" if where in _OPTIONS else None
+            hint = f"give {opt} a valid value (see `fieldpack build --help`)" if opt else "see `fieldpack build --help`"
+            raise UsageError(f"{origin}: {where}: {msg}", hint=hint) from exc
 
     def to_recipe(self) -> dict[str, Any]:
         """JSON/TOML-ready dict of this config under a ``build`` table (None values dropped, paths as str)."""
@@ -86,3 +113,21 @@ class BuildConfig(BaseModel):
         import tomli_w
 
         return tomli_w.dumps(self.to_recipe())
+
+
+#: Fields that are also ``fieldpack build`` options (``--name``, ``--n-ctx``, ...), for error hints.
+_OPTIONS = {"model", "docs", "quant", "name", "version", "sign", "n_ctx", "max_tokens", "embedder"}
+_PATH_KEYS = ("docs", "sign", "output", "embedder", "model")
+
+
+def _relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Resolve relative paths of a recipe against ``base`` (the recipe's folder); a ``model`` that is no
+    folder there is kept as given (a hub id)."""
+    out = dict(data)
+    for key in _PATH_KEYS:
+        v = out.get(key)
+        if isinstance(v, str) and v and not Path(v).expanduser().is_absolute():
+            cand = base / v
+            if key != "model" or cand.exists():
+                out[key] = str(cand)
+    return out

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fieldpack.device.options import MIN_PROMPT_TOKENS, check_answer_options, check_n_ctx, check_threads
 from fieldpack.device.prompt import ABSTAIN_TEXT, NO_ROOM_TEXT, Turn, fit_prompt
 from fieldpack.device.types import Answer, Timings
 from fieldpack.retrieval.types import Hit
@@ -76,8 +77,8 @@ class Runtime:
                  verbose: bool = False) -> None:
         self.slot_dir = Path(slot_dir)
         self.manifest = read_slot_manifest(self.slot_dir)
-        self.n_ctx = int(n_ctx or self.manifest.runtime.n_ctx)
-        self.threads = int(threads or physical_cores())
+        self.n_ctx = check_n_ctx(n_ctx, default=self.manifest.runtime.n_ctx, n_ctx_train=self.manifest.model.n_ctx_train)
+        self.threads = check_threads(threads, default=physical_cores())
         self._lock = threading.Lock()
         self._llm: Any = None
         self._embedder: Any = None
@@ -201,7 +202,8 @@ class Runtime:
             raise QuestionTooLongError(f"the question has {len(q)} characters (limit {MAX_QUESTION_CHARS})",
                                        hint="ask a shorter question")
         rt = self.manifest.runtime
-        max_tokens = int(max_tokens or rt.max_tokens)
+        check_answer_options(k=k, max_tokens=max_tokens, n_ctx=self.n_ctx)
+        max_tokens = int(max_tokens if max_tokens is not None else min(rt.max_tokens, self.n_ctx - MIN_PROMPT_TOKENS))
         with self._lock:
             t0 = time.perf_counter()
             hits = self.retrieve(q, k=k)

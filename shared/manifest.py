@@ -25,6 +25,25 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$")
 
 
+def check_bundle_name(v: str) -> str:
+    """The manifest's rule for a bundle name (1-64 of letters, digits, ``. _ -``, starting alphanumeric).
+
+    Returns ``v``; raises ValueError (pydantic validators and the builder's early check both use this)."""
+    if not _NAME.match(v):
+        raise ValueError(f"name {v!r} must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")
+    return v
+
+
+def check_bundle_version(v: str) -> str:
+    """The manifest's rule for a bundle version (1-32 of letters, digits, ``. + _ -``). Returns ``v`` or raises
+    ValueError."""
+    if not _VERSION.match(v):
+        raise ValueError(f"version {v!r} must be 1-32 characters of letters, digits, '.', '+', '_' or '-', starting "
+                         "with a letter or digit")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -166,16 +185,12 @@ class Manifest(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("name must be 1-64 characters of letters, digits, '.', '_' or '-'")
-        return v
+        return check_bundle_name(v)
 
     @field_validator("version")
     @classmethod
     def _version(cls, v: str) -> str:
-        if not _VERSION.match(v):
-            raise ValueError("version must be 1-32 characters of letters, digits, '.', '+', '_' or '-'")
-        return v
+        return check_bundle_version(v)
 
     @model_validator(mode="after")
     def _members(self) -> "Manifest":

@@ -61,6 +61,7 @@ def build(
     imatrix: Optional[str] = typer.Option(None, "--imatrix", help="'domain': importance matrix from the documents"),
     calib_chunks: Optional[int] = typer.Option(None, "--calib-chunks", help="calibration chunks for pruning/imatrix"),
     json_out: bool = typer.Option(False, "--json", help="print the manifest as JSON when done"),
+    force: bool = typer.Option(False, "--force", help="overwrite the output .fpk if it exists"),
 ) -> None:
     """Build a signed bundle from a checkpoint and a folder of documents."""
     from fieldpack.builder.config import BuildConfig
@@ -85,6 +86,7 @@ def build(
         if compression:
             data["compression"] = compression
         cfg = BuildConfig.validated(data)
+    _check_output(cfg.output, force=force)
     if cfg.compression:
         from fieldpack.builder.compress import validate_compression
 
@@ -98,6 +100,17 @@ def build(
     typer.echo("stage seconds: " + ", ".join(f"{s.name} {s.seconds:.1f}" for s in result.stages))
     if json_out:
         typer.echo(m.to_bytes().decode())
+
+
+def _check_output(output: Path, *, force: bool) -> None:
+    """Refuse, before any stage runs, an output that is a folder, or an existing file unless ``force``."""
+    from fieldpack.shared.errors import OutputNotWritableError
+
+    if output.is_dir():
+        raise OutputNotWritableError(f"-o {output} is a folder", hint="give -o a file name such as plant-ops-1.0.0.fpk")
+    if output.exists() and not force:
+        raise OutputNotWritableError(f"-o {output} already exists",
+                                     hint="pass --force to overwrite it, or choose another -o")
 
 
 def _build_with_progress(cfg: Any) -> Any:

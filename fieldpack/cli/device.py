@@ -32,7 +32,7 @@ def device_init(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help
 
 def install(bundle: Path = typer.Argument(..., help="the .fpk to install"),
             data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
-            n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="context length this device will run (tokens)"),
+            n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=128, help="context length this device will run (tokens)"),
             json_out: bool = typer.Option(False, "--json")) -> None:
     """Verify, unpack into the inactive slot, check, then activate (previous bundle kept for rollback)."""
     from fieldpack.device.install import install_bundle
@@ -64,10 +64,11 @@ def _runtime(data_dir: Optional[Path], n_ctx: Optional[int], threads: Optional[i
 def ask(question: str = typer.Argument(..., help="the question"),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
         json_out: bool = typer.Option(False, "--json", help="answer, sources with scores, timings as JSON"),
-        k: Optional[int] = typer.Option(None, "--k", help="chunks to retrieve"),
-        n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="context length (tokens)"),
-        threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads (default: physical cores)"),
-        max_tokens: Optional[int] = typer.Option(None, "--max-tokens")) -> None:
+        k: Optional[int] = typer.Option(None, "--k", min=1, max=100, help="chunks to retrieve (1-100)"),
+        n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=128,
+                                            help="context length (tokens), up to the model's training context"),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="llama.cpp threads (default: physical cores)"),
+        max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="answer length cap (tokens)")) -> None:
     """Answer one question from the installed bundle, with numbered sources."""
     from fieldpack.shared.errors import EmptyQuestionError
 
@@ -86,8 +87,8 @@ def ask(question: str = typer.Argument(..., help="the question"),
 
 
 def chat(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
-         n_ctx: Optional[int] = typer.Option(None, "--n-ctx"),
-         threads: Optional[int] = typer.Option(None, "--threads")) -> None:
+         n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=128, help="context length (tokens)"),
+         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="llama.cpp threads")) -> None:
     """Interactive offline assistant (streams tokens; /sources, /clear, /quit)."""
     from fieldpack.device.chat import run_chat
 

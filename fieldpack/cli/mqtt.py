@@ -74,8 +74,8 @@ def serve(
         float, typer.Option("--metrics-interval", help="seconds between metrics publications")
     ] = 30.0,
     keepalive: Keepalive = 30,
-    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help="context length (tokens)")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=128, help="context length (tokens)")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="llama.cpp threads")] = None,
 ) -> None:
     """Answer questions arriving over MQTT from the installed bundle until SIGTERM/SIGINT.
 

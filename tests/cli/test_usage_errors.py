@@ -42,6 +42,19 @@ CASES = [
     (["eval", "b.fpk", "--qa", "q.jsonl", "--k", "ten"], "--k"),
     (["plan", "--model", "m"], "--docs"),
     (["plan", "--bogus"], "--bogus"),
+    # out of range: refused before anything is loaded (siblings in every command that takes them)
+    (["ask", "--k", "0", "q"], "--k"),
+    (["ask", "--k", "5000", "q"], "--k"),
+    (["ask", "--max-tokens", "0", "q"], "--max-tokens"),
+    (["ask", "--threads", "0", "q"], "--threads"),
+    (["ask", "--n-ctx", "64", "q"], "--n-ctx"),
+    (["chat", "--n-ctx", "0"], "--n-ctx"),
+    (["install", "x.fpk", "--n-ctx", "0"], "--n-ctx"),
+    (["serve", "--broker", "mqtt://h", "--device-id", "a", "--threads", "0"], "--threads"),
+    (["eval", "b.fpk", "--qa", "q.jsonl", "--k", "0"], "--k"),
+    (["eval", "b.fpk", "--qa", "q.jsonl", "--max-tokens", "-1"], "--max-tokens"),
+    (["plan", "--model", "m", "--docs", "d", "--device-ram", "1GiB", "--min-tokens-per-s", "1", "--threads", "0"],
+     "--threads"),
 ]
 
 
