@@ -29,6 +29,7 @@ from fieldpack.retrieval.types import Hit
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.errors import EmptyQuestionError, RuntimeLoadError, SlotCheckError
 from fieldpack.shared.manifest import Manifest, parse_manifest
+from fieldpack.shared.text import clean_question
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class Runtime:
         from fieldpack.retrieval.search import is_relevant
 
         # NFC: llama.cpp does not apply a tokenizer's Unicode normalizer (Qwen2's is NFC), so normalise here
-        q = unicodedata.normalize("NFC", " ".join((question or "").split()))
+        q = clean_question(question or "")
         if not q:
             raise EmptyQuestionError("the question is empty", hint="ask a question in words")
         if len(q) > MAX_QUESTION_CHARS:

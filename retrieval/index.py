@@ -18,6 +18,20 @@ log = logging.getLogger(__name__)
 
 #: Exceptions a caller of :func:`connect`'s connection may want to translate (apsw's base class).
 SQLiteError = apsw.Error
+#: The SQLite errors that do mean a damaged or foreign file (SQLITE_CORRUPT, SQLITE_NOTADB, SQLITE_IOERR).
+DAMAGE_ERRORS: tuple[type[BaseException], ...] = (apsw.CorruptError, apsw.NotADBError, apsw.IOError)
+
+
+def query_error(exc: BaseException, path: Path, what: str) -> RuntimeLoadError:
+    """A :class:`RuntimeLoadError` for a failed SQLite statement on the index at ``path``.
+
+    Only SQLite's own damage codes (:data:`DAMAGE_ERRORS`) are blamed on the file ("reinstall it"); any other
+    error (a constraint, a bad parameter, a misuse) is reported as what it is, with a hint to report it."""
+    if isinstance(exc, DAMAGE_ERRORS):
+        return RuntimeLoadError(f"the index {path} is damaged ({what}: {exc})",
+                                hint="run `fieldpack verify --installed`, then reinstall the bundle")
+    return RuntimeLoadError(f"{what} on {path} failed: {type(exc).__name__}: {exc}",
+                            hint="the index itself is fine; run again with -vv and report the question and this line")
 
 
 def connect(path: Path, *, readonly: bool) -> apsw.Connection:

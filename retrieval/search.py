@@ -22,6 +22,7 @@ from fieldpack.shared import index_format
 from fieldpack.retrieval.embedder import OnnxEmbedder
 from fieldpack.retrieval.types import Hit
 from fieldpack.shared.errors import EmptyQuestionError, RuntimeLoadError, UsageError
+from fieldpack.shared.text import clean_question
 
 if TYPE_CHECKING:
     import apsw
@@ -213,7 +214,8 @@ class Retriever:
             UsageError: ``k`` < 1 or unknown ``mode``.
             RuntimeLoadError: the index or embedder is closed or fails.
         """
-        if not query or not query.strip():
+        query = clean_question(query or "")  # same folding as the documents got at ingest; no NUL reaches SQLite
+        if not query:
             raise EmptyQuestionError("the question is empty", hint="ask a question in words")
         if k < 1:
             raise UsageError(f"k={k} must be at least 1", hint="ask for 1 or more hits")
@@ -268,9 +270,7 @@ class Retriever:
         try:
             return self._conn.execute(sql, params).fetchall()
         except idx.SQLiteError as exc:
-            raise RuntimeLoadError(
-                f"index query on {self.db_path} failed: {exc}", hint="the index may be damaged; reinstall it"
-            ) from exc
+            raise idx.query_error(exc, self.db_path, "index query") from exc
 
     def _similarity(self, distance: float) -> float:
         if self.metric == "l2":  # unit vectors: ||a - b||^2 = 2 - 2 cos

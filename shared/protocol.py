@@ -48,6 +48,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fieldpack.shared import errors
+from fieldpack.shared.text import clean_question
 
 PROTOCOL_VERSION = 1
 """Version of this protocol; in every payload (``"v"``) and in the topic root."""
@@ -554,7 +555,8 @@ def _shape_error(what: str, exc: ValidationError) -> errors.ProtocolError:
 def decode_request(
     payload: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES, max_question_chars: int = MAX_QUESTION_CHARS
 ) -> Request:
-    """Read and check a request payload; the question comes back stripped.
+    """Read and check a request payload; the question comes back cleaned (shared.text.clean_question: no
+    control characters, ligatures folded, whitespace collapsed).
 
     Checks in this order, each with its own error: size, UTF-8, JSON, object, version, schema, question.
 
@@ -569,7 +571,7 @@ def decode_request(
         request = Request.model_validate(obj)
     except ValidationError as exc:
         raise _shape_error("request", exc) from exc
-    question = request.question.strip()
+    question = clean_question(request.question)  # NUL and other control characters never go further
     if not question:
         raise errors.EmptyQuestionError(
             f"request {request.id!r} has an empty question", hint="put the question in the `question` key"

@@ -10,6 +10,11 @@ the sliding-window overlap of common RAG chunkers, at unit granularity so no sen
 Token counts are taken per unit with the caller's ``count_tokens`` and summed; units are joined with
 whitespace only, which keeps the sum equal to the joined count for WordPiece/BPE tokenizers that split on
 whitespace. Each chunk's ``n_tokens`` is recounted on its final text.
+
+Chunks are bounded in characters too: a unit costs ``max(tokens, ceil(characters / MAX_CHARS_PER_TOKEN))``, so
+text the tokenizer sees as one token (a long unbroken string: a hash, a base64 blob, a URL; WordPiece maps a word
+over 100 characters to a single ``[UNK]``) is still cut, and no chunk's units hold more than
+``chunk_tokens * MAX_CHARS_PER_TOKEN`` characters.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from fieldpack.builder.ingest.model import Block, Section
+
+#: Characters one token may stand for when bounding a chunk's length (English WordPiece averages 4-5).
+MAX_CHARS_PER_TOKEN = 8
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+")
 _LIST_ITEM = re.compile(r"^[ \t]*(?:[-*+•]|\d{1,3}[.)])[ \t]+", re.MULTILINE)
@@ -56,11 +64,14 @@ def chunk_sections(
         chunk_tokens: budget per chunk, tokens (> 0).
         overlap_tokens: at most this many tokens repeated from the previous chunk (0 <= overlap < budget).
     """
+    def cost(text: str) -> int:  # tokens, or the character bound when that is larger
+        return max(count_tokens(text), -(-len(text) // MAX_CHARS_PER_TOKEN))
+
     pieces: list[Piece] = []
     for section in sections:
         units: list[_Unit] = []
         for block in section.blocks:
-            units.extend(_units(block, count_tokens, chunk_tokens))
+            units.extend(_units(block, cost, chunk_tokens))
         for group in _pack(units, chunk_tokens, overlap_tokens):
             text = group[0].text + "".join(u.sep + u.text for u in group[1:])
             starts = [u.line_start for u in group if u.line_start is not None]

@@ -83,6 +83,8 @@ class FileReport:
             ``latin-1``), ``"binary"`` for PDF, ``""`` when not decoded.
         had_bom: the file started with a byte-order mark.
         crlf: the file used CRLF or CR line ends (normalised to LF).
+        note: what decoding guessed or replaced (``"guessed cp1251"``, ``"1 invalid UTF-8 sequence replaced"``,
+            ``"2 control characters removed"``); ``""`` for plain valid text.
         chunks: chunks made from it.
         tokens: sum of their ``n_tokens``.
         size_bytes: file size in bytes.
@@ -95,6 +97,7 @@ class FileReport:
     encoding: str = ""
     had_bom: bool = False
     crlf: bool = False
+    note: str = ""
     chunks: int = 0
     tokens: int = 0
     size_bytes: int = 0

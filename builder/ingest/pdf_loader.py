@@ -12,6 +12,7 @@ import logging
 import re
 
 from fieldpack.builder.ingest.model import Block, Section, SkipFile
+from fieldpack.shared.text import normalize_for_search
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def load_pdf(raw: bytes) -> list[Section]:
         except Exception as exc:  # as above: one damaged page must not lose the document
             log.warning("page %d: text extraction failed (%s); skipping the page", number, exc)
             continue
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = normalize_for_search(text.replace("\r\n", "\n").replace("\r", "\n"))  # "ﬁ" -> "fi", no controls
         lines = text.split("\n")
         section = Section(path=page_heading(lines), page=number)
         for para in re.split(r"\n[ \t]*\n", text):

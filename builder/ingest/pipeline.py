@@ -135,7 +135,7 @@ def _ingest_file(
         raise IngestError(
             f"cannot read {path}: {exc.strerror or exc}", hint="check the file's permissions, or remove it"
         ) from exc
-    encoding, had_bom, crlf = "", False, False
+    encoding, had_bom, crlf, note = "", False, False, ""
     try:
         if fmt == "pdf":
             if not raw.strip():
@@ -144,7 +144,7 @@ def _ingest_file(
             encoding, digest = "binary", hashlib.sha256(raw).hexdigest()
         else:
             dec = decode_document(raw)
-            encoding, had_bom, crlf = dec.encoding, dec.had_bom, dec.crlf
+            encoding, had_bom, crlf, note = dec.encoding, dec.had_bom, dec.crlf, dec.note
             digest = hashlib.sha256(dec.text.encode("utf-8")).hexdigest()
             if fmt == "markdown":
                 sections = load_markdown(dec.text)
@@ -179,7 +179,7 @@ def _ingest_file(
         for p in pieces
     ]
     entry = FileReport(
-        rel, "indexed", format=fmt, encoding=encoding, had_bom=had_bom, crlf=crlf, chunks=len(file_chunks),
+        rel, "indexed", format=fmt, encoding=encoding, had_bom=had_bom, crlf=crlf, note=note, chunks=len(file_chunks),
         tokens=sum(c.n_tokens for c in file_chunks), size_bytes=size,
     )
     return entry, file_chunks

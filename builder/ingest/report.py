@@ -34,6 +34,8 @@ def _notes(r: FileReport) -> str:
         notes.append("BOM")
     if r.crlf:
         notes.append("CRLF")
+    if r.note:
+        notes.append(r.note)
     return ", ".join(notes)
 
 

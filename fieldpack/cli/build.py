@@ -142,6 +142,12 @@ def _print_ingest_report(report: list[dict[str, Any]]) -> None:
         for r in skipped[:50]:
             t.add_row(str(r.get("path")), str(r.get("reason")))
         console.print(t)
+    noted = [r for r in indexed if r.get("note")]
+    if noted:  # anything guessed or replaced while decoding is said, per file
+        t = Table("file", "encoding", "decoding note", title="encoding report")
+        for r in noted:
+            t.add_row(str(r.get("path")), str(r.get("encoding")), str(r.get("note")))
+        console.print(t)
 
 
 def inspect(bundle: Path = typer.Argument(..., help="the .fpk"),

@@ -71,8 +71,10 @@ def ask(question: str = typer.Argument(..., help="the question"),
         max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="answer length cap (tokens)")) -> None:
     """Answer one question from the installed bundle, with numbered sources."""
     from fieldpack.shared.errors import EmptyQuestionError
+    from fieldpack.shared.text import clean_question
 
-    if not question.strip():
+    question = clean_question(question)
+    if not question:
         raise EmptyQuestionError("the question is empty", hint='ask in words, e.g. fieldpack ask "pump 3 alarm?"')
     with _runtime(data_dir, n_ctx, threads) as rt:
         if json_out:
