@@ -121,6 +121,10 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+class TooLittleEvalTextError(UsageError):
+    """The held-out text is shorter than one perplexity window (a very small document set)."""
+
+
 def _windows(llm: Any, texts: list[str], n_ctx: int, max_chunks: int | None) -> tuple[list[list[int]], bool]:
     if n_ctx < 8 or n_ctx % 2:
         raise UsageError(f"n_ctx={n_ctx} is too small or odd", hint="use an even n_ctx of at least 8 tokens")
@@ -133,7 +137,7 @@ def _windows(llm: Any, texts: list[str], n_ctx: int, max_chunks: int | None) -> 
     if max_chunks is not None:
         n_chunks = min(n_chunks, max_chunks)
     if n_chunks < 1:
-        raise UsageError(
+        raise TooLittleEvalTextError(
             f"The evaluation text has {len(stream)} tokens, fewer than one window of n_ctx={n_ctx}",
             hint="pass more text or a smaller n_ctx",
         )

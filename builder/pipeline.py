@@ -277,7 +277,7 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
     from fieldpack.builder.embedder_export import export_embedder
     from fieldpack.builder.index_build import build_index, embed_chunks
     from fieldpack.builder.ingest import ingest, report_to_dict
-    from fieldpack.builder.llama_eval import perplexity_kld
+    from fieldpack.builder.llama_eval import TooLittleEvalTextError, perplexity_kld
     from fieldpack.builder.parity import check_parity
     from fieldpack.builder.quantize import quantize_gguf
     from fieldpack.retrieval.embedder import OnnxEmbedder
@@ -332,7 +332,11 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
             imatrix = compute_imatrix(dense, calib, work / "imatrix.dat")
         quant = quantize_gguf(dense, work / "model.gguf", qtype, imatrix=imatrix)
     with stage("quality"):
-        qfig = perplexity_kld(f16.path, quant.path, held_out, n_ctx=n_ctx_eval)
+        try:
+            qfig, quality_note = perplexity_kld(f16.path, quant.path, held_out, n_ctx=n_ctx_eval), None
+        except TooLittleEvalTextError as exc:  # one short document: build it, say PPL/KLD were not measured
+            qfig, quality_note = None, f"PPL/KLD not measured: {exc.message}"
+            log.warning("%s", quality_note)
 
     with stage("bundle"):
         recipe_path = work / "recipe.toml"
@@ -380,7 +384,7 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
             recipe=cfg.to_recipe(),
             quality=Quality(
                 parity=_as_dict(parity),
-                quantization=dict(_as_dict(qfig), qtype=qtype, size_bytes=quant.size_bytes,
+                quantization=dict(_as_dict(qfig) if qfig is not None else {"note": quality_note}, qtype=qtype, size_bytes=quant.size_bytes,
                                   ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes),
                                   fallbacks=len(quant.fallbacks), held_out_chunks=len(held_out),
                                   window_tokens=n_ctx_eval),

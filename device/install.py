@@ -42,7 +42,8 @@ from typing import Any
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.atomic import atomic_write_bytes, fsync_dir
 from fieldpack.shared.bundle import BundleReader
-from fieldpack.shared.errors import FieldpackError, NoPreviousBundleError, SignatureError, SlotCheckError
+from fieldpack.shared.errors import (DowngradeError, FieldpackError, NoPreviousBundleError, SignatureError,
+                                     SlotCheckError)
 from fieldpack.shared.manifest import Manifest
 
 from fieldpack.device.resources import ResourceProbe, check_feasibility
@@ -129,7 +130,7 @@ def clean_leftovers(dd: DataDir, state: State) -> State:
 
 def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: SlotCheck | None,
                    n_ctx: int | None = None, on_progress: InstallProgress | None = None,
-                   probe: ResourceProbe | None = None) -> InstallResult:
+                   probe: ResourceProbe | None = None, allow_downgrade: bool = False) -> InstallResult:
     """Install ``bundle`` into the inactive slot and make it active (steps in the module doc).
 
     Args:
@@ -141,6 +142,8 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
             RAM estimate depends on it.
         on_progress: called with (phase, bytes done, bytes total) as members are hashed and unpacked.
         probe: source of free-disk / available-RAM numbers (tests inject them); default: this machine.
+        allow_downgrade: install an older version, or a bundle of another name, over the active one (refused
+            otherwise, as OTA updaters do).
 
     Returns:
         An :class:`InstallResult`; ``changed`` is False when the same bundle was already active.
@@ -152,6 +155,7 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
             SignatureError, IntegrityError: the bundle cannot be trusted (nothing was written).
         InsufficientResourcesError: not enough disk or RAM (nothing was written).
         SlotCheckError: the unpacked bundle failed ``check``; the slot is emptied.
+        DowngradeError: an older version or another bundle name than the active one, without ``allow_downgrade``.
         OutputNotWritableError: the data dir cannot be written (disk full, permissions).
         In every case the previously active bundle stays active and intact.
     """
@@ -170,13 +174,19 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
                                      hint=f"run `fieldpack device init --data-dir {dd.root} --trust builder.pub`")
             active = state.active
             old = state.slots[active] if active else None
+            damage: str | None = None
             if old is not None and old.manifest_sha256 == manifest_sha and dd.slot_complete(active, state):
                 key = reader.verify_signature(trusted)
-                msg = f"{label} is already active in slot {active}; nothing to do"
-                log.info(msg)
-                prev = state.slots[state.previous].label if state.previous else None
-                return InstallResult(label, active, dd.slot_path(active), prev, False, msg,
-                                     seconds=time.monotonic() - t0, key_id=key.key_id)
+                damage = slot_damage(dd, active)
+                if damage is None:
+                    msg = f"{label} is already active in slot {active}; nothing to do"
+                    log.info(msg)
+                    prev = state.slots[state.previous].label if state.previous else None
+                    return InstallResult(label, active, dd.slot_path(active), prev, False, msg,
+                                         seconds=time.monotonic() - t0, key_id=key.key_id)
+                log.warning("active slot %s is damaged (%s); repairing it from %s", active, damage, bundle)
+            elif old is not None and not allow_downgrade:
+                check_upgrade(old.label, manifest.name, manifest.version)
 
             total = reader.payload_bytes
             key = reader.verify(trusted, on_progress=_counter("verify", total, on_progress))
@@ -215,16 +225,74 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
         fsync_dir(path)
         _crashpoint("before-switch")
 
-        new_state = State(active=target, previous=active if old is not None else None,
+        new_state = State(active=target, previous=active if old is not None and damage is None else None,
                           slots={**state.slots, target: info}, updated_at=utc_now())
         dd.write_state(new_state)
         _crashpoint("after-switch")
+        if damage is not None and active is not None:  # the damaged copy is no rollback target
+            new_state = new_state.forget(active)
+            dd.write_state(new_state)
+            _clear_quietly(dd, active)
 
     seconds = time.monotonic() - t0
-    msg = f"installed {label} into slot {target}" + (f" (previous: {old.label})" if old else "")
+    if damage is not None:
+        msg = f"repaired {label}: slot {active} was damaged ({damage}); reinstalled into slot {target}"
+    else:
+        msg = f"installed {label} into slot {target}" + (f" (replaced {old.label}, kept for rollback)" if old else "")
     log.info("%s: %d bytes in %.2f s", msg, total, seconds)
     return InstallResult(label, target, path, old.label if old else None, True, msg, payload_bytes=total,
                          seconds=seconds, key_id=key.key_id)
+
+
+def slot_damage(dd: DataDir, slot: str) -> str | None:
+    """Deep check of ``slot`` (every member's size and sha256, :meth:`DataDir.verify_slot`): ``None`` when it
+    matches its manifest, else what is wrong, one line."""
+    try:
+        dd.verify_slot(slot)
+    except FieldpackError as exc:
+        return exc.message
+    return None
+
+
+def slot_damage_quick(dd: DataDir, slot: str) -> str | None:
+    """Cheap check for ``status``: every member exists with its manifest size (no hashing). ``None`` if so."""
+    try:
+        manifest = dd.slot_manifest(slot)
+    except FieldpackError as exc:
+        return exc.message
+    for m in manifest.members:
+        try:
+            size = (dd.slot_path(slot) / m.name).stat().st_size
+        except OSError:
+            return f"member {m.name} is missing"
+        if size != m.size:
+            return f"member {m.name} has {size} bytes, its manifest says {m.size}"
+    return None
+
+
+def _version_key(version: str) -> Any:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version)
+    except InvalidVersion:
+        return None
+
+
+def check_upgrade(active_label: str, name: str, version: str) -> None:
+    """Refuse a bundle of another name, or an older version, than the active ``name@version``.
+
+    Versions are compared as PEP 440 versions when both parse (``1.10.0`` > ``1.9.0``); otherwise only a name
+    change is refused. Raises :class:`DowngradeError`."""
+    old_name, _, old_version = active_label.partition("@")
+    if name != old_name:
+        raise DowngradeError(f"{name}@{version} is another bundle than the active {active_label}",
+                             hint="pass --allow-downgrade to replace it anyway")
+    old_v, new_v = _version_key(old_version), _version_key(version)
+    if old_v is not None and new_v is not None and new_v < old_v:
+        raise DowngradeError(f"{name}@{version} is older than the active {active_label}",
+                             hint="pass --allow-downgrade to install it anyway, or `fieldpack rollback` if it was the "
+                                  "previous bundle")
 
 
 def _counter(phase: str, total: int, on_progress: InstallProgress | None) -> Callable[[int], None] | None:
@@ -300,6 +368,34 @@ def rollback(data_dir: DataDir | Path | None) -> InstallResult:
                          seconds=time.monotonic() - t0, key_id=info.key_id)
 
 
+def remove_slot(data_dir: DataDir | Path | None, slot_or_label: str) -> str:
+    """Empty a non-active slot given by name (``a``/``b``) or by the ``name@version`` it holds; returns one line.
+
+    Raises:
+        UsageError: no such slot or bundle, or it is the active one.
+        InstallInProgressError: an install or rollback holds the lock.
+    """
+    from fieldpack.shared.errors import UsageError
+
+    dd = _as_data_dir(data_dir)
+    with dd.lock():
+        state = dd.state()
+        slot = slot_or_label if slot_or_label in SLOT_NAMES else next(
+            (s for s, info in state.slots.items() if info is not None and info.label == slot_or_label), None)
+        if slot is None:
+            held = ", ".join(f"{s}={i.label}" for s, i in state.slots.items() if i) or "nothing"
+            raise UsageError(f"no slot or installed bundle {slot_or_label!r} in {dd.root} (it holds {held})",
+                             hint="see `fieldpack list`")
+        if slot == state.active:
+            raise UsageError(f"slot {slot} holds the active bundle", hint="install or roll back to another bundle first")
+        label = state.slots[slot].label if state.slots[slot] else "(nothing recorded)"
+        if state.slots[slot] is not None:
+            state = state.forget(slot)
+            dd.write_state(state)
+        dd.clear_slot(slot, state)
+    return f"removed {label} from slot {slot}"
+
+
 def status(data_dir: DataDir | Path | None) -> dict[str, Any]:
     """What is installed, JSON-ready.
 
@@ -318,9 +414,24 @@ def status(data_dir: DataDir | Path | None) -> dict[str, Any]:
         if slot is None or state.slots.get(slot) is None:
             return None
         info = state.slots[slot]
-        return {"slot": slot, "label": info.label, "installed_at": info.installed_at,
-                "manifest_sha256": info.manifest_sha256, "payload_bytes": info.payload_bytes,
-                "key_id": info.key_id, "size_bytes": dd.slot_size(slot), "complete": dd.slot_complete(slot, state)}
+        complete = dd.slot_complete(slot, state)
+        rec: dict[str, Any] = {
+            "slot": slot, "label": info.label, "installed_at": info.installed_at,
+            "manifest_sha256": info.manifest_sha256, "payload_bytes": info.payload_bytes, "key_id": info.key_id,
+            "size_bytes": dd.slot_size(slot), "complete": complete,
+            "damage": slot_damage_quick(dd, slot) if complete else "slot is incomplete",
+        }
+        if complete:
+            try:
+                m = dd.slot_manifest(slot)
+            except FieldpackError:
+                return rec
+            rec["bundle"] = {"name": m.name, "version": m.version, "created_at": m.created_at.isoformat(),
+                             "architecture": m.model.architecture, "file_type": m.model.file_type,
+                             "parameters": m.model.parameter_count, "documents": m.index.documents,
+                             "chunks": m.index.chunks, "n_ctx": m.runtime.n_ctx,
+                             "memory_bytes": m.runtime.memory.total_bytes, "embedder": m.embedder.name}
+        return rec
 
     return {
         "data_dir": str(dd.root),

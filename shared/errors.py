@@ -35,7 +35,9 @@ they are caught, with ``raise ... from exc``. The CLI and the daemon turn a ``Fi
     │   ├── InsufficientResourcesError  disk or RAM below what the bundle needs
     │   ├── SlotCheckError              post-unpack check failed; previous bundle stays active
     │   ├── NoActiveBundleError
-    │   └── NoPreviousBundleError
+    │   ├── NoPreviousBundleError
+    │   ├── RuntimeLoadError
+    │   └── DowngradeError              older version or other bundle name than the active one
     ├── QueryError                      a question that cannot be answered as asked     (exit 7)
     │   ├── EmptyQuestionError
     │   └── QuestionTooLongError
@@ -202,6 +204,12 @@ class NoPreviousBundleError(DeviceError):
 
 class RuntimeLoadError(DeviceError):
     code = "runtime_load"
+
+
+class DowngradeError(DeviceError):
+    """An older version, or another bundle name, than the active one (``install --allow-downgrade`` to force)."""
+
+    code = "downgrade"
 
 
 # --- query -------------------------------------------------------------------------------------------------

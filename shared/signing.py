@@ -16,6 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.atomic import atomic_write_bytes
@@ -139,6 +140,58 @@ def sign_manifest(manifest_bytes: bytes, private_key_path: Path) -> bytes:
     sig = key.sign(manifest_bytes)
     doc = {"alg": fmt.SIGNATURE_ALG, "key_id": key_id(raw_pub), "signature": base64.b64encode(sig).decode()}
     return (json.dumps(doc, sort_keys=True) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class SignatureStatus:
+    """What can be said about a bundle's signature given some trusted keys (for ``inspect``, never raises).
+
+    Attributes:
+        status: ``"valid"`` (a trusted key verifies it), ``"signer_not_trusted"`` (well-formed, signed by a key
+            that is not among ``trusted``: its validity cannot be checked without that key), ``"invalid"`` (the
+            signer's key is trusted but the signature does not verify: the manifest was altered),
+            ``"unsigned"``, ``"malformed"``, or ``"not_checked"`` (no keys given).
+        key_id: the signer's key id from the signature file, or ``None``.
+        message: one line for people.
+    """
+
+    status: str
+    key_id: str | None
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "valid"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "key_id": self.key_id, "message": self.message}
+
+
+def signature_status(manifest_bytes: bytes, signature_bytes: bytes | None, trusted: list[PublicKey]) -> SignatureStatus:
+    """Classify the signature (see :class:`SignatureStatus`); ``trusted`` empty means "not checked"."""
+    kid: str | None = None
+    if signature_bytes:
+        try:
+            kid = str(json.loads(signature_bytes.decode("utf-8"))["key_id"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            kid = None
+    if not signature_bytes:
+        return SignatureStatus("unsigned", None, "unsigned")
+    if kid is None:
+        return SignatureStatus("malformed", None, "signature file is malformed")
+    if not trusted:
+        return SignatureStatus("not_checked", kid, f"signed by key {kid} (not checked: pass --trust KEY.pub)")
+    try:
+        k = verify_manifest(manifest_bytes, signature_bytes, trusted)
+    except SignatureError as exc:
+        if kid not in {t.key_id for t in trusted}:
+            return SignatureStatus("signer_not_trusted", kid,
+                                   f"signed by key {kid}, signer not trusted (trusted: "
+                                   f"{', '.join(t.key_id for t in trusted)})")
+        if "malformed" in exc.message:
+            return SignatureStatus("malformed", kid, exc.message)
+        return SignatureStatus("invalid", kid, f"INVALID: {exc.message}")
+    return SignatureStatus("valid", k.key_id, f"valid signature, key {k.key_id} ({k.origin})")
 
 
 def verify_manifest(manifest_bytes: bytes, signature_bytes: bytes | None, trusted: list[PublicKey]) -> PublicKey:

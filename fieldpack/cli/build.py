@@ -153,40 +153,69 @@ def _print_ingest_report(report: list[dict[str, Any]]) -> None:
 def inspect(bundle: Path = typer.Argument(..., help="the .fpk"),
             json_out: bool = typer.Option(False, "--json", help="print the whole manifest as JSON"),
             trust: Optional[list[Path]] = typer.Option(None, "--trust", help="public key(s) to check the signature")) -> None:
-    """Show a bundle's manifest: model, tensor types, index, memory, quality figures, signature status."""
+    """Show a bundle's manifest: model, tensor types, index, memory, quality figures, signature status.
+
+    With --trust, exits 4 unless one of those keys verifies the signature ("valid signature"); a bundle signed by
+    another key is reported as "signer not trusted", an altered one as INVALID. --json adds a ``signature``
+    object (status, key_id, message) to the manifest."""
     from fieldpack.cli.show import print_manifest
     from fieldpack.shared.bundle import open_bundle
     from fieldpack.shared.errors import SignatureError
-    from fieldpack.shared.signing import load_public_key
+    from fieldpack.shared.signing import load_public_key, signature_status
 
+    keys = [load_public_key(p) for p in trust or []]
     with open_bundle(bundle) as reader:
+        sig = signature_status(reader.manifest_bytes, reader.signature_bytes, keys)
         if json_out:
-            typer.echo(reader.manifest.to_bytes().decode())
-            return
-        if not reader.signed:
-            sig = "unsigned"
-        elif trust:
-            try:
-                k = reader.verify_signature([load_public_key(p) for p in trust])
-                sig = f"valid, key {k.key_id} ({k.origin})"
-            except SignatureError as exc:
-                sig = f"INVALID: {exc}"
+            doc = json.loads(reader.manifest.to_bytes())
+            doc["signature"] = sig.to_dict()
+            typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
         else:
-            kid = json.loads(reader.signature_bytes or b"{}").get("key_id")
-            sig = f"signed by key {kid} (not checked: pass --trust KEY.pub)"
-        print_manifest(reader.manifest, bundle_size=reader.path.stat().st_size, signature=sig)
+            print_manifest(reader.manifest, bundle_size=reader.path.stat().st_size, signature=sig.message)
+    if keys and not sig.ok:
+        raise SignatureError(f"{bundle}: {sig.message}",
+                             hint="trust the builder's key (`--trust KEY.pub`) only if you know it; else get a "
+                                  "bundle signed by a trusted builder")
 
 
-def verify(bundle: Path = typer.Argument(..., help="the .fpk"),
-           trust: list[Path] = typer.Option(..., "--trust", help="trusted public key(s)")) -> None:
-    """Check a bundle's signature and every member's sha256."""
+def verify(bundle: Optional[Path] = typer.Argument(None, help="the .fpk"),
+           trust: Optional[list[Path]] = typer.Option(None, "--trust", help="trusted public key(s)"),
+           installed: bool = typer.Option(False, "--installed", help="re-hash the device's active slot instead"),
+           data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="device data dir (with --installed)")) -> None:
+    """Check a bundle's signature and every member's sha256; or, with --installed, the active slot's files."""
     from fieldpack.shared.bundle import open_bundle
+    from fieldpack.shared.errors import UsageError
     from fieldpack.shared.signing import load_public_key
 
+    if installed:
+        if bundle is not None:
+            raise UsageError("give either a bundle or --installed", hint="e.g. `fieldpack verify --installed`")
+        _verify_installed(data_dir)
+        return
+    if bundle is None or not trust:
+        raise UsageError("verify needs a bundle and --trust KEY.pub (or --installed)",
+                         hint="e.g. `fieldpack verify b.fpk --trust builder.pub`")
     keys = [load_public_key(p) for p in trust]
     with open_bundle(bundle) as reader:
         k = reader.verify(keys)
         typer.echo(f"OK {reader.manifest.label}: signature by key {k.key_id}, {len(reader.manifest.members)} members verified")
+
+
+def _verify_installed(data_dir: Optional[Path]) -> None:
+    """Re-hash every member of the active slot against its manifest; exit 4 (IntegrityError) on damage."""
+    from fieldpack.device.slots import default_data_dir, open_data_dir
+    from fieldpack.shared.errors import IntegrityError, NoActiveBundleError
+
+    dd = open_data_dir(data_dir or default_data_dir())
+    slot = dd.active_slot()
+    if slot is None:
+        raise NoActiveBundleError(f"no bundle is installed in {dd.root}", hint="run `fieldpack install BUNDLE.fpk`")
+    try:
+        m = dd.verify_slot(slot)
+    except IntegrityError as exc:
+        raise IntegrityError(f"active {exc.message}",
+                             hint="repair it with `fieldpack install` of the same bundle, or `fieldpack rollback`") from exc
+    typer.echo(f"OK {m.label} in slot {slot}: {len(m.members)} members match their manifest")
 
 
 def demo(

@@ -27,18 +27,67 @@ def device_init(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help
     from fieldpack.device.slots import default_data_dir, init_data_dir
 
     dd = init_data_dir(data_dir or default_data_dir(), list(trust))
-    typer.echo(f"initialised {dd.root} trusting {len(trust)} key(s)")
+    typer.echo(f"initialised {dd.root}; it trusts {len(dd.trusted_keys())} key(s)")
+
+
+trust_app = typer.Typer(help="The builder keys whose bundles this device installs.", no_args_is_help=True)
+
+
+@trust_app.command("list")
+def trust_list(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+               json_out: bool = typer.Option(False, "--json")) -> None:
+    """List the trusted keys (key id and file)."""
+    keys = _data_dir(data_dir).trusted_keys()
+    if json_out:
+        typer.echo(json.dumps([{"key_id": k.key_id, "file": str(k.origin)} for k in keys], indent=2))
+        return
+    for k in keys:
+        typer.echo(f"{k.key_id}  {k.origin}")
+    if not keys:
+        typer.echo("no trusted keys", err=True)
+
+
+@trust_app.command("add")
+def trust_add(key: Path = typer.Argument(..., help="a builder's public key (builder.pub)"),
+              data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
+    """Trust a builder's public key."""
+    dd = _data_dir(data_dir)
+    before = {k.key_id for k in dd.trusted_keys()}
+    pub = dd.add_trust(key)
+    said = "already trusted" if pub.key_id in before else "now trusted"
+    typer.echo(f"key {pub.key_id} {said}; {len(dd.trusted_keys())} trusted key(s)")
+
+
+@trust_app.command("remove")
+def trust_remove(key_id: str = typer.Argument(..., help="key id (from `fieldpack trust list`)"),
+                 data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
+    """Stop trusting a key. Installed bundles stay; new ones signed by it are refused."""
+    from fieldpack.shared.errors import UsageError
+
+    dd = _data_dir(data_dir)
+    match = [k for k in dd.trusted_keys() if k.key_id == key_id]
+    if not match:
+        raise UsageError(f"no trusted key {key_id} in {dd.root}", hint="see the ids with `fieldpack trust list`")
+    if len(dd.trusted_keys()) == 1:
+        raise UsageError(f"key {key_id} is the only trusted key of {dd.root}",
+                         hint="add the replacement first with `fieldpack trust add NEW.pub`")
+    for k in match:
+        Path(k.origin).unlink()
+    typer.echo(f"key {key_id} removed; {len(dd.trusted_keys())} trusted key(s)")
 
 
 def install(bundle: Path = typer.Argument(..., help="the .fpk to install"),
             data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
             n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=128, help="context length this device will run (tokens)"),
+            allow_downgrade: bool = typer.Option(False, "--allow-downgrade",
+                                                 help="install an older version or another bundle name over the active one"),
             json_out: bool = typer.Option(False, "--json")) -> None:
-    """Verify, unpack into the inactive slot, check, then activate (previous bundle kept for rollback)."""
+    """Verify, unpack into the inactive slot, check, then activate (previous bundle kept for rollback).
+    Installing the active bundle again repairs its slot if its files no longer match."""
     from fieldpack.device.install import install_bundle
     from fieldpack.device.runtime import check_slot
 
-    res = install_bundle(bundle, _data_dir(data_dir), check=check_slot, n_ctx=n_ctx)
+    res = install_bundle(bundle, _data_dir(data_dir), check=check_slot, n_ctx=n_ctx, allow_downgrade=allow_downgrade)
     typer.echo(json.dumps(_jsonable(res)) if json_out else res.message)
 
 
@@ -114,10 +163,36 @@ def status(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
-    from rich.console import Console
-    from rich.pretty import Pretty
+    from fieldpack.cli.show import print_status
 
-    Console().print(Pretty(info))
+    print_status(info)
+
+
+def list_slots(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+               json_out: bool = typer.Option(False, "--json")) -> None:
+    """The installed bundles, one line per slot (active, previous, damaged)."""
+    from fieldpack.device.install import status as device_status
+
+    info = device_status(_data_dir(data_dir))
+    if json_out:
+        typer.echo(json.dumps(info["slots"], indent=2))
+        return
+    for slot, rec in info["slots"].items():
+        if rec is None:
+            typer.echo(f"{slot}  (empty)")
+            continue
+        role = "active" if info["active"] and info["active"]["slot"] == slot else \
+            "previous" if info["previous"] and info["previous"]["slot"] == slot else "-"
+        typer.echo(f"{slot}  {rec['label']}  {role}  installed {rec['installed_at']}"
+                   + (f"  DAMAGED: {rec['damage']}" if rec.get("damage") else ""))
+
+
+def remove(slot_or_label: str = typer.Argument(..., help="slot (a, b) or name@version of a non-active bundle"),
+           data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
+    """Remove a non-active bundle (frees its disk; no rollback to it afterwards)."""
+    from fieldpack.device.install import remove_slot
+
+    typer.echo(remove_slot(_data_dir(data_dir), slot_or_label))
 
 
 def rollback(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP)) -> None:
@@ -131,6 +206,9 @@ def rollback(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DA
 def register(root: typer.Typer) -> None:
     """Add the device commands to the root app."""
     root.add_typer(device_app, name="device")
+    root.add_typer(trust_app, name="trust")
+    root.command("list")(list_slots)
+    root.command("remove")(remove)
     root.command("install")(install)
     root.command("ask")(ask)
     root.command("chat")(chat)

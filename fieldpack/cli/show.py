@@ -79,6 +79,39 @@ def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Co
     c.print(t)
 
 
+def print_status(info: dict[str, Any], console: Console | None = None) -> None:
+    """The device summary a technician reads (``fieldpack status``); ``info`` is ``device.install.status()``
+    plus an optional ``metrics`` dict."""
+    c = console or make_console()
+    c.print(f"data dir {info['data_dir']}", markup=False, highlight=False)
+    for role in ("active", "previous"):
+        rec = info.get(role)
+        if rec is None:
+            c.print(f"{role}: none", markup=False, highlight=False)
+            continue
+        b = rec.get("bundle") or {}
+        c.print(f"{role}: {rec['label']} in slot {rec['slot']}, installed {rec['installed_at']}"
+                + (f", built {b['created_at']}" if b else "") + f", signed by {rec['key_id']}",
+                markup=False, highlight=False)
+        if b:
+            c.print(f"  model {b['architecture']} {b['file_type']} ({b['parameters']:,} parameters), "
+                    f"{b['documents']} documents, {b['chunks']} chunks, embedder {b['embedder']}", markup=False,
+                    highlight=False)
+            c.print(f"  memory at n_ctx {b['n_ctx']}: {_mib(b['memory_bytes'])}; on disk {_mib(rec['size_bytes'])}",
+                    markup=False, highlight=False)
+        if rec.get("damage"):
+            c.print(f"  DAMAGED: {rec['damage']} (check with `fieldpack verify --installed`; repair with "
+                    f"`fieldpack install` of the same bundle)", markup=False, highlight=False)
+    keys = info.get("trusted_keys") or []
+    c.print(f"trusted keys: {', '.join(keys) if keys else 'none'}", markup=False, highlight=False)
+    m = info.get("metrics")
+    if isinstance(m, dict):
+        flat = ", ".join(f"{k} {v}" for k, v in m.items() if isinstance(v, (int, float, str)))
+        c.print(f"daemon metrics: {flat}", markup=False, highlight=False)
+    elif m is not None:
+        c.print(f"daemon metrics: {m}", markup=False, highlight=False)
+
+
 def print_answer(ans: Answer, *, streamed: bool = False, console: Console | None = None) -> None:
     """Print the answer (unless already streamed), numbered sources and timings."""
     c = console or make_console()

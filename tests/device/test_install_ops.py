@@ -1,0 +1,164 @@
+"""Everyday device operations on real (synthetic-member) signed bundles: repair a damaged active slot, refuse a
+downgrade or another bundle name, list/remove slots, trust keys, status summary, inspect's signature status.
+Library calls and the installed ``fieldpack`` command (tests.cli.conftest.run_cli)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fieldpack.device.install import check_upgrade, install_bundle, remove_slot
+from fieldpack.device.install import status as device_status
+from fieldpack.device.slots import DataDir, init_data_dir
+from fieldpack.shared.errors import DowngradeError, UsageError
+from tests.cli.conftest import assert_one_line_error, run_cli
+from tests.shared.factories import Keys, make_bundle, make_keys
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return make_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return make_keys(tmp_path_factory.mktemp("other-keys"))
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bundles")
+    return {
+        "v1": make_bundle(d / "v1.fpk", keys, model_bytes=60_000, seed=1, version="1.9.0"),
+        "v2": make_bundle(d / "v2.fpk", keys, model_bytes=50_000, seed=2, version="1.10.0"),
+        "other": make_bundle(d / "other.fpk", keys, model_bytes=40_000, seed=3, name="other", version="5.0.0"),
+    }
+
+
+@pytest.fixture()
+def dd(tmp_path: Path, keys: Keys) -> DataDir:
+    return init_data_dir(tmp_path / "device", [keys.public])
+
+
+def _damage(dd: DataDir, member: str = "model.gguf", *, truncate: bool = False) -> None:
+    path = dd.active_slot_path() / member
+    data = bytearray(path.read_bytes())
+    if truncate:
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[100] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+def test_version_and_name_rules() -> None:
+    check_upgrade("demo@1.9.0", "demo", "1.10.0")  # PEP 440, not string order
+    check_upgrade("demo@1.0.0", "demo", "1.0.0")  # a rebuild of the same version
+    check_upgrade("demo@nightly-a", "demo", "nightly-b")  # not comparable: only the name is checked
+    for old, name, version, needle in [("demo@1.10.0", "demo", "1.9.0", "older"), ("demo@1.0.0", "other", "2.0.0", "another bundle")]:
+        with pytest.raises(DowngradeError, match=needle) as ei:
+            check_upgrade(old, name, version)
+        assert "--allow-downgrade" in str(ei.value) and ei.value.exit_code == 6
+
+
+def test_downgrade_and_name_change_refused_unless_allowed(dd: DataDir, bundles: dict[str, Path]) -> None:
+    install_bundle(bundles["v2"], dd, check=None)
+    for b in ("v1", "other"):
+        with pytest.raises(DowngradeError):
+            install_bundle(bundles[b], dd, check=None)
+        assert device_status(dd)["active"]["label"] == "demo@1.10.0"  # nothing changed
+    res = install_bundle(bundles["v1"], dd, check=None, allow_downgrade=True)
+    assert res.changed and "replaced demo@1.10.0" in res.message
+    r = run_cli("install", str(bundles["v2"]), "--data-dir", str(dd.root), "--bogus")  # CLI has the flag
+    assert_one_line_error(r, 2, "--bogus")
+    assert "--allow-downgrade" in run_cli("install", "-h").stdout
+
+
+@pytest.mark.parametrize("truncate", [False, True], ids=["flipped byte", "truncated"])
+def test_damaged_active_slot_is_shown_verified_and_repaired(dd: DataDir, bundles: dict[str, Path], truncate: bool) -> None:
+    install_bundle(bundles["v1"], dd, check=None)
+    install_bundle(bundles["v2"], dd, check=None)
+    r = run_cli("verify", "--installed", "--data-dir", str(dd.root))
+    assert r.returncode == 0 and r.stdout.startswith("OK demo@1.10.0"), r.stderr
+    _damage(dd, truncate=truncate)
+    r = run_cli("verify", "--installed", "--data-dir", str(dd.root))
+    assert_one_line_error(r, 4, "model.gguf", "fieldpack install")
+    st = device_status(dd)
+    if truncate:  # the cheap status check sees sizes, not contents
+        assert "model.gguf" in st["active"]["damage"]
+        r = run_cli("status", "--data-dir", str(dd.root))
+        assert "DAMAGED" in r.stdout and "model.gguf" in r.stdout
+    res = install_bundle(bundles["v2"], dd, check=None)  # the same bundle again: repair, not "nothing to do"
+    assert res.changed and res.message.startswith("repaired demo@1.10.0")
+    r = run_cli("verify", "--installed", "--data-dir", str(dd.root))
+    assert r.returncode == 0, r.stderr
+    assert device_status(dd)["active"]["damage"] is None
+    noop = install_bundle(bundles["v2"], dd, check=None)
+    assert not noop.changed and "nothing to do" in noop.message
+
+
+def test_status_summary_list_and_remove(dd: DataDir, bundles: dict[str, Path]) -> None:
+    install_bundle(bundles["v1"], dd, check=None)
+    install_bundle(bundles["v2"], dd, check=None)
+    r = run_cli("status", "--data-dir", str(dd.root))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "{" not in out and "active: demo@1.10.0 in slot" in out and "previous: demo@1.9.0" in out
+    assert "documents" in out and "chunks" in out and "memory at n_ctx" in out and "trusted keys:" in out
+    js = json.loads(run_cli("status", "--data-dir", str(dd.root), "--json").stdout)
+    assert js["active"]["label"] == "demo@1.10.0" and js["active"]["bundle"]["version"] == "1.10.0"
+    lines = run_cli("list", "--data-dir", str(dd.root)).stdout.splitlines()
+    assert any("demo@1.10.0  active" in ln for ln in lines) and any("demo@1.9.0  previous" in ln for ln in lines)
+    assert_one_line_error(run_cli("remove", "demo@1.10.0", "--data-dir", str(dd.root)), 2, "active")
+    assert_one_line_error(run_cli("remove", "nope@1", "--data-dir", str(dd.root)), 2, "nope@1", "fieldpack list")
+    r = run_cli("remove", "demo@1.9.0", "--data-dir", str(dd.root))
+    assert r.returncode == 0 and "removed demo@1.9.0" in r.stdout, r.stderr
+    assert device_status(dd)["previous"] is None
+    assert any("(empty)" in ln for ln in run_cli("list", "--data-dir", str(dd.root)).stdout.splitlines())
+    with pytest.raises(UsageError):
+        remove_slot(dd, dd.active_slot())
+
+
+def test_trust_add_list_remove(dd: DataDir, keys: Keys, other_keys: Keys) -> None:
+    from fieldpack.shared.signing import load_public_key
+
+    mine, other = load_public_key(keys.public).key_id, load_public_key(other_keys.public).key_id
+    d = str(dd.root)
+    assert mine in run_cli("trust", "list", "--data-dir", d).stdout
+    r = run_cli("trust", "add", str(other_keys.public), "--data-dir", d)
+    assert r.returncode == 0 and "now trusted; 2 trusted key(s)" in r.stdout, r.stderr
+    r = run_cli("trust", "add", str(other_keys.public), "--data-dir", d)
+    assert "already trusted; 2 trusted key(s)" in r.stdout
+    assert {k["key_id"] for k in json.loads(run_cli("trust", "list", "--json", "--data-dir", d).stdout)} == {mine, other}
+    assert_one_line_error(run_cli("trust", "remove", "0123456789abcdef", "--data-dir", d), 2, "trust list")
+    r = run_cli("trust", "remove", other, "--data-dir", d)
+    assert r.returncode == 0 and "1 trusted key(s)" in r.stdout
+    assert_one_line_error(run_cli("trust", "remove", mine, "--data-dir", d), 2, "only trusted key")
+    r = run_cli("device", "init", "--data-dir", d, "--trust", str(other_keys.public))  # the count it prints is right
+    assert "trusts 2 key(s)" in r.stdout
+
+
+def test_inspect_signature_status(bundles: dict[str, Path], keys: Keys, other_keys: Keys, tmp_path: Path) -> None:
+    b = str(bundles["v1"])
+    r = run_cli("inspect", b, "--trust", str(keys.public))
+    assert r.returncode == 0 and "valid signature" in r.stdout, r.stderr
+    r = run_cli("inspect", b, "--trust", str(other_keys.public))
+    assert_one_line_error(r, 4, "signer not trusted")
+    assert "signer not trusted" in r.stdout and "INVALID" not in r.stdout
+    r = run_cli("inspect", b, "--json", "--trust", str(other_keys.public))
+    assert r.returncode == 4 and json.loads(r.stdout)["signature"]["status"] == "signer_not_trusted"
+    doc = json.loads(run_cli("inspect", b, "--json").stdout)
+    assert doc["signature"]["status"] == "not_checked" and doc["name"] == "demo"
+    from fieldpack.shared import bundle_format as fmt
+    from tests.shared.factories import Entry, unpack_members, write_raw_bundle
+
+    manifest, sig, files = unpack_members(bundles["v1"], tmp_path / "members")
+    altered = manifest.replace(b'"1.9.0"', b'"9.9.9"')
+    assert altered != manifest and sig is not None
+    bad = write_raw_bundle(tmp_path / "altered.fpk", [Entry(fmt.MANIFEST_NAME, altered), Entry(fmt.SIGNATURE_NAME, sig),
+                                                      *[Entry(n, p) for n, p in files.items()]])
+    r = run_cli("inspect", str(bad), "--json", "--trust", str(keys.public))
+    assert r.returncode == 4 and json.loads(r.stdout)["signature"]["status"] == "invalid"
+    r = run_cli("inspect", str(bad), "--trust", str(keys.public))
+    assert_one_line_error(r, 4, "INVALID")
