@@ -502,6 +502,23 @@ class MqttDaemon:
         with self._state_lock:
             self._engine, self._engine_error = info, error
         self._status_dirty.set()
+        self._refresh_will(info)
+
+    def _refresh_will(self, info: EngineInfo | None) -> None:
+        """Make the Last Will say what this process runs ("was running X"), with ``ts`` the time of the change.
+
+        MQTT fixes the will at CONNECT, so the new one takes effect from the next (re)connect; until then the
+        broker keeps the one of the current connection."""
+        from paho.mqtt.packettypes import PacketTypes
+
+        will = protocol.Status(
+            device=self.config.device_id, online=False, groups=list(self.config.groups),
+            bundle=info.label if info else None, bundle_name=info.name if info else None,
+            bundle_version=info.version if info else None, model=info.model if info else None,
+            ts=self._clock.time(), instance=self.instance, started_at=self._started_wall,
+        )
+        self.client.will_set(protocol.status_topic(self.config.device_id), will.encode(), qos=1, retain=True,
+                             properties=json_properties(PacketTypes.WILLMESSAGE))
 
     def status(self, *, online: bool = True) -> protocol.Status:
         """The current status message."""

@@ -216,8 +216,10 @@ class Requester:
             self._pending.pop(pending.id, None)
 
     # --- status ------------------------------------------------------------------------------------------------
-    def device_states(self, *, timeout_s: float = 5.0, settle_s: float = 0.3) -> list[DeviceState]:
-        """Every device's retained status (and metrics), sorted by device id.
+    def device_states(self, *, timeout_s: float = 5.0, settle_s: float = 0.3,
+                      device: str | None = None) -> list[DeviceState]:
+        """Every device's retained status (and metrics), sorted by device id; only ``device``'s when given
+        (an empty list: it never published one, or it was forgotten).
 
         Subscribes to all status and metrics topics, then collects the retained messages the broker sends
         right after the SUBACK until no retained one came for ``settle_s`` seconds (at most ``timeout_s``);
@@ -226,7 +228,9 @@ class Requester:
         with self._lock:
             self._states.clear()
             self._metrics.clear()
-        self._subscribe([protocol.STATUS_ALL, protocol.METRICS_ALL], timeout_s)
+        topics = ([protocol.status_topic(device), protocol.metrics_topic(device)] if device is not None
+                  else [protocol.STATUS_ALL, protocol.METRICS_ALL])
+        self._subscribe(topics, timeout_s)
         with self._lock:
             self._last_state_at = max(self._last_state_at, time.monotonic())
         deadline = time.monotonic() + timeout_s
@@ -236,9 +240,23 @@ class Requester:
             if quiet >= settle_s:
                 break
             time.sleep(min(settle_s - quiet, max(0.0, deadline - time.monotonic())) + 0.01)
-        self.client.unsubscribe([protocol.STATUS_ALL, protocol.METRICS_ALL])
+        self.client.unsubscribe(topics)
         with self._lock:
             return [DeviceState(self._states[d], self._metrics.get(d)) for d in sorted(self._states)]
+
+    def forget_device(self, device: str, *, timeout_s: float = 10.0) -> None:
+        """Clear ``device``'s retained status and metrics on the broker (an empty retained message on each topic),
+        so a decommissioned device no longer shows in ``fieldpack mqtt status``.
+
+        Raises:
+            DeviceError: the broker did not acknowledge the clearing within ``timeout_s``.
+        """
+        for topic in (protocol.status_topic(device), protocol.metrics_topic(device)):
+            info = self.client.publish(topic, b"", qos=1, retain=True)
+            info.wait_for_publish(timeout_s)
+            if not info.is_published():
+                raise errors.DeviceError(f"broker {self.settings.url} did not acknowledge clearing {topic}",
+                                         hint="check the broker's ACL allows this user to publish there")
 
     # --- internals ---------------------------------------------------------------------------------------------
     @staticmethod

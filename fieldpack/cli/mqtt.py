@@ -126,8 +126,12 @@ def ask(
         Optional[int], typer.Option("--expiry", help="drop the request if it waited longer than this (seconds)")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the final reply as JSON")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="send even if the device is offline or unknown, and wait")] = False,
 ) -> None:
-    """Ask a device (or a group) over MQTT; streams the answer, then prints the sources."""
+    """Ask a device (or a group) over MQTT; streams the answer, then prints the sources.
+
+    A device whose retained status says offline, or that never published one, is refused at once (exit 6)
+    unless --wait."""
     from fieldpack.device.mqtt import Requester
     from fieldpack.shared.errors import UsageError
 
@@ -136,6 +140,8 @@ def ask(
     settings = _settings(broker, username, password_file, tls_ca, tls_cert, tls_key)
     streamed = not json_out
     with Requester(settings) as requester:
+        if device is not None and not wait:
+            _check_reachable(requester, device, settings.url)
         final = requester.ask(
             question, device=device, group=group, bundle=bundle, stream=streamed, expiry_s=expiry, timeout_s=timeout,
             on_partial=(lambda p: typer.echo(p.text, nl=False)) if streamed else None,
@@ -189,17 +195,19 @@ def status(
         return
     from rich.table import Table
 
-    table = Table("device", "online", "bundle", "model", "queue", "uptime", "answered", "errors", "busy",
-                  "TTFT p50 ms", "tok/s", title=f"devices on {settings.url}")
+    table = Table("device", "online", "last status", "bundle", "model", "queue", "uptime", "answered", "errors",
+                  "busy", "TTFT p50 ms", "tok/s", title=f"devices on {settings.url}")
     for state in states:
         s, m = state.status, state.metrics
+        live = s.online  # queue and uptime of an offline device are history, not shown as live
         table.add_row(
             s.device,
             "yes" if s.online else "NO",
+            _when(s.ts),
             s.bundle or (s.error or "-"),
             s.model or "-",
-            f"{s.queue_depth}/{s.queue_max}" if s.queue_max is not None else "-",
-            _duration(s.uptime_s),
+            f"{s.queue_depth}/{s.queue_max}" if live and s.queue_max is not None else "-",
+            _duration(s.uptime_s) if live else "-",
             str(m.answered) if m else "-",
             str(m.errors) if m else "-",
             str(m.busy) if m else "-",
@@ -209,6 +217,57 @@ def status(
     from fieldpack.cli.console import console
 
     console().print(table)
+
+
+def _check_reachable(requester, device: str, url: str) -> None:  # noqa: ANN001 - device.mqtt.Requester
+    """Fail fast (DeviceError) when ``device``'s retained status is offline or absent."""
+    from fieldpack.shared.errors import DeviceError
+
+    states = requester.device_states(device=device)
+    if not states:
+        raise DeviceError(f"device {device} has never published a status on {url} (or it was forgotten)",
+                          hint="check the id with `fieldpack mqtt status`, or pass --wait to send the question anyway")
+    s = states[0].status
+    if not s.online:
+        was = f", was running {s.bundle}" if s.bundle else ""
+        raise DeviceError(f"device {device} is offline (last status {_when(s.ts)}{was})",
+                          hint="bring it back online, or pass --wait to queue the question until it returns")
+
+
+def _when(ts: float | None) -> str:
+    """Unix seconds as ``2026-11-30 21:10:05 UTC`` (or ``unknown``)."""
+    if ts is None:
+        return "unknown"
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@app.command("forget")
+def forget(
+    device: Annotated[str, typer.Argument(help="id of a decommissioned device")],
+    broker: Broker,
+    username: Username = None,
+    password_file: PasswordFile = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    force: Annotated[bool, typer.Option("--force", help="forget it even if its status says online")] = False,
+) -> None:
+    """Clear a decommissioned device's retained status and metrics from the broker."""
+    from fieldpack.device.mqtt import Requester
+    from fieldpack.shared.errors import UsageError
+
+    settings = _settings(broker, username, password_file, tls_ca, tls_cert, tls_key)
+    with Requester(settings) as requester:
+        states = requester.device_states(device=device)
+        if not states:
+            raise UsageError(f"device {device} has no retained status on {settings.url}",
+                             hint="see the ids with `fieldpack mqtt status`")
+        if states[0].status.online and not force:
+            raise UsageError(f"device {device} says it is online", hint="stop its daemon first, or pass --force")
+        requester.forget_device(device)
+    typer.echo(f"forgot {device} on {settings.url}")
 
 
 def _duration(seconds: float | None) -> str:

@@ -1,0 +1,69 @@
+"""`fieldpack mqtt ask` fails fast for an offline or never-seen device; `mqtt status` does not show an offline
+device's queue/uptime as live; `mqtt forget` clears a decommissioned device. Real Mosquitto, installed command."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.cli.conftest import assert_one_line_error, run_cli
+from tests.mqtt_broker import MosquittoBroker, have_mosquitto
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.skipif(not have_mosquitto(), reason="needs mosquitto")]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    with MosquittoBroker(tmp_path_factory.mktemp("mosquitto")) as b:
+        yield b
+
+
+def _login(b: MosquittoBroker) -> list[str]:
+    return ["--broker", b.url(), "--username", b.username, "--password-file", str(b.password_file)]
+
+
+def _stopped_device(broker: MosquittoBroker, tmp_path: Path) -> str:
+    """A daemon that served, then stopped cleanly: its retained status says offline, with its bundle."""
+    from fieldpack.device.mqtt import DaemonConfig, MqttDaemon
+    from tests.device.mqtt_fakes import FakeEngine, FakeProvider
+
+    device_id = f"gone-{uuid.uuid4().hex[:8]}"
+    d = MqttDaemon(DaemonConfig(device_id, data_dir=tmp_path), FakeProvider(FakeEngine(label="pumps@2.1.0")),
+                   broker.settings())
+    d.start()
+    assert d.wait_ready(10)
+    r = run_cli("mqtt", "ask", "warm up", "--device", device_id, *_login(broker))  # loads the engine: bundle known
+    assert r.returncode == 0, r.stderr
+    d.stop()
+    return device_id
+
+
+def test_never_seen_device_fails_fast(broker: MosquittoBroker) -> None:
+    r = run_cli("mqtt", "ask", "q", "--device", f"nobody-{uuid.uuid4().hex[:6]}", "--timeout", "600", *_login(broker))
+    assert_one_line_error(r, 6, "never published a status", "--wait")
+
+
+def test_offline_device_fails_fast_and_status_is_not_live(broker: MosquittoBroker, tmp_path: Path) -> None:
+    device_id = _stopped_device(broker, tmp_path)
+    r = run_cli("mqtt", "ask", "q", "--device", device_id, "--timeout", "600", *_login(broker))
+    line = assert_one_line_error(r, 6, f"device {device_id} is offline", "last status 20", "--wait")
+    assert "pumps@2.1.0" in line
+    r = run_cli("mqtt", "ask", "q", "--device", device_id, "--timeout", "1", "--wait", *_login(broker))
+    assert_one_line_error(r, 6, "no reply")  # --wait sends anyway and waits for the timeout
+    r = run_cli("mqtt", "status", *_login(broker))
+    (row,) = [ln for ln in r.stdout.splitlines() if device_id in ln]
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells[1] == "NO" and cells[5] == "-" and cells[6] == "-", row  # queue, uptime not shown as live
+
+
+def test_forget_a_decommissioned_device(broker: MosquittoBroker, tmp_path: Path) -> None:
+    device_id = _stopped_device(broker, tmp_path)
+    r = run_cli("mqtt", "forget", device_id, *_login(broker))
+    assert r.returncode == 0 and f"forgot {device_id}" in r.stdout, r.stderr
+    rows = json.loads(run_cli("mqtt", "status", "--json", *_login(broker)).stdout)
+    assert device_id not in {x["status"]["device"] for x in rows}
+    assert_one_line_error(run_cli("mqtt", "forget", device_id, *_login(broker)), 2, "no retained status")
