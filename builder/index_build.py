@@ -61,10 +61,24 @@ class IndexStats:
 def embed_chunks(chunks: Sequence[Chunk], embedder: OnnxEmbedder, *, batch_size: int = 32) -> np.ndarray:
     """Embed each chunk's :meth:`Chunk.embedding_text` (section path + text) with the bundle's embedder.
 
+    Progress (chunks done of all) goes to :func:`builder.progress.report` after each slice of
+    ``8 * batch_size`` chunks; the result equals one :meth:`OnnxEmbedder.embed` call over all of them.
+
     Returns:
         ``(len(chunks), embedder.dimension) float32``, rows L2-normalised, in chunk order.
     """
-    return embedder.embed([c.embedding_text() for c in chunks], batch_size=batch_size)
+    from fieldpack.builder.progress import report
+
+    texts = [c.embedding_text() for c in chunks]
+    if not texts:
+        return embedder.embed(texts, batch_size=batch_size)
+    step = 8 * batch_size
+    parts = []
+    report(0, len(texts), "chunks")
+    for start in range(0, len(texts), step):
+        parts.append(embedder.embed(texts[start : start + step], batch_size=batch_size))
+        report(min(start + step, len(texts)), len(texts), "chunks")
+    return np.concatenate(parts, axis=0)
 
 
 def build_index(

@@ -23,22 +23,57 @@ def keygen(out: Path = typer.Option(..., "--out", help="folder for builder.key (
     typer.echo(f"wrote {priv} and {pub} (key id {key_id(load_public_key(pub).raw)})")
 
 
-def _stage_printer():
-    from fieldpack.cli.console import console as make_console
+class _StageProgress:
+    """Shows the build's stages on stderr: on a terminal a rich progress bar per stage (a spinner until the stage
+    reports counts, then a bar with done/total, elapsed time and ETA); off a terminal, one line per finished
+    stage. Remembers the running stage so an interrupt can name it."""
 
-    console = make_console(stderr=True)
-    status = {"s": None}
+    def __init__(self) -> None:
+        from fieldpack.cli.console import console
 
-    def hook(name: str, event: str) -> None:
+        self.console = console(stderr=True)
+        self.current: str | None = None
+        self.counts: tuple[int, int, str] | None = None
+        self._progress = None
+        self._task = None
+        if self.console.is_terminal:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                                      MofNCompleteColumn(), TextColumn("{task.fields[unit]}"), TimeElapsedColumn(),
+                                      TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=True)
+
+    def __enter__(self) -> "_StageProgress":
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def stage(self, name: str, event: str) -> None:
+        """The pipeline's stage hook: ``event`` is ``"start"`` or ``"done"``."""
+        import time
+
         if event == "start":
-            status["s"] = console.status(f"[bold]{name}[/]…")
-            status["s"].start()
-        else:
-            if status["s"]:
-                status["s"].stop()
-            console.print(f"[green]✓[/] {name}")
+            self.current, self.counts, self._t0 = name, None, time.perf_counter()
+            if self._progress is not None:
+                self._task = self._progress.add_task(name, total=None, unit="")
+            return
+        if self._progress is not None and self._task is not None:
+            self._progress.remove_task(self._task)
+            self._task = None
+        done = f" ({self.counts[1]} {self.counts[2]})" if self.counts else ""
+        self.console.print(f"✓ {name}{done} {time.perf_counter() - self._t0:.1f} s", markup=False, highlight=False)
+        self.current = None
 
-    return hook, status
+    def count(self, done: int, total: int, unit: str) -> None:
+        """builder.progress sink: ``done`` of ``total`` ``unit`` in the running stage."""
+        self.counts = (done, total, unit)
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=done, total=total, unit=unit)
 
 
 def build(
@@ -114,15 +149,23 @@ def _check_output(output: Path, *, force: bool) -> None:
 
 
 def _build_with_progress(cfg: Any) -> Any:
-    """Run :func:`builder.pipeline.build_bundle` with a rich status per stage; print the ingest report."""
-    from fieldpack.builder.pipeline import build_bundle
+    """Run :func:`builder.pipeline.build_bundle` with a progress bar per stage; print the ingest report.
 
-    hook, status = _stage_printer()
-    try:
-        result = build_bundle(cfg, on_stage=hook)
-    finally:
-        if status["s"]:
-            status["s"].stop()
+    Ctrl-C says which stage it interrupted (and how far it got) and exits 130; nothing is left at the output."""
+    from fieldpack.builder.pipeline import build_bundle
+    from fieldpack.builder.progress import progress_sink
+
+    with _StageProgress() as shown:
+        try:
+            with progress_sink(shown.count):
+                result = build_bundle(cfg, on_stage=shown.stage)
+        except KeyboardInterrupt:
+            where = f"stage '{shown.current}'" if shown.current else "the build"
+            if shown.current and shown.counts:
+                where += f" at {shown.counts[0]}/{shown.counts[1]} {shown.counts[2]}"
+            shown.console.print(f"interrupted during {where}; no bundle was written to {cfg.output}",
+                                markup=False, highlight=False)
+            raise typer.Exit(130) from None
     _print_ingest_report(result.ingest_report)
     return result
 
