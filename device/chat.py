@@ -3,12 +3,16 @@
 Tokens stream as they are generated; each answer is followed by its numbered sources. A short history is kept
 and sent with the next question while the token budget allows (oldest turns dropped first, see
 :mod:`device.prompt`). Commands: ``/sources`` (show the last answer's sources in full), ``/clear`` (forget the
-history), ``/help``, ``/quit`` (or Ctrl-D).
+history), ``/help``, ``/quit`` (or Ctrl-D). Any other line starting with ``/`` is answered as an unknown command,
+never sent to the model as a question. On a terminal, lines are edited with readline (arrows, Ctrl-R) and the
+history is kept across sessions in a file (:func:`enable_line_editing`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,6 +26,41 @@ PROMPT = "you> "
 
 #: Most past turns offered to the prompt builder (it may keep fewer to fit n_ctx).
 MAX_HISTORY = 4
+#: Lines kept in the readline history file.
+HISTORY_LINES = 1000
+COMMANDS = ("/sources", "/clear", "/help", "/quit", "/exit", "/q")
+
+log = logging.getLogger(__name__)
+
+
+def enable_line_editing(history_file: Path | None) -> Callable[[], None]:
+    """Turn on readline line editing for :func:`input` and load ``history_file`` (if given and readable).
+
+    Returns a function that saves the history (call it when the chat ends). Where readline is unavailable
+    (some minimal Python builds) editing stays off and the returned function does nothing."""
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - CPython on Linux ships it
+        return lambda: None
+    readline.set_history_length(HISTORY_LINES)
+    readline.parse_and_bind("tab: complete")
+    readline.set_completer(lambda text, state: ([c for c in COMMANDS if c.startswith(text)] + [None])[state])
+    if history_file is not None:
+        try:
+            readline.read_history_file(history_file)
+        except OSError:
+            pass
+
+    def save() -> None:
+        if history_file is None:
+            return
+        try:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history_file)
+        except OSError as exc:
+            log.warning("could not save the chat history to %s: %s", history_file, exc)
+
+    return save
 
 
 def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Console | None = None) -> int:
@@ -51,6 +90,9 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
         if q == "/clear":
             history.clear()
             c.print("[dim]history cleared[/]")
+            continue
+        if q.startswith("/") and q.split()[0] not in COMMANDS:
+            c.print(f"unknown command {q.split()[0]}; {HELP}", markup=False, highlight=False)
             continue
         if q == "/sources":
             if last is None or not last.sources:

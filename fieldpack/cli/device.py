@@ -141,10 +141,16 @@ def chat(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_D
          n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=128, help="context length (tokens)"),
          threads: Optional[int] = typer.Option(None, "--threads", min=1, help="llama.cpp threads")) -> None:
     """Interactive offline assistant (streams tokens; /sources, /clear, /quit)."""
-    from fieldpack.device.chat import run_chat
+    import sys
 
-    with _runtime(data_dir, n_ctx, threads) as rt:
-        run_chat(rt)
+    from fieldpack.device.chat import enable_line_editing, run_chat
+
+    save = enable_line_editing(_data_dir(data_dir).root / "chat_history") if sys.stdin.isatty() else (lambda: None)
+    try:
+        with _runtime(data_dir, n_ctx, threads) as rt:
+            run_chat(rt)
+    finally:
+        save()
 
 
 def status(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
