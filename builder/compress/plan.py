@@ -82,6 +82,8 @@ class Candidate:
     top1_agreement: float
     decode_tps: float
     prompt_tps: float
+    decode_tps_min: float | None = None
+    decode_tps_max: float | None = None
     fits_ram: bool = False
     fast_enough: bool = False
     pareto: bool = False
@@ -93,6 +95,12 @@ class Candidate:
     @property
     def fits(self) -> bool:
         return self.fits_ram and self.fast_enough
+
+    def speed_uncertain(self, threshold: float) -> bool:
+        """The runs' spread straddles ``threshold`` (tokens/s): the speed verdict could flip on a rerun."""
+        if self.decode_tps_min is None or self.decode_tps_max is None:
+            return False
+        return self.decode_tps_min < threshold <= self.decode_tps_max
 
 
 @dataclass
@@ -125,6 +133,10 @@ class Plan:
                 "device_ram_bytes": self.device_ram_bytes, "min_tokens_per_s": self.min_tokens_per_s,
                 "n_ctx": self.n_ctx, "threads": self.threads, "png": str(self.png) if self.png else None,
                 "build_flags": self.build_flags()}
+
+
+#: Timed runs per candidate; the plan reports their median and spread.
+SPEED_REPEATS = 5
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -233,14 +245,15 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
                     path = quantize_gguf(base, work / p / f"{qt}{'-imx' if use_imx else ''}.gguf", qt,
                                          imatrix=imx if use_imx else None).path
                 figs = perplexity_kld(ref.path, path, held, n_ctx=eval_ctx)
-                sp = measure_speed(path, threads=threads)
+                sp = measure_speed(path, threads=threads, repeats=SPEED_REPEATS, statistic="median")
                 kv = kv_cache_bytes(n_ctx, n_layer=n_layer, n_head_kv=ref.n_head_kv, head_dim=head_dim)
                 size = Path(path).stat().st_size
                 cands.append(Candidate(
                     prune=p, quant=qt, imatrix=use_imx, gguf_bytes=size, params=gguf_params(path), n_layer=n_layer,
                     kv_cache_bytes=kv, memory_bytes=size + kv + other_bytes, ppl=figs.ppl_test,
                     delta_ppl=figs.delta_ppl, kld_mean=figs.kld_mean, top1_agreement=figs.top1_agreement,
-                    decode_tps=sp.decode_tps, prompt_tps=sp.prompt_tps))
+                    decode_tps=sp.decode_tps, prompt_tps=sp.prompt_tps, decode_tps_min=sp.decode_tps_min,
+                    decode_tps_max=sp.decode_tps_max))
                 log.info("plan %s: %d bytes, KLD %.5f, %.1f tok/s", cands[-1].label, size, figs.kld_mean, sp.decode_tps)
         for c, front in zip(cands, pareto_front([(c.gguf_bytes, c.kld_mean) for c in cands])):
             c.pareto = front
@@ -301,12 +314,15 @@ def draw_plan(plan: Plan, out_png: Path) -> Path:
 def format_plan(plan: Plan) -> str:
     """A plain-text table of the candidates with the proposal marked, and the build flags."""
     lines = [f"{'candidate':<24} {'GGUF MiB':>9} {'memory MiB':>10} {'PPL':>8} {'ΔPPL':>8} {'KLD':>8} {'top-1':>6} "
-             f"{'decode t/s':>10} {'fits':>5} {'front':>5}"]
+             f"{'decode t/s median (min-max)':>27} {'fits':>5} {'front':>5}"]
     for i, c in enumerate(plan.candidates):
         mark = "*" if i == plan.chosen else " "
+        spread = (f"{c.decode_tps:.1f} ({c.decode_tps_min:.1f}-{c.decode_tps_max:.1f})"
+                  if c.decode_tps_min is not None and c.decode_tps_max is not None else f"{c.decode_tps:.1f}")
+        fits = ("yes" if c.fits else "no") + ("?" if c.fits_ram and c.speed_uncertain(plan.min_tokens_per_s) else "")
         lines.append(f"{mark}{c.label:<23} {c.gguf_bytes / 2**20:>9.2f} {c.memory_bytes / 2**20:>10.1f} {c.ppl:>8.3f} "
-                     f"{c.delta_ppl:>+8.3f} {c.kld_mean:>8.4f} {c.top1_agreement:>6.3f} {c.decode_tps:>10.1f} "
-                     f"{'yes' if c.fits else 'no':>5} {'yes' if c.pareto else '':>5}")
+                     f"{c.delta_ppl:>+8.3f} {c.kld_mean:>8.4f} {c.top1_agreement:>6.3f} {spread:>27} "
+                     f"{fits:>5} {'yes' if c.pareto else '':>5}")
     flags = plan.build_flags()
     if flags:
         c = plan.candidates[plan.chosen]  # type: ignore[index]
@@ -314,6 +330,9 @@ def format_plan(plan: Plan) -> str:
                      f"{plan.device_ram_bytes / 2**20:.0f} MiB, {c.decode_tps:.1f} tok/s here): fieldpack build {flags}")
     else:
         lines.append("no candidate fits: lower --n-ctx, raise --device-ram, lower --min-tokens-per-s, or pick a smaller model")
-    lines.append("speeds are this machine's with the given --threads; unstructured/N:M sparsity is never proposed "
+    if any(c.fits_ram and c.speed_uncertain(plan.min_tokens_per_s) for c in plan.candidates):
+        lines.append(f"fits '?': the {SPEED_REPEATS} timed runs fall on both sides of --min-tokens-per-s "
+                     f"{plan.min_tokens_per_s:g} (a busy machine); rerun when it is quiet before relying on it")
+    lines.append(f"speeds: median of {SPEED_REPEATS} runs on this machine with the given --threads; unstructured/N:M sparsity is never proposed "
                  "(stored densely in GGUF, no smaller or faster in llama.cpp)")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,17 @@ class SpeedFigures:
     n_decode: int
     threads: int
     repeats: int
+    decode_tps_runs: tuple[float, ...] = ()
+
+    @property
+    def decode_tps_min(self) -> float:
+        """Slowest run (tokens/s); equals ``decode_tps`` when only one run was timed."""
+        return min(self.decode_tps_runs, default=self.decode_tps)
+
+    @property
+    def decode_tps_max(self) -> float:
+        """Fastest run (tokens/s)."""
+        return max(self.decode_tps_runs, default=self.decode_tps)
 
 
 @dataclass
@@ -104,11 +116,13 @@ def fit_eval_ctx(ref_gguf: Path, texts: list[str], cap: int = 256) -> int:
 
 
 def measure_speed(gguf_path: Path, *, n_prompt: int = 128, n_decode: int = 32, threads: int | None = None,
-                  repeats: int = 2) -> SpeedFigures:
+                  repeats: int = 2, statistic: str = "best") -> SpeedFigures:
     """Time prompt processing and greedy decoding of ``gguf_path`` with llama.cpp on the CPU.
 
-    Best of ``repeats`` runs (the machine is shared; the best run is the least disturbed). Not a benchmark
-    of the target device: it ranks variants on this machine.
+    ``statistic="best"``: best of ``repeats`` runs (the least disturbed run; the compression report compares
+    variants this way). ``"median"``: the median run, with every run's decode rate kept in
+    ``decode_tps_runs`` so a caller can report the spread (``fieldpack plan`` does: on a shared machine one run
+    can be orders of magnitude off). Not a benchmark of the target device: it ranks variants on this machine.
 
     Raises:
         InputNotFoundError / ModelLoadError: the GGUF cannot be loaded.
@@ -134,23 +148,32 @@ def measure_speed(gguf_path: Path, *, n_prompt: int = 128, n_decode: int = 32, t
         text = _SPEED_TEXT * (1 + n_prompt // 8)
         prompt = list(llm.tokenize(text.encode(), add_bos=True, special=False))[:n_prompt]
         best_p, best_d = math.inf, math.inf
+        prompt_s: list[float] = []
+        decode_s: list[float] = []
         llm.reset()
         llm.eval(prompt[:8])  # warm-up: page the weights in
         for _ in range(max(1, repeats)):
             llm.reset()
             t0 = time.perf_counter()
             llm.eval(prompt)
-            best_p = min(best_p, time.perf_counter() - t0)
+            prompt_s.append(time.perf_counter() - t0)
+            best_p = min(best_p, prompt_s[-1])
             t0 = time.perf_counter()
             for _ in range(n_decode):
                 last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)  # (n_vocab,) float32, last position
                 nxt = int(np.argmax(np.ctypeslib.as_array(last, shape=(n_vocab,))))
                 llm.eval([nxt])
-            best_d = min(best_d, time.perf_counter() - t0)
+            decode_s.append(time.perf_counter() - t0)
+            best_d = min(best_d, decode_s[-1])
     finally:
         llm.close()
+    if statistic == "median":
+        best_p, best_d = statistics.median(prompt_s), statistics.median(decode_s)
+    elif statistic != "best":
+        raise ValueError(f"statistic {statistic!r}: use 'best' or 'median'")
     return SpeedFigures(prompt_tps=len(prompt) / best_p, decode_tps=n_decode / best_d, n_prompt=len(prompt),
-                        n_decode=n_decode, threads=threads, repeats=repeats)
+                        n_decode=n_decode, threads=threads, repeats=repeats,
+                        decode_tps_runs=tuple(n_decode / s for s in decode_s))
 
 
 def quality_rows(ref_gguf: Path, variants: list[tuple[str, str, str, Path]], held_out: list[str], *,

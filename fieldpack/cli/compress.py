@@ -25,6 +25,9 @@ def plan(
     import json
 
     from fieldpack.builder.compress.plan import format_plan, make_plan, parse_size
+    from fieldpack.builder.pipeline import quiet_third_party
+
+    quiet_third_party()  # no third-party progress bars or warnings in the plan's output
 
     def split(s: str) -> tuple[str, ...]:
         return tuple(x.strip() for x in s.split(",") if x.strip())
