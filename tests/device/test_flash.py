@@ -18,7 +18,7 @@ from fieldpack.device.install import install_bundle
 from fieldpack.device.slots import init_data_dir, open_data_dir
 from fieldpack.shared.bundle import BundleReader
 from fieldpack.shared.errors import NotInitializedError, SignatureError, SlotCheckError
-from tests.shared.factories import Keys, base_bundle, make_bundle, make_keys, rebuild_bundle
+from tests.shared.factories import Keys, base_bundle, make_bundle, make_keys, rebuild_bundle, truncated_copy
 
 REPO = Path(__file__).resolve().parents[2]
 FLASH = REPO / "scripts" / "flash"
@@ -119,7 +119,7 @@ def test_to_folder_verified_atomic_with_sidecar(bundle: Path, keys: Keys, env: d
     assert (card / f"{bundle.name}.sha256").read_text() == f"{sha256(bundle)}  {bundle.name}\n"
     check = subprocess.run(["sha256sum", "-c", f"{bundle.name}.sha256"], cwd=card, capture_output=True, text=True)
     assert check.returncode == 0 and "OK" in check.stdout
-    assert f"fieldpack install {copied}" in r.stdout
+    assert f"cd {card} && sha256sum -c {bundle.name}.sha256 && fieldpack install {bundle.name}" in r.stdout
     # later, on the device: the copy installs
     dd = init_data_dir(tmp_path / "device", [keys.public])
     assert install_bundle(copied, dd, check=None).label == label_of(bundle)
@@ -240,3 +240,43 @@ def test_over_ssh_with_a_real_built_bundle(bundle_v1: Path, e2e_keys: Path, env:
               "--remote-tmp", str(tmp_path / "remote-tmp"), env=env)
     assert r.returncode == 0, r.stderr
     assert open_data_dir(dd.root).state().slots["a"].label == "riverside@1.0.0"
+
+
+# --- without --trust: header and size check; the printed hint works ------------------------------------------
+@pytest.mark.parametrize("damage", ["truncated", "not a bundle", "member missing"])
+def test_without_trust_a_damaged_bundle_is_not_copied(bundle: Path, env: dict[str, str], tmp_path: Path,
+                                                      damage: str) -> None:
+    from tests.shared.factories import Entry, unpack_members, write_raw_bundle
+
+    bad = tmp_path / "bad.fpk"
+    if damage == "truncated":
+        truncated_copy(bundle, bad, bundle.stat().st_size // 2)
+    elif damage == "not a bundle":
+        bad.write_bytes(b"PK\x03\x04 a zip file, not a bundle" * 100)
+    else:
+        manifest, sig, files = unpack_members(bundle, tmp_path / "members")
+        entries = [Entry("manifest.json", manifest), Entry("manifest.json.sig", sig)]
+        entries += [Entry(n, p) for n, p in files.items() if n != "model.gguf"]
+        write_raw_bundle(bad, entries)
+    card = tmp_path / "card"
+    card.mkdir()
+    r = flash(str(bad), "--to", str(card), env=env)
+    assert r.returncode == 4, r.stderr
+    [line] = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert "not a complete fieldpack bundle" in line and "nothing was copied" in line and "Fix:" in line
+    assert list(card.iterdir()) == []
+
+
+def test_hint_after_a_relative_folder_works(bundle: Path, env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "card").mkdir()
+    r = subprocess.run([sys.executable, str(FLASH), str(bundle), "--to", "./card"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    [hint] = [ln for ln in r.stdout.splitlines() if ln.startswith("on the device: ")]
+    cmd = hint.removeprefix("on the device: ").split("   (")[0]
+    cd_part, check_part, install_part = cmd.split(" && ")
+    folder = Path(cd_part.removeprefix("cd "))
+    assert folder.is_absolute() and folder == (tmp_path / "card").resolve()
+    ok = subprocess.run(check_part, shell=True, cwd=folder, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert (folder / install_part.removeprefix("fieldpack install ")).is_file()  # the path it installs exists there
