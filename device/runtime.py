@@ -169,6 +169,10 @@ class Runtime:
         return self._formatter(messages=messages).prompt
 
     # -- answering ---------------------------------------------------------------------------------------------
+    def documents(self) -> list[str]:
+        """The document paths the bundle's index holds (for checking a QA set's ``expected_source``)."""
+        return self._retriever.sources()
+
     def retrieve(self, question: str, *, k: int | None = None, mode: str = "hybrid") -> list[Hit]:
         """Top-``k`` chunks for ``question`` (default k from the manifest). See retrieval.search.Retriever."""
         return self._retriever.search(question, k=k or self.manifest.runtime.top_k_chunks, mode=mode)

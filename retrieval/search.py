@@ -264,6 +264,10 @@ class Retriever:
             )
         return hits
 
+    def sources(self) -> list[str]:
+        """The document paths (``chunks.source``) the index holds, sorted."""
+        return sorted(str(r[0]) for r in self._query("SELECT DISTINCT source FROM chunks", ()))
+
     def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         if self._conn is None:
             raise RuntimeLoadError(f"retriever for {self.db_path} is closed", hint="open a new Retriever")

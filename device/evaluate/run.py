@@ -87,6 +87,8 @@ class EvalOptions:
         n_ctx: context length (tokens); ``None``: the manifest's default.
         threads: llama.cpp / ONNX Runtime threads; ``None``: physical cores.
         workdir: where ``.fpk`` files are unpacked (a temp folder inside it, removed afterwards).
+        strict_sources: refuse (UsageError, before any question is asked) a QA set whose ``expected_source``
+            names a document the bundle does not hold; otherwise each such item is warned about and scores 0.
     """
 
     k: int = 10
@@ -98,6 +100,7 @@ class EvalOptions:
     n_ctx: int | None = None
     threads: int | None = None
     workdir: Path | None = None
+    strict_sources: bool = False
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -136,11 +139,13 @@ class BundleEval:
     generation: dict[str, Any] | None
     questions: list[QuestionResult]
     seconds: float
+    unmatched_sources: list[str] = field(default_factory=list)
+    """``"id: expected_source"`` of items whose expected document is not in this bundle (they score 0)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "path": self.path, "opened": self.opened, "info": self.info,
                 "retrieval": self.retrieval, "generation": self.generation, "seconds": round(self.seconds, 3),
-                "questions": [q.to_dict() for q in self.questions]}
+                "unmatched_sources": self.unmatched_sources, "questions": [q.to_dict() for q in self.questions]}
 
 
 @dataclass
@@ -392,6 +397,19 @@ def evaluate_slot(slot_dir: Path, qa: QASet, opts: EvalOptions, *, path: str = "
     results: list[QuestionResult] = []
     with Runtime(slot_dir, n_ctx=opts.n_ctx, threads=opts.threads) as rt:
         label = rt.bundle_label
+        documents = rt.documents()
+        unmatched = [f"{item.id}: {item.target.document().source}" for item in qa.items
+                     if item.target is not None and not any(item.target.document().source_matches(d) for d in documents)]
+        if unmatched and opts.strict_sources:
+            from fieldpack.shared.errors import UsageError
+
+            raise UsageError(f"{len(unmatched)} QA item(s) expect a document that {label} does not hold "
+                             f"(first: {unmatched[0]})",
+                             hint="fix expected_source in the QA file (paths relative to the docs folder of the "
+                                  "build), or evaluate a bundle built with those documents")
+        for u in unmatched:  # such an item can only score 0: say so per item, the QA set or the bundle is wrong
+            log.warning("%s: expected_source of item %s is no document of this bundle (it holds %d documents); "
+                        "the item scores 0", label, u, len(documents))
         for mode in opts.modes:  # warm-up: first-call costs (page cache, ORT arenas) stay out of the percentiles
             rt.retrieve(qa.items[0].question, k=opts.k, mode=mode)
         total = len(qa.items)
@@ -418,7 +436,8 @@ def evaluate_slot(slot_dir: Path, qa: QASet, opts: EvalOptions, *, path: str = "
     retrieval = {mode: aggregate_retrieval(results, mode, opts.k) for mode in opts.modes}
     generation = aggregate_generation(results) if opts.generate else None
     return BundleEval(label=label, path=path or str(slot_dir), opened=opened, info=info, retrieval=retrieval,
-                      generation=generation, questions=results, seconds=time.perf_counter() - t0)
+                      generation=generation, questions=results, seconds=time.perf_counter() - t0,
+                      unmatched_sources=unmatched)
 
 
 def evaluate(bundles: Sequence[Path], qa_path: Path, opts: EvalOptions | None = None, *,

@@ -93,6 +93,8 @@ def eval_cmd(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="answer length cap (tokens)"),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=128, help="context length (tokens)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="threads (default: physical cores)"),
+    strict: bool = typer.Option(False, "--strict", help="fail (exit 2) when an expected_source names no document "
+                                                        "of a bundle"),
 ) -> None:
     """Evaluate bundle(s) on a QA set: recall@1/5/10, MRR, nDCG@10 per retrieval mode; citation precision,
     abstention, answer facts; latency p50/p95."""
@@ -103,7 +105,8 @@ def eval_cmd(
     _check_writable(json_out, "--json")
     opts = EvalOptions(k=k, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                        generate=not no_generate, trusted_keys=tuple(trust), answer_k=answer_k,
-                       max_tokens=max_tokens, n_ctx=n_ctx, threads=threads)
+                       max_tokens=max_tokens, n_ctx=n_ctx, threads=threads,
+                       strict_sources=strict)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -124,6 +127,10 @@ def eval_cmd(
 
             report = evaluate(list(bundles), qa, opts, on_progress=on_progress)
     doc = report.to_dict()
+    unmatched = [(b["label"], u) for b in doc["bundles"] for u in b.get("unmatched_sources", [])]
+    if unmatched:
+        err.print(f"warning: {len(unmatched)} QA item(s) name an expected_source that is no document of the bundle "
+                  f"and score 0: " + "; ".join(f"{lab} {u}" for lab, u in unmatched[:10]), markup=False, highlight=False)
     if json_out == Path("-"):
         typer.echo(report_json(doc), nl=False)
     else:

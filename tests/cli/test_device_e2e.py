@@ -1,0 +1,69 @@
+"""Real bundle (tiny Llama over demo/docs), installed command: questions with control characters, range checks
+against the model, piped citations, eval's unknown expected_source, and a one-document build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("question", ["What is cavitation\x00", "\x00What\x1fis cavitation?\x7f"])
+def test_question_with_control_characters_is_answered(device_dir: Path, question: str) -> None:
+    r = run_cli("ask", question, "--data-dir", str(device_dir), "--json", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    a = json.loads(r.stdout)
+    assert "\x00" not in a["question"] and a["question"].startswith("What")
+    assert "damaged" not in r.stderr
+
+
+def test_n_ctx_above_the_training_context_is_refused(device_dir: Path) -> None:
+    from fieldpack.device.slots import open_data_dir
+
+    m = open_data_dir(device_dir).slot_manifest(open_data_dir(device_dir).active_slot())
+    r = run_cli("ask", "q", "--data-dir", str(device_dir), "--n-ctx", str(m.model.n_ctx_train + 2))
+    assert_one_line_error(r, 2, "--n-ctx", f"training context of {m.model.n_ctx_train}")
+    r = run_cli("ask", "q", "--data-dir", str(device_dir), "--max-tokens", str(m.runtime.n_ctx))
+    assert_one_line_error(r, 2, "--max-tokens")
+
+
+def test_piped_answer_keeps_each_citation_on_one_line(device_dir: Path) -> None:
+    r = run_cli("ask", "The connection pool is exhausted. What should I do?", "--data-dir", str(device_dir),
+                "--max-tokens", "16")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    src = [ln for ln in lines if ln.lstrip().startswith("[1] ")]
+    assert src and "(score " in src[0]  # citation and score on one line, not wrapped at 80 columns
+    assert all("(score " in ln for ln in lines if ln.lstrip()[:1] == "[" and ln.lstrip()[1:2].isdigit())
+
+
+def test_eval_warns_about_an_unknown_expected_source_and_strict_fails(bundle_v1: Path, tmp_path: Path) -> None:
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "typo", "question": "What is cavitation?", "expected_source": "pumsp.md"}) + "\n"
+                  + json.dumps({"id": "ok", "question": "When is a sand filter backwashed?",
+                                "expected_source": "filters.html"}) + "\n")
+    r = run_cli("eval", str(bundle_v1), "--qa", str(qa), "--no-generate", "--modes", "bm25")
+    assert r.returncode == 0, r.stderr
+    assert "typo: pumsp.md" in r.stderr and "score 0" in r.stderr
+    r = run_cli("eval", str(bundle_v1), "--qa", str(qa), "--no-generate", "--modes", "bm25", "--strict")
+    assert_one_line_error(r, 2, "typo: pumsp.md", "expected_source")
+
+
+def test_one_short_document_builds_with_ppl_skipped(tmp_path: Path, tiny_llama: Path, e2e_keys: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "note.md").write_text("# Pump three\n\nClose valve V-31 before opening the pump casing.\n")
+    out = tmp_path / "note.fpk"
+    r = run_cli("build", "--model", str(tiny_llama), "--docs", str(docs), "--name", "note", "--sign",
+                str(e2e_keys / "builder.key"), "-o", str(out), "--n-ctx", "256", "--max-tokens", "32", "--json",
+                timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout[r.stdout.index("{"):])
+    q = m["quality"]["quantization"]
+    assert "not measured" in q["note"] and "kld_mean" not in q
+    assert m["index"]["documents"] == 1
