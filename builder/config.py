@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fieldpack.shared.errors import UsageError
+from fieldpack.shared.errors import UsageError, first_validation_error
 from fieldpack.shared.manifest import check_bundle_name, check_bundle_version
 
 QuantName = str  # validated against builder.quantize.QUANT_TYPES at build time
@@ -96,12 +96,11 @@ class BuildConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = str(err["msg"]).removeprefix("Value error, ")
+            errs = exc.errors()
+            where = ".".join(str(p) for p in errs[0]["loc"]) if errs else ""
             opt = f"--{where.replace('_', '-')}" if where in _OPTIONS else None
             hint = f"give {opt} a valid value (see `fieldpack build --help`)" if opt else "see `fieldpack build --help`"
-            raise UsageError(f"{origin}: {where}: {msg}", hint=hint) from exc
+            raise UsageError(f"{origin}: {first_validation_error(exc).replace('Value error, ', '')}", hint=hint) from exc
 
     def to_recipe(self) -> dict[str, Any]:
         """JSON/TOML-ready dict of this config under a ``build`` table (None values dropped, paths as str)."""

@@ -29,12 +29,11 @@ from fieldpack.retrieval.types import Hit
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.errors import EmptyQuestionError, RuntimeLoadError, SlotCheckError
 from fieldpack.shared.manifest import Manifest, parse_manifest
+from fieldpack.shared.protocol import MAX_QUESTION_CHARS
 from fieldpack.shared.text import clean_question
 
 log = logging.getLogger(__name__)
 
-#: Largest question accepted, in characters, before any tokenization (guards the embedder and the prompt).
-MAX_QUESTION_CHARS = 4000
 
 
 def physical_cores() -> int:
