@@ -52,15 +52,24 @@ def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v
 
 
 def configure_logging(level: int) -> None:
-    """Log to stderr through rich; library code only calls logging.getLogger(__name__)."""
+    """Log to stderr; library code only calls logging.getLogger(__name__).
+
+    On a terminal through rich; off a terminal (a pipe, a file, a systemd journal) one plain, unwrapped line per
+    record (``WARNING name: message``), so nothing is cut or wrapped at 80 columns."""
     from rich.console import Console
-    from rich.logging import RichHandler
 
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    console = Console(stderr=True)
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
 

@@ -61,3 +61,14 @@ def test_mqtt_status_piped_keeps_every_column_whole(broker: MosquittoBroker, tmp
     rows = [ln for ln in r.stdout.splitlines() if device_id in ln]
     assert len(rows) == 1, r.stdout  # not wrapped over several lines
     assert label in rows[0] and "…" not in r.stdout
+
+
+def test_log_lines_off_a_terminal_are_whole() -> None:
+    """A warning longer than 80 columns reaches a piped stderr as one line."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from fieldpack.cli import configure_logging; configure_logging(logging.INFO); "
+            "logging.getLogger('fieldpack.x').warning('w' * 300)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stderr.splitlines() == ["WARNING fieldpack.x: " + "w" * 300]
