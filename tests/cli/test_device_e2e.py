@@ -13,13 +13,26 @@ from tests.cli.conftest import assert_one_line_error, run_cli
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("question", ["What is cavitation\x00", "\x00What\x1fis cavitation?\x7f"])
+@pytest.mark.parametrize("question", ["What is cavitation\x1b", "\x01What\x1fis cavitation?\x7f\x85"])
 def test_question_with_control_characters_is_answered(device_dir: Path, question: str) -> None:
+    """Through the command line (an argv cannot carry NUL; the runtime case below does)."""
     r = run_cli("ask", question, "--data-dir", str(device_dir), "--json", "--max-tokens", "8")
     assert r.returncode == 0, r.stderr
     a = json.loads(r.stdout)
-    assert "\x00" not in a["question"] and a["question"].startswith("What")
+    assert a["question"].startswith("What") and not any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in a["question"])
     assert "damaged" not in r.stderr
+
+
+def test_nul_in_a_question_reaches_no_sqlite_query(device_dir: Path) -> None:
+    """NUL as chat (stdin), MQTT or HTTP deliver it: the runtime answers, no 'unterminated string' index error."""
+    from fieldpack.device.runtime import Runtime
+    from fieldpack.device.slots import open_data_dir
+
+    with Runtime(open_data_dir(device_dir).active_slot_path()) as rt:
+        a = rt.answer("What is cavitation\x00", max_tokens=8)
+        b = rt.answer("What is cavitation", max_tokens=8)
+    assert a.question == b.question == "What is cavitation"
+    assert [h.chunk_id for h in a.sources] == [h.chunk_id for h in b.sources]
 
 
 def test_n_ctx_above_the_training_context_is_refused(device_dir: Path) -> None:
