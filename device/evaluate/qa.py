@@ -179,7 +179,8 @@ def load_qa(path: Path) -> QASet:
         data = path.read_bytes()
     except FileNotFoundError as exc:
         raise InputNotFoundError(f"QA file {path} does not exist",
-                                 hint="pass --qa a JSON Lines file of questions (see device/evaluate/qa.py)") from exc
+                                 hint='pass --qa a JSON Lines file, one question a line: {"id": "q1", "question": "...", '
+                                      '"expected_source": "path/in/docs.md"} (see `fieldpack eval --help`)') from exc
     except OSError as exc:
         raise InputNotFoundError(f"cannot read QA file {path}: {exc.strerror}", hint="check its permissions") from exc
     try:

@@ -46,3 +46,23 @@ def test_mqtt_request_question_cleaned_at_the_boundary() -> None:
     assert req.question == "What is cavitation"
     with pytest.raises(errors.EmptyQuestionError):
         protocol.decode_request(_payload("\u0000\u0001 \u0085"))
+
+
+def test_no_fix_hint_names_a_source_file_of_fieldpack() -> None:
+    """Fix hints speak of the user's commands and files, never of fieldpack's own modules."""
+    import ast
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    own = re.compile(r"\b(?:builder|device|shared|retrieval|fieldpack)/[\w/]+\.py\b")
+    found = []
+    for folder in ("builder", "device", "shared", "retrieval", "fieldpack"):
+        for path in (repo / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.keyword) and node.arg == "hint":
+                    text = " ".join(n.value for n in ast.walk(node.value)
+                                    if isinstance(n, ast.Constant) and isinstance(n.value, str))
+                    if own.search(text):
+                        found.append(f"{path.relative_to(repo)}:{node.value.lineno}")
+    assert not found, found
