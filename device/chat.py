@@ -99,7 +99,8 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
                 c.print("[dim]no sources yet[/]")
             for i, h in enumerate(last.sources if last else [], start=1):
                 c.rule(escape(f"[{i}] {h.citation()}"))
-                c.print(h.text, markup=False, highlight=False)
+                full = getattr(engine, "full_text", None)  # the stored chunk, not the copy shortened for the prompt
+                c.print(full(h) if full else h.text, markup=False, highlight=False)
             continue
         c.print("[bold]assistant>[/] ", end="")
         try:

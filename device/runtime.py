@@ -168,6 +168,10 @@ class Runtime:
         return self._formatter(messages=messages).prompt
 
     # -- answering ---------------------------------------------------------------------------------------------
+    def full_text(self, hit: Hit) -> str:
+        """The whole stored text of ``hit``'s chunk (an answer's best source may have been shortened to fit)."""
+        return self._retriever.chunk_texts([hit.chunk_id]).get(hit.chunk_id, hit.text)
+
     def documents(self) -> list[str]:
         """The document paths the bundle's index holds (for checking a QA set's ``expected_source``)."""
         return self._retriever.sources()

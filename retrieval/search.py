@@ -264,6 +264,10 @@ class Retriever:
             )
         return hits
 
+    def chunk_texts(self, ids: list[int]) -> dict[int, str]:
+        """The stored text of each chunk id (ids the index does not hold are left out)."""
+        return {i: str(row[-1]) for i, row in self._rows(list(ids)).items()}
+
     def sources(self) -> list[str]:
         """The document paths (``chunks.source``) the index holds, sorted."""
         return sorted(str(r[0]) for r in self._query("SELECT DISTINCT source FROM chunks", ()))

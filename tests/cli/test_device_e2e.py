@@ -80,3 +80,23 @@ def test_one_short_document_builds_with_ppl_skipped(tmp_path: Path, tiny_llama: 
     q = m["quality"]["quantization"]
     assert "not measured" in q["note"] and "kld_mean" not in q
     assert m["index"]["documents"] == 1
+
+
+def test_chat_sources_shows_the_stored_chunks_in_full(device_dir: Path) -> None:
+    """/sources prints each source's whole stored chunk (Runtime.full_text), not a copy shortened for the prompt."""
+    import io
+
+    from rich.console import Console
+
+    from fieldpack.device.chat import run_chat
+    from fieldpack.device.runtime import Runtime
+    from fieldpack.device.slots import open_data_dir
+
+    lines = iter(["The connection pool is exhausted. What should I do?", "/sources", "/quit"])
+    out = io.StringIO()
+    with Runtime(open_data_dir(device_dir).active_slot_path()) as rt:
+        run_chat(rt, read_line=lambda _p: next(lines), console=Console(file=out, width=100_000))
+        shown = out.getvalue()
+        hits = rt.retrieve("The connection pool is exhausted. What should I do?", k=1)
+        full = rt.full_text(hits[0])
+    assert " ".join(full.split()) in " ".join(shown.split())

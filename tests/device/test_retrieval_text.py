@@ -61,3 +61,9 @@ def test_sqlite_errors_blame_damage_only_when_it_is_damage(demo_index: Path, emb
         assert "damaged" in str(ei.value) and "verify --installed" in str(ei.value)
     finally:
         r.close()
+
+
+def test_chunk_texts_gives_the_stored_text(retriever: Retriever) -> None:
+    hits = retriever.search("What is cavitation", k=3)
+    texts = retriever.chunk_texts([h.chunk_id for h in hits] + [10**9])
+    assert set(texts) == {h.chunk_id for h in hits} and all(texts[h.chunk_id] == h.text for h in hits)
