@@ -85,9 +85,12 @@ class FleetView:
         self.settings, self.group = settings, protocol.check_name(group, "group")
         self.client = make_client(settings, fresh_client_id(client_prefix))
         self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self._lock = threading.Lock()
-        self._connected = threading.Event()
+        self._connected = threading.Event()  # the first CONNACK came
+        self.online = threading.Event()
+        """Set while connected (cleared on a disconnect, set again after the reconnect's SUBSCRIBE)."""
         self.max_packet: int | None = None
         self.desired: fp.DesiredBundle | None = None
         self.states: dict[str, fp.DeviceRollout] = {}
@@ -125,6 +128,11 @@ class FleetView:
             client.publish(fp.desired_topic(self.group), self.own_record.encode(), qos=1, retain=True,
                            properties=json_properties())
         self._connected.set()
+        self.online.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        self.online.clear()
+        log.warning("disconnected from %s (%s); reconnecting", self.settings.url, reason.getName() if reason else "?")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         payload = bytes(message.payload)
@@ -283,6 +291,8 @@ class Rollout:
         fd = os.open(self.bundle, os.O_RDONLY)
         try:
             while not self._stop.is_set():
+                if not view.online.wait(0.2):  # broker away: requests wait in the queue, not in paho's memory
+                    continue
                 with self._qcond:
                     while not self._queue and not self._stop.is_set():
                         self._qcond.wait(0.2)

@@ -7,8 +7,9 @@ The engine is the deterministic fake (no model), but it comes from the data dir'
 that slot's ``name@version``, and it is reloaded when the state switches, as the real provider does. Test
 markers in a bundle's manifest ``recipe`` make the parts that need a real model fail on purpose:
 ``{"test_fail": "check"}`` fails the installer's slot check, ``{"test_fail": "health"}`` makes the engine of
-that bundle fail to load (so the post-switch smoke question fails). ``--disk-free-bytes`` replaces the free-disk
-measurement (a small disk). SIGTERM stops cleanly; SIGKILL is a power cut.
+that bundle fail to load (so the post-switch smoke question fails). ``--answer-delay`` puts that many seconds
+between answer pieces; ``--disk-free-bytes`` replaces the free-disk measurement (a small disk). SIGTERM stops
+cleanly; SIGKILL is a power cut.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from tests.device.mqtt_fakes import FakeEngine
 class SlotFakeProvider:
     """EngineProvider whose FakeEngine is labelled by the active slot's manifest (reloaded on a switch)."""
 
-    def __init__(self, dd: DataDir) -> None:
+    def __init__(self, dd: DataDir, *, delay_s: float = 0.0) -> None:
         self.dd = dd
+        self.delay_s = delay_s
         self._key: tuple[str, str] | None = None
         self._engine: FakeEngine | None = None
 
@@ -49,7 +51,7 @@ class SlotFakeProvider:
                 self._key, self._engine = None, None
                 raise errors.RuntimeLoadError(f"{manifest.label}: model cannot be loaded (test marker)",
                                               hint="rebuild the bundle")
-            self._key, self._engine = key, FakeEngine(manifest.label)
+            self._key, self._engine = key, FakeEngine(manifest.label, delay_s=self.delay_s)
         return self._engine
 
     def close(self) -> None:
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--group", required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--disk-free-bytes", type=int)
+    parser.add_argument("--answer-delay", type=float, default=0.0, help="seconds between answer pieces")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = BrokerSettings.from_options(args.broker, username=args.username, password_file=args.password_file,
@@ -83,7 +86,7 @@ def main() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     daemon = MqttDaemon(DaemonConfig(args.device_id, groups=(args.group,), data_dir=dd.root),
-                        SlotFakeProvider(dd), settings, plugins=[agent])
+                        SlotFakeProvider(dd, delay_s=args.answer_delay), settings, plugins=[agent])
     daemon.run(stop)
 
 

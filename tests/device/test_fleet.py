@@ -244,3 +244,66 @@ def test_cli_push_status_abort(broker, tmp_path, keys, bundles, view_of) -> None
         wait_until(lambda: view.desired is not None and view.desired.state == "aborted", 10, "aborted record")
     r = run_cli("fleet", "abort", *login, "--group", "nobody-here", timeout=60)
     assert r.returncode == 2 and "no rollout" in r.stderr
+
+
+# --- serving during a rollout, HTTP source, a 60 MiB bundle --------------------------------------------------
+@pytest.mark.slow
+def test_request_being_answered_finishes_on_the_old_bundle(broker, tmp_path, keys, bundles, view_of) -> None:
+    from fieldpack.device.mqtt import Requester
+
+    group = "busy"
+    with _fleet(broker, tmp_path, keys, bundles, 1, group) as fleet:
+        fleet.start("dev-0", "--answer-delay", "0.4")
+        view = view_of(group)
+        wait_online(view, fleet.ids)
+        with Requester(broker.settings()) as asker:
+            pending = asker.submit("How do I reset pump 3?", device="dev-0")
+            wait_until(lambda: len(pending.partials) >= 1, 20, "the answer to start")
+            result = _result(*_push_in_thread(Rollout(bundles["small"], group, broker.settings(), canary=1.0)), 60,
+                             fleet)
+            final = pending.wait(30)
+    assert final is not None and final.ok and final.bundle == V1  # finished on the bundle it started with
+    assert result.states["dev-0"].phase == "healthy" and fleet.active_label("dev-0") == V2
+
+
+@pytest.mark.slow
+def test_http_url_is_used_when_reachable_else_mqtt(broker, tmp_path, keys, bundles, view_of) -> None:
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(bundles["small"].parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for group, url, over_mqtt in (("http-ok", f"{base}/{bundles['small'].name}", False),
+                                      ("http-404", f"{base}/missing.fpk", True)):
+            with DeviceFleet(broker, tmp_path / group, group, keys.public, bundles["v1"], 2) as fleet:
+                fleet.start_all()
+                view = view_of(group)
+                wait_online(view, fleet.ids)
+                result = _result(*_push_in_thread(Rollout(bundles["small"], group, broker.settings(), canary=1.0,
+                                                          url=url)), 60, fleet)
+            assert result.outcome == "done", fleet.logs()
+            assert all(fleet.active_label(d) == V2 for d in fleet.ids)
+            assert bool(result.sends) == over_mqtt, (group, len(result.sends))
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_sixty_mib_bundle_reaches_three_devices_once_per_chunk(broker, tmp_path, keys, view_of) -> None:
+    group = "big"
+    big = make_bundle(tmp_path / "big.fpk", keys, name="pg-ops", version="1.1.0", seed=9, model_bytes=60 << 20)
+    v1 = make_bundle(tmp_path / "v1.fpk", keys, name="pg-ops", version="1.0.0", seed=1)
+    with DeviceFleet(broker, tmp_path, group, keys.public, v1, 3) as fleet:
+        fleet.start_all()
+        view = view_of(group)
+        wait_online(view, fleet.ids)
+        rollout = Rollout(big, group, broker.settings(), canary=0.34)
+        result = _result(*_push_in_thread(rollout), 300, fleet)
+    assert result.outcome == "done", fleet.logs()
+    assert all(result.states[d].phase == "healthy" and fleet.active_label(d) == V2 for d in fleet.ids)
+    chunks = -(-rollout.size // fp.DEFAULT_CHUNK_BYTES)
+    assert rollout.size > 60 << 20 and len(result.sends) == 3 * chunks
+    assert max(result.sends.values()) <= 2
