@@ -89,6 +89,7 @@ class FleetView:
         self.client.on_message = self._on_message
         self._lock = threading.Lock()
         self._connected = threading.Event()  # the first CONNACK came
+        self._closing = False
         self.online = threading.Event()
         """Set while connected (cleared on a disconnect, set again after the reconnect's SUBSCRIBE)."""
         self.max_packet: int | None = None
@@ -111,6 +112,7 @@ class FleetView:
         time.sleep(SETTLE_S)  # retained messages arrive right after SUBACK
 
     def close(self) -> None:
+        self._closing = True
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -132,7 +134,8 @@ class FleetView:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
         self.online.clear()
-        log.warning("disconnected from %s (%s); reconnecting", self.settings.url, reason.getName() if reason else "?")
+        if not self._closing:
+            log.warning("disconnected from %s (%s); reconnecting", self.settings.url, reason.getName() if reason else "?")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         payload = bytes(message.payload)
@@ -155,11 +158,14 @@ class FleetView:
         except errors.ProtocolError as err:
             log.debug("ignoring message on %s: %s", message.topic, err)
 
-    def members(self) -> list[str]:
-        """Devices of the group: their status lists it or their rollout state names it; sorted."""
+    def members(self, *, online_only: bool = False) -> list[str]:
+        """Devices of the group: their status lists it or their rollout state names it; sorted. With
+        ``online_only``, those whose retained status says online (or that have no status)."""
         with self._lock:
             ids = {d for d, s in self.statuses.items() if self.group in s.groups}
             ids |= {d for d, s in self.states.items() if s.group == self.group}
+            if online_only:
+                ids = {d for d in ids if d not in self.statuses or self.statuses[d].online}
         return sorted(ids)
 
     def publish_desired(self, record: fp.DesiredBundle) -> None:
@@ -175,7 +181,7 @@ class FleetView:
 
 @dataclass
 class RolloutResult:
-    """What a push ended with: ``outcome`` ``"done"`` or ``"halted"``, the last state of every device, and
+    """What a push ended with: ``outcome`` ``"done"``, ``"halted"`` or ``"aborted"``, the last state of every device, and
     ``sends[(device, index)]`` = times each chunk was published to each device."""
 
     rollout: str
@@ -346,7 +352,11 @@ class Rollout:
         server: threading.Thread | None = None
         try:
             self._chunk_size = fp.chunk_size_for(view.max_packet, self.chunk_bytes)
-            ids = sorted(members) if members is not None else view.members()
+            ids = sorted(members) if members is not None else view.members(online_only=True)
+            offline = sorted(set(view.members()) - set(ids)) if members is None else []
+            if offline:
+                log.warning("offline now, they catch up from the retained record when a pusher serves again: %s",
+                            ", ".join(offline))
             if not ids:
                 raise errors.UsageError(f"group {self.group!r} has no known devices on {self.settings.url}",
                                         hint="start the devices with --group first (their retained status names the group)")
@@ -357,7 +367,7 @@ class Rollout:
                      f"{self._name}@{self._version}", len(ids), self.group, len(waves), self._chunk_size)
             server = threading.Thread(target=self._serve, args=(view,), name="fieldpack-fleet-serve", daemon=True)
             targets: list[str] = []
-            outcome = "done"
+            outcome: fp.RolloutState = "done"
             for n, wave in enumerate(waves):
                 targets = targets + wave
                 last = n == len(waves) - 1
@@ -365,12 +375,13 @@ class Rollout:
                 view.publish_desired(self.record)
                 if server.ident is None:
                     server.start()
-                if not self._await(view, targets, on_update):
-                    outcome = "halted"
+                outcome = self._await(view, targets, on_update)
+                if outcome != "done":
                     break
-            final = self._record(self.record.targets if outcome == "halted" else None, outcome)  # type: ignore[arg-type]
-            self.record = final
-            view.publish_desired(final)
+            if outcome != "aborted":  # an abort is already the retained record
+                final = self._record(self.record.targets if outcome == "halted" else None, outcome)
+                self.record = final
+                view.publish_desired(final)
             with view._lock:
                 states = {d: s for d, s in view.states.items() if d in ids}
         finally:
@@ -381,11 +392,17 @@ class Rollout:
         return RolloutResult(self.rollout_id, outcome, states, self.sends, self.bytes_sent, time.monotonic() - t0)
 
     def _await(self, view: FleetView, targets: list[str],
-               on_update: Callable[[dict[str, fp.DeviceRollout]], None] | None) -> bool:
-        """Wait until every target reported for this rollout; False when failures passed the threshold."""
+               on_update: Callable[[dict[str, fp.DeviceRollout]], None] | None) -> fp.RolloutState:
+        """Wait until every target reported for this rollout: ``"done"``; ``"halted"`` when failures passed the
+        threshold; ``"aborted"`` when ``fleet abort`` replaced the record."""
         deadline = time.monotonic() + self.wave_timeout_s
         with view.changed:
             while True:
+                if view.desired is not None and view.desired.rollout == self.rollout_id \
+                        and view.desired.state == "aborted":
+                    log.warning("rollout %s aborted by the operator", self.rollout_id)
+                    view.own_record = self.record = view.desired
+                    return "aborted"
                 mine = {d: view.states[d] for d in targets
                         if d in view.states and view.states[d].target_sha256 == self.sha256}
                 if on_update is not None:
@@ -395,14 +412,14 @@ class Rollout:
                 if len(failed) > self.max_failures * len(targets):
                     log.error("rollout %s halted: %d of %d devices failed (%s)", self.rollout_id, len(failed),
                               len(targets), "; ".join(f"{s.device}: {s.reason}" for s in failed))
-                    return False
+                    return "halted"
                 if len(finished) == len(targets):
-                    return True
+                    return "done"
                 if time.monotonic() > deadline:
                     late = sorted(set(targets) - {s.device for s in finished})
                     log.error("rollout %s: no report from %s within %.0f s", self.rollout_id, ", ".join(late),
                               self.wave_timeout_s)
-                    return len(failed) + len(late) <= self.max_failures * len(targets)
+                    return "done" if len(failed) + len(late) <= self.max_failures * len(targets) else "halted"
                 view.changed.wait(1.0)
 
 

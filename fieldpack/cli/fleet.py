@@ -33,7 +33,7 @@ def push(
     health_timeout: Annotated[float, typer.Option("--health-timeout", help="seconds for the smoke question")] = 120.0,
     wave_timeout: Annotated[float, typer.Option("--wave-timeout", help="seconds a wave may take")] = 1800.0,
 ) -> None:
-    """Publish BUNDLE as the group's desired bundle, serve its chunks, canary first, then waves; exit 6 if halted."""
+    """Publish BUNDLE as the group's desired bundle, serve its chunks, canary first, then waves; exit 6 if halted or aborted."""
     from fieldpack.device.fleet.pusher import Rollout, parse_rate, parse_share
     from fieldpack.shared.errors import DeviceError
 
@@ -56,7 +56,8 @@ def push(
     typer.echo(f"rollout {result.rollout}: {result.outcome}; {len(result.states)} devices, "
                f"{result.bytes_sent / 2**20:.1f} MiB sent in {result.seconds:.1f} s")
     if result.outcome != "done":
-        raise DeviceError(f"rollout {result.rollout} of {bundle} halted: failed on {', '.join(result.failed) or '-'}",
+        raise DeviceError(f"rollout {result.rollout} of {bundle} {result.outcome}; failed on "
+                          f"{', '.join(result.failed) or 'no device'}",
                           hint="see `fieldpack fleet status`; fix the bundle and push again")
 
 

@@ -307,3 +307,30 @@ def test_sixty_mib_bundle_reaches_three_devices_once_per_chunk(broker, tmp_path,
     chunks = -(-rollout.size // fp.DEFAULT_CHUNK_BYTES)
     assert rollout.size > 60 << 20 and len(result.sends) == 3 * chunks
     assert max(result.sends.values()) <= 2
+
+
+@pytest.mark.slow
+def test_abort_mid_download_stops_devices_which_keep_what_they_run(broker, tmp_path, keys, bundles, view_of) -> None:
+    from fieldpack.device.fleet.pusher import abort_rollout
+
+    group = "abort"
+    with _fleet(broker, tmp_path, keys, bundles, 2, group) as fleet:
+        fleet.start_all()
+        view = view_of(group)
+        wait_online(view, fleet.ids)
+        rollout = Rollout(bundles["v2"], group, broker.settings(), canary=1.0, rate=256 * 1024,
+                          chunk_bytes=32 * 1024)
+        thread, out = _push_in_thread(rollout)
+        wait_until(lambda: (s := state_of(view, "dev-0")) is not None and s.phase == "downloading" and s.done >= 4,
+                   30, "dev-0 downloading")
+        record = abort_rollout(broker.settings(), group)
+        result = _result(thread, out, 30, fleet)
+        wait_until(lambda: all((s := state_of(view, d)) is not None and s.phase == "idle" for d in fleet.ids), 15,
+                   "devices idle")
+        states = {d: state_of(view, d) for d in fleet.ids}
+    assert record.state == "aborted" and result.outcome == "aborted"
+    for device, s in states.items():
+        assert s is not None and s.reason == "rollout aborted" and s.active == V1, s
+        assert fleet.active_label(device) == V1
+    staged = fleet.data_dir("dev-0") / "fleet" / "staging" / rollout.sha256 / "chunks.log"
+    assert staged.is_file() and staged.read_text().strip()  # kept: a later push of this bundle resumes
