@@ -56,6 +56,8 @@ WINDOW = 8
 """Chunks asked for and not yet received, at most."""
 STALL_S = 10.0
 """Seconds without a chunk after which the window is asked for again."""
+REPORT_EVERY_S = 0.5
+"""Seconds between two ``downloading n of m`` reports, at least."""
 MEMORY_FILE = "agent.json"
 
 HealthCheck = Callable[[fp.DesiredBundle, Manifest], "str | None"]
@@ -112,6 +114,7 @@ class FleetAgent:
         self._in_flight: dict[int, float] = {}
         self._last_progress = 0.0
         self._fetched = 0
+        self._reported_at = 0.0
         self._state = fp.DeviceRollout(device=device_id, group=group)
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -310,7 +313,7 @@ class FleetAgent:
         if store.complete:
             self._finish()
             return
-        if len(store.have) % 4 == 0 or len(store.have) == 1:
+        if time.monotonic() - self._reported_at >= REPORT_EVERY_S:
             self._report("downloading", self._record)
         self._fill_window()
 
@@ -337,7 +340,8 @@ class FleetAgent:
                     store.write_stream(offset, block)
                     offset += len(block)
                     store.mark_through(offset)
-                    self._report("downloading", record)
+                    if time.monotonic() - self._reported_at >= REPORT_EVERY_S:
+                        self._report("downloading", record)
                     if self._stop.is_set():
                         return False
         except (OSError, ValueError) as exc:
@@ -440,6 +444,7 @@ class FleetAgent:
                 "verifying", "installing", "health_check", "healthy") else 0),
             total=record.chunks if record else 0,
             reason=reason, fetched=self._fetched, ts=time.time())
+        self._reported_at = time.monotonic()
         self._publish(self._state)
 
     def _publish(self, state: fp.DeviceRollout) -> None:

@@ -56,6 +56,7 @@ class ChunkStore:
             raise OutputNotWritableError(f"cannot stage a bundle in {self.folder} ({exc})",
                                          hint="check the data dir's permissions and free space") from exc
         self.have: set[int] = self._recover()
+        self._prefix = 0
         self._log = open(self.log_path, "a", encoding="ascii")
         self._unsynced = 0
 
@@ -93,12 +94,18 @@ class ChunkStore:
     def missing(self, limit: int | None = None) -> list[int]:
         """Indices not staged yet, ascending (at most ``limit``)."""
         out: list[int] = []
-        for i in range(self.chunks):
+        for i in range(self.have_prefix(), self.chunks):
             if i not in self.have:
                 out.append(i)
                 if limit is not None and len(out) >= limit:
                     break
         return out
+
+    def have_prefix(self) -> int:
+        """Number of chunks staged without a gap from index 0."""
+        while self._prefix < self.chunks and self._prefix in self.have:
+            self._prefix += 1
+        return self._prefix
 
     @property
     def complete(self) -> bool:
@@ -133,12 +140,12 @@ class ChunkStore:
         return True
 
     def write_stream(self, offset: int, data: bytes) -> None:
-        """Write bytes at ``offset`` (HTTP source); whole chunks covered are logged by :meth:`mark_range`."""
+        """Write bytes at ``offset`` (HTTP source); whole chunks covered are logged by :meth:`mark_through`."""
         os.pwrite(self._fd, data, offset)
 
     def mark_through(self, end_offset: int) -> None:
         """Log every not-yet-staged chunk that lies wholly below ``end_offset`` (after an HTTP write)."""
-        for index in range(self.chunks):
+        for index in range(min(self.have_prefix(), self.chunks), self.chunks):
             if index in self.have:
                 continue
             if index * self.chunk_size + self.chunk_len(index) > end_offset:
