@@ -25,6 +25,7 @@ events on its queue. Steps for a desired record (``shared.fleet_protocol.Desired
 from __future__ import annotations
 
 from dataclasses import dataclass
+import hashlib
 import json
 import logging
 import os
@@ -193,7 +194,7 @@ class FleetAgent:
         if record.group != self.group:
             return
         active_label, active_sha = self._active()
-        manifest_sha = _sha256(record.manifest_bytes())
+        manifest_sha = hashlib.sha256(record.manifest_bytes()).hexdigest()
         downloading = self._record is not None and self._record.sha256 == record.sha256 and self._store is not None
         if record.state in ("halted", "aborted"):
             if downloading:
@@ -470,12 +471,6 @@ class FleetAgent:
             atomic_write_bytes(self._memory_path, json.dumps({"failed": self._failed}, indent=1).encode())
         except (OSError, errors.FieldpackError) as exc:
             log.warning("cannot record the failed rollout in %s: %s", self._memory_path, exc)
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def fleet_agent_for(device_id: str, groups: tuple[str, ...], settings: BrokerSettings,

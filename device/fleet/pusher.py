@@ -37,6 +37,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fieldpack.shared import errors, fleet_protocol as fp, protocol
 from fieldpack.shared.bundle import BundleReader
+from fieldpack.shared.hashing import sha256_file
 
 from fieldpack.device.mqtt.client import BrokerSettings, fresh_client_id, json_properties, make_client
 
@@ -147,11 +148,11 @@ class FleetView:
             with self._lock:
                 if message.topic == fp.desired_topic(self.group):
                     self.desired = fp.decode_desired(payload) if payload else None
-                elif message.topic.endswith("/fleet/state"):
+                elif mqtt.topic_matches_sub(fp.DEVICE_STATE_ALL, message.topic):
                     if payload:
                         state = fp.decode_device_state(payload)
                         self.states[state.device] = state
-                elif message.topic.endswith("/status") and payload:
+                elif mqtt.topic_matches_sub(protocol.STATUS_ALL, message.topic) and payload:
                     status = protocol.decode_status(payload)
                     self.statuses[status.device] = status
                 self.changed.notify_all()
@@ -268,7 +269,7 @@ class Rollout:
             self._signature = base64.b64encode(reader.signature_bytes).decode("ascii")
             self._name, self._version = reader.manifest.name, reader.manifest.version
         self.size = self.bundle.stat().st_size
-        self.sha256 = _file_sha256(self.bundle)
+        self.sha256 = sha256_file(self.bundle)
         self.rollout_id = os.urandom(6).hex()
         self._queue: deque[tuple[str, int]] = deque()
         self._queued: set[tuple[str, int]] = set()
@@ -421,14 +422,6 @@ class Rollout:
                               self.wave_timeout_s)
                     return "done" if len(failed) + len(late) <= self.max_failures * len(targets) else "halted"
                 view.changed.wait(1.0)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_fleet(settings: BrokerSettings, group: str) -> tuple[fp.DesiredBundle | None, list[fp.DeviceRollout],

@@ -138,3 +138,32 @@ def test_token_bucket_lets_a_burst_through_then_paces() -> None:
     unlimited.take(10**9, stop)  # returns at once
     stop.set()
     bucket.take(10**6, stop)  # a stop ends the wait
+
+
+def test_fleet_protocol_module_is_the_only_place_spelling_fleet_topics_and_keys() -> None:
+    """No other product module writes a fleet topic piece or a multi-word fleet payload key as a string literal
+    (AST string constants, f-string parts included; docstrings do not count)."""
+    import ast
+    import inspect
+
+    from pydantic import BaseModel
+
+    repo = Path(__file__).resolve().parents[2]
+    keys = {name for obj in vars(fp).values()
+            if inspect.isclass(obj) and issubclass(obj, BaseModel) and obj.__module__ == fp.__name__
+            for name in obj.model_fields if "_" in name}
+    assert {"manifest_sig", "chunk_size", "target_sha256", "health_timeout_s"} <= keys
+    offenders = []
+    for folder in ("device", "fieldpack", "shared"):
+        for py in sorted((repo / folder).rglob("*.py")):
+            if py == repo / "shared" / "fleet_protocol.py":
+                continue
+            tree = ast.parse(py.read_text(encoding="utf-8"))
+            docs = {id(n.body[0].value) for n in ast.walk(tree)
+                    if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                    and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                    if node.value in keys or "/fleet/" in node.value or node.value.startswith("fleet/"):
+                        offenders.append(f"{py.relative_to(repo)}:{node.lineno}: {node.value!r}")
+    assert not offenders, "\n".join(offenders)
