@@ -95,27 +95,32 @@ def _fleet(broker: MosquittoBroker, tmp_path: Path, keys: Keys, bundles: dict[st
 
 # --- staged rollout, resume ----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_three_devices_resume_after_broker_restart_and_device_kill(broker, tmp_path, keys, bundles, view_of) -> None:
-    group = "resume"
+@pytest.mark.parametrize("size_mib,rate_mib_s,chunk_kib", [(3, 1, 32), (60, 8, 256)], ids=["3MiB", "60MiB"])
+def test_three_devices_resume_after_broker_restart_and_device_kill(broker, tmp_path, keys, bundles, view_of,
+                                                                   size_mib, rate_mib_s, chunk_kib) -> None:
+    group = f"resume-{size_mib}"
+    bundle = bundles["v2"] if size_mib == 3 else make_bundle(
+        tmp_path / "big.fpk", keys, name="pg-ops", version="1.1.0", seed=9, model_bytes=size_mib << 20)
     with _fleet(broker, tmp_path, keys, bundles, 3, group) as fleet:
         fleet.start_all()
         view = view_of(group)
         wait_online(view, fleet.ids)
-        rollout = Rollout(bundles["v2"], group, broker.settings(), canary=1.0, rate=1 << 20, chunk_bytes=32 * 1024)
+        rollout = Rollout(bundle, group, broker.settings(), canary=1.0, rate=rate_mib_s << 20,
+                          chunk_bytes=chunk_kib * 1024)
         thread, out = _push_in_thread(rollout)
 
         def done(device: str) -> int:
             s = state_of(view, device)
             return s.done if s and s.phase == "downloading" and s.target == V2 else 0
 
-        chunks = -(-rollout.size // (32 * 1024))
+        chunks = -(-rollout.size // (chunk_kib * 1024))
         wait_until(lambda: done("dev-0") >= chunks // 4, 60, "dev-0 a quarter through")
         fleet.kill("dev-0")
         at_kill = done("dev-0")
         wait_until(lambda: done("dev-1") >= chunks // 2, 60, "dev-1 half through")
         broker.restart()
         fleet.start("dev-0")
-        result = _result(thread, out, 120, fleet)
+        result = _result(thread, out, 300, fleet)
 
     assert result.outcome == "done", fleet.logs()
     for device in fleet.ids:
