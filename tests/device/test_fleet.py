@@ -3,10 +3,11 @@ signed bundles (tests/shared/factories.py) and real A/B data dirs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -88,9 +89,17 @@ def _result(thread: threading.Thread, out: list, timeout_s: float, fleet: Device
     return out[0]
 
 
-def _fleet(broker: MosquittoBroker, tmp_path: Path, keys: Keys, bundles: dict[str, Path], n: int,
-           group: str) -> DeviceFleet:
-    return DeviceFleet(broker, tmp_path, group, keys.public, bundles["v1"], n)
+@contextlib.contextmanager
+def _running(broker: MosquittoBroker, tmp_path: Path, keys: Keys, bundles: dict[str, Path], n: int, group: str,
+             view_of: Callable[[str], FleetView], *, args: dict[str, list[str]] | None = None,
+             ) -> Iterator[tuple[DeviceFleet, FleetView]]:
+    """``n`` device processes with ``v1`` installed, started (with ``args`` per device) and online, and a view."""
+    with DeviceFleet(broker, tmp_path, group, keys.public, bundles["v1"], n) as fleet:
+        for device in fleet.ids:
+            fleet.start(device, *(args or {}).get(device, []))
+        view = view_of(group)
+        wait_online(view, fleet.ids)
+        yield fleet, view
 
 
 # --- staged rollout, resume ----------------------------------------------------------------------------------
@@ -101,10 +110,7 @@ def test_three_devices_resume_after_broker_restart_and_device_kill(broker, tmp_p
     group = f"resume-{size_mib}"
     bundle = bundles["v2"] if size_mib == 3 else make_bundle(
         tmp_path / "big.fpk", keys, name="pg-ops", version="1.1.0", seed=9, model_bytes=size_mib << 20)
-    with _fleet(broker, tmp_path, keys, bundles, 3, group) as fleet:
-        fleet.start_all()
-        view = view_of(group)
-        wait_online(view, fleet.ids)
+    with _running(broker, tmp_path, keys, bundles, 3, group, view_of) as (fleet, view):
         rollout = Rollout(bundle, group, broker.settings(), canary=1.0, rate=rate_mib_s << 20,
                           chunk_bytes=chunk_kib * 1024)
         thread, out = _push_in_thread(rollout)
@@ -138,10 +144,7 @@ def test_three_devices_resume_after_broker_restart_and_device_kill(broker, tmp_p
 def test_canary_failing_health_check_rolls_back_and_halts_before_others_start(broker, tmp_path, keys, bundles,
                                                                                view_of) -> None:
     group = "sick"
-    with _fleet(broker, tmp_path, keys, bundles, 3, group) as fleet:
-        fleet.start_all()
-        view = view_of(group)
-        wait_online(view, fleet.ids)
+    with _running(broker, tmp_path, keys, bundles, 3, group, view_of) as (fleet, view):
         rollout = Rollout(bundles["sick"], group, broker.settings(), canary=0.1, health_timeout_s=20)
         result = _result(*_push_in_thread(rollout), 90, fleet)
         record = view.desired
@@ -161,10 +164,7 @@ def test_canary_failing_health_check_rolls_back_and_halts_before_others_start(br
 @pytest.mark.slow
 def test_untrusted_bundle_is_refused_before_download_and_halts(broker, tmp_path, keys, bundles, view_of) -> None:
     group = "untrusted"
-    with _fleet(broker, tmp_path, keys, bundles, 2, group) as fleet:
-        fleet.start_all()
-        view = view_of(group)
-        wait_online(view, fleet.ids)
+    with _running(broker, tmp_path, keys, bundles, 2, group, view_of) as (fleet, view):
         result = _result(*_push_in_thread(Rollout(bundles["untrusted"], group, broker.settings(), canary=0.5)), 60,
                          fleet)
     assert result.outcome == "halted"
@@ -178,12 +178,8 @@ def test_untrusted_bundle_is_refused_before_download_and_halts(broker, tmp_path,
 @pytest.mark.slow
 def test_small_disk_refuses_before_download_others_proceed(broker, tmp_path, keys, bundles, view_of) -> None:
     group = "quota"
-    with _fleet(broker, tmp_path, keys, bundles, 3, group) as fleet:
-        fleet.start("dev-0")
-        fleet.start("dev-1", "--disk-free-bytes", str(64 * 1024))
-        fleet.start("dev-2")
-        view = view_of(group)
-        wait_online(view, fleet.ids)
+    with _running(broker, tmp_path, keys, bundles, 3, group, view_of,
+                  args={"dev-1": ["--disk-free-bytes", str(64 * 1024)]}) as (fleet, view):
         rollout = Rollout(bundles["small"], group, broker.settings(), canary=1.0, max_failures=0.5)
         result = _result(*_push_in_thread(rollout), 60, fleet)
     assert result.outcome == "done"
@@ -229,10 +225,7 @@ def test_corrupted_chunk_is_fetched_again_and_chunks_fit_the_broker_packet_limit
 def test_cli_push_status_abort(broker, tmp_path, keys, bundles, view_of) -> None:
     group = "cli"
     login = ["--broker", broker.url(), "--username", broker.username, "--password-file", str(broker.password_file)]
-    with _fleet(broker, tmp_path, keys, bundles, 2, group) as fleet:
-        fleet.start_all()
-        view = view_of(group)
-        wait_online(view, fleet.ids)
+    with _running(broker, tmp_path, keys, bundles, 2, group, view_of) as (fleet, view):
         r = run_cli("fleet", "push", str(bundles["small"]), *login, "--group", group, "--canary", "50%",
                     "--rate", "4MiB/s", timeout=120)
         assert r.returncode == 0, r.stderr + fleet.logs()
@@ -257,10 +250,8 @@ def test_request_being_answered_finishes_on_the_old_bundle(broker, tmp_path, key
     from fieldpack.device.mqtt import Requester
 
     group = "busy"
-    with _fleet(broker, tmp_path, keys, bundles, 1, group) as fleet:
-        fleet.start("dev-0", "--answer-delay", "0.4")
-        view = view_of(group)
-        wait_online(view, fleet.ids)
+    with _running(broker, tmp_path, keys, bundles, 1, group, view_of,
+                  args={"dev-0": ["--answer-delay", "0.4"]}) as (fleet, view):
         with Requester(broker.settings()) as asker:
             pending = asker.submit("How do I reset pump 3?", device="dev-0")
             wait_until(lambda: len(pending.partials) >= 1, 20, "the answer to start")
@@ -319,10 +310,7 @@ def test_abort_mid_download_stops_devices_which_keep_what_they_run(broker, tmp_p
     from fieldpack.device.fleet.pusher import abort_rollout
 
     group = "abort"
-    with _fleet(broker, tmp_path, keys, bundles, 2, group) as fleet:
-        fleet.start_all()
-        view = view_of(group)
-        wait_online(view, fleet.ids)
+    with _running(broker, tmp_path, keys, bundles, 2, group, view_of) as (fleet, view):
         rollout = Rollout(bundles["v2"], group, broker.settings(), canary=1.0, rate=256 * 1024,
                           chunk_bytes=32 * 1024)
         thread, out = _push_in_thread(rollout)
