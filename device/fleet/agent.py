@@ -208,8 +208,8 @@ class FleetAgent:
             if self._state.phase != "healthy" or self._state.rollout != record.rollout:
                 self._report("healthy", record)
             return
-        if record.sha256 in self._failed:
-            past = self._failed[record.sha256]
+        past = self._failed.get(record.sha256)
+        if past is not None and past.get("rollout") == record.rollout:  # a new push of the bundle tries again
             self._report(past["phase"], record, reason=past["reason"])  # type: ignore[arg-type]
             return
         if not record.targets_device(self.device_id):
@@ -389,7 +389,7 @@ class FleetAgent:
             why = f"health check failed: {reason}; rollback impossible: {err.message}"
             phase = "failed"
         log.error("%s", why)
-        self._remember(record.sha256, phase, why)
+        self._remember(record, phase, why)
         self._report(phase, record, reason=why)  # type: ignore[arg-type]
 
     def ask_smoke(self, record: fp.DesiredBundle, manifest: Manifest) -> str | None:
@@ -415,7 +415,7 @@ class FleetAgent:
     def _fail(self, phase: str, record: fp.DesiredBundle, err: errors.FieldpackError) -> None:
         reason = " ".join(err.message.split())
         log.error("rollout %s of %s %s: %s", record.rollout, record.label, phase, reason)
-        self._remember(record.sha256, phase, reason)
+        self._remember(record, phase, reason)
         self._report(phase, record, reason=reason)  # type: ignore[arg-type]
 
     def _close_download(self) -> None:
@@ -460,12 +460,15 @@ class FleetAgent:
     def _load_memory(self) -> dict[str, dict[str, str]]:
         try:
             data = json.loads(self._memory_path.read_text(encoding="utf-8"))
-            return {str(k): {"phase": str(v["phase"]), "reason": str(v["reason"])} for k, v in data["failed"].items()}
+            return {str(k): {"phase": str(v["phase"]), "reason": str(v["reason"]), "rollout": str(v["rollout"])}
+                    for k, v in data["failed"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return {}
 
-    def _remember(self, sha: str, phase: str, reason: str) -> None:
-        self._failed[sha] = {"phase": phase, "reason": reason}
+    def _remember(self, record: fp.DesiredBundle, phase: str, reason: str) -> None:
+        """Note that ``record``'s bundle failed in this rollout, so the retained record does not start it again
+        (after a restart too); a new rollout of the same bundle does."""
+        self._failed[record.sha256] = {"phase": phase, "reason": reason, "rollout": record.rollout}
         try:
             self._memory_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self._memory_path, json.dumps({"failed": self._failed}, indent=1).encode())
