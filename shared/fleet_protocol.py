@@ -27,7 +27,7 @@ import base64
 import json
 import math
 import struct
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field, ValidationError
 
@@ -252,7 +252,10 @@ def decode_chunk(frame: bytes) -> tuple[ChunkHeader, memoryview]:
     return header, data
 
 
-def _decode(model: type[_Wire], payload: bytes, what: str) -> _Wire:
+_W = TypeVar("_W", bound=_Wire)
+
+
+def _decode(model: type[_W], payload: bytes, what: str) -> _W:
     obj = _load_object(payload, max_bytes=max(len(payload), 1), what=what)
     if obj.get("type") != model.model_fields["type"].default:
         raise errors.ProtocolError(f"{what} has type {obj.get('type')!r}", hint="check the topic",
@@ -266,7 +269,6 @@ def _decode(model: type[_Wire], payload: bytes, what: str) -> _Wire:
 def decode_desired(payload: bytes) -> DesiredBundle:
     """Read a desired-bundle record. Raises ``ProtocolError`` (envelope or shape)."""
     record = _decode(DesiredBundle, payload, "desired bundle")
-    assert isinstance(record, DesiredBundle)
     if record.chunks != math.ceil(record.size / record.chunk_size):
         raise errors.ProtocolError(
             f"desired bundle says {record.chunks} chunks for {record.size} bytes in {record.chunk_size}-byte chunks",
@@ -276,16 +278,12 @@ def decode_desired(payload: bytes) -> DesiredBundle:
 
 def decode_device_state(payload: bytes) -> DeviceRollout:
     """Read a device rollout state. Raises ``ProtocolError``."""
-    state = _decode(DeviceRollout, payload, "device rollout state")
-    assert isinstance(state, DeviceRollout)
-    return state
+    return _decode(DeviceRollout, payload, "device rollout state")
 
 
 def decode_chunk_request(payload: bytes) -> ChunkRequest:
     """Read a chunk request. Raises ``ProtocolError``."""
-    req = _decode(ChunkRequest, payload, "chunk request")
-    assert isinstance(req, ChunkRequest)
-    return req
+    return _decode(ChunkRequest, payload, "chunk request")
 
 
 def manifest_json(payload: str) -> dict[str, object]:

@@ -48,10 +48,6 @@ MAX_UNACKED = 16
 SETTLE_S = 0.5
 """Seconds to collect retained messages after subscribing."""
 
-Mangle = Callable[[str, int, bytes], bytes]
-"""Test-only fault injection: ``(device, index, frame) -> frame as sent``."""
-
-
 class TokenBucket:
     """Paces bytes to ``rate`` bytes/s with a burst of one second's worth (``None``: unlimited)."""
 
@@ -242,7 +238,6 @@ class Rollout:
         url: optional HTTP(S) URL of the same file for devices that can reach it.
         health_timeout_s: the devices' budget for the smoke question after the switch, seconds.
         chunk_bytes: preferred chunk size (bytes), lowered to fit the broker.
-        mangle: test-only fault injection on frames as sent.
 
     Raises (``__init__``):
         InputNotFoundError, BundleFormatError, ManifestError: from ``BundleReader``.
@@ -252,14 +247,13 @@ class Rollout:
     def __init__(self, bundle: Path, group: str, settings: BrokerSettings, *, canary: float = 0.1,
                  wave: float = 1.0, rate: float | None = None, max_failures: float = 0.0,
                  wave_timeout_s: float = 1800.0, url: str | None = None, health_timeout_s: float = 120.0,
-                 chunk_bytes: int = fp.DEFAULT_CHUNK_BYTES, mangle: Mangle | None = None) -> None:
+                 chunk_bytes: int = fp.DEFAULT_CHUNK_BYTES) -> None:
         self.bundle = Path(bundle)
         self.group = protocol.check_name(group, "group")
         self.settings = settings
         self.canary, self.wave, self.max_failures = canary, wave, max_failures
         self.wave_timeout_s, self.url, self.health_timeout_s = wave_timeout_s, url, health_timeout_s
         self.chunk_bytes = chunk_bytes
-        self._mangle = mangle
         self._bucket = TokenBucket(rate)
         with BundleReader(self.bundle) as reader:
             if reader.signature_bytes is None:
@@ -291,6 +285,13 @@ class Rollout:
                     self._queue.append(key)
             self._qcond.notify()
 
+    def frame(self, device: str, index: int, data: bytes) -> bytes:
+        """The frame that carries chunk ``index`` (its bytes ``data``) to ``device``."""
+        assert self.record is not None  # set before the server starts
+        header = fp.ChunkHeader(rollout=self.record.rollout, index=index, offset=index * self.record.chunk_size,
+                                size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        return fp.encode_chunk(header, data)
+
     def _serve(self, view: FleetView) -> None:
         assert self.record is not None
         record = self.record
@@ -309,11 +310,7 @@ class Rollout:
                     self._queued.discard((device, index))
                 data = os.pread(fd, record.chunk_len(index), index * record.chunk_size)
                 self._bucket.take(len(data), self._stop)
-                header = fp.ChunkHeader(rollout=record.rollout, index=index, offset=index * record.chunk_size,
-                                        size=len(data), sha256=hashlib.sha256(data).hexdigest())
-                frame = fp.encode_chunk(header, data)
-                if self._mangle is not None:
-                    frame = self._mangle(device, index, frame)
+                frame = self.frame(device, index, data)
                 unacked.append(view.client.publish(fp.chunk_topic(device), frame, qos=1))
                 self.sends[(device, index)] += 1
                 self.bytes_sent += len(data)

@@ -56,6 +56,7 @@ _FATAL_CONNACK = {
     "Bad authentication method",
 }
 
+
 class DaemonPlugin(Protocol):
     """Something that runs beside the daemon with its own connection (the fleet rollout agent)."""
 

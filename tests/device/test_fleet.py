@@ -202,13 +202,17 @@ def test_corrupted_chunk_is_fetched_again_and_chunks_fit_the_broker_packet_limit
                 wait_online(view, fleet.ids)
                 flipped: list[int] = []
 
-                def flip(device: str, index: int, frame: bytes) -> bytes:
-                    if index == 3 and not flipped:
-                        flipped.append(index)
-                        return frame[:-10] + bytes([frame[-10] ^ 0x01]) + frame[-9:]
-                    return frame
+                class FlippingRollout(Rollout):
+                    """Flips one byte of chunk 3's data the first time it goes out (damage in transit)."""
 
-                rollout = Rollout(bundles["small"], group, small_broker.settings(), canary=1.0, mangle=flip)
+                    def frame(self, device: str, index: int, data: bytes) -> bytes:
+                        frame = super().frame(device, index, data)
+                        if index == 3 and not flipped:
+                            flipped.append(index)
+                            return frame[:-10] + bytes([frame[-10] ^ 0x01]) + frame[-9:]
+                        return frame
+
+                rollout = FlippingRollout(bundles["small"], group, small_broker.settings(), canary=1.0)
                 result = _result(*_push_in_thread(rollout), 60, fleet)
                 record = view.desired
             finally:
