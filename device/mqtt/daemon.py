@@ -36,7 +36,7 @@ from fieldpack.shared import errors, protocol
 from fieldpack.device.mqtt.admission import Admission, InboundRequest
 from fieldpack.device.mqtt.client import BrokerSettings, connect_async, json_properties, make_client
 from fieldpack.device.mqtt.clock import Clock, SystemClock
-from fieldpack.device.mqtt.jobs import Job, JobBoard, ReplyRoute
+from fieldpack.device.mqtt.jobs import Job, JobBoard
 from fieldpack.device.mqtt.metrics import MetricsRecorder, write_metrics_file
 from fieldpack.device.mqtt.replies import Replier
 from fieldpack.device.mqtt.worker import EngineInfo, Worker
