@@ -10,6 +10,7 @@
 #   --no-service    do not install the systemd unit (env FIELDPACK_NO_SERVICE=1)
 #   --python PY     the Python @KIT_PYTHON@ to use (env PYTHON; default python@KIT_PYTHON@, then python3)
 #   --print-unit    print the systemd unit as it would be installed, and exit
+#   --kit-sha256 H  refuse unless kit.json's sha256 is H (printed by `fieldpack kit`; env FIELDPACK_KIT_SHA256)
 #
 # Order: Python and platform checks, then every file's sha256 against kit.json (a tampered or extra file
 # stops it before anything is installed), then venv, `pip install --no-index --find-links wheels/` of the
@@ -39,6 +40,7 @@ fi
 NO_SERVICE=${FIELDPACK_NO_SERVICE:-0}
 PY=${PYTHON:-}
 PRINT_UNIT=0
+KIT_SHA256=${FIELDPACK_KIT_SHA256:-}
 while [ $# -gt 0 ]; do
     case $1 in
         --prefix) [ $# -ge 2 ] || die 2 "--prefix needs a folder. Fix: sh install.sh --prefix /opt/fieldpack"
@@ -47,9 +49,11 @@ while [ $# -gt 0 ]; do
                   DATA_DIR=$2; shift 2 ;;
         --python) [ $# -ge 2 ] || die 2 "--python needs an interpreter. Fix: sh install.sh --python python$KIT_PYTHON"
                   PY=$2; shift 2 ;;
+        --kit-sha256) [ $# -ge 2 ] || die 2 "--kit-sha256 needs the hash fieldpack kit printed"
+                  KIT_SHA256=$2; shift 2 ;;
         --no-service) NO_SERVICE=1; shift ;;
         --print-unit) PRINT_UNIT=1; shift ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die 2 "unknown option $1. Fix: sh install.sh --help" ;;
     esac
 done
@@ -93,14 +97,18 @@ EOF
 say "python: $PY ($have), platform $(uname -m) ok for $KIT_PLATFORM"
 
 # --- 2. every file's sha256, before anything is installed ------------------------------------------------------
-"$PY" - "$KIT" <<'EOF' || exit 4
+"$PY" - "$KIT" "$KIT_SHA256" <<'EOF' || exit 4
 import hashlib, json, os, sys
-kit = sys.argv[1]
+kit, expect = sys.argv[1], sys.argv[2].strip().lower()
 try:
-    with open(os.path.join(kit, "kit.json"), encoding="utf-8") as fh:
-        files = json.load(fh)["files"]
+    with open(os.path.join(kit, "kit.json"), "rb") as fh:
+        raw = fh.read()
+    files = json.loads(raw)["files"]
 except (OSError, ValueError, KeyError) as exc:
     sys.exit(f"error: {kit}/kit.json is missing or unreadable ({exc}); nothing was installed. Fix: copy the whole kit again")
+if expect and hashlib.sha256(raw).hexdigest() != expect:
+    sys.exit(f"error: kit {kit} failed verification, nothing was installed: kit.json sha256 is not {expect}. "
+             "Fix: copy the kit again from the build host")
 bad = []
 for rel, want in sorted(files.items()):
     path = os.path.join(kit, rel)

@@ -149,10 +149,20 @@ def _copy_kit(kit: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("tamper", ["wheel-byte", "extra-wheel", "bundle-missing"])
+@pytest.mark.parametrize("tamper", ["wheel-byte", "extra-wheel", "bundle-missing", "kit-json-rewritten"])
 def test_tampered_kit_is_refused_before_anything_is_installed(kit_dir: Path, tmp_path: Path, tamper: str) -> None:
     kit = _copy_kit(kit_dir, tmp_path / "kit")
-    if tamper == "wheel-byte":
+    extra: tuple[str, ...] = ()
+    if tamper == "kit-json-rewritten":  # a consistent forgery: only the hash carried apart catches it
+        extra = ("--kit-sha256", hashlib.sha256((kit / "kit.json").read_bytes()).hexdigest())
+        manifest = json.loads((kit / "kit.json").read_text())
+        (kit / "install.sh").unlink()
+        (kit / "install.sh").write_text((kit_dir / "install.sh").read_text() + "# changed\n")
+        manifest["files"]["install.sh"]["sha256"] = hashlib.sha256((kit / "install.sh").read_bytes()).hexdigest()
+        manifest["files"]["install.sh"]["size"] = (kit / "install.sh").stat().st_size
+        (kit / "kit.json").unlink()
+        (kit / "kit.json").write_text(json.dumps(manifest))
+    elif tamper == "wheel-byte":
         victim = next((kit / "wheels").glob("numpy-*.whl"))
         data = bytearray(victim.read_bytes())
         data[len(data) // 2] ^= 0x01
@@ -162,7 +172,7 @@ def test_tampered_kit_is_refused_before_anything_is_installed(kit_dir: Path, tmp
         shutil.copyfile(next((kit / "wheels").glob("rich-*.whl")), kit / "wheels" / "rich-99.0.0-py3-none-any.whl")
     else:
         next((kit / "bundle").glob("*.fpk")).unlink()
-    r = _install(kit, tmp_path)
+    r = _install(kit, tmp_path, *extra)
     assert r.returncode == 4, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "failed verification, nothing was installed" in lines[0], r.stderr
@@ -170,12 +180,13 @@ def test_tampered_kit_is_refused_before_anything_is_installed(kit_dir: Path, tmp
 
 
 def _other_python() -> str | None:
+    """A working CPython of another minor version (pyenv's own binaries first: its shims may not run)."""
     mine = f"{sys.version_info[0]}.{sys.version_info[1]}"
     for cand in ("3.12", "3.13", "3.10", "3.9"):
         if cand == mine:
             continue
-        for path in (shutil.which(f"python{cand}"), *Path.home().glob(f".pyenv/versions/{cand}*/bin/python{cand}")):
-            if path and os.access(path, os.X_OK):
+        for path in (*Path.home().glob(f".pyenv/versions/{cand}*/bin/python{cand}"), shutil.which(f"python{cand}")):
+            if path and subprocess.run([str(path), "-c", "pass"], capture_output=True).returncode == 0:
                 return str(path)
     return None
 
