@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install fieldpack on this device from this kit, with no network (made by `fieldpack kit`).
 #
-#   sh install.sh [--prefix DIR] [--data-dir DIR] [--no-service] [--python PY] [--print-unit]
+#   sh install.sh [--prefix DIR] [--data-dir DIR] [--no-service] [--python PY] [--kit-sha256 H] [--print-unit]
 #
 #   --prefix DIR    where the virtualenv goes: DIR/venv   (env FIELDPACK_PREFIX; root: /opt/fieldpack,
 #                   others: ~/.local/opt/fieldpack)
