@@ -42,6 +42,15 @@ class ActiveBundleProvider:
                                       hint=f"run `fieldpack install BUNDLE.fpk --data-dir {self.data_dir.root}`")
         return path.name, info.manifest_sha256, path
 
+    def active_label(self) -> str | None:
+        """``name@version`` of the active bundle from ``state.json`` (no model load), or ``None``."""
+        try:
+            state = self.data_dir.state()
+        except Exception:  # noqa: BLE001 - a cheap hint for the Last Will; get() reports real problems
+            return None
+        info = state.slots.get(state.active) if state.active else None
+        return info.label if info else None
+
     def get(self) -> Runtime:
         with self._lock:
             slot, sha, path = self._active_key()

@@ -182,9 +182,13 @@ class MqttDaemon:
         self._threads: list[threading.Thread] = []
         self._started = False
         self._stopped = False
+        describe = getattr(provider, "active_label", None)  # what it will run, known before the first CONNECT
+        label = describe() if callable(describe) else None
+        name, _, version = (label or "").partition("@")
         will = protocol.Status(
             device=config.device_id, online=False, groups=list(config.groups), instance=self.instance,
-            started_at=self._started_wall,
+            started_at=self._started_wall, bundle=label, bundle_name=name or None, bundle_version=version or None,
+            ts=self._started_wall,
         )
         self.client: mqtt.Client = client_factory(
             settings, self.client_id, will=(protocol.status_topic(config.device_id), will.encode())

@@ -67,3 +67,36 @@ def test_forget_a_decommissioned_device(broker: MosquittoBroker, tmp_path: Path)
     rows = json.loads(run_cli("mqtt", "status", "--json", *_login(broker)).stdout)
     assert device_id not in {x["status"]["device"] for x in rows}
     assert_one_line_error(run_cli("mqtt", "forget", device_id, *_login(broker)), 2, "no retained status")
+
+
+@pytest.mark.slow
+def test_killed_daemon_leaves_a_will_that_says_what_it_ran(broker: MosquittoBroker, device_dir: Path) -> None:
+    """`fieldpack serve` killed with SIGKILL: the broker publishes the Last Will, which carries the bundle."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.cli.conftest import fieldpack_exe
+
+    device_id = f"killed-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen([fieldpack_exe(), "serve", "--device-id", device_id, "--data-dir", str(device_dir),
+                             *_login(broker)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait for its online status
+            rows = json.loads(run_cli("mqtt", "status", "--json", *_login(broker)).stdout)
+            if any(r["status"]["device"] == device_id and r["status"]["online"] for r in rows):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the daemon never came online: " + (proc.stderr.read() if proc.poll() is not None else ""))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    time.sleep(1)
+    rows = {r["status"]["device"]: r["status"] for r in json.loads(run_cli("mqtt", "status", "--json",
+                                                                          *_login(broker)).stdout)}
+    will = rows[device_id]
+    assert will["online"] is False and will["bundle"] == "riverside@1.0.0" and will["ts"] is not None
+    r = run_cli("mqtt", "ask", "q", "--device", device_id, *_login(broker))
+    assert_one_line_error(r, 6, "is offline", "was running riverside@1.0.0")
