@@ -37,7 +37,8 @@ def main() -> int:
 
     try:
         result = install_bundle(args.bundle, args.data_dir, check=None, on_step=on_step,
-                                on_progress=progress if args.progress else None)
+                                on_progress=progress if args.progress else None,
+                                allow_downgrade=True)  # crash tests alternate versions both ways
     except FieldpackError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
