@@ -36,7 +36,7 @@ def _stage_printer():
         else:
             if status["s"]:
                 status["s"].stop()
-            console.print(f"[green]✓[/] {name}")
+            console.print(f"[green]✓[/] {name}" + (" (cached)" if event == "cached" else ""))
 
     return hook, status
 
@@ -61,6 +61,9 @@ def build(
     imatrix: Optional[str] = typer.Option(None, "--imatrix", help="'domain': importance matrix from the documents"),
     calib_chunks: Optional[int] = typer.Option(None, "--calib-chunks", help="calibration chunks for pruning/imatrix"),
     json_out: bool = typer.Option(False, "--json", help="print the manifest as JSON when done"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="build cache: stage results reused when their "
+                                             "inputs are unchanged (default ~/.cache/fieldpack/build)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="run every stage; reuse and keep nothing"),
 ) -> None:
     """Build a signed bundle from a checkpoint and a folder of documents."""
     from fieldpack.builder.config import BuildConfig
@@ -90,23 +93,24 @@ def build(
 
         local = Path(cfg.model)
         validate_compression(cfg.compression, model_dir=local if local.is_dir() else None)
-    result = _build_with_progress(cfg)
+    result = _build_with_progress(cfg, cache_dir=cache_dir, use_cache=not no_cache)
     m = result.manifest
     size = result.bundle.stat().st_size
     typer.echo(f"wrote {result.bundle} ({size / 2**20:.1f} MiB): {m.label}, {m.model.architecture} "
                f"{m.model.file_type}, {m.index.documents} documents, {m.index.chunks} chunks")
-    typer.echo("stage seconds: " + ", ".join(f"{s.name} {s.seconds:.1f}" for s in result.stages))
+    typer.echo("stage seconds: " + ", ".join(f"{s.name} {s.seconds:.1f}" + (" (cached)" if s.cached else "")
+                                             for s in result.stages))
     if json_out:
         typer.echo(m.to_bytes().decode())
 
 
-def _build_with_progress(cfg: Any) -> Any:
+def _build_with_progress(cfg: Any, **options: Any) -> Any:
     """Run :func:`builder.pipeline.build_bundle` with a rich status per stage; print the ingest report."""
     from fieldpack.builder.pipeline import build_bundle
 
     hook, status = _stage_printer()
     try:
-        result = build_bundle(cfg, on_stage=hook)
+        result = build_bundle(cfg, on_stage=hook, **options)
     finally:
         if status["s"]:
             status["s"].stop()
