@@ -32,6 +32,15 @@ def cache_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="session", autouse=True)
+def build_cache(cache_dir: Path) -> Path:
+    """The build cache every test build (in-process and ``run_cli`` children) shares: ``<cache_dir>/build``,
+    not the user's ``~/.cache/fieldpack/build`` (set through ``FIELDPACK_BUILD_CACHE``)."""
+    d = cache_dir / "build"
+    os.environ["FIELDPACK_BUILD_CACHE"] = str(d)
+    return d
+
+
 #: Bump to retrain the cached tiny models even though no input changed.
 TINY_CACHE_VERSION = "tiny-1"
 TINY_STEPS = 300
