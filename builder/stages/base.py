@@ -20,9 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
-
 from fieldpack.shared.bundle import hash_file
+from pydantic import BaseModel, ConfigDict
 
 #: Bump when the cache layout or key recipe changes: every entry written before is then ignored.
 CACHE_FORMAT = "stage-cache-1"

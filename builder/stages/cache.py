@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
-
 from fieldpack.builder.stages.base import Stage, StageInputs, StageRecord
 from fieldpack.shared.atomic import atomic_write_bytes, fsync_dir
 from fieldpack.shared.bundle import hash_file
 from fieldpack.shared.errors import OutputNotWritableError
+from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 

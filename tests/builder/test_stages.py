@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fieldpack.builder.stages import Input, Runner, Stage, StageCache, StageInputs, StageRecord
 from pydantic import BaseModel
 
-from fieldpack.builder.stages import Input, Runner, Stage, StageCache, StageInputs, StageRecord
 from tests.conftest import DEMO_DOCS, run_cli
 
 MODEL_STAGES = ("embedder", "convert", "parity", "quantize")
@@ -253,7 +253,6 @@ def test_cli_says_which_stages_were_cached(build, tmp_path: Path, tiny_llama_dir
 def test_recipe_replay_without_cache_is_byte_identical(build, tmp_path: Path) -> None:
     """``--recipe`` with ``--no-cache`` recomputes every stage and gives the same member bytes."""
     import tomli_w
-
     from fieldpack.shared.bundle import open_bundle
 
     with open_bundle(build.first.bundle) as b:
