@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from fieldpack.shared.errors import CompressionConfigError
 
@@ -53,6 +61,9 @@ DEFAULT_CALIB_SEQ_LEN = 256
 
 _KNOWN_KEYS = {"prune", "sparsity", "pattern", "drop_layers", "ffn_keep", "kv_heads_keep", "imatrix",
                "calib_chunks", "calib_seq_len"}
+#: options that are a share in (0, 1): the flag named in errors, and the fix
+_SHARE_HINTS = {"sparsity": ("--sparsity", "give the share of weights to zero, e.g. 0.5"),
+                "ffn_keep": ("--ffn-keep", "give the share of MLP channels to keep, e.g. 0.75")}
 _PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -106,13 +117,13 @@ class CompressionOptions(BaseModel):
                                          hint=f"use one of {', '.join(PRUNE_METHODS)}")
         return method
 
-    @field_validator("sparsity", mode="before")
+    @field_validator("sparsity", "ffn_keep", mode="before")
     @classmethod
-    def _sparsity(cls, v: Any) -> float:
-        v = _number("sparsity", v, float)
+    def _share(cls, v: Any, info: ValidationInfo) -> float:
+        v = _number(info.field_name, v, float)
         if not 0.0 < v < 1.0:
-            raise CompressionConfigError(f"--sparsity {v} is outside (0, 1)",
-                                         hint="give the share of weights to zero, e.g. 0.5")
+            flag, hint = _SHARE_HINTS[info.field_name]
+            raise CompressionConfigError(f"{flag} {v} is outside (0, 1)", hint=hint)
         return v
 
     @field_validator("pattern", mode="before")
@@ -127,15 +138,6 @@ class CompressionOptions(BaseModel):
     def _drop_layers(cls, v: Any) -> int:
         return _at_least("drop_layers", _number("drop_layers", v, int), 1, f"--drop-layers {v} must be at least 1",
                          "give how many decoder blocks to drop")
-
-    @field_validator("ffn_keep", mode="before")
-    @classmethod
-    def _ffn_keep(cls, v: Any) -> float:
-        v = _number("ffn_keep", v, float)
-        if not 0.0 < v < 1.0:
-            raise CompressionConfigError(f"--ffn-keep {v} is outside (0, 1)",
-                                         hint="give the share of MLP channels to keep, e.g. 0.75")
-        return v
 
     @field_validator("kv_heads_keep", mode="before")
     @classmethod

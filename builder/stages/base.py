@@ -119,7 +119,6 @@ class Stage(Generic[I, R]):
         libraries: distributions whose versions go into the key (``"torch"``, ``"llama_cpp_python"``...).
         code: modules (``fieldpack.builder.convert``) whose source files go into the key, so editing the
             code that makes an artefact invalidates it even when the package version is unchanged.
-        cacheable: False for stages whose output must not be reused (none today).
     """
 
     name: str
@@ -128,7 +127,6 @@ class Stage(Generic[I, R]):
     fn: Callable[[I, Path], R]
     libraries: tuple[str, ...] = ()
     code: tuple[str, ...] = ()
-    cacheable: bool = True
     label: Callable[[I], str] | None = field(default=None, compare=False)
 
     def key(self, inputs: I) -> str:
@@ -151,13 +149,14 @@ class Stage(Generic[I, R]):
 
 
 def hash_tree(root: Path) -> str:
-    """sha256 over a folder's regular files (hidden ones and ``__pycache__`` skipped): for each file in sorted
+    """sha256 over a folder's files (those inside hidden folders and ``__pycache__`` skipped, as ingest does; a
+    hidden file counts, since ingest reports it as skipped): for each file in sorted
     relative-POSIX-path order, the path, a NUL, its sha256, a NUL. A file is hashed at most once per
     (path, size, mtime_ns, inode) in this process."""
     h = hashlib.sha256(b"tree-1\0")
     for p in sorted(root.rglob("*"), key=lambda q: q.relative_to(root).as_posix()):
         rel = p.relative_to(root)
-        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts) or not p.is_file():
+        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts[:-1]) or not p.is_file():
             continue
         st = p.stat()
         h.update(rel.as_posix().encode() + b"\0" + _file_digest(str(p), st.st_size, st.st_mtime_ns, st.st_ino).encode() + b"\0")

@@ -158,7 +158,7 @@ class Runner:
         t0 = time.perf_counter()
         key = stage.key(inputs)
         with self.cache.lock(stage, key):
-            record = self.cache.load(stage, key) if stage.cacheable else None
+            record = self.cache.load(stage, key)
             if record is None:
                 self._hook(title, "start")
                 log.info("stage %s (key %s)", title, key[:12])

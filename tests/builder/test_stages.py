@@ -268,3 +268,22 @@ def test_recipe_replay_without_cache_is_byte_identical(build, tmp_path: Path) ->
     same = {m.name: m.sha256 for m in m1.members if m.name != "recipe.toml"}
     assert same == {m.name: m.sha256 for m in m2.members if m.name != "recipe.toml"}
     assert {**m2.recipe["build"], "output": ""} == {**m1.recipe["build"], "output": ""}
+
+
+def test_tree_hash_follows_what_ingest_reads(tmp_path: Path) -> None:
+    from fieldpack.builder.stages.base import hash_tree
+
+    a = tmp_path / "a"
+    (a / "sub").mkdir(parents=True)
+    (a / "sub" / "x.md").write_text("# x\n")
+    base = hash_tree(a)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    assert hash_tree(b) == base  # location does not matter
+    (a / ".git").mkdir()
+    (a / ".git" / "HEAD").write_text("ref")
+    assert hash_tree(a) == base  # ingest does not enter hidden folders
+    (a / ".notes.md").write_text("n")
+    assert hash_tree(a) != base  # a hidden file is reported (skipped) by ingest
+    (b / "sub" / "x.md").rename(b / "sub" / "y.md")
+    assert hash_tree(b) != base  # a renamed document changes citations
