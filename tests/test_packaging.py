@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,8 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # build from a clean copy: setuptools reuses <repo>/build/lib, where a stale copy of a package that
+    # pyproject no longer lists would still end up in the wheel
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    for folder in ("fieldpack", "builder", "device", "shared", "retrieval"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=600)
+                        "-w", str(out), str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (whl,) = out.glob("fieldpack-*.whl")
     return whl
@@ -62,3 +70,14 @@ def test_python_dash_m_fieldpack_runs() -> None:
                        cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "build" in r.stdout and "install" in r.stdout
+
+
+def test_every_package_folder_is_in_the_wheel(wheel: Path) -> None:
+    """pyproject lists packages by name: a new subpackage (builder/stages, ...) missing from it would vanish
+    from the wheel while the editable install still works."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in ("builder", "device", "shared", "retrieval", "fieldpack"):
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.relative_to(REPO / folder).as_posix()
+            want = f"fieldpack/{rel}" if folder == "fieldpack" else f"fieldpack/{folder}/{rel}"
+            assert want in names, f"{init.relative_to(REPO)} is not in the wheel: add it to pyproject's packages"
