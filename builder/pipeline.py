@@ -22,6 +22,7 @@ from typing import Any
 
 from fieldpack.builder.config import BuildConfig
 from fieldpack.builder.manifest_build import RUNTIME_OVERHEAD_BYTES, builder_version
+from fieldpack.builder.quiet import quiet_third_party
 from fieldpack.builder.stages.cache import StageHook, StageTiming
 from fieldpack.builder.stages.docs import choose_smoke_question
 from fieldpack.builder.stages.quant import eval_window, split_eval
@@ -35,7 +36,7 @@ from fieldpack.shared.manifest import Manifest
 from fieldpack.shared.signing import load_private_key
 
 __all__ = ["RUNTIME_OVERHEAD_BYTES", "BuildResult", "StageTiming", "build_bundle", "builder_version",
-           "check_inputs", "choose_smoke_question", "eval_window", "split_eval"]
+           "check_inputs", "choose_smoke_question", "eval_window", "quiet_third_party", "split_eval"]
 
 log = logging.getLogger(__name__)
 
@@ -48,39 +49,6 @@ class BuildResult:
     stages: list[StageTiming] = field(default_factory=list)
     ingest_report: list[dict[str, Any]] = field(default_factory=list)
     records: Any = None  # builder.stages.orchestrator.BuildRecords: every stage's record (cached flags included)
-
-
-def quiet_third_party() -> None:
-    """Silence libraries' progress bars and advisory warnings (transformers weight loading, the torch ONNX
-    exporter's optional-op notes, onnxruntime's quantization pre-processing advice); our stages report progress."""
-    import os
-    import warnings
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:  # torch configures its own loggers on import, so import it first, then lower them
-        import torch._logging
-
-        torch._logging.set_logs(onnx=logging.ERROR)
-    except (ImportError, AttributeError, ValueError):
-        pass
-    for name in ("torch.onnx", "torch._dynamo", "onnxscript", "onnx_ir", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # transformers is a builder dependency; absent only in broken installs
-        pass
-
-    class _DropOrtAdvice(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "pre-processing before quantization" not in record.getMessage()
-
-    for h in logging.getLogger().handlers:
-        h.addFilter(_DropOrtAdvice())
 
 
 def check_inputs(cfg: BuildConfig) -> Path:
@@ -169,7 +137,7 @@ def build_bundle(cfg: BuildConfig, *, workdir: Path | None = None, on_stage: Sta
     """
     from fieldpack.builder.stages.cache import Runner, StageCache, default_cache_dir
 
-    quiet_third_party()
+    quiet_third_party(heavy=False)  # stages that import torch/transformers quiet them when they run
     runner = Runner(None, on_stage)
     with runner.step("check inputs"):
         model_dir = check_inputs(cfg)

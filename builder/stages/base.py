@@ -130,9 +130,14 @@ class Stage(Generic[I, R]):
     label: Callable[[I], str] | None = field(default=None, compare=False)
 
     def key(self, inputs: I) -> str:
-        """64 hex digits: sha256 over the stage, its version, fieldpack's version, library versions, the code
-        fingerprint and :meth:`StageInputs.key_material`."""
-        doc = {
+        """64 hex digits: sha256 of :meth:`key_doc` (canonical JSON)."""
+        return hashlib.sha256(json.dumps(self.key_doc(inputs), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def key_doc(self, inputs: I) -> dict[str, Any]:
+        """What the key hashes: the stage, its version, fieldpack's version, library versions, the code
+        fingerprint and :meth:`StageInputs.key_material` (kept as ``key.json`` in the cache entry, to tell
+        why a stage reran)."""
+        return {
             "format": CACHE_FORMAT,
             "stage": self.name,
             "version": self.version,
@@ -141,7 +146,6 @@ class Stage(Generic[I, R]):
             "code": {m: code_fingerprint(m) for m in sorted(self.code)},
             "inputs": inputs.key_material(),
         }
-        return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def title(self, inputs: I) -> str:
         """Progress label, e.g. ``quantize Q4_K_M``."""

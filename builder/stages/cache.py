@@ -4,6 +4,7 @@ Layout under the cache root (default :func:`default_cache_dir`)::
 
     <root>/<stage>/<key>/record.json   the stage record (paths inside out/ stored as "@out/<rel>")
     <root>/<stage>/<key>/files.json    {relative path: {"size": bytes, "sha256": hex}} of every artefact
+    <root>/<stage>/<key>/key.json      what the key hashed (versions, code fingerprints, inputs): why it reran
     <root>/<stage>/<key>/out/...       the artefacts (GGUF, ONNX, index, chunks.jsonl, ...)
     <root>/<stage>/.<key>.lock         flock: concurrent builds wait for one computation
 
@@ -102,7 +103,8 @@ class StageCache:
         record.cached = True
         return record
 
-    def store(self, stage: Stage[Any, R], key: str, compute: Callable[[Path], R]) -> R:
+    def store(self, stage: Stage[Any, R], key: str, compute: Callable[[Path], R], *,
+              key_doc: dict[str, Any] | None = None) -> R:
         """Run ``compute(out_dir)`` in a temp entry, record its artefacts, rename the entry into place and
         return the record as loaded from there (paths pointing into the final entry)."""
         entry = self.entry(stage, key)
@@ -114,6 +116,8 @@ class StageCache:
             files = _describe(tmp / "out")
             doc = _relativise(record.model_dump(mode="json", exclude={"cached", "files"}), tmp / "out")
             atomic_write_bytes(tmp / "files.json", json.dumps(files, indent=1, sort_keys=True).encode())
+            if key_doc is not None:
+                atomic_write_bytes(tmp / "key.json", json.dumps(key_doc, indent=1, sort_keys=True).encode())
             atomic_write_bytes(tmp / "record.json", json.dumps(doc, indent=1, sort_keys=True).encode())
             shutil.rmtree(entry, ignore_errors=True)
             os.rename(tmp, entry)
@@ -140,7 +144,7 @@ class StageTiming:
 
 @dataclass
 class Runner:
-    """Runs stages through a :class:`StageCache`, reports progress and keeps timings and records.
+    """Runs stages through a :class:`StageCache`, reports progress and keeps the timings.
 
     ``runner(stage, inputs)`` returns the stage's record: from the cache when an entry for the inputs' key
     verifies (``record.cached`` is True, the hook gets ``"cached"``), else computed and stored.
@@ -149,22 +153,21 @@ class Runner:
     cache: StageCache | None
     on_stage: StageHook | None = None
     timings: list[StageTiming] = field(default_factory=list)
-    records: dict[str, StageRecord] = field(default_factory=dict)
 
     def __call__(self, stage: Stage[StageInputs, R], inputs: StageInputs) -> R:
         if self.cache is None:
             raise RuntimeError("Runner.cache is not set")  # a programming error, not a user's
         title = stage.title(inputs)
         t0 = time.perf_counter()
+        key_doc = stage.key_doc(inputs)
         key = stage.key(inputs)
         with self.cache.lock(stage, key):
             record = self.cache.load(stage, key)
             if record is None:
                 self._hook(title, "start")
                 log.info("stage %s (key %s)", title, key[:12])
-                record = self.cache.store(stage, key, lambda out: stage.fn(inputs, out))
+                record = self.cache.store(stage, key, lambda out: stage.fn(inputs, out), key_doc=key_doc)
         self.timings.append(StageTiming(title, time.perf_counter() - t0, record.cached))
-        self.records[stage.name] = record
         self._hook(title, "cached" if record.cached else "done")
         return record
 

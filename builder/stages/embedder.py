@@ -38,7 +38,9 @@ class EmbedderRecord(StageRecord):
 def run_embedder(inputs: EmbedderInputs, out_dir: Path) -> EmbedderRecord:
     """Export into ``out_dir`` (``embedder.onnx``, ``tokenizer.json``). Raises what :func:`export_embedder` does."""
     from fieldpack.builder.embedder_export import export_embedder
+    from fieldpack.builder.quiet import quiet_third_party
 
+    quiet_third_party()  # this stage loads torch/transformers
     return EmbedderRecord(export=export_embedder(inputs.checkpoint.path, out_dir, int8=inputs.int8,
                                                  name=inputs.name))
 

@@ -59,7 +59,9 @@ class ParityRecord(StageRecord):
 def run_parity(inputs: ParityInputs, out_dir: Path) -> ParityRecord:
     """Compare tokenization and logits. Raises ParityError when they disagree."""
     from fieldpack.builder.parity import check_parity
+    from fieldpack.builder.quiet import quiet_third_party
 
+    quiet_third_party()  # this stage loads torch/transformers
     return ParityRecord(report=check_parity(inputs.checkpoint.path, inputs.gguf.path))
 
 

@@ -140,7 +140,9 @@ class CompressRecord(StageRecord):
 def run_compress(inputs: CompressInputs, out_dir: Path) -> CompressRecord:
     """Prune, convert and gate the pruned checkpoint. Raises CompressionConfigError, ParityError."""
     from fieldpack.builder.compress import apply_compression
+    from fieldpack.builder.quiet import quiet_third_party
 
+    quiet_third_party()  # this stage loads torch/transformers
     cfg = SimpleNamespace(compression=dict(inputs.options), seed=inputs.seed, parity_outtype=inputs.outtype)
     ref = SimpleNamespace(path=inputs.reference.path, n_ctx_train=inputs.n_ctx_train)
     calib, held_out = load_split(inputs.split.path)
