@@ -131,7 +131,8 @@ class Stage(Generic[I, R]):
 
     def key(self, inputs: I) -> str:
         """64 hex digits: sha256 of :meth:`key_doc` (canonical JSON)."""
-        return hashlib.sha256(json.dumps(self.key_doc(inputs), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        doc = json.dumps(self.key_doc(inputs), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(doc.encode()).hexdigest()
 
     def key_doc(self, inputs: I) -> dict[str, Any]:
         """What the key hashes: the stage, its version, fieldpack's version, library versions, the code
@@ -163,7 +164,8 @@ def hash_tree(root: Path) -> str:
         if any(part.startswith(".") or part == "__pycache__" for part in rel.parts[:-1]) or not p.is_file():
             continue
         st = p.stat()
-        h.update(rel.as_posix().encode() + b"\0" + _file_digest(str(p), st.st_size, st.st_mtime_ns, st.st_ino).encode() + b"\0")
+        digest = _file_digest(str(p), st.st_size, st.st_mtime_ns, st.st_ino)
+        h.update(rel.as_posix().encode() + b"\0" + digest.encode() + b"\0")
     return h.hexdigest()
 
 

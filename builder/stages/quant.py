@@ -156,7 +156,8 @@ COMPRESS = Stage("compress", "1", CompressRecord, run_compress, libraries=LLAMA_
 
 def gguf_shape(gguf_path: Path, arch: str) -> dict[str, int]:
     """Block count, widths, head counts (``n_layer``, ``n_embd``, ``n_head``, ``n_head_kv``) and
-    ``parameter_count`` (sum of tensor elements) of a GGUF of GGUF architecture ``arch`` (``"llama"``). Raises BuildError if it lacks the keys."""
+    ``parameter_count`` (sum of tensor elements) of a GGUF of GGUF architecture ``arch`` (``"llama"``).
+    Raises BuildError if it lacks the keys."""
     import gguf
     from fieldpack.shared.errors import BuildError
 
