@@ -17,13 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    # build from a clean copy: setuptools reuses <repo>/build/lib, where a stale copy of a package that
-    # pyproject no longer lists would still end up in the wheel
-    src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    for folder in ("fieldpack", "builder", "device", "shared", "retrieval"):
-        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    # build from a copy of the tree so setuptools' build/ and egg-info never land in the checkout
+    src = tmp_path_factory.mktemp("src") / "fieldpack"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".fieldpack-cache", "build", "dist", "*.egg-info", "__pycache__", "demo-out", "bench"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                         "-w", str(out), str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
