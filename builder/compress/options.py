@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from fieldpack.shared.errors import CompressionConfigError
+from fieldpack.shared.errors import CompressionConfigError, first_validation_error
 
 MASK_METHODS = ("magnitude", "wanda", "sparsegpt")
 STRUCTURED_METHODS = ("depth", "width")
@@ -257,10 +257,8 @@ def parse_options(options: dict[str, Any]) -> CompressionOptions:
     """
     try:
         return CompressionOptions.model_validate(options)
-    except ValidationError as exc:  # a shape the field validators do not cover (e.g. a pattern [1, 2, 3])
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise CompressionConfigError(f"compression option {where}: {err['msg']}",
+    except ValidationError as exc:  # a shape the field validators do not cover
+        raise CompressionConfigError(f"compression option {first_validation_error(exc)}",
                                      hint="see the compression options in `fieldpack build --help`") from exc
 
 
