@@ -384,7 +384,7 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
                                                   hint="send a shorter prompt")
             text, finish, timings = engine.generate(tokens, max_tokens=min(max_tokens, room), on_token=on_token,
                                                     cancel=cancel, extra_stop=stop)
-            return Outcome(text=text, finish_reason=finish, timings=timings)
+            return _with_usage(engine, Outcome(text=text, finish_reason=finish, timings=timings))
 
         run = start(work)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -472,13 +472,25 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
 
 
 # --- work run on the worker thread -----------------------------------------------------------------------------------
+def _with_usage(engine: Any, outcome: Outcome) -> Outcome:
+    """Usage counts the answer's tokens by tokenizing its text with the model's tokenizer: llama.cpp's decode
+    count also holds a re-evaluated prompt token when the prompt cache is reused, so it differs between two
+    identical requests. A refusal generated nothing: 0 tokens."""
+    from dataclasses import replace
+
+    n = 0 if outcome.abstained or not outcome.text else \
+        len(engine.llama.tokenize(outcome.text.encode("utf-8"), add_bos=False, special=False))
+    outcome.timings = replace(outcome.timings, completion_tokens=n)
+    return outcome
+
+
 def _answer_work(question: str, history: list[Any], max_tokens: int | None, stop: list[str]) -> Work:
     def work(engine: Any, on_token: Callable[[str], None], cancel: threading.Event) -> Outcome:
         answer = engine.answer(question, on_token=on_token, cancel=cancel, history=history,
                                max_tokens=max_tokens, extra_stop=stop)
-        return Outcome(text=answer.text, finish_reason=answer.finish_reason, timings=answer.timings,
-                       sources=list(answer.sources), abstained=answer.abstained, bundle=answer.bundle,
-                       extra=answer.extra)
+        return _with_usage(engine, Outcome(text=answer.text, finish_reason=answer.finish_reason,
+                                           timings=answer.timings, sources=list(answer.sources),
+                                           abstained=answer.abstained, bundle=answer.bundle, extra=answer.extra))
     return work
 
 
@@ -520,7 +532,7 @@ def _plain_chat(messages: list[ChatMessage], max_tokens: int | None, stop: list[
             del msgs[droppable[0]]
         text, finish, timings = engine.generate(tokens, max_tokens=cap, on_token=on_token, cancel=cancel,
                                                 extra_stop=stop)
-        return Outcome(text=text, finish_reason=finish, timings=timings)
+        return _with_usage(engine, Outcome(text=text, finish_reason=finish, timings=timings))
     return work
 
 
