@@ -152,7 +152,7 @@ def test_metrics_parse_and_count(served: tuple[object, object]) -> None:
     assert families["fieldpack_time_to_first_token_seconds"].type == "histogram"
     counts = [s.value for s in families["fieldpack_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
     assert counts and counts[0] >= 1
-    info = [s for s in families["fieldpack_bundle"].samples if s.name == "fieldpack_bundle_info"]
+    info = [s for s in families["fieldpack_bundle_info"].samples if s.name == "fieldpack_bundle_info"]
     assert info[0].labels["bundle"] == "riverside@1.0.0"
 
 
