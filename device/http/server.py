@@ -1,8 +1,8 @@
 """Running the API: uvicorn over :func:`device.http.app.create_app`, alone or beside the MQTT daemon.
 
-:class:`HttpServer` runs uvicorn on a thread (tests, benchmarks) or in the caller's thread (``fieldpack serve``,
-where uvicorn handles SIGINT/SIGTERM). :func:`serve` is the whole daemon: one engine host (the MQTT daemon's
-worker when a broker is given, a local worker otherwise), the HTTP server, and an orderly stop.
+:class:`HttpServer` runs uvicorn on a thread. :func:`serve` is the whole daemon: one engine host (the MQTT
+daemon's worker when a broker is given, a local worker otherwise), the HTTP server, and an orderly stop on
+SIGINT/SIGTERM (exit status 0, as the MQTT-only daemon).
 """
 
 from __future__ import annotations
@@ -71,17 +71,6 @@ class HttpServer:
                                         hint="pick a free port or an address of this machine")
             time.sleep(0.02)
 
-    def run(self) -> None:
-        """Serve in this thread until SIGINT/SIGTERM or :meth:`stop`.
-
-        Raises:
-            UsageError: the address cannot be bound.
-        """
-        self._server.run()
-        if not self._server.started:
-            raise errors.UsageError(f"cannot serve HTTP on {self.config.host}:{self.config.port}",
-                                    hint="pick a free port or an address of this machine")
-
     def stop(self) -> None:
         """Ask uvicorn to finish (open streams get a few seconds) and wait for the thread."""
         self._server.should_exit = True
@@ -90,7 +79,7 @@ class HttpServer:
 
 
 def serve(provider: Any, http: HttpConfig, *, queue_size: int = 8, mqtt: tuple[Any, Any] | None = None) -> None:
-    """``fieldpack serve --http``: block until SIGINT/SIGTERM.
+    """``fieldpack serve --http``: serve until SIGINT/SIGTERM, then stop in order (HTTP, then the worker).
 
     Args:
         provider: the engine provider (``device.provider.ActiveBundleProvider``).
@@ -101,32 +90,36 @@ def serve(provider: Any, http: HttpConfig, *, queue_size: int = 8, mqtt: tuple[A
     Raises:
         UsageError: the address cannot be bound, or the MQTT daemon stopped for good (login refused, twin).
     """
+    import signal
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    daemon = None
     if mqtt is None:
         from fieldpack.device.http.engine import LocalEngineHost
 
-        local = LocalEngineHost(provider, queue_size=queue_size)
-        local.start()
-        try:
-            HttpServer(local, http).run()
-        finally:
-            local.stop()
-        return
-    from fieldpack.device.http.engine import MqttEngineHost
-    from fieldpack.device.mqtt import MqttDaemon
+        host: Any = LocalEngineHost(provider, queue_size=queue_size)
+        host.start()
+    else:
+        from fieldpack.device.http.engine import MqttEngineHost
+        from fieldpack.device.mqtt import MqttDaemon
 
-    daemon = MqttDaemon(mqtt[0], provider, mqtt[1])
-    server = HttpServer(MqttEngineHost(daemon, provider), http)
-    daemon.start()
-
-    def watch() -> None:  # a fatal MQTT error (login refused, twin device id) stops the HTTP side too
-        while daemon.fatal_error is None and not server._server.should_exit:
-            time.sleep(0.5)
-        server.stop()
-
-    threading.Thread(target=watch, name="fieldpack-mqtt-watch", daemon=True).start()
+        daemon = MqttDaemon(mqtt[0], provider, mqtt[1])
+        host = MqttEngineHost(daemon, provider)
+        daemon.start()
     try:
-        server.run()
+        server = HttpServer(host, http)
+        server.start_in_thread()
+        log.info("serving HTTP on %s/", server.url)
+        # a fatal MQTT error (login refused, twin device id) stops the HTTP side too
+        while not stop.is_set() and (daemon is None or daemon.fatal_error is None):
+            stop.wait(0.5)
+        server.stop()
     finally:
-        daemon.stop()
-    if daemon.fatal_error is not None:
+        if daemon is not None:
+            daemon.stop()
+        else:
+            host.stop()
+    if daemon is not None and daemon.fatal_error is not None:
         raise daemon.fatal_error

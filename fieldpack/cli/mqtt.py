@@ -133,8 +133,6 @@ def serve(
         from fieldpack.device.http.server import serve as serve_http
 
         mqtt = (dataclasses.replace(config, data_dir=dd.root), settings) if config is not None else None
-        logging.getLogger("fieldpack.device.http").info("serving HTTP on http://%s:%d/", http_config.host,
-                                                        http_config.port)
         serve_http(provider, http_config, queue_size=queue_size, mqtt=mqtt)
         return
     from fieldpack.device.mqtt import MqttDaemon
