@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fieldpack.shared.errors import UsageError
+from fieldpack.shared.errors import UsageError, first_validation_error
 
 QuantName = str  # validated against builder.quantize.QUANT_TYPES at build time
 
@@ -72,9 +72,7 @@ class BuildConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            raise UsageError(f"{origin}: {where}: {err['msg']}", hint="see `fieldpack build --help`") from exc
+            raise UsageError(f"{origin}: {first_validation_error(exc)}", hint="see `fieldpack build --help`") from exc
 
     def to_recipe(self) -> dict[str, Any]:
         """JSON/TOML-ready dict of this config under a ``build`` table (None values dropped, paths as str)."""

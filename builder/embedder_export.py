@@ -44,7 +44,10 @@ TOKENIZER_NAME = "tokenizer.json"
 DEFAULT_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 #: Minimum cosine between the fp32 ONNX graph and the PyTorch model on the gate sentences (export check).
 EXPORT_PARITY_MIN_COSINE = 0.999
-GATE_K = 3
+#: Top-k agreement of int8 with fp32 on :data:`GATE_RETRIEVAL`. k = 1: each query's own passage is fp32's top
+#: hit, and ranks 2-3 fall among unrelated passages whose scores differ by < 0.005, so a top-3 agreement
+#: measured quantisation noise (it flipped with the onnxruntime version: 0.89 vs 0.92 for the same model).
+GATE_K = 1
 
 #: Fixed sentences for the fp32-vs-int8 cosine gate: short and long, prose, commands, numbers, non-English.
 GATE_SENTENCES: tuple[str, ...] = (
@@ -189,7 +192,7 @@ def export_embedder(
         out_dir: created if missing; the two files are replaced atomically.
         int8: also make a dynamic-quantised int8 graph and keep it if it passes the gate.
         gate_min_cosine: the int8 graph's mean cosine to fp32 over :data:`GATE_SENTENCES` must reach this.
-        gate_min_recall: its top-3 agreement with fp32 over :data:`GATE_RETRIEVAL` must reach this.
+        gate_min_recall: its top-k agreement (k = GATE_K) with fp32 over :data:`GATE_RETRIEVAL` must reach this.
         name: model name to record; default: the MiniLM's hub id, or the folder name.
 
     Raises:

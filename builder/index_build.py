@@ -7,10 +7,7 @@ never leaves a half-written index at ``out_path``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +18,8 @@ import numpy as np
 from fieldpack.builder.ingest.model import Chunk
 from fieldpack.retrieval import index as idx
 from fieldpack.shared import index_format
-from fieldpack.shared.atomic import fsync_dir
+from fieldpack.shared.atomic import atomic_path
+from fieldpack.shared.hashing import sha256_file
 from fieldpack.shared.errors import IngestError, OutputNotWritableError, UsageError
 
 if TYPE_CHECKING:
@@ -108,25 +106,12 @@ def build_index(
         raise OutputNotWritableError(
             f"cannot write {out_path}: folder {out_path.parent} does not exist", hint="create the folder first"
         )
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        tmp.unlink()  # let SQLite create the file itself
-        _write(tmp, chunks, emb, metric, embedder_name)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-        fsync_dir(out_path.parent)
-    except OSError as exc:
-        raise OutputNotWritableError(f"cannot write {out_path}: {exc}", hint="check space and permissions") from exc
-    finally:
-        for p in (tmp, tmp.with_name(tmp.name + "-journal")):
-            p.unlink(missing_ok=True)
-    digest = hashlib.sha256()
-    with open(out_path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    with atomic_path(out_path) as tmp:  # SQLite creates the file itself
+        try:
+            _write(tmp, chunks, emb, metric, embedder_name)
+        finally:
+            tmp.with_name(tmp.name + "-journal").unlink(missing_ok=True)
+    sha256 = sha256_file(out_path)
     stats = IndexStats(
         path=out_path,
         documents=len({c.source for c in chunks}),
@@ -134,7 +119,7 @@ def build_index(
         dimension=dim,
         metric=metric,
         size_bytes=out_path.stat().st_size,
-        sha256=digest.hexdigest(),
+        sha256=sha256,
     )
     log.info("index %s: %d chunks of %d documents, dim %d, %d bytes", out_path, stats.chunks, stats.documents,
              dim, stats.size_bytes)

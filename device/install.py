@@ -19,10 +19,11 @@ new copy is complete and checked, and the switch is one atomic rename of ``state
 
 A failure or a power cut at any step leaves the previously active bundle active and intact.
 
-Fault injection (tests only): the installer passes named crash points — ``after-verify``, ``mid-unpack``
-(after the first member), ``after-unpack``, ``after-check``, ``before-switch``, ``after-switch``. When the
-environment variable ``FIELDPACK_CRASH_AT`` equals one of them, the process SIGKILLs itself there, which is
-what a power cut looks like to the data dir. Never set it in production.
+Named steps: the installer reports each durable point it passes — ``after-verify``, ``mid-unpack`` (after the
+first member), ``after-unpack``, ``after-check``, ``before-switch``, ``after-switch`` — to an optional
+``on_step(name)`` observer (:data:`INSTALL_STEPS`). Callers may log or show them; the crash tests pass an
+observer that SIGKILLs the process at one of them (a power cut, as the data dir sees it), from a test-only
+driver (``tests/device/install_crash_driver.py``). The product has no fault-injection switch of its own.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import argparse
 import hashlib
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -50,21 +50,15 @@ from fieldpack.device.slots import SLOT_NAMES, DataDir, SlotInfo, State, open_da
 
 log = logging.getLogger(__name__)
 
-CRASH_ENV = "FIELDPACK_CRASH_AT"
-CRASH_POINTS = ("after-verify", "mid-unpack", "after-unpack", "after-check", "before-switch", "after-switch")
+#: The durable points an install passes, in order (see the module doc).
+INSTALL_STEPS = ("after-verify", "mid-unpack", "after-unpack", "after-check", "before-switch", "after-switch")
 
 #: ``check(slot_path, manifest)``: raise SlotCheckError if the unpacked bundle does not work.
 SlotCheck = Callable[[Path, Manifest], None]
 #: ``on_progress(phase, done_bytes, total_bytes)``; phase is ``"verify"`` or ``"unpack"``.
 InstallProgress = Callable[[str, int, int], None]
-
-
-def _crashpoint(name: str) -> None:
-    """Test-only fault injection: SIGKILL this process when ``$FIELDPACK_CRASH_AT == name``."""
-    if os.environ.get(CRASH_ENV) == name:
-        log.warning("FIELDPACK_CRASH_AT=%s: killing the install process (test fault injection)", name)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
+#: ``on_step(name)`` with a name from :data:`INSTALL_STEPS`, called as the install passes that point.
+InstallStep = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -129,7 +123,7 @@ def clean_leftovers(dd: DataDir, state: State) -> State:
 
 def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: SlotCheck | None,
                    n_ctx: int | None = None, on_progress: InstallProgress | None = None,
-                   probe: ResourceProbe | None = None) -> InstallResult:
+                   probe: ResourceProbe | None = None, on_step: InstallStep | None = None) -> InstallResult:
     """Install ``bundle`` into the inactive slot and make it active (steps in the module doc).
 
     Args:
@@ -140,6 +134,7 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
         n_ctx: context length the device will run with (tokens); ``None`` = the bundle's default. Only the
             RAM estimate depends on it.
         on_progress: called with (phase, bytes done, bytes total) as members are hashed and unpacked.
+        on_step: called with each name of :data:`INSTALL_STEPS` as the install passes it.
         probe: source of free-disk / available-RAM numbers (tests inject them); default: this machine.
 
     Returns:
@@ -158,6 +153,12 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
     t0 = time.monotonic()
     dd = _as_data_dir(data_dir)
     bundle = Path(bundle)
+
+    def step(name: str) -> None:
+        log.debug("install step %s", name)
+        if on_step is not None:
+            on_step(name)
+
     with dd.lock():
         state = clean_leftovers(dd, dd.state())
         with BundleReader(bundle) as reader:
@@ -182,7 +183,7 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
             key = reader.verify(trusted, on_progress=_counter("verify", total, on_progress))
             log.info("%s: signature by %s and %d member hashes verified", bundle, key.key_id,
                      len(manifest.members))
-            _crashpoint("after-verify")
+            step("after-verify")
 
             target = dd.inactive_slot(state)
             check_feasibility(manifest, total, dd.root, reclaimable_bytes=dd.slot_size(target), n_ctx=n_ctx,
@@ -195,7 +196,7 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
             path = dd.slot_path(target)
             try:
                 reader.extract_to(path, on_progress=_counter("unpack", total, on_progress),
-                                  on_member=_mid_unpack_hook())
+                                  on_member=_mid_unpack_hook(step))
                 atomic_write_bytes(path / fmt.MANIFEST_NAME, reader.manifest_bytes)
                 if reader.signature_bytes is not None:
                     atomic_write_bytes(path / fmt.SIGNATURE_NAME, reader.signature_bytes)
@@ -203,22 +204,22 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
                 _clear_quietly(dd, target)
                 raise
             fsync_dir(path)
-            _crashpoint("after-unpack")
+            step("after-unpack")
 
         if check is not None:
             _run_check(check, dd, target, manifest, old.label if old else None)
-        _crashpoint("after-check")
+        step("after-check")
 
         info = SlotInfo(label=label, manifest_sha256=manifest_sha, installed_at=utc_now(), payload_bytes=total,
                         key_id=key.key_id)
         dd.write_slot_record(target, info)
         fsync_dir(path)
-        _crashpoint("before-switch")
+        step("before-switch")
 
         new_state = State(active=target, previous=active if old is not None else None,
                           slots={**state.slots, target: info}, updated_at=utc_now())
         dd.write_state(new_state)
-        _crashpoint("after-switch")
+        step("after-switch")
 
     seconds = time.monotonic() - t0
     msg = f"installed {label} into slot {target}" + (f" (previous: {old.label})" if old else "")
@@ -240,14 +241,14 @@ def _counter(phase: str, total: int, on_progress: InstallProgress | None) -> Cal
     return step
 
 
-def _mid_unpack_hook() -> Callable[[str], None]:
+def _mid_unpack_hook(step: InstallStep) -> Callable[[str], None]:
     seen = 0
 
     def on_member(name: str) -> None:
         nonlocal seen
         seen += 1
         if seen == 2:  # called before each member: the first one is fully written now
-            _crashpoint("mid-unpack")
+            step("mid-unpack")
 
     return on_member
 
@@ -333,13 +334,13 @@ def status(data_dir: DataDir | Path | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m device.install BUNDLE [--data-dir D] [--n-ctx N] [--no-check] [--progress]``.
+    """``python -m fieldpack.device.install BUNDLE [--data-dir D] [--n-ctx N] [--no-check] [--progress]``.
 
     A bare entry for scripts and the crash tests; technicians use ``fieldpack install``. Prints the result on
     one line (stdout), or the error on one line (stderr) and exits with the error's ``exit_code``.
     ``--progress`` prints ``progress PHASE DONE TOTAL`` lines (bytes) to stdout as it goes.
     """
-    p = argparse.ArgumentParser(prog="python -m device.install", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m fieldpack.device.install", description=main.__doc__)
     p.add_argument("bundle", type=Path)
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--n-ctx", type=int, default=None)

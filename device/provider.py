@@ -36,13 +36,13 @@ class ActiveBundleProvider:
         """True while a bundle is being loaded (first load or a switch after install/rollback)."""
 
     def _active_key(self) -> tuple[str, str, Path]:
+        path = self.data_dir.require_active_slot_path()
         state = self.data_dir.state()
-        slot = state.active
-        info = state.slots.get(slot) if slot else None
-        if slot is None or info is None:
+        info = state.slots.get(path.name)
+        if info is None:  # the state names an active slot it knows nothing of: same as nothing installed
             raise NoActiveBundleError(f"no bundle is installed in {self.data_dir.root}",
-                                      hint="run `fieldpack install BUNDLE.fpk`")
-        return slot, info.manifest_sha256, self.data_dir.slot_path(slot)
+                                      hint=f"run `fieldpack install BUNDLE.fpk --data-dir {self.data_dir.root}`")
+        return path.name, info.manifest_sha256, path
 
     def get(self) -> Runtime:
         with self._lock:

@@ -28,11 +28,10 @@ from fieldpack.retrieval.types import Hit
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.errors import EmptyQuestionError, RuntimeLoadError, SlotCheckError
 from fieldpack.shared.manifest import Manifest, parse_manifest
+from fieldpack.shared.protocol import MAX_QUESTION_CHARS
 
 log = logging.getLogger(__name__)
 
-#: Largest question accepted, in characters, before any tokenization (guards the embedder and the prompt).
-MAX_QUESTION_CHARS = 4000
 
 
 def physical_cores() -> int:

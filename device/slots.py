@@ -41,6 +41,7 @@ from fieldpack.shared.errors import (
     DeviceError,
     InstallInProgressError,
     IntegrityError,
+    NoActiveBundleError,
     NotInitializedError,
     OutputNotWritableError,
     UsageError,
@@ -211,6 +212,19 @@ class DataDir:
         """Folder of the active bundle (holds ``manifest.json`` and the members), or ``None`` if none yet."""
         active = self.active_slot()
         return self.slot_path(active) if active else None
+
+    def require_active_slot_path(self) -> Path:
+        """Folder of the active bundle; the one place that says "nothing installed" to every caller (CLI,
+        eval, daemon).
+
+        Raises:
+            NoActiveBundleError: nothing has been installed into this data dir yet.
+        """
+        slot = self.active_slot_path()
+        if slot is None:
+            raise NoActiveBundleError(f"no bundle is installed in data dir {self.root}",
+                                      hint=f"run `fieldpack install BUNDLE.fpk --data-dir {self.root}`")
+        return slot
 
     def inactive_slot(self, state: State | None = None) -> str:
         """The slot an install writes to: the one that is not active (``"a"`` on a fresh device)."""

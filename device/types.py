@@ -10,23 +10,9 @@ import threading
 from typing import Any, Callable, Protocol
 
 from fieldpack.retrieval.types import Hit
+from fieldpack.shared.protocol import AnswerTimings as Timings
 
-
-@dataclass(frozen=True)
-class Timings:
-    """Where the time of one answer went. Milliseconds unless named otherwise; tokens are model tokens."""
-
-    retrieval_ms: float = 0.0
-    prompt_tokens: int = 0
-    prompt_eval_ms: float = 0.0
-    time_to_first_token_ms: float = 0.0
-    completion_tokens: int = 0
-    decode_ms: float = 0.0
-    tokens_per_s: float = 0.0
-    total_ms: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["Answer", "AnswerEngine", "EngineProvider", "Hit", "Timings"]
 
 
 @dataclass(frozen=True)

@@ -91,3 +91,47 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
 def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_writer`)."""
     atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a file that another writer (a library, a native tool) closed, so its bytes are on disk."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, mode: int | None = 0o644, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """Give a temp path beside ``path`` for a writer that wants a file name, not a file object (llama.cpp's
+    quantizer, gguf-py's writer, matplotlib, SQLite, safetensors); on clean exit fsync the file, rename it onto
+    ``path`` and fsync the folder. The temp file does not exist when the block starts.
+
+    Args:
+        path: final destination. Its folder must exist.
+        mode: permission bits of the final file; ``None`` keeps what the writer made.
+        suffix: end of the temp name (some writers pick the format from it, e.g. ``".png.tmp"`` is not a PNG).
+
+    Raises:
+        OutputNotWritableError: the folder is missing or not writable, or the disk filled up.
+        Whatever the block raises; in every failure the temp file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise _explain(path, exc) from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.unlink()
+    try:
+        yield tmp
+        fsync_file(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _explain(path, exc) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.atomic import atomic_writer, fsync_dir
+from fieldpack.shared.hashing import hash_file
 from fieldpack.shared.errors import (
     BundleFormatError,
     InputNotFoundError,
@@ -34,17 +35,6 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # bytes read per step when hashing or copying
 ProgressFn = Callable[[int], None]  # called with bytes just processed
-
-
-def hash_file(path: Path) -> tuple[int, str]:
-    """Return (size in bytes, lowercase hex sha256) of a file, streaming 1 MiB at a time."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            h.update(block)
-            size += len(block)
-    return size, h.hexdigest()
 
 
 def describe_members(files: Mapping[str, Path]) -> list[Member]:

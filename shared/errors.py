@@ -229,3 +229,16 @@ class ProtocolError(FieldpackError):
         super().__init__(message, hint)
         if code is not None:
             self.code = code
+
+
+def first_validation_error(exc: Exception, *, top: str = "(top level)") -> str:
+    """``"<where>: <message>"`` for the first problem a pydantic ``ValidationError`` reports, e.g.
+    ``"runtime.n_ctx: Input should be greater than 0"``; ``top`` names the location of an error on the object
+    itself. Used wherever a schema failure becomes one of the errors above (manifest, wire payloads, build
+    options), so they all read alike."""
+    errs = exc.errors() if hasattr(exc, "errors") else []
+    if not errs:
+        return str(exc)
+    first = errs[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or top
+    return f"{where}: {first.get('msg', 'invalid')}"

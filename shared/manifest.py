@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fieldpack.shared import bundle_format as fmt
-from fieldpack.shared.errors import ManifestError, UnsupportedFormatVersion
+from fieldpack.shared.errors import ManifestError, UnsupportedFormatVersion, first_validation_error
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -238,6 +238,4 @@ def parse_manifest(data: bytes, *, origin: str = "manifest.json") -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ManifestError(f"{origin}: {where}: {err['msg']}", hint="rebuild the bundle with `fieldpack build`") from exc
+        raise ManifestError(f"{origin}: {first_validation_error(exc)}", hint="rebuild the bundle with `fieldpack build`") from exc

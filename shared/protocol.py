@@ -300,13 +300,10 @@ class Source(_Record):
     score: float
 
 
-class ReplyTimings(_Record):
-    """Where the time of an answer went, milliseconds unless named otherwise.
+class AnswerTimings(_Record):
+    """Where the time of one answer went, as the engine measures it (``fieldpack.device.types.Timings`` is this
+    class): milliseconds unless named otherwise; tokens are model tokens."""
 
-    ``queue_ms`` is the wait in the device's queue; the rest are the engine's ``device.types.Timings``.
-    """
-
-    queue_ms: float = 0.0
     retrieval_ms: float = 0.0
     prompt_tokens: int = 0
     prompt_eval_ms: float = 0.0
@@ -315,6 +312,16 @@ class ReplyTimings(_Record):
     decode_ms: float = 0.0
     tokens_per_s: float = 0.0
     total_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return self.model_dump()
+
+
+class ReplyTimings(AnswerTimings):
+    """:class:`AnswerTimings` on the wire, plus ``queue_ms``: the wait in the device's queue."""
+
+    queue_ms: float = 0.0
 
 
 class ErrorBody(_Record):
@@ -542,10 +549,8 @@ def _load_object(payload: bytes, *, max_bytes: int, what: str) -> dict[str, Any]
 
 
 def _shape_error(what: str, exc: ValidationError) -> errors.ProtocolError:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "(payload)"
     return errors.ProtocolError(
-        f"{what} key {where!r}: {first.get('msg', 'invalid')}",
+        f"{what} key {errors.first_validation_error(exc, top='(payload)')}",
         hint="follow the shared.protocol schema (strict JSON types, no unknown keys)",
         code=ErrorCode.BAD_SHAPE,
     )

@@ -82,7 +82,7 @@ def build_cached(root: Path, name: str, build: Any) -> Path:
 
 def _export(cache_dir: Path, *, int8: bool) -> ExportedEmbedder:
     from fieldpack.builder import embedder_export
-    from fieldpack.device import embedder as device_embedder
+    from fieldpack.retrieval import embedder as device_embedder
 
     model_dir = embedder_export.default_model_dir()
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())

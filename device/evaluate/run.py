@@ -203,22 +203,17 @@ def open_slot(bundle: Path, scratch: Path, trusted_keys: Sequence[Path] = ()) ->
     """
     bundle = Path(bundle)
     if bundle.is_dir():
-        if (bundle / "state.json").is_file():
-            from fieldpack.shared.errors import NoActiveBundleError
+        from fieldpack.device.slots import STATE_FILE, open_data_dir
 
-            from fieldpack.device.slots import open_data_dir
-
-            slot = open_data_dir(bundle).active_slot_path()
-            if slot is None:
-                raise NoActiveBundleError(f"no bundle is installed in data dir {bundle}",
-                                          hint="run `fieldpack install BUNDLE.fpk --data-dir ...` or pass the .fpk")
+        if (bundle / STATE_FILE).is_file():
+            slot = open_data_dir(bundle).require_active_slot_path()
             _verify_dir(slot)
             return slot, f"active slot {slot.name} of data dir {bundle}, members re-hashed"
         if (bundle / fmt.MANIFEST_NAME).is_file():
             _verify_dir(bundle)
             return bundle, f"slot folder {bundle}, members re-hashed"
         raise InputNotFoundError(f"{bundle} is a folder but neither an installed slot (no {fmt.MANIFEST_NAME}) "
-                                 f"nor a device data dir (no state.json)",
+                                 f"nor a device data dir (no {STATE_FILE})",
                                  hint="pass a .fpk file, a slot folder, or a data dir")
     if not bundle.exists():
         raise InputNotFoundError(f"bundle {bundle} does not exist", hint="check the path to the .fpk file")

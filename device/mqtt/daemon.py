@@ -33,6 +33,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fieldpack.shared import errors, protocol
 
+from fieldpack.device.mqtt.admission import Admission, InboundRequest
 from fieldpack.device.mqtt.client import BrokerSettings, connect_async, json_properties, make_client
 from fieldpack.device.mqtt.clock import Clock, SystemClock
 from fieldpack.device.mqtt.jobs import Job, JobBoard, ReplyRoute
@@ -143,6 +144,8 @@ class MqttDaemon:
         self._metrics = MetricsRecorder(config.device_id, self._clock)
         self._intake: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._admission = Admission(config.device_id, self._board, max_payload_bytes=config.max_payload_bytes,
+                                    max_question_chars=config.max_question_chars, stopping=self._stopping.is_set)
         self._halt = threading.Event()  # set by a fatal error or stop()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -382,82 +385,19 @@ class MqttDaemon:
     def _handle_request(self, message: mqtt.MQTTMessage, received_at: float) -> None:
         self._metrics.count("requests")
         props = message.properties
-        response_topic: str | None = getattr(props, "ResponseTopic", None)
-        correlation: bytes | None = getattr(props, "CorrelationData", None)
-        expiry_s: int | None = getattr(props, "MessageExpiryInterval", None)
-        if response_topic is not None:
-            try:
-                protocol.check_reply_topic(response_topic)
-            except errors.ProtocolError:
-                log.warning("ignoring unusable Response Topic %r on %s", response_topic, message.topic)
-                response_topic = None
-        payload = bytes(message.payload)
-        try:
-            request = protocol.decode_request(
-                payload, max_bytes=self.config.max_payload_bytes, max_question_chars=self.config.max_question_chars
-            )
-        except errors.FieldpackError as err:
-            reply_to, request_id = (
-                protocol.salvage_reply_route(payload) if len(payload) <= self.config.max_payload_bytes else (None, None)
-            )
-            self._metrics.count("errors")
-            topic = response_topic or reply_to
-            if topic is None:
-                log.warning("request on %s has no Response Topic and no reply_to; cannot reply: %s", message.topic, err)
-                return
-            self._replier.error(ReplyRoute(topic, correlation, request_id), protocol.ErrorBody.from_error(err))
-            return
-        topic = response_topic or request.reply_to
-        if topic is None:
-            log.warning(
-                "request %s on %s has no Response Topic and no reply_to; nowhere to reply, dropped",
-                request.id, message.topic,
-            )
-            self._metrics.count("errors")
-            return
-        route = ReplyRoute(topic, correlation, request.id)
-        if self._stopping.is_set():
-            self._metrics.count("errors")
-            self._replier.error(
-                route,
-                protocol.ErrorBody(
-                    code=protocol.ErrorCode.SHUTTING_DOWN,
-                    reason=f"device {self.config.device_id} is shutting down",
-                    hint="send the request again when the device is back online",
-                ),
-            )
-            return
-        job = Job(
-            request=request,
-            route=route,
+        decision = self._admission.admit(InboundRequest(
+            topic=message.topic,
+            payload=bytes(message.payload),
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation=getattr(props, "CorrelationData", None),
+            expiry_s=getattr(props, "MessageExpiryInterval", None),
             received_at=received_at,
-            expires_at=received_at + expiry_s if expiry_s is not None else None,
-        )
-        outcome, depth = self._board.admit(job)
-        if outcome == "duplicate":
-            self._metrics.count("errors")
-            self._replier.error(
-                route,
-                protocol.ErrorBody(
-                    code=protocol.ErrorCode.DUPLICATE_REQUEST,
-                    reason=f"request {request.id} (same id or correlation data) is already in flight on "
-                    f"device {self.config.device_id}",
-                    hint="give every request its own id and correlation data; wait for the first reply",
-                ),
-            )
-        elif outcome == "busy":
-            self._metrics.count("busy")
-            self._replier.error(
-                route,
-                protocol.ErrorBody(
-                    code=protocol.ErrorCode.BUSY,
-                    reason=f"device {self.config.device_id} is busy: {depth} requests queued (limit {self._board.capacity})",
-                    hint="retry later or ask another device of the group",
-                    queue_depth=depth,
-                ),
-            )
-        else:
-            log.debug("request %s queued (depth %d)", request.id, depth)
+        ))
+        if decision.counter is not None:
+            self._metrics.count(decision.counter)
+        if decision.refusal is not None and decision.route is not None:
+            self._replier.error(decision.route, decision.refusal)
+        if decision.job is not None:
             self._status_dirty.set()
 
     def _check_twin(self, message: mqtt.MQTTMessage) -> None:

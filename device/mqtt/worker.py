@@ -251,17 +251,7 @@ class Worker:
                 finish_reason=answer.finish_reason,
                 bundle=answer.bundle,
                 sources=to_sources(answer),
-                timings=protocol.ReplyTimings(
-                    queue_ms=round(queue_ms, 3),
-                    retrieval_ms=t.retrieval_ms,
-                    prompt_tokens=t.prompt_tokens,
-                    prompt_eval_ms=t.prompt_eval_ms,
-                    time_to_first_token_ms=t.time_to_first_token_ms,
-                    completion_tokens=t.completion_tokens,
-                    decode_ms=t.decode_ms,
-                    tokens_per_s=t.tokens_per_s,
-                    total_ms=t.total_ms,
-                ),
+                timings=protocol.ReplyTimings(queue_ms=round(queue_ms, 3), **t.model_dump()),
             ),
             stream=job,
         )

@@ -209,7 +209,7 @@ def demo(
     typer.echo(res.message)
     from fieldpack.cli.show import print_answer
 
-    with Runtime(dd.active_slot_path()) as rt:
+    with Runtime(dd.require_active_slot_path()) as rt:
         typer.echo(f"\nQ: {question}\nA: ", nl=False)
         ans = rt.answer(question, on_token=lambda t: typer.echo(t, nl=False))
         typer.echo("")

@@ -52,13 +52,9 @@ def _jsonable(obj):
 
 def _runtime(data_dir: Optional[Path], n_ctx: Optional[int], threads: Optional[int]):
     from fieldpack.device.runtime import Runtime
-    from fieldpack.shared.errors import NoActiveBundleError
 
     dd = _data_dir(data_dir)
-    slot = dd.active_slot_path()
-    if slot is None:
-        raise NoActiveBundleError(f"no bundle is installed in {dd.root}", hint="run `fieldpack install BUNDLE.fpk`")
-    return Runtime(slot, n_ctx=n_ctx, threads=threads)
+    return Runtime(dd.require_active_slot_path(), n_ctx=n_ctx, threads=threads)
 
 
 def ask(question: str = typer.Argument(..., help="the question"),

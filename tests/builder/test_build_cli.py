@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -34,16 +36,26 @@ def _one_line_error(r, code: int, *needles: str) -> None:
         assert n in lines[-1], lines[-1]
 
 
-def _no_output(out: Path) -> None:
+def _refused(r, out: Path, code: int, *needles: str) -> None:
+    """One-line error with ``code`` and nothing left behind: the output folder (empty before the build) holds
+    nothing after it: no bundle, no hidden temp file, no build work folder (the build works beside its output)."""
+    _one_line_error(r, code, *needles)
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".") and "fpk" in p.name or "fieldpack-build" in p.name]
+    if out.parent.is_dir():
+        assert sorted(p.name for p in out.parent.iterdir()) == [], sorted(out.parent.iterdir())
+
+
+def _out(tmp_path: Path) -> Path:
+    """``tmp_path/out/b.fpk`` in an empty folder of its own, so leftovers are visible."""
+    d = tmp_path / "out"
+    d.mkdir(exist_ok=True)
+    return d / "b.fpk"
 
 
 def test_missing_model_folder(tmp_path: Path, keypair: Path) -> None:
-    out = tmp_path / "b.fpk"
+    out = _out(tmp_path)
     r = _build(tmp_path / "no-such-model", DEMO_DOCS, keypair / "builder.key", out)
-    _one_line_error(r, 2, "no-such-model")
-    _no_output(out)
+    _refused(r, out, 2, "no-such-model")
 
 
 def test_unsupported_architecture(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
@@ -52,8 +64,9 @@ def test_unsupported_architecture(tmp_path: Path, keypair: Path, tiny_llama_dir:
     cfg = json.loads((model / "config.json").read_text())
     cfg["architectures"] = ["GPTNeoXForCausalLM"]
     (model / "config.json").write_text(json.dumps(cfg))
-    r = _build(model, DEMO_DOCS, keypair / "builder.key", tmp_path / "b.fpk")
-    _one_line_error(r, 5, "GPTNeoXForCausalLM")
+    out = _out(tmp_path)
+    r = _build(model, DEMO_DOCS, keypair / "builder.key", out)
+    _refused(r, out, 5, "GPTNeoXForCausalLM")
 
 
 def test_unknown_tokenizer(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
@@ -62,13 +75,15 @@ def test_unknown_tokenizer(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) 
     tj = json.loads((model / "tokenizer.json").read_text())
     tj["pre_tokenizer"] = {"type": "Whitespace"}
     (model / "tokenizer.json").write_text(json.dumps(tj))
-    r = _build(model, DEMO_DOCS, keypair / "builder.key", tmp_path / "b.fpk")
-    _one_line_error(r, 5, "tokenizer")
+    out = _out(tmp_path)
+    r = _build(model, DEMO_DOCS, keypair / "builder.key", out)
+    _refused(r, out, 5, "tokenizer")
 
 
 def test_unknown_quant_type(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
-    r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.key", tmp_path / "b.fpk", "--quant", "Q4_X")
-    _one_line_error(r, 5, "Q4_X", "Q4_K_M")
+    out = _out(tmp_path)
+    r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.key", out, "--quant", "Q4_X")
+    _refused(r, out, 5, "Q4_X", "Q4_K_M")
 
 
 def test_docs_with_nothing_indexable(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
@@ -76,29 +91,54 @@ def test_docs_with_nothing_indexable(tmp_path: Path, keypair: Path, tiny_llama_d
     docs.mkdir()
     (docs / "empty.md").write_text("")
     (docs / "blob.bin").write_bytes(os.urandom(64))
-    r = _build(tiny_llama_dir, docs, keypair / "builder.key", tmp_path / "b.fpk")
-    _one_line_error(r, 5, str(docs))
+    out = _out(tmp_path)
+    r = _build(tiny_llama_dir, docs, keypair / "builder.key", out)
+    _refused(r, out, 5, str(docs))
 
 
 def test_signing_key_missing_or_wrong_type(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
-    r = _build(tiny_llama_dir, DEMO_DOCS, tmp_path / "nokey.key", tmp_path / "b.fpk")
-    _one_line_error(r, 3, "nokey.key", "keygen")
-    r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.pub", tmp_path / "b.fpk")
-    _one_line_error(r, 3, "builder.pub")
+    out = _out(tmp_path)
+    r = _build(tiny_llama_dir, DEMO_DOCS, tmp_path / "nokey.key", out)
+    _refused(r, out, 3, "nokey.key", "keygen")
+    out = _out(tmp_path)
+    r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.pub", out)
+    _refused(r, out, 3, "builder.pub")
 
 
 def test_output_not_writable(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
     r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.key", tmp_path / "missing-dir" / "b.fpk")
-    _one_line_error(r, 2, "missing-dir")
-    if os.geteuid() != 0:  # root ignores permission bits
-        ro = tmp_path / "ro"
-        ro.mkdir(mode=0o500)
+    _refused(r, tmp_path / "missing-dir" / "b.fpk", 2, "missing-dir")
+    with _read_only_folder(tmp_path / "ro") as ro:
         r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.key", ro / "b.fpk")
-        _one_line_error(r, 2, str(ro))
+        _refused(r, ro / "b.fpk", 2, str(ro))
+
+
+@contextlib.contextmanager
+def _read_only_folder(path: Path):
+    """A folder nobody can write, root included: a read-only tmpfs when running as root (root ignores
+    permission bits, and CI runs as root), mode 0500 otherwise. The check fails if the folder is writable."""
+    path.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"root cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+        mounted = True
+    else:
+        path.chmod(0o500)
+    try:
+        with pytest.raises(OSError):
+            (path / "probe").write_bytes(b"x")  # the folder really is read-only
+        yield path
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=True)
+        else:
+            path.chmod(0o700)
 
 
 def test_hub_id_offline(tmp_path: Path, keypair: Path) -> None:
     r = run_cli("build", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--docs", str(DEMO_DOCS), "--name", "t",
-                "--sign", str(keypair / "builder.key"), "-o", str(tmp_path / "b.fpk"),
+                "--sign", str(keypair / "builder.key"), "-o", str(out := _out(tmp_path)),
                 env={"HF_HUB_OFFLINE": "1"}, timeout=300)
-    _one_line_error(r, 2, "Qwen/Qwen2.5-0.5B-Instruct", "local")
+    _refused(r, out, 2, "Qwen/Qwen2.5-0.5B-Instruct", "local")

@@ -52,7 +52,7 @@ def test_int8_gate_keeps_int8_for_minilm_and_records_figures(
 ) -> None:
     rec = minilm_int8.record
     gate = rec["gate"]
-    assert gate is not None and gate["k"] == 3
+    assert gate is not None and gate["k"] == 1
     assert gate["passed"] and rec["kept_int8"] and rec["precision"] == "int8"
     assert 0.99 <= gate["mean_cosine"] < 1.0 and gate["min_cosine"] <= gate["mean_cosine"]
     assert gate["recall_at_k"] >= 0.9

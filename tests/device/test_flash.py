@@ -48,10 +48,10 @@ PYTHONPATH={REPO} exec {sys.executable} -m fieldpack "$@"
 """
 
 # The same install path without the runtime's model-load check, for synthetic payloads (they hold no real
-# model): `fieldpack-nocheck install B --data-dir D` -> `python -m device.install --no-check B --data-dir D`.
+# model): `fieldpack-nocheck install B --data-dir D` -> `python -m fieldpack.device.install --no-check B --data-dir D`.
 FIELDPACK_NOCHECK = f"""#!/bin/sh
 [ "$1" = install ] && shift
-PYTHONPATH={REPO} exec {sys.executable} -m device.install --no-check "$@"
+PYTHONPATH={REPO} exec {sys.executable} -m fieldpack.device.install --no-check "$@"
 """
 
 

@@ -459,7 +459,7 @@ def test_write_failure_during_unpack(dd: DataDir, keys: Keys, tmp_path: Path, bu
     code = ("import resource, signal, sys\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
-            "from device.install import main\n"
+            "from fieldpack.device.install import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", code, "--no-check", "--data-dir", str(dd.root), str(big)],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))

@@ -2,8 +2,8 @@
 crash point and at random moments during the unpack of a 64 MiB bundle, then check that a complete, verified
 bundle is active and that the next install succeeds.
 
-The install runs in a subprocess (``python -m device.install``); crash points use the test-only
-``FIELDPACK_CRASH_AT`` hook in :mod:`device.install`.
+The install runs in a subprocess (``python -m tests.device.install_crash_driver``), which passes the installer an
+``on_step`` observer that SIGKILLs the process at the chosen named step (:data:`INSTALL_STEPS`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fieldpack.device.install import CRASH_ENV, CRASH_POINTS, install_bundle, rollback
+from fieldpack.device.install import INSTALL_STEPS, install_bundle, rollback
 from fieldpack.device.slots import SLOT_NAMES, DataDir, init_data_dir, open_data_dir
 from fieldpack.shared.bundle import BundleReader
 from tests.shared.factories import Keys, large_bundles, make_bundle, make_keys
@@ -28,14 +28,14 @@ REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger(__name__)
 
 
-def install_cmd(dd: DataDir, bundle: Path) -> list[str]:
-    return [sys.executable, "-m", "fieldpack.device.install", "--no-check", "--progress", "--data-dir", str(dd.root),
-            str(bundle)]
+def install_cmd(dd: DataDir, bundle: Path, kill_at: str = "never") -> list[str]:
+    """The install in a child process that SIGKILLs itself when the installer passes step ``kill_at``."""
+    return [sys.executable, "-m", "tests.device.install_crash_driver", kill_at, "--progress",
+            "--data-dir", str(dd.root), str(bundle)]
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
-    return dict(env, PYTHONPATH=str(REPO), **extra)
+def child_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO))
 
 
 def label_of(bundle: Path) -> str:
@@ -82,14 +82,13 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Keys, Path, Path, P
                     for v in (1, 2, 3)))
 
 
-@pytest.mark.parametrize("point", CRASH_POINTS)
+@pytest.mark.parametrize("point", INSTALL_STEPS)
 def test_crash_at_each_point(point: str, small: tuple[Keys, Path, Path, Path], tmp_path: Path) -> None:
     keys, v1, v2, v3 = small
     dd = init_data_dir(tmp_path / "device", [keys.public])
     install_bundle(v1, dd, check=None)
     install_bundle(v2, dd, check=None)  # v2 active in b, v1 previous in a
-    proc = subprocess.run(install_cmd(dd, v3), env=child_env(**{CRASH_ENV: point}), capture_output=True,
-                          text=True)
+    proc = subprocess.run(install_cmd(dd, v3, kill_at=point), env=child_env(), capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
     active = assert_consistent(dd.root, {"demo@2", "demo@3"})
     # before the switch the old bundle must still be active; after it, the new one
@@ -100,13 +99,15 @@ def test_crash_at_each_point(point: str, small: tuple[Keys, Path, Path, Path], t
     assert assert_next_install_works(dd.root, [v1, v3]) in {"demo@1", "demo@3"}
 
 
-def test_crash_hook_is_inert_without_the_variable(small: tuple[Keys, Path, Path, Path], tmp_path: Path) -> None:
-    keys, v1, _, _ = small
+def test_every_step_is_reported_in_order(small: tuple[Keys, Path, Path, Path], tmp_path: Path) -> None:
+    """The observer sees each named step once, in the documented order (so a kill at each really lands)."""
+    keys, v1, v2, _ = small
     dd = init_data_dir(tmp_path / "device", [keys.public])
-    proc = subprocess.run(install_cmd(dd, v1), env=child_env(**{CRASH_ENV: "no-such-point"}),
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert assert_consistent(dd.root, {"demo@1"}) == "demo@1"
+    install_bundle(v1, dd, check=None)
+    seen: list[str] = []
+    install_bundle(v2, dd, check=None, on_step=seen.append)
+    assert tuple(seen) == INSTALL_STEPS
+    assert assert_consistent(dd.root, {"demo@2"}) == "demo@2"
 
 
 # --- random SIGKILLs during the unpack of a large bundle -----------------------------------------------------

@@ -168,18 +168,57 @@ def test_stats_use_nearest_rank_percentiles() -> None:
     assert protocol.Stats.of([]).p50 is None
 
 
+def _protocol_keys() -> set[str]:
+    """Every payload key the protocol defines (field names and aliases of its pydantic records) that is
+    specific enough to spot in other code: multi-word keys (``reply_to``, ``queue_depth``, ...). The engine's
+    ``AnswerTimings`` fields and ``Answer``'s are also in-process record fields (eval reports read them), so they
+    are left out."""
+    import dataclasses
+    import inspect
+
+    from pydantic import BaseModel
+
+    from fieldpack.device.types import Answer
+
+    keys: set[str] = set()
+    timing_fields = set(protocol.AnswerTimings.model_fields) | {f.name for f in dataclasses.fields(Answer)}
+    for obj in vars(protocol).values():
+        if inspect.isclass(obj) and issubclass(obj, BaseModel) and obj.__module__ == protocol.__name__:
+            for name, info in obj.model_fields.items():
+                for key in {name, info.alias or name}:
+                    if "_" in key and key not in timing_fields:
+                        keys.add(key)
+    return keys
+
+
 def test_protocol_module_is_the_only_place_spelling_topics_and_keys() -> None:
-    """No other product module writes the topic root or a payload key as a string literal."""
-    patterns = [re.compile(r"""["']fieldpack/v\d"""), re.compile(r"""["'](reply_to|queue_depth|correlation_id)["']""")]
+    """No other product module writes the topic root or a protocol payload key as a string literal (checked on
+    the AST: string constants, f-string parts included; names and keyword arguments do not count)."""
+    import ast
+
+    keys = _protocol_keys()
+    assert {"reply_to", "queue_depth", "started_at"} <= keys and len(keys) >= 8, keys
+    topic = re.compile(r"^fieldpack/v\d")
     offenders = []
-    for folder in ("device", "fieldpack", "shared"):
-        for py in (REPO / folder).rglob("*.py"):
-            if py.name == "protocol.py" and py.parent.name == "shared":
+    for folder in ("device", "fieldpack", "shared", "retrieval", "builder"):
+        for py in sorted((REPO / folder).rglob("*.py")):
+            if py == REPO / "shared" / "protocol.py":
                 continue
-            text = py.read_text(encoding="utf-8")
-            if any(p.search(text) for p in patterns):
-                offenders.append(str(py.relative_to(REPO)))
-    assert not offenders
+            for node in ast.walk(ast.parse(py.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    if node.value in keys or topic.match(node.value):
+                        offenders.append(f"{py.relative_to(REPO)}:{node.lineno}: {node.value!r}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_key_guard_catches_a_spelled_key(tmp_path: Path) -> None:
+    """The guard above is not vacuous: a module spelling a protocol key is caught by the same AST walk."""
+    import ast
+
+    src = 'def f(msg):\n    return msg["queue_depth"], f"fieldpack/v1/{msg}"\n'
+    found = [n.value for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+             and (n.value in _protocol_keys() or re.match(r"^fieldpack/v\d", n.value))]
+    assert found == ["queue_depth", "fieldpack/v1/"]
 
 
 # --- broker settings -----------------------------------------------------------------------------------------
