@@ -476,11 +476,9 @@ def _with_usage(engine: Any, outcome: Outcome) -> Outcome:
     """Usage counts the answer's tokens by tokenizing its text with the model's tokenizer: llama.cpp's decode
     count also holds a re-evaluated prompt token when the prompt cache is reused, so it differs between two
     identical requests. A refusal generated nothing: 0 tokens."""
-    from dataclasses import replace
-
     n = 0 if outcome.abstained or not outcome.text else \
         len(engine.llama.tokenize(outcome.text.encode("utf-8"), add_bos=False, special=False))
-    outcome.timings = replace(outcome.timings, completion_tokens=n)
+    outcome.timings = outcome.timings.model_copy(update={"completion_tokens": n})
     return outcome
 
 
