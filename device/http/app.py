@@ -294,6 +294,16 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         finally:  # the client went away mid-stream (the generator is closed): free the engine
             cancelled(run)
 
+    def check_question(text: str, param: str) -> None:
+        """Refuse what the runtime would refuse, before queueing, so a streamed request gets a status code."""
+        from fieldpack.device.runtime import MAX_QUESTION_CHARS
+
+        if not text.strip():
+            raise ApiError(400, f"{param} is empty; ask a question in words", code="empty_question", param=param)
+        if len(" ".join(text.split())) > MAX_QUESTION_CHARS:
+            raise ApiError(400, f"{param} has {len(text)} characters (limit {MAX_QUESTION_CHARS})",
+                           code="question_too_long", param=param)
+
     def cap(requested: int | None) -> int | None:
         if requested is None or cfg.max_answer_tokens is None:
             return requested
@@ -337,6 +347,8 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         max_tokens, stop = cap(body.answer_cap()), body.stop_list()
         if body.messages[-1].role != "user":
             raise ApiError(400, "the last message must be the user's", code="invalid_value", param="messages")
+        if body.grounding:
+            check_question(body.messages[-1].text(), "messages")
         work = _grounded_chat(body.messages, max_tokens, stop) if body.grounding else \
             _plain_chat(body.messages, max_tokens, stop)
         run = start(work)
@@ -437,6 +449,7 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
     @app.post("/v1/ask")
     async def ask(body: AskRequest, request: Request) -> Any:
         check_model(None)
+        check_question(body.question, "question")
         from fieldpack.device.prompt import Turn
 
         history = [Turn(question=t.question, answer=t.answer) for t in body.history]

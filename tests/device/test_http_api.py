@@ -117,7 +117,8 @@ def test_embeddings_are_the_bundle_embedder(client: "openai.OpenAI") -> None:
     assert r.usage.prompt_tokens > 0
     b64 = client.embeddings.create(model="riverside", input="raw water pump", encoding_format="base64")
     raw = b64.data[0].embedding  # asked for explicitly, the client hands the base64 text through
-    assert np.allclose(np.frombuffer(base64.b64decode(raw), dtype="<f4"), vecs[0], atol=1e-6)
+    single = np.frombuffer(base64.b64decode(raw), dtype="<f4")
+    assert single.shape == (384,) and float(single @ vecs[0]) > 0.999  # alone vs in a padded batch: same vector
 
 
 def test_ask_and_source(served: tuple[object, object]) -> None:
@@ -226,6 +227,9 @@ def test_disconnect_mid_stream_frees_the_engine(served: tuple[object, object]) -
     (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "invalid_value"),
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}', 404, "model_not_found"),
     (b'{"messages": [{"role": "user", "content": "' + b"a" * 400_000 + b'"}]}', 413, "payload_too_large"),
+    (b'{"messages": [{"role": "user", "content": "' + b"why " * 1500 + b'"}], "stream": true}', 400,
+     "question_too_long"),
+    (b'{"messages": [{"role": "user", "content": "   "}]}', 400, "empty_question"),
 ])
 def test_bad_requests_get_openai_error_bodies(served: tuple[object, object], body: bytes, status: int,
                                               code: str) -> None:

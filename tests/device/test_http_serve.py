@@ -43,6 +43,20 @@ def test_short_api_key_is_refused(tmp_path: Path) -> None:
     assert r.returncode == 2 and "shorter than 16" in r.stderr
 
 
+def test_without_a_bundle_health_is_503_and_requests_get_503(tmp_path: Path, e2e_keys: Path) -> None:
+    from tests.device.http_fixtures import running_server
+
+    r = run_cli("device", "init", "--data-dir", str(tmp_path / "dd"), "--trust", str(e2e_keys / "builder.pub"))
+    assert r.returncode == 0, r.stderr
+    with running_server(tmp_path / "dd") as (server, _):
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        assert "fieldpack install" in health.json()["error"]
+        assert httpx.get(server.url + "/v1/models").json()["data"] == []
+        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_active_bundle" and "Retry-After" in r.headers
+
+
 @pytest.mark.slow
 def test_serve_process_answers_and_stops_on_sigterm(tmp_path: Path, e2e_keys: Path, bundle_v1: Path) -> None:
     from tests.device.http_fixtures import install_device
