@@ -320,7 +320,7 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
     async def health() -> JSONResponse:
         state = host.state()
         body = {"status": "ok", "bundle": state.bundle, "model": state.model,
-                "queue_depth": host.board.depth, "queue_capacity": host.board.capacity}
+                "queue": {"waiting": host.board.depth, "capacity": host.board.capacity}}
         if state.loading:
             return JSONResponse(dict(body, status="loading"), status_code=503, headers={"Retry-After": "2"})
         if state.bundle is None:
@@ -563,10 +563,15 @@ def _usage(out: Outcome) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+#: Retrieval internals left out of a source as the API returns it.
+_HIT_INTERNALS = frozenset({"chunk_id", "source", "vector_rank", "bm25_rank", "vector_similarity", "bm25"})
+
+
 def _source_json(hit: Any, n: int | None = None) -> dict[str, Any]:
-    d = {"id": hit.chunk_id, "document": hit.source, "section": hit.section, "page": hit.page,
-         "line_start": hit.line_start, "line_end": hit.line_end, "citation": hit.citation(),
-         "score": round(float(hit.score), 6), "text": hit.text}
+    """A cited passage: ``id`` (for /v1/sources/{id}), ``document``, section, page / line range, citation, score,
+    text."""
+    d = {k: v for k, v in hit.to_dict().items() if k not in _HIT_INTERNALS}
+    d.update(id=hit.chunk_id, document=hit.source, score=round(float(hit.score), 6))
     if n is not None:
         d["n"] = n
     return d

@@ -115,7 +115,7 @@ def test_http_beside_mqtt_shares_one_engine(tmp_path: Path, e2e_keys: Path, bund
                 with engine_held(host):  # the worker is busy: an MQTT request waits in the queue HTTP sees
                     pending = requester.submit(QUESTION, device=dev)
                     deadline = time.monotonic() + 60
-                    while httpx.get(server.url + "/health").json()["queue_depth"] != 1:
+                    while httpx.get(server.url + "/health").json()["queue"]["waiting"] != 1:
                         assert time.monotonic() < deadline, "the MQTT request never showed in the shared queue"
                         time.sleep(0.05)
                 final = pending.wait(300)
