@@ -16,7 +16,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fieldpack.shared.atomic import fsync_dir
+from fieldpack.shared.atomic import fsync_dir, fsync_file
 from fieldpack.shared.errors import (
     EmbedderError,
     InputNotFoundError,
@@ -275,7 +274,7 @@ def export_embedder(
         onnx_out, tok_out = out_dir / ONNX_NAME, out_dir / TOKENIZER_NAME
         try:
             for src, dst in ((chosen, onnx_out), (tok_path, tok_out)):
-                _fsync_file(src)
+                fsync_file(src)
                 src.replace(dst)
             fsync_dir(out_dir)
         except OSError as exc:
@@ -478,6 +477,3 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return float(np.mean([len(set(x) & set(y)) / GATE_K for x, y in zip(a, b)]))
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())

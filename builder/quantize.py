@@ -37,26 +37,30 @@ from fieldpack.shared.errors import InputNotFoundError, OutputNotWritableError, 
 
 logger = logging.getLogger(__name__)
 
-#: fieldpack quant type name -> llama.cpp ``llama_ftype`` value (``LLAMA_FTYPE_*`` in llama.h).
-QUANT_TYPES: dict[str, int] = {
-    "F32": 0,
-    "F16": 1,
-    "Q8_0": 7,
-    "Q6_K": 18,
-    "Q5_K_M": 17,
-    "Q5_K_S": 16,
-    "Q5_0": 8,
-    "Q4_K_M": 15,
-    "Q4_K_S": 14,
-    "Q4_0": 2,
-    "Q3_K_M": 12,
-}
+#: The quant types fieldpack offers, in order of size (largest first): llama.cpp's file type names. Every
+#: other list (CLI help, ``fieldpack plan`` defaults, validation messages) is derived from this one.
+QUANT_NAMES: tuple[str, ...] = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S",
+                                "Q4_0", "Q3_K_M")
 
-#: The GGML tensor type each file type is named after (what most matrices get).
-NOMINAL_TENSOR_TYPE: dict[str, str] = {
-    "F32": "F32", "F16": "F16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K",
-    "Q5_0": "Q5_0", "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q4_0": "Q4_0", "Q3_K_M": "Q3_K",
-}
+
+def _file_type(name: str) -> int:
+    from gguf.constants import LlamaFileType
+
+    return int(LlamaFileType.ALL_F32 if name == "F32" else LlamaFileType[f"MOSTLY_{name}"])
+
+
+def _nominal(name: str) -> str:
+    from gguf.constants import GGMLQuantizationType
+
+    return GGMLQuantizationType[name[:-2] if name.endswith(("_M", "_S")) else name].name
+
+
+#: fieldpack quant type name -> llama.cpp ``llama_ftype`` value (``LLAMA_FTYPE_*`` in llama.h), taken from gguf-py's
+#: ``LlamaFileType`` rather than copied.
+QUANT_TYPES: dict[str, int] = {n: _file_type(n) for n in QUANT_NAMES}
+
+#: The GGML tensor type each file type is named after (what most matrices get; ``Q4_K_M`` -> ``Q4_K``).
+NOMINAL_TENSOR_TYPE: dict[str, str] = {n: _nominal(n) for n in QUANT_NAMES}
 
 _FALLBACK_RE = re.compile(
     r"warning:\s+(?P<name>\S+)\s+-\s+ncols\s+(?P<ncols>\d+)\s+not divisible by\s+(?P<blck>\d+)\s+"

@@ -22,16 +22,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from fieldpack.shared.errors import InputNotFoundError, ModelLoadError, NoDocumentsError, OutputNotWritableError
+from fieldpack.shared.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -231,21 +230,7 @@ def _model_config(arch: Arch, vocab_size: int, ids: dict[str, int]):  # -> Pretr
 
 
 def _write_json(path: Path, obj: object) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def make_tiny_model(

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable

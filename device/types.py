@@ -5,7 +5,7 @@ They are frozen dataclasses with JSON-ready ``to_dict`` methods; no native handl
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 import threading
 from typing import Any, Callable, Protocol
 

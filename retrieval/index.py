@@ -12,7 +12,7 @@ from pathlib import Path
 
 import apsw
 
-from fieldpack.shared.errors import OutputNotWritableError, RuntimeLoadError, UsageError
+from fieldpack.shared.errors import OutputNotWritableError, RuntimeLoadError
 
 log = logging.getLogger(__name__)
 

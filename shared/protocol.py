@@ -18,6 +18,8 @@ Topic tree (``<root>`` is :data:`TOPIC_ROOT`, ``fieldpack/v1``)::
     <root>/group/<group>/cancel       cancel for group requests; every member     client -> devices, QoS 1
                                       sees it and the one holding the id acts
     <root>/reply/<client>             a conventional reply topic for clients (any topic without wildcards works)
+    <root>/group/<group>/fleet/...,   fleet rollouts: desired bundle, chunk requests, device rollout state,
+    <root>/device/<device>/fleet/...  chunks; payloads and topics in :mod:`shared.fleet_protocol`
 
 A request (:class:`Request`) is answered on its MQTT v5 Response Topic with its Correlation Data echoed in
 the same property. MQTT 3.1.1 clients, which have neither property, put ``reply_to`` in the payload; the

@@ -152,8 +152,10 @@ class MosquittoBroker:
 
     host = "127.0.0.1"
 
-    def __init__(self, workdir: Path, *, username: str = "fieldpack", password: str = "s3cret-pass") -> None:
+    def __init__(self, workdir: Path, *, username: str = "fieldpack", password: str = "s3cret-pass",
+                 extra_config: str = "") -> None:
         self.workdir = Path(workdir)
+        self.extra_config = extra_config  # global options appended to the config, e.g. "max_packet_size 65536\n"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.username, self.password = username, password
         self.port, self.tls_port = free_port(), free_port()
@@ -183,6 +185,7 @@ class MosquittoBroker:
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
             "connection_messages true\n"
             "set_tcp_nodelay true\n"
+            f"{self.extra_config}"
             f"listener {self.port} {self.host}\n{auth}"
             f"listener {self.tls_port} {self.host}\n{auth}"
             f"cafile {self.tls.ca_cert}\ncertfile {self.tls.server_cert}\nkeyfile {self.tls.server_key}\n"

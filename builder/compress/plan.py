@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from fieldpack.shared.errors import InputNotFoundError, UsageError
+from fieldpack.shared.atomic import atomic_path
 from fieldpack.shared.kv_cache import kv_cache_bytes
 
 log = logging.getLogger(__name__)
 
+#: Quant types `fieldpack plan` tries by default (a subset of :data:`builder.quantize.QUANT_NAMES`).
 DEFAULT_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 DEFAULT_PRUNES = ("none", "depth", "width")
 IMATRIX_QUANTS = ("Q4_K_M",)
@@ -260,7 +262,6 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
 def draw_plan(plan: Plan, out_png: Path) -> Path:
     """Scatter KLD (log scale) against GGUF size, Pareto front as a line, the proposal starred; PNG written
     atomically to ``out_png``."""
-    import os
 
     import matplotlib
 
@@ -289,12 +290,9 @@ def draw_plan(plan: Plan, out_png: Path) -> Path:
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, format="png")
+    with atomic_path(out_png, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    with tmp.open("rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, out_png)
     return out_png
 
 

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 import queue
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
@@ -36,7 +36,7 @@ from fieldpack.shared import errors, protocol
 from fieldpack.device.mqtt.admission import Admission, InboundRequest
 from fieldpack.device.mqtt.client import BrokerSettings, connect_async, json_properties, make_client
 from fieldpack.device.mqtt.clock import Clock, SystemClock
-from fieldpack.device.mqtt.jobs import Job, JobBoard, ReplyRoute
+from fieldpack.device.mqtt.jobs import Job, JobBoard
 from fieldpack.device.mqtt.metrics import MetricsRecorder, write_metrics_file
 from fieldpack.device.mqtt.replies import Replier
 from fieldpack.device.mqtt.worker import EngineInfo, Worker
@@ -55,6 +55,23 @@ _FATAL_CONNACK = {
     "Banned",
     "Bad authentication method",
 }
+
+
+class DaemonPlugin(Protocol):
+    """Something that runs beside the daemon with its own connection (the fleet rollout agent)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def default_plugins(config: DaemonConfig, settings: BrokerSettings) -> list[DaemonPlugin]:
+    """The fleet rollout agent when the daemon serves a group from an initialised data dir, else none."""
+    from fieldpack.device.fleet.agent import fleet_agent_for
+
+    agent = fleet_agent_for(config.device_id, config.groups, settings, config.data_dir)
+    return [agent] if agent is not None else []
+
 
 STATUS_PERIOD_S = 0.25
 """Housekeeping tick, seconds: a changed status is published at most this often."""
@@ -135,8 +152,10 @@ class MqttDaemon:
         *,
         clock: Clock | None = None,
         client_factory: ClientFactory = make_client,
+        plugins: list[DaemonPlugin] | None = None,
     ) -> None:
         self.config = config
+        self._plugins = plugins if plugins is not None else default_plugins(config, settings)
         self._provider = provider
         self._settings = settings
         self._clock = clock or SystemClock()
@@ -227,6 +246,8 @@ class MqttDaemon:
             thread = threading.Thread(target=target, name=f"fieldpack-mqtt-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        for plugin in self._plugins:
+            plugin.start()
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until connected and subscribed (requests sent after this are received); False on timeout."""
@@ -255,6 +276,8 @@ class MqttDaemon:
         self._stopped = True
         self._stopping.set()
         self._halt.set()
+        for plugin in self._plugins:
+            plugin.stop()
         self._intake.put(_Inbound("stop"))
         for thread in self._threads:  # dispatcher first: after it, nothing more is admitted
             thread.join(timeout_s)

@@ -50,7 +50,7 @@ def _register() -> None:
 
     build_cmds.register(app)
     device_cmds.register(app)
-    for optional in ("mqtt", "evaluate", "compress"):
+    for optional in ("mqtt", "evaluate", "compress", "fleet", "kit"):
         try:
             mod = __import__(f"fieldpack.cli.{optional}", fromlist=["register"])
         except ModuleNotFoundError as exc:
