@@ -157,8 +157,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = N
 @pytest.fixture(scope="session")
 def e2e_dir(cache_dir: Path) -> Path:
     """Cache folder for real bundles, keyed by everything that goes into them (docs, builder, shared and the
-    device modules the builder reuses)."""
-    d = cache_dir / f"e2e-{_tree_hash(DEMO_DOCS, REPO / 'builder', REPO / 'shared', REPO / 'device')}"
+    retrieval code the builder embeds and indexes with; device code does not go into a bundle)."""
+    d = cache_dir / f"e2e-{_tree_hash(DEMO_DOCS, REPO / 'builder', REPO / 'shared', REPO / 'retrieval')}"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
