@@ -11,11 +11,13 @@ Families (one module each):
 * :mod:`benchmarks.embedder` — ONNX fp32 / int8 vs sentence-transformers on torch;
 * :mod:`benchmarks.generation` — ``Runtime.answer`` vs raw llama-cpp-python; decode vs the memory-bandwidth bound;
 * :mod:`benchmarks.install` — verify + unpack vs ``sha256sum`` + ``tar -x``; process start to first answer;
-* :mod:`benchmarks.compress_bench` — {none, wanda 50%, sparsegpt 2:4, depth, width} x {Q8_0, Q4_K_M, +imatrix}.
+* :mod:`benchmarks.compress_bench` — {none, wanda 50%, sparsegpt 2:4, depth, width} x {Q8_0, Q4_K_M, +imatrix};
+* :mod:`benchmarks.build_cache` — ``fieldpack build`` cold vs after a docs-only change vs unchanged (stage cache).
+* :mod:`benchmarks.http_api` — TTFT and tok/s over the HTTP API vs the Runtime and vs llama_cpp.server.
 
 The MQTT benchmark needs a Mosquitto binary and runs on its own: ``python -m benchmarks.mqtt_bench``.
 
 These are build-host tools (they import builder, torch, chromadb); the ``bench`` extra installs what they need.
 """
 
-FAMILIES = ("quality", "embedder", "retrieval", "generation", "install", "compress_bench")
+FAMILIES = ("quality", "embedder", "retrieval", "generation", "install", "compress_bench", "build_cache", "http_api")

@@ -1,10 +1,11 @@
-"""The build orchestrator: checkpoint + documents -> signed ``.fpk``.
+"""The build: checkpoint + documents -> signed ``.fpk``, as a chain of cached stages.
 
-Stages hand files to each other inside one work folder, each returning a small record::
+::
 
-    check inputs ─▶ embedder (ONNX export + int8 gate) ─▶ ingest (chunks) ─▶ index (embed + sqlite-vec/FTS5)
-        ─▶ convert (HF -> GGUF f16) ─▶ parity gate ─▶ [compress] ─▶ quantize ─▶ PPL/KLD on held-out chunks
-        ─▶ smoke question ─▶ manifest + signature ─▶ bundle (temp file, fsync, rename)
+    check inputs ─▶ stages (builder.stages: embedder, ingest, index, smoke question, convert, parity,
+        eval split, [compress], quantize, quality; each reused from the build cache when its inputs are
+        unchanged) ─▶ manifest (builder.manifest_build, from the stage records) ─▶ signed bundle (temp, fsync,
+        rename)
 
 Every input is checked before any heavy work starts (model folder, docs folder, quant type, signing key,
 output path), so a bad option fails in a second with one line, and no partial bundle is ever left behind.
@@ -13,53 +14,31 @@ output path), so a bad option fails in a second with one line, and no partial bu
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from fieldpack.builder.config import BuildConfig
-from fieldpack.shared import bundle_format as fmt
-from fieldpack.shared.bundle import describe_members, hash_file, write_bundle
-from fieldpack.shared.kv_cache import kv_cache_bytes
+from fieldpack.builder.manifest_build import RUNTIME_OVERHEAD_BYTES, builder_version
+from fieldpack.builder.quiet import quiet_third_party
+from fieldpack.builder.stages.cache import StageHook, StageTiming
+from fieldpack.builder.stages.docs import choose_smoke_question
+from fieldpack.builder.stages.quant import eval_window, split_eval
 from fieldpack.shared.errors import (
-    BuildError,
     InputNotFoundError,
     NoDocumentsError,
     OutputNotWritableError,
     UnknownQuantTypeError,
 )
-from fieldpack.shared.manifest import (
-    EmbedderInfo,
-    IndexInfo,
-    Manifest,
-    MemoryNeeds,
-    ModelInfo,
-    Quality,
-    RuntimeDefaults,
-    SmokeTest,
-)
+from fieldpack.shared.manifest import Manifest
 from fieldpack.shared.signing import load_private_key
 
+__all__ = ["RUNTIME_OVERHEAD_BYTES", "BuildResult", "StageTiming", "build_bundle", "builder_version",
+           "check_inputs", "choose_smoke_question", "eval_window", "quiet_third_party", "split_eval"]
+
 log = logging.getLogger(__name__)
-
-#: Fixed runtime overhead on the device besides weights/KV/embedder/index (bytes): Python, llama.cpp compute
-#: buffers at n_batch=512, ONNX Runtime arenas. An estimate, recorded as such in the manifest.
-RUNTIME_OVERHEAD_BYTES = 96 * 1024 * 1024
-
-StageHook = Callable[[str, str], None]  # (stage name, event "start"/"done") for progress display
-
-
-@dataclass
-class StageTiming:
-    name: str
-    seconds: float
-
 
 @dataclass
 class BuildResult:
@@ -69,46 +48,7 @@ class BuildResult:
     manifest: Manifest
     stages: list[StageTiming] = field(default_factory=list)
     ingest_report: list[dict[str, Any]] = field(default_factory=list)
-
-
-def builder_version() -> str:
-    """fieldpack's installed version (package metadata), recorded in the manifest."""
-    from importlib.metadata import version
-
-    return version("fieldpack")
-
-
-def quiet_third_party() -> None:
-    """Silence libraries' progress bars and advisory warnings (transformers weight loading, the torch ONNX
-    exporter's optional-op notes, onnxruntime's quantization pre-processing advice); our stages report progress."""
-    import os
-    import warnings
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:  # torch configures its own loggers on import, so import it first, then lower them
-        import torch._logging
-
-        torch._logging.set_logs(onnx=logging.ERROR)
-    except (ImportError, AttributeError, ValueError):
-        pass
-    for name in ("torch.onnx", "torch._dynamo", "onnxscript", "onnx_ir", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # transformers is a builder dependency; absent only in broken installs
-        pass
-
-    class _DropOrtAdvice(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "pre-processing before quantization" not in record.getMessage()
-
-    for h in logging.getLogger().handlers:
-        h.addFilter(_DropOrtAdvice())
+    records: Any = None  # builder.stages.orchestrator.BuildRecords: every stage's record (cached flags included)
 
 
 def check_inputs(cfg: BuildConfig) -> Path:
@@ -179,270 +119,52 @@ def preflight_model(model_dir: Path) -> None:
     read_vocab(ckpt.model_dir, hp.n_vocab, ckpt.config)
 
 
-def split_eval(texts: list[str], fraction: float, max_chunks: int, seed: int, *,
-               count_tokens: Callable[[str], int] = lambda t: max(1, len(t) // 4),
-               min_tokens: int = 0) -> tuple[list[str], list[str]]:
-    """Split chunk texts into (calibration, evaluation), fixed by ``seed``.
-
-    The evaluation split takes ``fraction`` of the chunks (at most ``max_chunks``, at least 1), then grows, in the
-    same seeded order, until it holds ``min_tokens`` model tokens or half of all chunks, so small document sets
-    still give a few perplexity windows.
-    """
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(max_chunks, max(1, round(len(texts) * fraction)))
-    tokens = sum(count_tokens(texts[i]) for i in order[:n_eval])
-    while tokens < min_tokens and n_eval < len(texts) // 2:
-        tokens += count_tokens(texts[order[n_eval]])
-        n_eval += 1
-    eval_idx = set(order[:n_eval])
-    return ([t for i, t in enumerate(texts) if i not in eval_idx], [t for i, t in enumerate(texts) if i in eval_idx])
-
-
-def eval_window(held_out_tokens: int, n_ctx_train: int, *, preferred: int = 256, min_windows: int = 4) -> int:
-    """Perplexity window (even, tokens): ``preferred`` if the held-out text gives ``min_windows`` of it, else the
-    largest even length that does (never below 32, never above n_ctx_train)."""
-    n = min(preferred, n_ctx_train, held_out_tokens // min_windows)
-    return max(32, n - n % 2)
-
-
-def choose_smoke_question(chunks: list[Any], search: Callable[[str, int], list[str]], k: int = 5) -> tuple[str, str]:
-    """Pick a smoke question for the device's post-install check: a section title (or the chunk's first
-    sentence) whose own document comes back in the top ``k``. Returns (question, expected source)."""
-    candidates: list[tuple[str, str]] = []
-    for c in chunks:
-        title = c.section.split(" > ")[-1].strip() if c.section else ""
-        if len(title.split()) >= 2:
-            candidates.append((title, c.source))
-    for c in chunks:
-        first = c.text.strip().split(". ")[0][:200]
-        if len(first.split()) >= 4:
-            candidates.append((first, c.source))
-    for question, source in candidates[:200]:
-        if source in search(question, k):
-            return question, source
-    raise BuildError("no smoke question retrieves its own document from the index",
-                     hint="check the documents: they may be near-duplicates or too short")
-
-
 def build_bundle(cfg: BuildConfig, *, workdir: Path | None = None, on_stage: StageHook | None = None,
-                 keep_workdir: bool = False) -> BuildResult:
-    """Run every stage and write the signed bundle to ``cfg.output``.
+                 keep_workdir: bool = False, cache_dir: Path | None = None, use_cache: bool = True) -> BuildResult:
+    """Run every stage (reusing cached results) and write the signed bundle to ``cfg.output``.
 
     Args:
         cfg: the build configuration (also saved as the recipe).
         workdir: scratch folder (default: a temp folder beside the output, removed afterwards).
-        on_stage: progress hook called with (stage, "start"|"done").
+        on_stage: progress hook called with (stage, "start" | "done" | "cached").
+        cache_dir: the build cache (default :func:`~fieldpack.builder.stages.cache.default_cache_dir`).
+        use_cache: False: nothing is reused or kept; every stage runs inside ``workdir``.
 
     Raises:
         Any BuildError subclass from a stage (ParityError, QuantizationError, NoDocumentsError, ...), UsageError
         and SigningKeyError from :func:`check_inputs`, OutputNotWritableError when writing. Nothing is left at
         ``cfg.output`` on failure.
     """
-    timings: list[StageTiming] = []
-    quiet_third_party()
+    from fieldpack.builder.stages.cache import Runner, StageCache, default_cache_dir
 
-    def stage(name: str):
-        class _S:
-            def __enter__(self_inner):
-                self_inner.t = time.perf_counter()
-                if on_stage:
-                    on_stage(name, "start")
-                log.info("stage %s", name)
-
-            def __exit__(self_inner, et, ev, tb):
-                timings.append(StageTiming(name, time.perf_counter() - self_inner.t))
-                if on_stage and et is None:
-                    on_stage(name, "done")
-                return False
-
-        return _S()
-
-    with stage("check inputs"):
+    quiet_third_party(heavy=False)  # stages that import torch/transformers quiet them when they run
+    runner = Runner(None, on_stage)
+    with runner.step("check inputs"):
         model_dir = check_inputs(cfg)
     own_work = workdir is None
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=".fieldpack-build-", dir=cfg.output.parent))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result = _run(cfg, model_dir, work, stage)
-        result.stages = timings
-        return result
+        runner.cache = StageCache(Path(cache_dir) if cache_dir and use_cache else
+                                  default_cache_dir() if use_cache else work / "stages")
+        return _build(cfg, model_dir, work, runner)
     finally:
         if own_work and not keep_workdir:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], Any]) -> BuildResult:
-    from fieldpack.builder.convert import convert_hf_to_gguf
-    from fieldpack.builder.embedder_export import export_embedder
-    from fieldpack.builder.index_build import build_index, embed_chunks
-    from fieldpack.builder.ingest import ingest, report_to_dict
-    from fieldpack.builder.llama_eval import TooLittleEvalTextError, perplexity_kld
-    from fieldpack.builder.parity import check_parity
-    from fieldpack.builder.quantize import quantize_gguf
-    from fieldpack.retrieval.embedder import OnnxEmbedder
-    from fieldpack.retrieval.search import DEFAULT_MIN_SIMILARITY, Retriever
+def _build(cfg: BuildConfig, model_dir: Path, work: Path, runner: Any) -> BuildResult:
+    from fieldpack.builder.ingest import report_to_dict
+    from fieldpack.builder.manifest_build import assemble_manifest, bundle_files
+    from fieldpack.builder.stages.orchestrator import run_stages
+    from fieldpack.shared.bundle import write_bundle
 
-    with stage("embedder"):
-        emb = export_embedder(cfg.embedder, work / "embedder", int8=cfg.embedder_int8)
-        embedder = OnnxEmbedder(emb.onnx_path, emb.tokenizer_path, max_tokens=emb.max_tokens)
-    try:
-        with stage("ingest"):
-            ing = ingest(cfg.docs, count_tokens=embedder.count_tokens, chunk_tokens=cfg.chunk_tokens,
-                         overlap_tokens=cfg.overlap_tokens)
-        with stage("index"):
-            vectors = embed_chunks(ing.chunks, embedder)
-            index_path = work / "index.sqlite"
-            idx = build_index(ing.chunks, vectors, index_path, embedder_name=emb.name)
-        with stage("smoke question"):
-            retriever = Retriever(index_path, embedder)
-            try:
-                smoke_q, smoke_src = choose_smoke_question(
-                    ing.chunks, lambda q, k: [h.source for h in retriever.search(q, k=k)])
-            finally:
-                retriever.close()
-    finally:
-        embedder.close()
-
-    with stage("convert"):
-        f16 = convert_hf_to_gguf(model_dir, work / f"model-{cfg.parity_outtype}.gguf", outtype=cfg.parity_outtype)
-    with stage("parity"):
-        parity = check_parity(model_dir, f16.path)
-
-    count_model_tokens = _model_token_counter(model_dir)
-    calib, held_out = split_eval([c.text for c in ing.chunks], cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed,
-                                 count_tokens=count_model_tokens, min_tokens=4 * 256)
-    n_ctx_eval = eval_window(sum(count_model_tokens(t) for t in held_out), f16.n_ctx_train)
-    dense = f16.path
-    stages_quality: list[dict[str, Any]] = []
-    if cfg.compression:
-        with stage("compress"):
-            from fieldpack.builder.compress import apply_compression  # issue "Compression"
-
-            dense, stages_quality = apply_compression(cfg, model_dir, f16, calib, held_out, work)
-    # the manifest describes the model that ships: after depth/width pruning, read its shape from the GGUF
-    shipped = shipped_model_facts(f16, dense) if dense != f16.path else f16
-
-    qtype = cfg.quant.upper()
-    with stage(f"quantize {qtype}"):
-        imatrix = None
-        if cfg.compression.get("imatrix"):
-            from fieldpack.builder.compress import compute_imatrix
-
-            imatrix = compute_imatrix(dense, calib, work / "imatrix.dat")
-        quant = quantize_gguf(dense, work / "model.gguf", qtype, imatrix=imatrix)
-    with stage("quality"):
-        try:
-            qfig, quality_note = perplexity_kld(f16.path, quant.path, held_out, n_ctx=n_ctx_eval), None
-        except TooLittleEvalTextError as exc:  # one short document: build it, say PPL/KLD were not measured
-            qfig, quality_note = None, f"PPL/KLD not measured: {exc.message}"
-            log.warning("%s", quality_note)
-
-    with stage("bundle"):
+    records = run_stages(cfg, model_dir, runner)
+    with runner.step("bundle"):
         recipe_path = work / "recipe.toml"
         recipe_path.write_text(cfg.recipe_toml(), encoding="utf-8")
-        files = {
-            fmt.MODEL_NAME: quant.path,
-            fmt.EMBEDDER_NAME: emb.onnx_path,
-            fmt.EMBEDDER_TOKENIZER_NAME: emb.tokenizer_path,
-            fmt.INDEX_NAME: index_path,
-            fmt.RECIPE_NAME: recipe_path,
-        }
-        n_ctx = min(cfg.n_ctx, f16.n_ctx_train)
-        emb_bytes = hash_file(emb.onnx_path)[0]
-        mem = dict(weights_bytes=quant.size_bytes,
-                   kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head_kv=shipped.n_head_kv,
-                                                 head_dim=shipped.n_embd // shipped.n_head),
-                   embedder_bytes=2 * emb_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
-        mem["total_bytes"] = sum(mem.values())
-        manifest = Manifest(
-            format_version=fmt.FORMAT_VERSION,
-            name=cfg.name,
-            version=cfg.version,
-            builder_version=builder_version(),
-            created_at=datetime.now(timezone.utc).replace(microsecond=0),
-            members=describe_members(files),
-            model=ModelInfo(
-                architecture=shipped.architecture, parameter_count=shipped.parameter_count, file_type=qtype,
-                tensor_types=quant.tensor_types, n_ctx_train=shipped.n_ctx_train, n_embd=shipped.n_embd,
-                n_layer=shipped.n_layer, n_head=shipped.n_head, n_head_kv=shipped.n_head_kv,
-                vocab_size=shipped.vocab_size,
-                chat_template_present=bool(f16.chat_template), bos_id=f16.bos_id, eos_id=f16.eos_id,
-                eot_id=f16.eot_id, tokenizer_model=f16.tokenizer_model, tokenizer_pre=f16.tokenizer_pre,
-                source=Path(cfg.model).name or cfg.model),
-            embedder=EmbedderInfo(name=emb.name, dimension=emb.dimension, pooling=emb.pooling,
-                                  normalized=emb.normalized, max_tokens=emb.max_tokens, precision=emb.precision),
-            index=IndexInfo(documents=idx.documents, chunks=idx.chunks, metric="cosine",
-                            chunk_tokens=cfg.chunk_tokens, overlap_tokens=cfg.overlap_tokens,
-                            skipped_files=sum(1 for r in ing.report if r.status != "indexed")),
-            runtime=RuntimeDefaults(n_ctx=n_ctx, max_tokens=cfg.max_tokens, temperature=0.0,
-                                    top_k_chunks=cfg.top_k_chunks, stop=list(f16.stop_strings),
-                                    min_similarity=cfg.min_similarity if cfg.min_similarity is not None
-                                    else DEFAULT_MIN_SIMILARITY,
-                                    memory=MemoryNeeds(**mem)),
-            smoke=SmokeTest(question=smoke_q, expected_source=smoke_src, k=5),
-            recipe=cfg.to_recipe(),
-            quality=Quality(
-                parity=_as_dict(parity),
-                quantization=dict(_as_dict(qfig) if qfig is not None else {"note": quality_note}, qtype=qtype, size_bytes=quant.size_bytes,
-                                  ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes),
-                                  fallbacks=len(quant.fallbacks), held_out_chunks=len(held_out),
-                                  window_tokens=n_ctx_eval),
-                embedder=dict(_as_dict(emb.gate), precision=emb.precision, kept_int8=emb.kept_int8,
-                              parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
-                              int8_bytes=emb.int8_bytes) if emb.gate is not None else
-                         dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine),
-                stages=stages_quality,
-            ),
-        )
+        files = bundle_files(records, recipe_path)
+        manifest = assemble_manifest(cfg, records, files)
         write_bundle(cfg.output, manifest, files, cfg.sign)
-    return BuildResult(bundle=cfg.output, manifest=manifest, ingest_report=[report_to_dict(r) for r in ing.report])
-
-
-def shipped_model_facts(f16: Any, gguf_path: Path) -> Any:
-    """``f16`` (a ConversionResult) with the shape fields re-read from a pruned GGUF: block count, widths, head
-    counts and parameter count (sum of tensor elements). Raises BuildError if the file lacks the keys."""
-    import dataclasses
-
-    import gguf
-
-    reader = gguf.GGUFReader(str(gguf_path))
-    arch = f16.architecture
-
-    def field(key: str) -> int:
-        f = reader.fields.get(f"{arch}.{key}")
-        if f is None:
-            raise BuildError(f"pruned model {gguf_path} has no {arch}.{key}", hint="report this as a bug")
-        return int(f.parts[f.data[0]][0])
-
-    return dataclasses.replace(
-        f16, n_layer=field("block_count"), n_embd=field("embedding_length"), n_head=field("attention.head_count"),
-        n_head_kv=field("attention.head_count_kv"), parameter_count=int(sum(int(t.n_elements) for t in reader.tensors)))
-
-
-def _model_token_counter(model_dir: Path) -> Callable[[str], int]:
-    """Count model tokens with the checkpoint's tokenizer.json (fast, no model load); ~4 chars/token otherwise."""
-    tok_file = model_dir / "tokenizer.json"
-    if tok_file.is_file():
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tok_file))
-        return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
-    return lambda text: max(1, len(text) // 4)
-
-
-def _as_dict(obj: Any) -> dict[str, Any]:
-    """Flatten a result dataclass into JSON-ready scalars (paths -> str, lists kept)."""
-    import dataclasses
-
-    if obj is None:
-        return {}
-    d = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Path):
-            v = str(v)
-        if isinstance(v, float) and v != v:  # NaN is not JSON
-            v = None
-        out[k] = v
-    return out
+    return BuildResult(bundle=cfg.output, manifest=manifest, stages=runner.timings, records=records,
+                       ingest_report=[report_to_dict(r) for r in records.ingest.report])

@@ -32,6 +32,8 @@ class ActiveBundleProvider:
         self._key: tuple[str, str] | None = None
         self._runtime: Runtime | None = None
         self._lock = threading.Lock()
+        self.loading = False
+        """True while a bundle is being loaded (first load or a switch after install/rollback)."""
 
     def _active_key(self) -> tuple[str, str, Path]:
         path = self.data_dir.require_active_slot_path()
@@ -59,7 +61,11 @@ class ActiveBundleProvider:
                     log.info("active bundle changed (slot %s); reloading", slot)
                     self._runtime.close()
                     self._runtime = None
-                self._runtime = Runtime(Path(path), n_ctx=self.n_ctx, threads=self.threads)
+                self.loading = True
+                try:
+                    self._runtime = Runtime(Path(path), n_ctx=self.n_ctx, threads=self.threads)
+                finally:
+                    self.loading = False
                 self._key = (slot, sha)
             return self._runtime
 

@@ -242,6 +242,32 @@ class Runtime:
             return Answer(question=q, text=text, sources=built.hits, abstained=False, timings=timings,
                           bundle=self.bundle_label, finish_reason=finish)
 
+    def generate(self, tokens: list[int], *, max_tokens: int, on_token: Callable[[str], None] | None = None,
+                 cancel: threading.Event | None = None, extra_stop: Sequence[str] = ()) -> tuple[str, str, Timings]:
+        """Ungrounded greedy generation from prompt ``tokens`` (e.g. :meth:`tokenize_prompt` of :meth:`render`).
+
+        Same decoding, stop set and streaming as :meth:`answer`, without retrieval. Returns ``(text,
+        finish_reason, timings)``; ``finish_reason`` is ``"stop"``, ``"length"`` or ``"cancelled"``.
+        """
+        with self._lock:
+            t0 = time.perf_counter()
+            text, finish, gen = self._generate(list(tokens), int(max_tokens), on_token, cancel, extra_stop)
+            return text, finish, Timings(prompt_tokens=len(tokens), prompt_eval_ms=gen["prompt_eval_ms"],
+                                         time_to_first_token_ms=gen["first_token_ms"],
+                                         completion_tokens=gen["n_tokens"], decode_ms=gen["decode_ms"],
+                                         tokens_per_s=gen["tokens_per_s"], total_ms=(time.perf_counter() - t0) * 1e3)
+
+    def embed(self, texts: list[str]) -> tuple[Any, int]:
+        """The bundle's sentence embeddings of ``texts``: ``(len(texts), dimension) float32`` unit rows, and the
+        number of embedder tokens they held."""
+        with self._lock:
+            return self._embedder.embed(texts), sum(self._embedder.count_tokens(t) for t in texts)
+
+    def passage(self, chunk_id: int) -> Hit | None:
+        """The indexed chunk ``chunk_id`` (a cited source) with its citation fields, or ``None`` if absent."""
+        with self._lock:
+            return self._retriever.chunk(chunk_id)
+
     def _generate(self, tokens: list[int], max_tokens: int, on_token: Callable[[str], None] | None,
                   cancel: threading.Event | None, extra_stop: Sequence[str] = ()) -> tuple[str, str, dict[str, float]]:
         """Greedy streaming generation. Returns (text, finish_reason, figures in ms / tokens)."""

@@ -337,6 +337,15 @@ class Retriever:
         )
         return {int(r[0]): tuple(r[1:]) for r in rows}
 
+    def chunk(self, chunk_id: int) -> Hit | None:
+        """The chunk with row id ``chunk_id`` as a :class:`Hit` (``score`` 0.0), or ``None`` when absent."""
+        row = self._rows([int(chunk_id)]).get(int(chunk_id))
+        if row is None:
+            return None
+        source, section, page, line_start, line_end, text = row
+        return Hit(chunk_id=int(chunk_id), source=source, section=section, page=page, line_start=line_start,
+                   line_end=line_end, text=text, score=0.0)
+
     # --- housekeeping --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """JSON-ready facts about the index: ``path``, ``size_bytes``, ``chunks``, ``documents``,

@@ -2,7 +2,7 @@
 # One-time (idempotent) set-up of a development/build machine: a virtual environment in .venv with
 # fieldpack and every extra (builder, device, dev). llama-cpp-python compiles from source the first time
 # (about 12 minutes on 2 cores; pip caches the wheel afterwards). With --broker it also installs Mosquitto
-# (Debian/Ubuntu, needs root or sudo) for the MQTT tests.
+# for the MQTT tests and Chromium with its WebDriver for the page test (Debian/Ubuntu, needs root or sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,8 +24,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-if [ "${1:-}" = "--broker" ] && ! command -v mosquitto >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+if [ "${1:-}" = "--broker" ]; then
+  need=""
+  command -v mosquitto >/dev/null 2>&1 || need="$need mosquitto mosquitto-clients"
+  command -v chromium >/dev/null 2>&1 || need="$need chromium"
+  command -v chromedriver >/dev/null 2>&1 || need="$need chromium-driver"
+  if [ -n "$need" ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need >/dev/null
+  fi
 fi

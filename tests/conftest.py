@@ -32,6 +32,15 @@ def cache_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="session", autouse=True)
+def build_cache(cache_dir: Path) -> Path:
+    """The build cache every test build (in-process and ``run_cli`` children) shares: ``<cache_dir>/build``,
+    not the user's ``~/.cache/fieldpack/build`` (set through ``FIELDPACK_BUILD_CACHE``)."""
+    d = cache_dir / "build"
+    os.environ["FIELDPACK_BUILD_CACHE"] = str(d)
+    return d
+
+
 #: Bump to retrain the cached tiny models even though no input changed.
 TINY_CACHE_VERSION = "tiny-1"
 TINY_STEPS = 300
@@ -148,8 +157,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = N
 @pytest.fixture(scope="session")
 def e2e_dir(cache_dir: Path) -> Path:
     """Cache folder for real bundles, keyed by everything that goes into them (docs, builder, shared and the
-    device modules the builder reuses)."""
-    d = cache_dir / f"e2e-{_tree_hash(DEMO_DOCS, REPO / 'builder', REPO / 'shared', REPO / 'device')}"
+    retrieval code the builder embeds and indexes with; device code does not go into a bundle)."""
+    d = cache_dir / f"e2e-{_tree_hash(DEMO_DOCS, REPO / 'builder', REPO / 'shared', REPO / 'retrieval')}"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

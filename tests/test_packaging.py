@@ -67,3 +67,14 @@ def test_python_dash_m_fieldpack_runs() -> None:
                        cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "build" in r.stdout and "install" in r.stdout
+
+
+def test_every_package_folder_is_in_the_wheel(wheel: Path) -> None:
+    """pyproject lists packages by name: a new subpackage (builder/stages, ...) missing from it would vanish
+    from the wheel while the editable install still works."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in ("builder", "device", "shared", "retrieval", "fieldpack"):
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.relative_to(REPO / folder).as_posix()
+            want = f"fieldpack/{rel}" if folder == "fieldpack" else f"fieldpack/{folder}/{rel}"
+            assert want in names, f"{init.relative_to(REPO)} is not in the wheel: add it to pyproject's packages"

@@ -22,11 +22,21 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fieldpack.shared.errors import CompressionConfigError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from fieldpack.shared.errors import CompressionConfigError, first_validation_error
 
 MASK_METHODS = ("magnitude", "wanda", "sparsegpt")
 STRUCTURED_METHODS = ("depth", "width")
@@ -51,16 +61,22 @@ DEFAULT_CALIB_SEQ_LEN = 256
 
 _KNOWN_KEYS = {"prune", "sparsity", "pattern", "drop_layers", "ffn_keep", "kv_heads_keep", "imatrix",
                "calib_chunks", "calib_seq_len"}
+#: options that are a share in (0, 1): the flag named in errors, and the fix
+_SHARE_HINTS = {"sparsity": ("--sparsity", "give the share of weights to zero, e.g. 0.5"),
+                "ffn_keep": ("--ffn-keep", "give the share of MLP channels to keep, e.g. 0.75")}
 _PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
-@dataclass(frozen=True)
-class CompressionOptions:
+class CompressionOptions(BaseModel):
     """Validated compression options (see the module docstring for each field's meaning and default).
 
-    ``pattern`` is ``(n, m)``: at most ``n`` non-zeros kept in every ``m`` consecutive weights of a row.
-    ``sparsity`` is the share of weights zeroed in the pruned matrices; for a pattern it is ``(m - n) / m``.
+    A frozen pydantic model: :func:`parse_options` (``model_validate``) checks keys, types and ranges with the
+    one-line :class:`CompressionConfigError` messages the CLI shows, and fills the defaults that depend on the
+    method. ``pattern`` is ``(n, m)``: at most ``n`` non-zeros kept in every ``m`` consecutive weights of a
+    row. ``sparsity`` is the share of weights zeroed in the pruned matrices; for a pattern it is ``(m - n) / m``.
     """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     prune: str | None = None
     sparsity: float | None = None
@@ -71,6 +87,110 @@ class CompressionOptions:
     imatrix: str | None = None
     calib_chunks: int = DEFAULT_CALIB_CHUNKS
     calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN
+
+    # validators raise CompressionConfigError (not a ValueError), which pydantic lets through unchanged: the
+    # first problem is reported in the CLI's words, in the order below (keys, then fields, then combinations)
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys_and_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise CompressionConfigError(f"compression options must be a table, not {type(data).__name__}",
+                                         hint="give options such as prune = \"wanda\"")
+        unknown = sorted(set(data) - _KNOWN_KEYS)
+        if unknown:
+            raise CompressionConfigError(f"unknown compression option(s) {', '.join(unknown)}",
+                                         hint=f"use only {', '.join(sorted(_KNOWN_KEYS))}")
+        data = {k: v for k, v in data.items() if v is not None}
+        prune = str(data.get("prune", "")).strip().lower()
+        if prune in MASK_METHODS and data.get("sparsity") is None and data.get("pattern") in (None, ""):
+            data["sparsity"] = DEFAULT_SPARSITY
+        if prune == "width" and data.get("ffn_keep") is None:
+            data["ffn_keep"] = DEFAULT_FFN_KEEP
+        return data
+
+    @field_validator("prune", mode="before")
+    @classmethod
+    def _prune(cls, v: Any) -> str | None:
+        method = str(v).strip().lower()
+        if method not in PRUNE_METHODS:
+            raise CompressionConfigError(f"--prune {v!r} is not a pruning method",
+                                         hint=f"use one of {', '.join(PRUNE_METHODS)}")
+        return method
+
+    @field_validator("sparsity", "ffn_keep", mode="before")
+    @classmethod
+    def _share(cls, v: Any, info: ValidationInfo) -> float:
+        v = _number(info.field_name, v, float)
+        if not 0.0 < v < 1.0:
+            flag, hint = _SHARE_HINTS[info.field_name]
+            raise CompressionConfigError(f"{flag} {v} is outside (0, 1)", hint=hint)
+        return v
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern(cls, v: Any) -> tuple[int, int] | None:
+        if v == "":
+            return None
+        return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) and len(v) == 2 else parse_pattern(v)
+
+    @field_validator("drop_layers", mode="before")
+    @classmethod
+    def _drop_layers(cls, v: Any) -> int:
+        return _at_least("drop_layers", _number("drop_layers", v, int), 1, f"--drop-layers {v} must be at least 1",
+                         "give how many decoder blocks to drop")
+
+    @field_validator("kv_heads_keep", mode="before")
+    @classmethod
+    def _kv_heads_keep(cls, v: Any) -> int:
+        return _at_least("kv_heads_keep", _number("kv_heads_keep", v, int), 1,
+                         f"kv_heads_keep={v} would leave attention without heads", "keep at least 1 KV head")
+
+    @field_validator("imatrix", mode="before")
+    @classmethod
+    def _imatrix(cls, v: Any) -> str | None:
+        if v in (False, ""):
+            return None
+        if v is True or str(v).lower() == "domain":
+            return "domain"
+        raise CompressionConfigError(f"--imatrix {v!r} is not supported",
+                                     hint="use --imatrix domain (importance matrix from your documents)")
+
+    @field_validator("calib_chunks", mode="before")
+    @classmethod
+    def _calib_chunks(cls, v: Any) -> int:
+        return _at_least("calib_chunks", _number("calib_chunks", v, int), 1,
+                         f"--calib-chunks {v} must be at least 1",
+                         "give how many document chunks to calibrate on, e.g. 128")
+
+    @field_validator("calib_seq_len", mode="before")
+    @classmethod
+    def _calib_seq_len(cls, v: Any) -> int:
+        return _at_least("calib_seq_len", _number("calib_seq_len", v, int), 16, f"calib_seq_len={v} is too short",
+                         "use at least 16 tokens")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "CompressionOptions":
+        if self.sparsity is not None and self.pattern is not None:
+            raise CompressionConfigError("--sparsity and --pattern were both given",
+                                         hint="an N:M pattern fixes the sparsity ((M-N)/M); give one of them")
+        if self.prune not in MASK_METHODS:
+            for k in ("sparsity", "pattern"):
+                if getattr(self, k) is not None:
+                    raise CompressionConfigError(
+                        f"--{k} applies to --prune magnitude|wanda|sparsegpt, not to "
+                        f"{'no pruning' if self.prune is None else '--prune ' + self.prune}",
+                        hint=f"drop --{k} or choose a mask method")
+        if self.prune != "depth" and self.drop_layers is not None:
+            raise CompressionConfigError("--drop-layers applies to --prune depth only",
+                                         hint="add --prune depth or drop it")
+        if self.prune != "width" and (self.ffn_keep is not None or self.kv_heads_keep is not None):
+            raise CompressionConfigError("--ffn-keep / kv_heads_keep apply to --prune width only",
+                                         hint="add --prune width or drop them")
+        return self
+
+    @field_serializer("pattern")
+    def _pattern_text(self, v: tuple[int, int] | None) -> str | None:
+        return f"{v[0]}:{v[1]}" if v is not None else None
 
     @property
     def target_sparsity(self) -> float | None:
@@ -94,22 +214,23 @@ class CompressionOptions:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/TOML-ready dict with ``None`` dropped and the pattern as ``"N:M"`` (what a recipe stores)."""
-        d = {k: v for k, v in asdict(self).items() if v is not None}
-        if self.pattern is not None:
-            d["pattern"] = f"{self.pattern[0]}:{self.pattern[1]}"
-        return d
+        return self.model_dump(mode="json", exclude_none=True)
 
 
-def _number(options: dict[str, Any], key: str, kind: type) -> Any:
-    v = options.get(key)
-    if v is None:
-        return None
+def _number(key: str, v: Any, kind: type) -> Any:
+    """``v`` as ``kind`` (int or float); an integral float passes as an int; bools and text are refused."""
     if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
         if kind is int and isinstance(v, float) and v.is_integer():
             return int(v)
         raise CompressionConfigError(f"compression option {key}={v!r} is not {'a number' if kind is float else 'an integer'}",
                                      hint=f"give --{key.replace('_', '-')} a {'number' if kind is float else 'whole number'}")
     return kind(v)
+
+
+def _at_least(key: str, v: int, low: int, message: str, hint: str) -> int:
+    if v < low:
+        raise CompressionConfigError(message, hint=hint)
+    return v
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
@@ -134,72 +255,11 @@ def parse_options(options: dict[str, Any]) -> CompressionOptions:
             (e.g. ``--sparsity`` with ``--prune depth``); ``drop_layers`` < 1; ``ffn_keep`` outside (0, 1);
             ``calib_chunks`` < 1; ``imatrix`` other than ``"domain"``.
     """
-    unknown = sorted(set(options) - _KNOWN_KEYS)
-    if unknown:
-        raise CompressionConfigError(f"unknown compression option(s) {', '.join(unknown)}",
-                                     hint=f"use only {', '.join(sorted(_KNOWN_KEYS))}")
-    prune = options.get("prune")
-    if prune is not None:
-        prune = str(prune).strip().lower()
-        if prune not in PRUNE_METHODS:
-            raise CompressionConfigError(f"--prune {options['prune']!r} is not a pruning method",
-                                         hint=f"use one of {', '.join(PRUNE_METHODS)}")
-    sparsity = _number(options, "sparsity", float)
-    pattern = parse_pattern(options["pattern"]) if options.get("pattern") not in (None, "") else None
-    drop_layers = _number(options, "drop_layers", int)
-    ffn_keep = _number(options, "ffn_keep", float)
-    kv_heads_keep = _number(options, "kv_heads_keep", int)
-    calib_chunks = _number(options, "calib_chunks", int)
-    calib_seq_len = _number(options, "calib_seq_len", int)
-
-    if sparsity is not None and not 0.0 < sparsity < 1.0:
-        raise CompressionConfigError(f"--sparsity {sparsity} is outside (0, 1)",
-                                     hint="give the share of weights to zero, e.g. 0.5")
-    if sparsity is not None and pattern is not None:
-        raise CompressionConfigError("--sparsity and --pattern were both given",
-                                     hint="an N:M pattern fixes the sparsity ((M-N)/M); give one of them")
-    mask_only = {"sparsity": sparsity, "pattern": pattern}
-    if prune not in MASK_METHODS:
-        for k, v in mask_only.items():
-            if v is not None:
-                raise CompressionConfigError(f"--{k} applies to --prune magnitude|wanda|sparsegpt, not to "
-                                             f"{'no pruning' if prune is None else '--prune ' + prune}",
-                                             hint=f"drop --{k} or choose a mask method")
-    if prune != "depth" and drop_layers is not None:
-        raise CompressionConfigError("--drop-layers applies to --prune depth only", hint="add --prune depth or drop it")
-    if prune != "width" and (ffn_keep is not None or kv_heads_keep is not None):
-        raise CompressionConfigError("--ffn-keep / kv_heads_keep apply to --prune width only",
-                                     hint="add --prune width or drop them")
-    if drop_layers is not None and drop_layers < 1:
-        raise CompressionConfigError(f"--drop-layers {drop_layers} must be at least 1",
-                                     hint="give how many decoder blocks to drop")
-    if ffn_keep is not None and not 0.0 < ffn_keep < 1.0:
-        raise CompressionConfigError(f"--ffn-keep {ffn_keep} is outside (0, 1)",
-                                     hint="give the share of MLP channels to keep, e.g. 0.75")
-    if kv_heads_keep is not None and kv_heads_keep < 1:
-        raise CompressionConfigError(f"kv_heads_keep={kv_heads_keep} would leave attention without heads",
-                                     hint="keep at least 1 KV head")
-    if calib_chunks is not None and calib_chunks < 1:
-        raise CompressionConfigError(f"--calib-chunks {calib_chunks} must be at least 1",
-                                     hint="give how many document chunks to calibrate on, e.g. 128")
-    if calib_seq_len is not None and calib_seq_len < 16:
-        raise CompressionConfigError(f"calib_seq_len={calib_seq_len} is too short", hint="use at least 16 tokens")
-    imatrix = options.get("imatrix")
-    if imatrix in (False, "", None):
-        imatrix = None
-    elif imatrix is True or str(imatrix).lower() == "domain":
-        imatrix = "domain"
-    else:
-        raise CompressionConfigError(f"--imatrix {imatrix!r} is not supported",
-                                     hint="use --imatrix domain (importance matrix from your documents)")
-    if prune in MASK_METHODS and sparsity is None and pattern is None:
-        sparsity = DEFAULT_SPARSITY
-    if prune == "width" and ffn_keep is None:
-        ffn_keep = DEFAULT_FFN_KEEP
-    return CompressionOptions(prune=prune, sparsity=sparsity, pattern=pattern, drop_layers=drop_layers,
-                              ffn_keep=ffn_keep, kv_heads_keep=kv_heads_keep, imatrix=imatrix,
-                              calib_chunks=calib_chunks or DEFAULT_CALIB_CHUNKS,
-                              calib_seq_len=calib_seq_len or DEFAULT_CALIB_SEQ_LEN)
+    try:
+        return CompressionOptions.model_validate(options)
+    except ValidationError as exc:  # a shape the field validators do not cover
+        raise CompressionConfigError(f"compression option {first_validation_error(exc)}",
+                                     hint="see the compression options in `fieldpack build --help`") from exc
 
 
 @dataclass(frozen=True)

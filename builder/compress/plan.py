@@ -161,7 +161,7 @@ def choose(candidates: list[Candidate]) -> int | None:
 def _chunks(model_dir: Path, docs_dir: Path, seed: int) -> tuple[list[str], list[str]]:
     from fieldpack.builder.compress.calibration import load_tokenizer
     from fieldpack.builder.ingest import ingest
-    from fieldpack.builder.pipeline import split_eval
+    from fieldpack.builder.stages.quant import split_eval
 
     tok = load_tokenizer(model_dir)
     res = ingest(docs_dir, count_tokens=lambda t: len(tok(t, add_special_tokens=False, verbose=False)["input_ids"]),
@@ -197,7 +197,7 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
     from fieldpack.builder.compress.report import fit_eval_ctx, gguf_params, measure_speed
     from fieldpack.builder.convert import convert_hf_to_gguf
     from fieldpack.builder.llama_eval import default_threads, perplexity_kld
-    from fieldpack.builder.pipeline import RUNTIME_OVERHEAD_BYTES
+    from fieldpack.builder.manifest_build import RUNTIME_OVERHEAD_BYTES
     from fieldpack.builder.quantize import QUANT_TYPES, quantize_gguf
 
     model_dir, docs_dir = Path(model_dir), Path(docs_dir)

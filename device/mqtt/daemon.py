@@ -217,6 +217,16 @@ class MqttDaemon:
         return self._metrics
 
     @property
+    def clock(self) -> Clock:
+        """The clock of queue waits and expiry."""
+        return self._clock
+
+    @property
+    def board(self) -> JobBoard:
+        """The bounded queue the worker answers from (shared with the HTTP API in one process)."""
+        return self._board
+
+    @property
     def fatal_error(self) -> errors.FieldpackError | None:
         """The error that stopped the daemon (login refused, device id served by another daemon), or ``None``."""
         return self._fatal
@@ -276,8 +286,11 @@ class MqttDaemon:
         for thread in self._threads:  # dispatcher first: after it, nothing more is admitted
             thread.join(timeout_s)
         for job in self._board.drain():
-            self._replier.error(job.route, self._shutting_down_body(job))
             self._metrics.count("errors")
+            if job.task is not None:  # an HTTP request sharing the queue: it answers its own client
+                job.task(None, self._shutting_down_body(job).to_exception())
+                continue
+            self._replier.error(job.route, self._shutting_down_body(job))
         running = self._board.running
         if running is not None:
             running.cancel.set()

@@ -9,9 +9,16 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 import threading
-from typing import Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
-from fieldpack.shared import protocol
+from fieldpack.shared import errors, protocol
+
+if TYPE_CHECKING:
+    from fieldpack.device.types import AnswerEngine
+
+EngineTask = Callable[["AnswerEngine | None", "errors.FieldpackError | None"], None]
+"""Work of an in-process client (the HTTP API): run on the worker thread with the engine, or with the error
+when no engine can be loaded. It replies through its own channel and must not raise."""
 
 
 @dataclass(frozen=True)
@@ -31,21 +38,23 @@ class ReplyRoute:
 
 @dataclass(eq=False)
 class Job:
-    """One admitted request.
+    """One admitted request: an MQTT request, or a ``task`` of an in-process client sharing the same queue.
 
     Attributes:
-        request: the checked request.
-        route: where its replies go.
+        request: the checked MQTT request (``None`` for a task).
+        route: where its replies go (for a task only ``request_id`` matters).
         received_at: ``clock.monotonic()`` when the daemon received it, seconds.
         expires_at: ``received_at`` + the MQTT v5 Message Expiry Interval, or ``None`` (never expires).
         cancel: set to stop the answer between tokens.
+        task: run by the worker instead of answering ``request`` (see :data:`EngineTask`).
     """
 
-    request: protocol.Request
+    request: protocol.Request | None
     route: ReplyRoute
     received_at: float
     expires_at: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    task: EngineTask | None = None
 
     def expired(self, now: float) -> bool:
         """True when the Message Expiry Interval ran out at monotonic time ``now``."""

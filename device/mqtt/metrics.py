@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 import threading
+from typing import Callable
+
 from fieldpack.shared import errors, protocol
 
 from fieldpack.device.mqtt.clock import Clock
@@ -44,6 +46,12 @@ class MetricsRecorder:
         self._retrieval_ms: deque[float] = deque(maxlen=window)
         self._queue_ms: deque[float] = deque(maxlen=window)
         self._total_ms: deque[float] = deque(maxlen=window)
+        self._listeners: list[Callable[[float, float, bool], None]] = []
+
+    def add_answer_listener(self, listener: Callable[[float, float, bool], None]) -> None:
+        """Also call ``listener(ttft_ms, tokens_per_s, generated)`` on every :meth:`observe_answer` (the
+        Prometheus histograms of the HTTP API)."""
+        self._listeners.append(listener)
 
     def count(self, name: Counter, n: int = 1) -> None:
         """Add ``n`` to counter ``name``."""
@@ -63,6 +71,8 @@ class MetricsRecorder:
             self._retrieval_ms.append(retrieval_ms)
             self._queue_ms.append(queue_ms)
             self._total_ms.append(total_ms)
+        for listener in self._listeners:
+            listener(ttft_ms, tokens_per_s, generated)
 
     def value(self, name: Counter) -> int:
         """Current value of one counter."""

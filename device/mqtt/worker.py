@@ -1,5 +1,8 @@
 """The worker thread: owns the answering engine and answers one request at a time.
 
+It is the one engine owner of the process: MQTT requests and the in-process tasks of the HTTP API
+(:attr:`Job.task`) wait in the same bounded :class:`JobBoard` and run here in turn.
+
 Between requests (never during one) it calls ``EngineProvider.get()``, which reloads the engine when a new
 bundle was installed while serving. For each job it drops the request if its Message Expiry ran out while
 queued (no reply), checks the requested bundle, streams the answer as partial replies and ends with one
@@ -77,7 +80,7 @@ class Worker:
         device_id: put in final replies.
         provider: hands out the engine; called before each request.
         board: where jobs come from.
-        replier: publishes replies.
+        replier: publishes MQTT replies; ``None`` when only tasks are served (HTTP without a broker).
         metrics: counters and timings.
         clock: ``monotonic()`` for expiry and queue wait.
         on_engine: told when the engine changes or fails to load (for the status message).
@@ -90,7 +93,7 @@ class Worker:
         device_id: str,
         provider: EngineProvider,
         board: JobBoard,
-        replier: Replier,
+        replier: Replier | None,
         metrics: MetricsRecorder,
         clock: Clock,
         on_engine: EngineListener,
@@ -133,6 +136,9 @@ class Worker:
                 self._serve(job)
             except Exception:  # the worker must survive anything a request brings
                 log.exception("request %s failed unexpectedly", job.route.request_id)
+                self._metrics.count("errors")
+                if self._replier is None or job.request is None:
+                    continue
                 self._replier.error(
                     job.route,
                     protocol.ErrorBody(
@@ -142,7 +148,6 @@ class Worker:
                     ),
                     stream=job,
                 )
-                self._metrics.count("errors")
             finally:
                 self._board.finish(job)
 
@@ -176,8 +181,21 @@ class Worker:
         self._engine_info, self._engine_error = info, error
         self._on_engine(info, error)
 
+    def _run_task(self, job: Job) -> None:
+        assert job.task is not None
+        try:
+            engine, _ = self._engine()
+        except errors.FieldpackError as err:
+            job.task(None, err)
+            return
+        job.task(engine, None)
+
     def _serve(self, job: Job) -> None:
+        if job.task is not None:
+            self._run_task(job)
+            return
         route, request = job.route, job.request
+        assert request is not None and self._replier is not None
         if job.expired(self._clock.monotonic()):
             self._drop_expired(job)
             return

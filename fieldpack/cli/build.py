@@ -54,7 +54,7 @@ class _StageProgress:
             self._progress.stop()
 
     def stage(self, name: str, event: str) -> None:
-        """The pipeline's stage hook: ``event`` is ``"start"`` or ``"done"``."""
+        """The pipeline's stage hook: ``event`` is ``"start"``, ``"done"`` or ``"cached"`` (reused, no work)."""
         import time
 
         if event == "start":
@@ -65,6 +65,10 @@ class _StageProgress:
         if self._progress is not None and self._task is not None:
             self._progress.remove_task(self._task)
             self._task = None
+        if event == "cached":  # reused from the build cache: no work, no time
+            self.console.print(f"✓ {name} (cached)", markup=False, highlight=False)
+            self.current = None
+            return
         done = f" ({self.counts[1]} {self.counts[2]})" if self.counts else ""
         self.console.print(f"✓ {name}{done} {time.perf_counter() - self._t0:.1f} s", markup=False, highlight=False)
         self.current = None
@@ -97,6 +101,9 @@ def build(
     calib_chunks: Optional[int] = typer.Option(None, "--calib-chunks", help="calibration chunks for pruning/imatrix"),
     json_out: bool = typer.Option(False, "--json", help="print the manifest as JSON when done"),
     force: bool = typer.Option(False, "--force", help="overwrite the output .fpk if it exists"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="build cache: stage results reused when their "
+                                             "inputs are unchanged (default ~/.cache/fieldpack/build)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="run every stage; reuse and keep nothing"),
 ) -> None:
     """Build a signed bundle from a checkpoint and a folder of documents."""
     from fieldpack.builder.config import BuildConfig
@@ -127,12 +134,13 @@ def build(
 
         local = Path(cfg.model)
         validate_compression(cfg.compression, model_dir=local if local.is_dir() else None)
-    result = _build_with_progress(cfg)
+    result = _build_with_progress(cfg, cache_dir=cache_dir, use_cache=not no_cache)
     m = result.manifest
     size = result.bundle.stat().st_size
     typer.echo(f"wrote {result.bundle} ({size / 2**20:.1f} MiB): {m.label}, {m.model.architecture} "
                f"{m.model.file_type}, {m.index.documents} documents, {m.index.chunks} chunks")
-    typer.echo("stage seconds: " + ", ".join(f"{s.name} {s.seconds:.1f}" for s in result.stages))
+    typer.echo("stage seconds: " + ", ".join(f"{s.name} {s.seconds:.1f}" + (" (cached)" if s.cached else "")
+                                             for s in result.stages))
     if json_out:
         typer.echo(m.to_bytes().decode())
 
@@ -148,8 +156,9 @@ def _check_output(output: Path, *, force: bool) -> None:
                                      hint="pass --force to overwrite it, or choose another -o")
 
 
-def _build_with_progress(cfg: Any) -> Any:
-    """Run :func:`builder.pipeline.build_bundle` with a progress bar per stage; print the ingest report.
+def _build_with_progress(cfg: Any, **options: Any) -> Any:
+    """Run :func:`builder.pipeline.build_bundle` (``options``: its keyword options, e.g. the build cache) with a
+    progress bar per stage; print the ingest report.
 
     Ctrl-C says which stage it interrupted (and how far it got) and exits 130; nothing is left at the output."""
     from fieldpack.builder.pipeline import build_bundle
@@ -158,7 +167,7 @@ def _build_with_progress(cfg: Any) -> Any:
     with _StageProgress() as shown:
         try:
             with progress_sink(shown.count):
-                result = build_bundle(cfg, on_stage=shown.stage)
+                result = build_bundle(cfg, on_stage=shown.stage, **options)
         except KeyboardInterrupt:
             where = f"stage '{shown.current}'" if shown.current else "the build"
             if shown.current and shown.counts:

@@ -55,10 +55,29 @@ def _settings(
 
 
 def serve(
-    broker: Broker,
+    broker: Annotated[
+        Optional[str],
+        typer.Option("--broker", envvar="FIELDPACK_BROKER", help="mqtt://host:1883 or mqtts://host:8883"),
+    ] = None,
     device_id: Annotated[
-        str, typer.Option("--device-id", envvar="FIELDPACK_DEVICE_ID", help="this device's id, e.g. fieldbox-7")
-    ],
+        Optional[str],
+        typer.Option("--device-id", envvar="FIELDPACK_DEVICE_ID", help="this device's id, e.g. fieldbox-7 (MQTT)"),
+    ] = None,
+    http: Annotated[
+        Optional[str],
+        typer.Option("--http", envvar="FIELDPACK_HTTP", help="also serve the HTTP API and page on HOST:PORT"),
+    ] = None,
+    api_key_file: Annotated[
+        Optional[Path],
+        typer.Option("--api-key-file", envvar="FIELDPACK_API_KEY_FILE", help="HTTP bearer key (first line)"),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="allow a non-loopback --http bind without an API key")
+    ] = False,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="largest HTTP request body")] = 256 * 1024,
+    cors_origin: Annotated[
+        Optional[list[str]], typer.Option("--cors-origin", help="allow this web origin (CORS is off by default)")
+    ] = None,
     username: Username = None,
     password_file: PasswordFile = None,
     tls_ca: TlsCa = None,
@@ -77,34 +96,79 @@ def serve(
     n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=128, help="context length (tokens)")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="llama.cpp threads")] = None,
 ) -> None:
-    """Answer questions arriving over MQTT from the installed bundle until SIGTERM/SIGINT.
+    """Answer questions over MQTT (--broker) and/or HTTP (--http) from the installed bundle until SIGTERM/SIGINT.
 
-    A bundle installed while serving is used from the next request. Publishes a retained status, a Last Will
-    that marks the device offline, and metrics (also written to DATA_DIR/metrics.json).
+    A bundle installed while serving is used from the next request. MQTT: a retained status, a Last Will that
+    marks the device offline, and metrics (also written to DATA_DIR/metrics.json). HTTP: an OpenAI-compatible
+    API, /v1/ask, /health, /metrics and the chat page at /; one engine answers both.
     """
     import dataclasses
     import logging
     import signal
     import threading
 
-    from fieldpack.device.mqtt import DaemonConfig, MqttDaemon
     from fieldpack.device.provider import ActiveBundleProvider
     from fieldpack.device.slots import default_data_dir, open_data_dir
+    from fieldpack.shared.errors import UsageError
 
-    settings = _settings(broker, username, password_file, tls_ca, tls_cert, tls_key, keepalive)
-    config = DaemonConfig(  # checks the options before anything is opened
-        device_id, groups=tuple(group or ()), queue_size=queue_size, metrics_interval_s=metrics_interval
-    )
+    if broker is None and http is None:
+        raise UsageError("serve needs --broker URL, --http HOST:PORT, or both", hint="e.g. --http 127.0.0.1:8080")
+    http_config = _http_config(http, api_key_file, insecure_no_auth, max_body_bytes, cors_origin) if http else None
+    config = None
+    if broker is not None:
+        from fieldpack.device.mqtt import DaemonConfig
+
+        if not device_id:
+            raise UsageError("--broker needs --device-id", hint="e.g. --device-id fieldbox-7")
+        settings = _settings(broker, username, password_file, tls_ca, tls_cert, tls_key, keepalive)
+        config = DaemonConfig(  # checks the options before anything is opened
+            device_id, groups=tuple(group or ()), queue_size=queue_size, metrics_interval_s=metrics_interval
+        )
     dd = open_data_dir(data_dir or default_data_dir())
-    config = dataclasses.replace(config, data_dir=dd.root)
     device_log = logging.getLogger("device")
     if device_log.getEffectiveLevel() > logging.INFO:  # a daemon reports its connection life by default
         device_log.setLevel(logging.INFO)
+    provider = ActiveBundleProvider(dd, n_ctx=n_ctx, threads=threads)
+    if http_config is not None:
+        from fieldpack.device.http.server import serve as serve_http
+
+        mqtt = (dataclasses.replace(config, data_dir=dd.root), settings) if config is not None else None
+        serve_http(provider, http_config, queue_size=queue_size, mqtt=mqtt)
+        return
+    from fieldpack.device.mqtt import MqttDaemon
+
+    assert config is not None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    daemon = MqttDaemon(config, ActiveBundleProvider(dd, n_ctx=n_ctx, threads=threads), settings)
+    daemon = MqttDaemon(dataclasses.replace(config, data_dir=dd.root), provider, settings)
     daemon.run(stop)
+
+
+def _http_config(bind: str, api_key_file: Optional[Path], insecure_no_auth: bool, max_body_bytes: int,
+                 cors_origin: Optional[list[str]]):  # -> device.http.server.HttpConfig (imported lazily)
+    from fieldpack.device.http.app import ApiConfig
+    from fieldpack.device.http.security import HttpSecurity, check_bind, parse_bind
+    from fieldpack.device.http.server import HttpConfig
+    from fieldpack.shared.errors import InputNotFoundError, UsageError
+
+    host, port = parse_bind(bind)
+    key = None
+    if api_key_file is not None:
+        try:
+            key = api_key_file.read_text(encoding="utf-8").splitlines()[0].strip() if api_key_file.stat().st_size else ""
+        except OSError as exc:
+            raise InputNotFoundError(f"cannot read --api-key-file {api_key_file} ({exc.strerror})",
+                                     hint="give a readable file whose first line is the key") from exc
+        if len(key) < 16:
+            raise UsageError(f"the API key in {api_key_file} is shorter than 16 characters",
+                             hint="use a long random key, e.g. `openssl rand -hex 24 > key`")
+    check_bind(host, api_key=key, insecure_no_auth=insecure_no_auth)
+    if max_body_bytes < 1024:
+        raise UsageError(f"--max-body-bytes {max_body_bytes} is below 1024", hint="use 1024 or more")
+    security = HttpSecurity(host=host, api_key=key, max_body_bytes=max_body_bytes,
+                            cors_origins=tuple(cors_origin or ()))
+    return HttpConfig(host=host, port=port, api=ApiConfig(security=security))
 
 
 @app.command("ask")

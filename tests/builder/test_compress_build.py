@@ -44,7 +44,7 @@ def test_build_with_compression_records_and_replays_its_recipe(tiny_llama_dir: P
     recipe = tmp_path / "recipe.toml"
     recipe.write_bytes(tomli_w.dumps(m1.recipe).encode())
     second = tmp_path / "second.fpk"
-    r = _cli("build", "--recipe", str(recipe), "-o", str(second))
+    r = _cli("build", "--recipe", str(recipe), "-o", str(second), "--no-cache")  # recomputed, not reused
     assert r.returncode == 0, r.stderr[-3000:]
     with open_bundle(second) as b:
         m2 = b.manifest

@@ -84,7 +84,7 @@ def chunk_texts(docs_dir: Path, chunk_chars: int = CHUNK_CHARS) -> list[str]:
 
 
 def split_chunks(chunks: list[str], n_eval: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(calibration, held-out) split fixed by seed, as ``builder.pipeline.split_eval`` does."""
+    """(calibration, held-out) split fixed by seed, as ``builder.stages.quant.split_eval`` does."""
     order = list(range(len(chunks)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])

@@ -1,0 +1,127 @@
+"""The manifest, assembled from the stage records of one build (no model, index or embedder is opened here).
+
+``assemble_manifest(cfg, records, files)`` -> :class:`~fieldpack.shared.manifest.Manifest`: members (size,
+sha256) of ``files``, the shipped model's facts (after pruning, when it ran), embedder and index facts, runtime
+defaults with the memory estimate (bytes), the smoke question, the recipe and the quality figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from fieldpack.builder.stages.orchestrator import BuildRecords
+from fieldpack.shared import bundle_format as fmt
+from fieldpack.shared.bundle import describe_members
+from fieldpack.shared.kv_cache import kv_cache_bytes
+from fieldpack.shared.manifest import (
+    EmbedderInfo,
+    IndexInfo,
+    Manifest,
+    MemoryNeeds,
+    ModelInfo,
+    Quality,
+    RuntimeDefaults,
+    SmokeTest,
+)
+
+#: Fixed runtime overhead on the device besides weights/KV/embedder/index (bytes): Python, llama.cpp compute
+#: buffers at n_batch=512, ONNX Runtime arenas. An estimate, recorded as such in the manifest.
+RUNTIME_OVERHEAD_BYTES = 96 * 1024 * 1024
+
+
+def builder_version() -> str:
+    """fieldpack's installed version (package metadata), recorded in the manifest."""
+    from importlib.metadata import version
+
+    return version("fieldpack")
+
+
+def bundle_files(records: BuildRecords, recipe_path: Path) -> dict[str, Path]:
+    """Bundle member name -> file: the quantized model, the embedder and its tokenizer, the index, the recipe."""
+    e = records.embedder.export
+    return {
+        fmt.MODEL_NAME: records.quantize.quant.path,
+        fmt.EMBEDDER_NAME: e.onnx_path,
+        fmt.EMBEDDER_TOKENIZER_NAME: e.tokenizer_path,
+        fmt.INDEX_NAME: records.index.stats.path,
+        fmt.RECIPE_NAME: recipe_path,
+    }
+
+
+def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]) -> Manifest:
+    """The manifest of a bundle holding ``files``, from the build config (:class:`BuildConfig`) and records."""
+    from fieldpack.retrieval.search import DEFAULT_MIN_SIMILARITY
+
+    f16 = records.convert.conversion
+    shipped = dataclasses.replace(f16, **records.compress.shape) if records.compress else f16
+    quant = records.quantize.quant
+    emb = records.embedder.export
+    idx = records.index.stats
+    qtype = cfg.quant.upper()
+    n_ctx = min(cfg.n_ctx, f16.n_ctx_train)
+    mem = dict(weights_bytes=quant.size_bytes,
+               kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head_kv=shipped.n_head_kv,
+                                             head_dim=shipped.n_embd // shipped.n_head),
+               embedder_bytes=2 * emb.size_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
+    mem["total_bytes"] = sum(mem.values())
+    return Manifest(
+        format_version=fmt.FORMAT_VERSION,
+        name=cfg.name,
+        version=cfg.version,
+        builder_version=builder_version(),
+        created_at=datetime.now(timezone.utc).replace(microsecond=0),
+        members=describe_members(files),
+        model=ModelInfo(
+            architecture=shipped.architecture, parameter_count=shipped.parameter_count, file_type=qtype,
+            tensor_types=quant.tensor_types, n_ctx_train=shipped.n_ctx_train, n_embd=shipped.n_embd,
+            n_layer=shipped.n_layer, n_head=shipped.n_head, n_head_kv=shipped.n_head_kv,
+            vocab_size=shipped.vocab_size,
+            chat_template_present=bool(f16.chat_template), bos_id=f16.bos_id, eos_id=f16.eos_id,
+            eot_id=f16.eot_id, tokenizer_model=f16.tokenizer_model, tokenizer_pre=f16.tokenizer_pre,
+            source=Path(cfg.model).name or cfg.model),
+        embedder=EmbedderInfo(name=emb.name, dimension=emb.dimension, pooling=emb.pooling,
+                              normalized=emb.normalized, max_tokens=emb.max_tokens, precision=emb.precision),
+        index=IndexInfo(documents=idx.documents, chunks=idx.chunks, metric="cosine",
+                        chunk_tokens=cfg.chunk_tokens, overlap_tokens=cfg.overlap_tokens,
+                        skipped_files=records.ingest.skipped_files),
+        runtime=RuntimeDefaults(n_ctx=n_ctx, max_tokens=cfg.max_tokens, temperature=0.0,
+                                top_k_chunks=cfg.top_k_chunks, stop=list(f16.stop_strings),
+                                min_similarity=cfg.min_similarity if cfg.min_similarity is not None
+                                else DEFAULT_MIN_SIMILARITY,
+                                memory=MemoryNeeds(**mem)),
+        smoke=SmokeTest(question=records.smoke.question, expected_source=records.smoke.expected_source,
+                        k=records.smoke.k),
+        recipe=cfg.to_recipe(),
+        quality=Quality(
+            parity=as_dict(records.parity.report),
+            quantization=dict(as_dict(records.quality.figures) if records.quality.figures is not None
+                              else {"note": records.quality.note}, qtype=qtype, size_bytes=quant.size_bytes,
+                              ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes),
+                              fallbacks=len(quant.fallbacks), held_out_chunks=records.split.held_out_chunks,
+                              window_tokens=records.split.n_ctx_eval),
+            embedder=dict(as_dict(emb.gate), precision=emb.precision, kept_int8=emb.kept_int8,
+                          parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
+                          int8_bytes=emb.int8_bytes) if emb.gate is not None else
+                     dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine),
+            stages=records.compress.rows if records.compress else [],
+        ),
+    )
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """Flatten a result dataclass into JSON-ready scalars (paths -> str, NaN -> None, lists kept)."""
+    if obj is None:
+        return {}
+    d = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Path):
+            v = str(v)
+        if isinstance(v, float) and math.isnan(v):  # NaN is not JSON
+            v = None
+        out[k] = v
+    return out

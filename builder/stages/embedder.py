@@ -1,0 +1,49 @@
+"""Stage ``embedder``: sentence-transformers checkpoint -> ONNX (fp32, int8 kept when it passes the quality gate).
+
+Inputs: the checkpoint folder (content hash), the recorded name, whether to try int8. Depends on nothing the
+documents or the language model change, so a docs-only or model-only rebuild reuses it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fieldpack.builder.embedder_export import EmbedderExport
+from fieldpack.builder.stages.base import Input, Stage, StageInputs, StageRecord
+
+EMBEDDER_LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "tokenizers")
+
+
+class EmbedderInputs(StageInputs):
+    checkpoint: Input
+    name: str | None = None
+    int8: bool = True
+
+    @classmethod
+    def from_config(cls, embedder: Path | None, int8: bool) -> "EmbedderInputs":
+        """Resolve the default embedder (the packaged all-MiniLM-L6-v2) and hash the checkpoint folder."""
+        from fieldpack.builder.embedder_export import DEFAULT_NAME, default_model_dir
+
+        if embedder is None:
+            return cls(checkpoint=Input.tree(default_model_dir()), name=DEFAULT_NAME, int8=int8)
+        return cls(checkpoint=Input.tree(Path(embedder)), int8=int8)
+
+
+class EmbedderRecord(StageRecord):
+    """``export``: the ONNX file, its tokenizer, shape facts and the int8 gate figures."""
+
+    export: EmbedderExport
+
+
+def run_embedder(inputs: EmbedderInputs, out_dir: Path) -> EmbedderRecord:
+    """Export into ``out_dir`` (``embedder.onnx``, ``tokenizer.json``). Raises what :func:`export_embedder` does."""
+    from fieldpack.builder.embedder_export import export_embedder
+    from fieldpack.builder.quiet import quiet_third_party
+
+    quiet_third_party()  # this stage loads torch/transformers
+    return EmbedderRecord(export=export_embedder(inputs.checkpoint.path, out_dir, int8=inputs.int8,
+                                                 name=inputs.name))
+
+
+EMBEDDER = Stage("embedder", "1", EmbedderRecord, run_embedder, libraries=EMBEDDER_LIBRARIES,
+                 code=("fieldpack.builder.embedder_export", "fieldpack.retrieval.embedder"))

@@ -1,0 +1,118 @@
+"""The build's stage graph: which stage feeds which, in the order progress is shown.
+
+::
+
+    embedder ─┬─▶ ingest ─▶ index ─▶ smoke question
+              │      │
+    convert ──┼──▶ parity         eval split (chunks + model tokenizer)
+              │                      │
+              └──▶ [compress] ─▶ quantize ─▶ quality (PPL/KLD on held-out chunks)
+
+Every arrow is an :class:`~fieldpack.builder.stages.base.Input` (path + sha256) taken from the upstream record,
+so a stage's cache key changes exactly when something it reads changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fieldpack.builder.stages.base import Input
+from fieldpack.builder.stages.cache import Runner
+from fieldpack.builder.stages.docs import (
+    CHUNKS_NAME,
+    INDEX,
+    INGEST,
+    SMOKE,
+    EmbedderFiles,
+    IndexInputs,
+    IndexRecord,
+    IngestInputs,
+    IngestRecord,
+    SmokeInputs,
+    SmokeRecord,
+)
+from fieldpack.builder.stages.embedder import EMBEDDER, EmbedderInputs, EmbedderRecord
+from fieldpack.builder.stages.model import CONVERT, PARITY, ConvertInputs, ConvertRecord, ParityInputs, ParityRecord
+from fieldpack.builder.stages.quant import (
+    COMPRESS,
+    QUALITY,
+    QUANTIZE,
+    SPLIT,
+    CompressInputs,
+    CompressRecord,
+    QualityInputs,
+    QualityRecord,
+    QuantizeInputs,
+    QuantizeRecord,
+    SplitInputs,
+    SplitRecord,
+)
+
+
+@dataclass
+class BuildRecords:
+    """Every stage's record of one build (``compress`` is None when nothing was pruned)."""
+
+    embedder: EmbedderRecord
+    ingest: IngestRecord
+    index: IndexRecord
+    smoke: SmokeRecord
+    convert: ConvertRecord
+    parity: ParityRecord
+    split: SplitRecord
+    compress: CompressRecord | None
+    quantize: QuantizeRecord
+    quality: QualityRecord
+
+    def all(self) -> dict[str, Any]:
+        """Stage name -> record, in build order (skipped stages left out)."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def run_stages(cfg: Any, model_dir: Path, run: Runner) -> BuildRecords:
+    """Run (or reuse) every stage for ``cfg`` (a :class:`~fieldpack.builder.config.BuildConfig`) on the local
+    checkpoint ``model_dir``. Updates ``cfg.compression`` in place with the resolved options (defaults filled
+    in), so the recipe replays exactly.
+
+    Raises:
+        Any BuildError subclass a stage raises (ParityError, QuantizationError, NoDocumentsError, ...).
+    """
+    emb = run(EMBEDDER, EmbedderInputs.from_config(cfg.embedder, cfg.embedder_int8))
+    e = emb.export
+    emb_files = EmbedderFiles(onnx=emb.input_for(e.onnx_path), tokenizer=emb.input_for(e.tokenizer_path),
+                              max_tokens=e.max_tokens, name=e.name)
+    ing = run(INGEST, IngestInputs(docs=Input.tree(Path(cfg.docs)), tokenizer=emb_files.tokenizer,
+                                   chunk_tokens=cfg.chunk_tokens, overlap_tokens=cfg.overlap_tokens))
+    chunks = ing.artefact(CHUNKS_NAME).as_input()
+    idx = run(INDEX, IndexInputs(chunks=chunks, embedder=emb_files))
+    smoke = run(SMOKE, SmokeInputs(chunks=chunks, index=idx.input_for(idx.stats.path), embedder=emb_files))
+
+    checkpoint = Input.tree(model_dir)  # hashed once; every model stage reads the checkpoint through it
+    conv = run(CONVERT, ConvertInputs(checkpoint=checkpoint, outtype=cfg.parity_outtype))
+    parity = run(PARITY, ParityInputs(checkpoint=checkpoint, gguf=conv.gguf()))
+    tok = model_dir / "tokenizer.json"
+    split = run(SPLIT, SplitInputs(chunks=chunks, tokenizer=Input.file(tok) if tok.is_file() else None,
+                                   fraction=cfg.eval_fraction, max_chunks=cfg.eval_max_chunks, seed=cfg.seed,
+                                   n_ctx_train=conv.conversion.n_ctx_train))
+
+    comp: CompressRecord | None = None
+    if cfg.compression:
+        from fieldpack.builder.compress import validate_compression
+
+        opts = validate_compression(cfg.compression, model_dir=model_dir)
+        if opts.prune is None:
+            cfg.compression.update(opts.to_dict())
+        else:
+            comp = run(COMPRESS, CompressInputs(
+                checkpoint=checkpoint, reference=conv.gguf(), architecture=conv.conversion.architecture,
+                n_ctx_train=conv.conversion.n_ctx_train, options=dict(cfg.compression), seed=cfg.seed,
+                outtype=cfg.parity_outtype, split=split.split()))
+            cfg.compression.update(comp.resolved)
+    quant = run(QUANTIZE, QuantizeInputs(source=comp.dense() if comp else conv.gguf(), qtype=cfg.quant.upper(),
+                                         imatrix_from=split.split() if cfg.compression.get("imatrix") else None))
+    quality = run(QUALITY, QualityInputs(reference=conv.gguf(), model=quant.model(), split=split.split(),
+                                         n_ctx=split.n_ctx_eval))
+    return BuildRecords(embedder=emb, ingest=ing, index=idx, smoke=smoke, convert=conv, parity=parity, split=split,
+                        compress=comp, quantize=quant, quality=quality)

@@ -1,0 +1,242 @@
+"""Stages from the converted model to the shipped one, and its measured quality:
+
+``eval split`` (document chunks -> calibration / held-out texts), ``compress`` (pruning, only when asked),
+``quantize`` (llama.cpp, with a domain imatrix when asked) and ``quality`` (PPL/KLD of the quantized model
+against the F16/F32 reference on the held-out chunks).
+
+``quantize`` reads the documents only through an imatrix: without ``--imatrix`` its key holds no document
+hash, so a docs-only rebuild reuses it. ``eval split`` and ``quality`` follow the documents.
+"""
+
+from __future__ import annotations
+
+import logging
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from fieldpack.builder.llama_eval import EvalFigures
+from fieldpack.builder.quantize import QuantResult
+from fieldpack.builder.stages.base import Input, Stage, StageInputs, StageRecord
+
+log = logging.getLogger(__name__)
+
+LLAMA_LIBRARIES = ("llama_cpp_python", "gguf", "numpy")
+SPLIT_NAME = "split.json"
+
+
+# --- eval split ------------------------------------------------------------------------------------------------
+def split_eval(texts: list[str], fraction: float, max_chunks: int, seed: int, *,
+               count_tokens: Callable[[str], int] = lambda t: max(1, len(t) // 4),
+               min_tokens: int = 0) -> tuple[list[str], list[str]]:
+    """Split chunk texts into (calibration, evaluation), fixed by ``seed``.
+
+    The evaluation split takes ``fraction`` of the chunks (at most ``max_chunks``, at least 1), then grows, in the
+    same seeded order, until it holds ``min_tokens`` model tokens or half of all chunks, so small document sets
+    still give a few perplexity windows.
+    """
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max_chunks, max(1, round(len(texts) * fraction)))
+    tokens = sum(count_tokens(texts[i]) for i in order[:n_eval])
+    while tokens < min_tokens and n_eval < len(texts) // 2:
+        tokens += count_tokens(texts[order[n_eval]])
+        n_eval += 1
+    eval_idx = set(order[:n_eval])
+    return ([t for i, t in enumerate(texts) if i not in eval_idx], [t for i, t in enumerate(texts) if i in eval_idx])
+
+
+def eval_window(held_out_tokens: int, n_ctx_train: int, *, preferred: int = 256, min_windows: int = 4) -> int:
+    """Perplexity window (even, tokens): ``preferred`` if the held-out text gives ``min_windows`` of it, else the
+    largest even length that does (never below 32, never above n_ctx_train)."""
+    n = min(preferred, n_ctx_train, held_out_tokens // min_windows)
+    return max(32, n - n % 2)
+
+
+def model_token_counter(tokenizer_json: Path | None) -> Callable[[str], int]:
+    """Count model tokens with the checkpoint's ``tokenizer.json`` (fast, no model load); ~4 chars/token without."""
+    if tokenizer_json is not None and tokenizer_json.is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_json))
+        return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+    return lambda text: max(1, len(text) // 4)
+
+
+class SplitInputs(StageInputs):
+    chunks: Input
+    tokenizer: Input | None  # the language model's tokenizer.json (None: ~4 characters per token)
+    fraction: float
+    max_chunks: int
+    seed: int
+    n_ctx_train: int
+
+
+class SplitRecord(StageRecord):
+    """Counts (chunks, model tokens) and the PPL window; the texts are in ``split.json``."""
+
+    calib_chunks: int
+    held_out_chunks: int
+    held_out_tokens: int
+    n_ctx_eval: int
+
+    def split(self) -> Input:
+        return self.artefact(SPLIT_NAME).as_input()
+
+    def texts(self) -> tuple[list[str], list[str]]:
+        """(calibration texts, held-out texts)."""
+        return load_split(self.artefact(SPLIT_NAME).path)
+
+
+def load_split(path: Path) -> tuple[list[str], list[str]]:
+    """(calibration, held-out) texts from a ``split.json``."""
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    return list(doc["calib"]), list(doc["held_out"])
+
+
+def run_split(inputs: SplitInputs, out_dir: Path) -> SplitRecord:
+    from fieldpack.builder.stages.docs import _read_chunks
+
+    count = model_token_counter(inputs.tokenizer.path if inputs.tokenizer else None)
+    calib, held_out = split_eval([c.text for c in _read_chunks(inputs.chunks.path)], inputs.fraction,
+                                 inputs.max_chunks, inputs.seed, count_tokens=count, min_tokens=4 * 256)
+    (out_dir / SPLIT_NAME).write_text(json.dumps({"calib": calib, "held_out": held_out}, ensure_ascii=False),
+                                      encoding="utf-8")
+    held_tokens = sum(count(t) for t in held_out)
+    return SplitRecord(calib_chunks=len(calib), held_out_chunks=len(held_out), held_out_tokens=held_tokens,
+                       n_ctx_eval=eval_window(held_tokens, inputs.n_ctx_train))
+
+
+SPLIT = Stage("eval-split", "1", SplitRecord, run_split, libraries=("tokenizers",),
+              code=("fieldpack.builder.stages.quant",), label=lambda _: "eval split")
+
+
+# --- compress --------------------------------------------------------------------------------------------------
+class CompressInputs(StageInputs):
+    checkpoint: Input
+    reference: Input  # the unpruned F16/F32 GGUF (ΔPPL/KLD reference)
+    architecture: str  # its GGUF architecture name
+    n_ctx_train: int
+    options: dict[str, Any]
+    seed: int
+    outtype: str
+    split: Input
+
+
+class CompressRecord(StageRecord):
+    """``gguf``: the pruned F16/F32 GGUF to quantize; ``rows``: quality rows for ``manifest.quality.stages``;
+    ``resolved``: the options with defaults filled in (what the recipe stores); ``shape``: the shipped model's
+    block count, widths, head counts and parameter count, read back from the pruned GGUF."""
+
+    gguf: Path
+    rows: list[dict[str, Any]]
+    resolved: dict[str, Any]
+    shape: dict[str, int]
+
+    def dense(self) -> Input:
+        return self.input_for(self.gguf)
+
+
+def run_compress(inputs: CompressInputs, out_dir: Path) -> CompressRecord:
+    """Prune, convert and gate the pruned checkpoint. Raises CompressionConfigError, ParityError."""
+    from fieldpack.builder.compress import apply_compression
+    from fieldpack.builder.quiet import quiet_third_party
+
+    quiet_third_party()  # this stage loads torch/transformers
+    cfg = SimpleNamespace(compression=dict(inputs.options), seed=inputs.seed, parity_outtype=inputs.outtype)
+    ref = SimpleNamespace(path=inputs.reference.path, n_ctx_train=inputs.n_ctx_train)
+    calib, held_out = load_split(inputs.split.path)
+    dense, rows = apply_compression(cfg, inputs.checkpoint.path, ref, calib, held_out, out_dir)
+    return CompressRecord(gguf=dense, rows=rows, resolved=cfg.compression, shape=gguf_shape(dense, inputs.architecture))
+
+
+COMPRESS = Stage("compress", "1", CompressRecord, run_compress, libraries=LLAMA_LIBRARIES + ("torch", "transformers"),
+                 code=("fieldpack.builder.compress", "fieldpack.builder.convert", "fieldpack.builder.parity"))
+
+
+def gguf_shape(gguf_path: Path, arch: str) -> dict[str, int]:
+    """Block count, widths, head counts (``n_layer``, ``n_embd``, ``n_head``, ``n_head_kv``) and
+    ``parameter_count`` (sum of tensor elements) of a GGUF of GGUF architecture ``arch`` (``"llama"``).
+    Raises BuildError if it lacks the keys."""
+    import gguf
+    from fieldpack.shared.errors import BuildError
+
+    reader = gguf.GGUFReader(str(gguf_path))
+
+    def field(key: str) -> int:
+        f = reader.fields.get(f"{arch}.{key}")
+        if f is None:
+            raise BuildError(f"pruned model {gguf_path} has no {arch}.{key}", hint="report this as a bug")
+        return int(f.parts[f.data[0]][0])
+
+    return dict(n_layer=field("block_count"), n_embd=field("embedding_length"), n_head=field("attention.head_count"),
+                n_head_kv=field("attention.head_count_kv"),
+                parameter_count=int(sum(int(t.n_elements) for t in reader.tensors)))
+
+
+# --- quantize --------------------------------------------------------------------------------------------------
+class QuantizeInputs(StageInputs):
+    source: Input  # F16/F32 GGUF (pruned when compress ran)
+    qtype: str
+    imatrix_from: Input | None = None  # split.json: calibration texts for a domain imatrix; None: no imatrix
+
+
+class QuantizeRecord(StageRecord):
+    quant: QuantResult
+
+    def model(self) -> Input:
+        return Input(path=self.quant.path, sha256=self.quant.sha256)
+
+
+def run_quantize(inputs: QuantizeInputs, out_dir: Path) -> QuantizeRecord:
+    """Quantize with llama.cpp (after computing the imatrix when asked). Raises QuantizationError."""
+    from fieldpack.builder.quantize import quantize_gguf
+
+    imatrix = None
+    if inputs.imatrix_from is not None:
+        from fieldpack.builder.compress import compute_imatrix
+
+        calib, _ = load_split(inputs.imatrix_from.path)
+        imatrix = compute_imatrix(inputs.source.path, calib, out_dir / "imatrix.dat")
+    return QuantizeRecord(quant=quantize_gguf(inputs.source.path, out_dir / "model.gguf", inputs.qtype,
+                                              imatrix=imatrix))
+
+
+QUANTIZE = Stage("quantize", "1", QuantizeRecord, run_quantize, libraries=LLAMA_LIBRARIES,
+                 code=("fieldpack.builder.quantize", "fieldpack.builder.compress.imatrix"),
+                 label=lambda i: f"quantize {i.qtype}")
+
+
+# --- quality ---------------------------------------------------------------------------------------------------
+class QualityInputs(StageInputs):
+    reference: Input
+    model: Input
+    split: Input
+    n_ctx: int
+
+
+class QualityRecord(StageRecord):
+    figures: EvalFigures | None = None
+    note: str | None = None  # why PPL/KLD were not measured (a document set too small for one window)
+
+
+def run_quality(inputs: QualityInputs, out_dir: Path) -> QualityRecord:
+    """PPL of both models and KLD on the held-out texts; with too little text for one window (one very short
+    document), no figures and a ``note`` that the manifest carries instead."""
+    from fieldpack.builder.llama_eval import TooLittleEvalTextError, perplexity_kld
+
+    _, held_out = load_split(inputs.split.path)
+    try:
+        return QualityRecord(figures=perplexity_kld(inputs.reference.path, inputs.model.path, held_out,
+                                                    n_ctx=inputs.n_ctx))
+    except TooLittleEvalTextError as exc:
+        note = f"PPL/KLD not measured: {exc.message}"
+        log.warning("%s", note)
+        return QualityRecord(note=note)
+
+
+QUALITY = Stage("quality", "2", QualityRecord, run_quality, libraries=LLAMA_LIBRARIES,
+                code=("fieldpack.builder.llama_eval",))
