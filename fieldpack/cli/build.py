@@ -33,6 +33,7 @@ class _StageProgress:
 
         self.console = console(stderr=True)
         self.current: str | None = None
+        self.last_done: str | None = None
         self.counts: tuple[int, int, str] | None = None
         self._progress = None
         self._task = None
@@ -65,6 +66,7 @@ class _StageProgress:
         if self._progress is not None and self._task is not None:
             self._progress.remove_task(self._task)
             self._task = None
+        self.last_done = name
         if event == "cached":  # reused from the build cache: no work, no time
             self.console.print(f"✓ {name} (cached)", markup=False, highlight=False)
             self.current = None
@@ -169,10 +171,15 @@ def _build_with_progress(cfg: Any, **options: Any) -> Any:
             with progress_sink(shown.count):
                 result = build_bundle(cfg, on_stage=shown.stage, **options)
         except KeyboardInterrupt:
-            where = f"stage '{shown.current}'" if shown.current else "the build"
-            if shown.current and shown.counts:
-                where += f" at {shown.counts[0]}/{shown.counts[1]} {shown.counts[2]}"
-            shown.console.print(f"interrupted during {where}; no bundle was written to {cfg.output}",
+            if shown.current:
+                where = f"during stage '{shown.current}'"
+                if shown.counts:
+                    where += f" at {shown.counts[0]}/{shown.counts[1]} {shown.counts[2]}"
+            elif shown.last_done:  # between stages (the cache hashing the next one's inputs)
+                where = f"after stage '{shown.last_done}', before the next one started"
+            else:
+                where = "before the first stage"
+            shown.console.print(f"interrupted {where}; no bundle was written to {cfg.output}",
                                 markup=False, highlight=False)
             raise typer.Exit(130) from None
     _print_ingest_report(result.ingest_report)
