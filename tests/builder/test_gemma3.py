@@ -136,3 +136,26 @@ def test_real_gemma3_with_a_broken_norm_convention_fails(gemma_hf_dir: Path, tmp
     with pytest.raises(ParityError) as err:
         check_parity(gemma_hf_dir, r.path, prompts=DEFAULT_PROMPTS[:3])
     assert err.value.report.tokenization_identical and err.value.report.max_abs_logit_diff > 1.0
+
+
+# --- compression ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [{"prune": "depth", "drop_layers": 1}, {"prune": "width", "ffn_keep": 0.5},
+                                     {"prune": "wanda", "sparsity": 0.5}])
+def test_pruning_refuses_gemma3_by_name(tiny_gemma_dir: Path, options: dict) -> None:
+    from fieldpack.builder.compress import validate_compression
+    from fieldpack.shared.errors import CompressionConfigError
+
+    with pytest.raises(CompressionConfigError, match="cannot prune architecture Gemma3ForCausalLM") as err:
+        validate_compression(options, model_dir=tiny_gemma_dir)
+    assert "\n" not in str(err.value) and "--imatrix still work" in str(err.value)
+
+
+def test_domain_imatrix_quantizes_gemma3(tiny_f32, demo_corpus: list[str], tmp_path: Path) -> None:
+    from fieldpack.builder.compress import compute_imatrix
+    from fieldpack.builder.quantize import quantize_gguf, read_imatrix
+
+    imatrix = compute_imatrix(tiny_f32.path, demo_corpus, tmp_path / "imatrix.gguf")
+    data = read_imatrix(imatrix)
+    assert "blk.0.ffn_down.weight" in data and "blk.3.attn_q.weight" in data
+    q = quantize_gguf(tiny_f32.path, tmp_path / "q.gguf", "Q8_0", imatrix=imatrix)
+    assert q.imatrix_entries == len(data) and q.tensor_types.get("Q8_0", 0) > 0
