@@ -122,9 +122,11 @@ def check_inputs(cfg: BuildConfig) -> Path:
         UsageError: a hub id given while offline.
     """
     from fieldpack.builder.convert import hub_or_local
+    from fieldpack.builder.gguf_input import is_gguf_path
     from fieldpack.builder.quantize import QUANT_TYPES
 
-    if cfg.quant.upper() not in QUANT_TYPES:
+    gguf_input = is_gguf_path(cfg.model)
+    if cfg.quant.upper() not in QUANT_TYPES and not gguf_input:  # a GGUF input's own type is checked below
         raise UnknownQuantTypeError(f"unknown --quant {cfg.quant!r}",
                                     hint=f"use one of {', '.join(sorted(QUANT_TYPES))}")
     check_docs_folder(cfg.docs)
@@ -136,9 +138,18 @@ def check_inputs(cfg: BuildConfig) -> Path:
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as exc:
         raise OutputNotWritableError(f"cannot write in {out_dir}: {exc.strerror}", hint="choose a writable -o path") from exc
+    if gguf_input:  # --- GGUF input (builder/gguf_input.py) ---
+        from fieldpack.builder.gguf_input import check_gguf_build
+
+        return check_gguf_build(Path(cfg.model), requested_quant(cfg), compression=bool(cfg.compression))
     model_dir = hub_or_local(cfg.model)
     preflight_model(model_dir)
     return model_dir
+
+
+def requested_quant(cfg: BuildConfig) -> str | None:
+    """The quant type the user asked for (``--quant`` or a recipe), None when the default applies."""
+    return cfg.quant if "quant" in cfg.model_fields_set else None
 
 
 def check_docs_folder(docs: Path) -> None:
@@ -273,13 +284,10 @@ def build_bundle(cfg: BuildConfig, *, workdir: Path | None = None, on_stage: Sta
 
 
 def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], Any]) -> BuildResult:
-    from fieldpack.builder.convert import convert_hf_to_gguf
     from fieldpack.builder.embedder_export import export_embedder
+    from fieldpack.builder.gguf_input import is_gguf_path
     from fieldpack.builder.index_build import build_index, embed_chunks
     from fieldpack.builder.ingest import ingest, report_to_dict
-    from fieldpack.builder.llama_eval import perplexity_kld
-    from fieldpack.builder.parity import check_parity
-    from fieldpack.builder.quantize import quantize_gguf
     from fieldpack.retrieval.embedder import OnnxEmbedder
     from fieldpack.retrieval.search import DEFAULT_MIN_SIMILARITY, Retriever
 
@@ -304,13 +312,111 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
     finally:
         embedder.close()
 
+    if is_gguf_path(model_dir):  # --- GGUF input (builder/gguf_input.py): no conversion, no parity gate ---
+        ms = _gguf_model_stages(cfg, model_dir, [c.text for c in ing.chunks], work, stage)
+    else:
+        ms = _hf_model_stages(cfg, model_dir, [c.text for c in ing.chunks], work, stage)
+    f16, shipped, quant_path, qtype = ms.source, ms.shipped, ms.model_path, ms.file_type
+    if ms.recipe_quant != cfg.quant:  # a GGUF kept as is: the recipe replays as "keep"
+        cfg = cfg.model_copy(update={"quant": ms.recipe_quant})
+
+    with stage("bundle"):
+        recipe_path = work / "recipe.toml"
+        recipe_path.write_text(cfg.recipe_toml(), encoding="utf-8")
+        files = {
+            fmt.MODEL_NAME: quant_path,
+            fmt.EMBEDDER_NAME: emb.onnx_path,
+            fmt.EMBEDDER_TOKENIZER_NAME: emb.tokenizer_path,
+            fmt.INDEX_NAME: index_path,
+            fmt.RECIPE_NAME: recipe_path,
+        }
+        n_ctx = min(cfg.n_ctx, f16.n_ctx_train)
+        emb_bytes = hash_file(emb.onnx_path)[0]
+        mem = dict(weights_bytes=quant_path.stat().st_size,
+                   kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head_kv=shipped.n_head_kv,
+                                                 head_dim=shipped.head_dim or shipped.n_embd // shipped.n_head),
+                   embedder_bytes=2 * emb_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
+        mem["total_bytes"] = sum(mem.values())
+        manifest = Manifest(
+            format_version=fmt.FORMAT_VERSION,
+            name=cfg.name,
+            version=cfg.version,
+            builder_version=builder_version(),
+            created_at=datetime.now(timezone.utc).replace(microsecond=0),
+            members=describe_members(files),
+            model=ModelInfo(
+                architecture=shipped.architecture, parameter_count=shipped.parameter_count, file_type=qtype,
+                tensor_types=ms.tensor_types, n_ctx_train=shipped.n_ctx_train, n_embd=shipped.n_embd,
+                n_layer=shipped.n_layer, n_head=shipped.n_head, n_head_kv=shipped.n_head_kv,
+                vocab_size=shipped.vocab_size,
+                chat_template_present=bool(f16.chat_template), bos_id=f16.bos_id, eos_id=f16.eos_id,
+                eot_id=f16.eot_id, tokenizer_model=f16.tokenizer_model, tokenizer_pre=f16.tokenizer_pre,
+                source=Path(cfg.model).name or cfg.model),
+            embedder=EmbedderInfo(name=emb.name, dimension=emb.dimension, pooling=emb.pooling,
+                                  normalized=emb.normalized, max_tokens=emb.max_tokens, precision=emb.precision),
+            index=IndexInfo(documents=idx.documents, chunks=idx.chunks, metric="cosine",
+                            chunk_tokens=cfg.chunk_tokens, overlap_tokens=cfg.overlap_tokens,
+                            skipped_files=sum(1 for r in ing.report if r.status != "indexed")),
+            runtime=RuntimeDefaults(n_ctx=n_ctx, max_tokens=cfg.max_tokens, temperature=0.0,
+                                    top_k_chunks=cfg.top_k_chunks, stop=list(f16.stop_strings),
+                                    min_similarity=cfg.min_similarity if cfg.min_similarity is not None
+                                    else DEFAULT_MIN_SIMILARITY,
+                                    memory=MemoryNeeds(**mem)),
+            smoke=SmokeTest(question=smoke_q, expected_source=smoke_src, k=5),
+            recipe=cfg.to_recipe(),
+            quality=Quality(
+                parity=ms.parity,
+                quantization=ms.quantization,
+                embedder=dict(_as_dict(emb.gate), precision=emb.precision, kept_int8=emb.kept_int8,
+                              parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
+                              int8_bytes=emb.int8_bytes) if emb.gate is not None else
+                         dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine),
+                stages=ms.stages_quality,
+            ),
+        )
+        write_bundle(cfg.output, manifest, files, cfg.sign)
+    return BuildResult(bundle=cfg.output, manifest=manifest, ingest_report=[report_to_dict(r) for r in ing.report])
+
+
+@dataclass
+class ModelStages:
+    """What the model stages hand to the manifest, whichever the input (HF checkpoint or GGUF).
+
+    Attributes:
+        source: facts of the model as converted (HF) or as read (GGUF input).
+        shipped: facts of the model that ships (after depth/width pruning; else ``source``).
+        model_path: the GGUF that goes into the bundle. file_type: its type name (``"Q4_K_M"``).
+        tensor_types: GGML type name -> tensor count of that file.
+        parity: the manifest's parity figures. quantization: its quantization figures.
+        stages_quality: the compression report rows. recipe_quant: ``quant`` as the recipe must record it.
+    """
+
+    source: Any
+    shipped: Any
+    model_path: Path
+    file_type: str
+    tensor_types: dict[str, int]
+    parity: dict[str, Any]
+    quantization: dict[str, Any]
+    stages_quality: list[dict[str, Any]] = field(default_factory=list)
+    recipe_quant: str = ""
+
+
+def _hf_model_stages(cfg: BuildConfig, model_dir: Path, texts: list[str], work: Path,
+                     stage: Callable[[str], Any]) -> ModelStages:
+    """convert -> parity gate -> [compress] -> quantize -> PPL/KLD, for a Hugging Face checkpoint."""
+    from fieldpack.builder.convert import convert_hf_to_gguf
+    from fieldpack.builder.llama_eval import perplexity_kld
+    from fieldpack.builder.parity import check_parity
+    from fieldpack.builder.quantize import quantize_gguf
+
     with stage("convert"):
         f16 = convert_hf_to_gguf(model_dir, work / f"model-{cfg.parity_outtype}.gguf", outtype=cfg.parity_outtype)
     with stage("parity"):
         parity = check_parity(model_dir, f16.path)
 
     count_model_tokens = _model_token_counter(model_dir)
-    calib, held_out = split_eval([c.text for c in ing.chunks], cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed,
+    calib, held_out = split_eval(texts, cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed,
                                  count_tokens=count_model_tokens, min_tokens=4 * 256)
     n_ctx_eval = eval_window(sum(count_model_tokens(t) for t in held_out), f16.n_ctx_train)
     dense = f16.path
@@ -334,65 +440,51 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
     with stage("quality"):
         qfig = perplexity_kld(f16.path, quant.path, held_out, n_ctx=n_ctx_eval)
 
-    with stage("bundle"):
-        recipe_path = work / "recipe.toml"
-        recipe_path.write_text(cfg.recipe_toml(), encoding="utf-8")
-        files = {
-            fmt.MODEL_NAME: quant.path,
-            fmt.EMBEDDER_NAME: emb.onnx_path,
-            fmt.EMBEDDER_TOKENIZER_NAME: emb.tokenizer_path,
-            fmt.INDEX_NAME: index_path,
-            fmt.RECIPE_NAME: recipe_path,
-        }
-        n_ctx = min(cfg.n_ctx, f16.n_ctx_train)
-        emb_bytes = hash_file(emb.onnx_path)[0]
-        mem = dict(weights_bytes=quant.size_bytes,
-                   kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head_kv=shipped.n_head_kv,
-                                                 head_dim=shipped.n_embd // shipped.n_head),
-                   embedder_bytes=2 * emb_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
-        mem["total_bytes"] = sum(mem.values())
-        manifest = Manifest(
-            format_version=fmt.FORMAT_VERSION,
-            name=cfg.name,
-            version=cfg.version,
-            builder_version=builder_version(),
-            created_at=datetime.now(timezone.utc).replace(microsecond=0),
-            members=describe_members(files),
-            model=ModelInfo(
-                architecture=shipped.architecture, parameter_count=shipped.parameter_count, file_type=qtype,
-                tensor_types=quant.tensor_types, n_ctx_train=shipped.n_ctx_train, n_embd=shipped.n_embd,
-                n_layer=shipped.n_layer, n_head=shipped.n_head, n_head_kv=shipped.n_head_kv,
-                vocab_size=shipped.vocab_size,
-                chat_template_present=bool(f16.chat_template), bos_id=f16.bos_id, eos_id=f16.eos_id,
-                eot_id=f16.eot_id, tokenizer_model=f16.tokenizer_model, tokenizer_pre=f16.tokenizer_pre,
-                source=Path(cfg.model).name or cfg.model),
-            embedder=EmbedderInfo(name=emb.name, dimension=emb.dimension, pooling=emb.pooling,
-                                  normalized=emb.normalized, max_tokens=emb.max_tokens, precision=emb.precision),
-            index=IndexInfo(documents=idx.documents, chunks=idx.chunks, metric="cosine",
-                            chunk_tokens=cfg.chunk_tokens, overlap_tokens=cfg.overlap_tokens,
-                            skipped_files=sum(1 for r in ing.report if r.status != "indexed")),
-            runtime=RuntimeDefaults(n_ctx=n_ctx, max_tokens=cfg.max_tokens, temperature=0.0,
-                                    top_k_chunks=cfg.top_k_chunks, stop=list(f16.stop_strings),
-                                    min_similarity=cfg.min_similarity if cfg.min_similarity is not None
-                                    else DEFAULT_MIN_SIMILARITY,
-                                    memory=MemoryNeeds(**mem)),
-            smoke=SmokeTest(question=smoke_q, expected_source=smoke_src, k=5),
-            recipe=cfg.to_recipe(),
-            quality=Quality(
-                parity=_as_dict(parity),
-                quantization=dict(_as_dict(qfig), qtype=qtype, size_bytes=quant.size_bytes,
-                                  ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes),
-                                  fallbacks=len(quant.fallbacks), held_out_chunks=len(held_out),
-                                  window_tokens=n_ctx_eval),
-                embedder=dict(_as_dict(emb.gate), precision=emb.precision, kept_int8=emb.kept_int8,
-                              parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
-                              int8_bytes=emb.int8_bytes) if emb.gate is not None else
-                         dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine),
-                stages=stages_quality,
-            ),
-        )
-        write_bundle(cfg.output, manifest, files, cfg.sign)
-    return BuildResult(bundle=cfg.output, manifest=manifest, ingest_report=[report_to_dict(r) for r in ing.report])
+    return ModelStages(
+        source=f16, shipped=shipped, model_path=quant.path, file_type=qtype, tensor_types=quant.tensor_types,
+        parity=_as_dict(parity),
+        quantization=dict(_as_dict(qfig), qtype=qtype, size_bytes=quant.size_bytes,
+                          ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes), fallbacks=len(quant.fallbacks),
+                          held_out_chunks=len(held_out), window_tokens=n_ctx_eval),
+        stages_quality=stages_quality, recipe_quant=cfg.quant)
+
+
+def _gguf_model_stages(cfg: BuildConfig, path: Path, texts: list[str], work: Path,
+                       stage: Callable[[str], Any]) -> ModelStages:
+    """read GGUF -> [re-quantize] -> PPL (and KLD vs the input when re-quantized), for a GGUF input."""
+    from fieldpack.builder.gguf_input import PARITY_NOT_APPLICABLE, copy_as_is, inspect_gguf, requantize_requested
+    from fieldpack.builder.llama_eval import perplexity, perplexity_kld
+    from fieldpack.builder.quantize import quantize_gguf
+
+    with stage("read GGUF"):
+        src = inspect_gguf(path, load_check=False)  # validated, llama.cpp load included, by check_inputs
+    calib, held_out = split_eval(texts, cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed, min_tokens=4 * 256)
+    n_ctx_eval = eval_window(sum(max(1, len(t) // 4) for t in held_out), src.model.n_ctx_train)
+    figures: dict[str, Any] = dict(source_file_type=src.file_type, source_sha256=src.model.sha256,
+                                   held_out_chunks=len(held_out), window_tokens=n_ctx_eval)
+    requested = requested_quant(cfg)
+    if requested is not None and requantize_requested(requested, src):
+        qtype = requested.upper()
+        with stage(f"re-quantize {qtype}"):
+            quant = quantize_gguf(path, work / "model.gguf", qtype, allow_requantize=src.quantized)
+        with stage("quality"):
+            qfig = perplexity_kld(path, quant.path, held_out, n_ctx=n_ctx_eval)
+        figures.update(_as_dict(qfig), qtype=qtype, requantized=True, requantized_from=src.file_type,
+                       reference="input GGUF" + (" (already quantized: figures are vs it, not vs F16)"
+                                                 if src.quantized else ""),
+                       size_bytes=quant.size_bytes, ratio_to_input=quant.size_bytes / max(1, src.model.size_bytes),
+                       fallbacks=len(quant.fallbacks))
+        model_path, ttypes, recipe_quant = quant.path, quant.tensor_types, qtype
+    else:
+        qtype = src.file_type
+        model_path = copy_as_is(path, work / "model.gguf")
+        with stage("quality"):
+            ppl = perplexity(model_path, held_out, n_ctx=n_ctx_eval)
+        figures.update(qtype=qtype, requantized=False, ppl=ppl, size_bytes=src.model.size_bytes)
+        ttypes, recipe_quant = src.model.tensor_types, qtype
+    return ModelStages(source=src.model, shipped=src.model, model_path=model_path, file_type=qtype,
+                       tensor_types=ttypes, parity={"status": PARITY_NOT_APPLICABLE}, quantization=figures,
+                       recipe_quant=recipe_quant)
 
 
 def shipped_model_facts(f16: Any, gguf_path: Path) -> Any:
