@@ -68,8 +68,7 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
     idx = records.index.stats
     qtype = cfg.quant.upper()
     n_ctx = min(cfg.n_ctx, f16.n_ctx_train)
-    weights_bytes = quant.size_bytes if quant else f16.size_bytes
-    mem = dict(weights_bytes=weights_bytes,
+    mem = dict(weights_bytes=quant.size_bytes if quant else f16.size_bytes,
                kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head_kv=shipped.n_head_kv,
                                              head_dim=shipped.head_dim or shipped.n_embd // shipped.n_head),
                embedder_bytes=2 * emb.size_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
@@ -83,8 +82,8 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
         members=describe_members(files),
         model=ModelInfo(
             architecture=shipped.architecture, parameter_count=shipped.parameter_count, file_type=qtype,
-            tensor_types=quant.tensor_types if quant else f16.tensor_types, n_ctx_train=shipped.n_ctx_train, n_embd=shipped.n_embd,
-            n_layer=shipped.n_layer, n_head=shipped.n_head, n_head_kv=shipped.n_head_kv,
+            tensor_types=quant.tensor_types if quant else f16.tensor_types, n_ctx_train=shipped.n_ctx_train,
+            n_embd=shipped.n_embd, n_layer=shipped.n_layer, n_head=shipped.n_head, n_head_kv=shipped.n_head_kv,
             vocab_size=shipped.vocab_size,
             chat_template_present=bool(f16.chat_template), bos_id=f16.bos_id, eos_id=f16.eos_id,
             eot_id=f16.eot_id, tokenizer_model=f16.tokenizer_model, tokenizer_pre=f16.tokenizer_pre,

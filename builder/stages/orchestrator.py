@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fieldpack.builder.gguf_input import is_gguf_path
 from fieldpack.builder.stages.base import Input
 from fieldpack.builder.stages.cache import Runner
 from fieldpack.builder.stages.docs import (
@@ -108,8 +109,6 @@ def run_stages(cfg: Any, model_dir: Path, run: Runner) -> BuildRecords:
     chunks = ing.artefact(CHUNKS_NAME).as_input()
     idx = run(INDEX, IndexInputs(chunks=chunks, embedder=emb_files))
     smoke = run(SMOKE, SmokeInputs(chunks=chunks, index=idx.input_for(idx.stats.path), embedder=emb_files))
-
-    from fieldpack.builder.gguf_input import is_gguf_path
 
     model_stages = _gguf_model_stages if is_gguf_path(model_dir) else _hf_model_stages
     return BuildRecords(embedder=emb, ingest=ing, index=idx, smoke=smoke,
