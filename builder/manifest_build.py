@@ -3,6 +3,10 @@
 ``assemble_manifest(cfg, records, files)`` -> :class:`~fieldpack.shared.manifest.Manifest`: members (size,
 sha256) of ``files``, the shipped model's facts (after pruning, when it ran), embedder and index facts, runtime
 defaults with the memory estimate (bytes), the smoke question, the recipe and the quality figures.
+
+For a GGUF input (:mod:`~fieldpack.builder.stages.gguf`) the parity figures say ``not applicable, GGUF input``,
+and the quantization figures name the input's type and sha256 and whether it was re-quantized (then with
+PPL/KLD against the input) or shipped as is (then with its PPL).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+from fieldpack.builder.gguf_input import PARITY_NOT_APPLICABLE
 from fieldpack.builder.stages.orchestrator import BuildRecords
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.bundle import describe_members
@@ -44,7 +49,7 @@ def bundle_files(records: BuildRecords, recipe_path: Path) -> dict[str, Path]:
     """Bundle member name -> file: the quantized model, the embedder and its tokenizer, the index, the recipe."""
     e = records.embedder.export
     return {
-        fmt.MODEL_NAME: records.quantize.quant.path,
+        fmt.MODEL_NAME: records.shipped_model().path,
         fmt.EMBEDDER_NAME: e.onnx_path,
         fmt.EMBEDDER_TOKENIZER_NAME: e.tokenizer_path,
         fmt.INDEX_NAME: records.index.stats.path,
@@ -58,14 +63,14 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
 
     f16 = records.convert.conversion
     shipped = dataclasses.replace(f16, **records.compress.shape) if records.compress else f16
-    quant = records.quantize.quant
+    quant = records.quantize.quant if records.quantize else None
     emb = records.embedder.export
     idx = records.index.stats
     qtype = cfg.quant.upper()
     n_ctx = min(cfg.n_ctx, f16.n_ctx_train)
-    mem = dict(weights_bytes=quant.size_bytes,
+    mem = dict(weights_bytes=quant.size_bytes if quant else f16.size_bytes,
                kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head_kv=shipped.n_head_kv,
-                                             head_dim=shipped.n_embd // shipped.n_head),
+                                             head_dim=shipped.head_dim or shipped.n_embd // shipped.n_head),
                embedder_bytes=2 * emb.size_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
     mem["total_bytes"] = sum(mem.values())
     return Manifest(
@@ -77,8 +82,8 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
         members=describe_members(files),
         model=ModelInfo(
             architecture=shipped.architecture, parameter_count=shipped.parameter_count, file_type=qtype,
-            tensor_types=quant.tensor_types, n_ctx_train=shipped.n_ctx_train, n_embd=shipped.n_embd,
-            n_layer=shipped.n_layer, n_head=shipped.n_head, n_head_kv=shipped.n_head_kv,
+            tensor_types=quant.tensor_types if quant else f16.tensor_types, n_ctx_train=shipped.n_ctx_train,
+            n_embd=shipped.n_embd, n_layer=shipped.n_layer, n_head=shipped.n_head, n_head_kv=shipped.n_head_kv,
             vocab_size=shipped.vocab_size,
             chat_template_present=bool(f16.chat_template), bos_id=f16.bos_id, eos_id=f16.eos_id,
             eot_id=f16.eot_id, tokenizer_model=f16.tokenizer_model, tokenizer_pre=f16.tokenizer_pre,
@@ -97,12 +102,8 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
                         k=records.smoke.k),
         recipe=cfg.to_recipe(),
         quality=Quality(
-            parity=as_dict(records.parity.report),
-            quantization=dict(as_dict(records.quality.figures) if records.quality.figures is not None
-                              else {"note": records.quality.note}, qtype=qtype, size_bytes=quant.size_bytes,
-                              ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes),
-                              fallbacks=len(quant.fallbacks), held_out_chunks=records.split.held_out_chunks,
-                              window_tokens=records.split.n_ctx_eval),
+            parity=as_dict(records.parity.report) if records.parity else {"status": PARITY_NOT_APPLICABLE},
+            quantization=quantization_figures(records, qtype),
             embedder=dict(as_dict(emb.gate), precision=emb.precision, kept_int8=emb.kept_int8,
                           parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
                           int8_bytes=emb.int8_bytes) if emb.gate is not None else
@@ -110,6 +111,37 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
             stages=records.compress.rows if records.compress else [],
         ),
     )
+
+
+def quantization_figures(records: BuildRecords, qtype: str) -> dict[str, Any]:
+    """``manifest.quality.quantization``: the quality stage's figures, the shipped type and size (bytes), and
+    the held-out chunks and PPL window (tokens) they were measured on. From a HF checkpoint: PPL/KLD vs the
+    F16/F32 conversion, ``ratio_to_f16`` and the fallback count. From a GGUF input: its type and sha256, and
+    either ``requantized`` with PPL/KLD vs the input and ``ratio_to_input``, or kept as is with its ``ppl``."""
+    src, quant, fig = records.convert.conversion, records.quantize, records.quality
+    gguf = records.gguf_input
+    if gguf is None:
+        assert quant is not None  # a checkpoint build always quantizes
+        q = quant.quant
+        measured = as_dict(fig.figures) if fig.figures is not None else {"note": fig.note}
+        return dict(measured, qtype=qtype, size_bytes=q.size_bytes,
+                    ratio_to_f16=q.size_bytes / max(1, src.size_bytes), fallbacks=len(q.fallbacks),
+                    held_out_chunks=records.split.held_out_chunks, window_tokens=records.split.n_ctx_eval)
+    out: dict[str, Any] = dict(source_file_type=gguf.file_type, source_sha256=src.sha256,
+                               held_out_chunks=records.split.held_out_chunks, window_tokens=records.split.n_ctx_eval)
+    if quant is None:
+        out.update(qtype=qtype, requantized=False, ppl=fig.ppl, size_bytes=src.size_bytes)
+        if fig.note:
+            out["note"] = fig.note
+    else:
+        q = quant.quant
+        out.update(as_dict(fig.figures) if fig.figures is not None else {"note": fig.note}, qtype=qtype,
+                   requantized=True, requantized_from=gguf.file_type,
+                   reference="input GGUF" + (" (already quantized: figures are vs it, not vs F16)"
+                                             if gguf.quantized else ""),
+                   size_bytes=q.size_bytes, ratio_to_input=q.size_bytes / max(1, src.size_bytes),
+                   fallbacks=len(q.fallbacks))
+    return out
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

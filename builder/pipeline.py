@@ -1,11 +1,11 @@
-"""The build: checkpoint + documents -> signed ``.fpk``, as a chain of cached stages.
+"""The build: checkpoint (or GGUF file) + documents -> signed ``.fpk``, as a chain of cached stages.
 
 ::
 
     check inputs ─▶ stages (builder.stages: embedder, ingest, index, smoke question, convert, parity,
-        eval split, [compress], quantize, quality; each reused from the build cache when its inputs are
-        unchanged) ─▶ manifest (builder.manifest_build, from the stage records) ─▶ signed bundle (temp, fsync,
-        rename)
+        eval split, [compress], quantize, quality; a GGUF input: read GGUF, eval split, [quantize], quality;
+        each reused from the build cache when its inputs are unchanged) ─▶ manifest (builder.manifest_build,
+        from the stage records) ─▶ signed bundle (temp, fsync, rename)
 
 Every input is checked before any heavy work starts (model folder, docs folder, quant type, signing key,
 output path), so a bad option fails in a second with one line, and no partial bundle is ever left behind.
@@ -52,19 +52,24 @@ class BuildResult:
 
 
 def check_inputs(cfg: BuildConfig) -> Path:
-    """Fail fast on every user input before heavy work. Returns the local model folder.
+    """Fail fast on every user input before heavy work. Returns the local model folder, or the GGUF file when
+    ``--model`` names one (then validated by :func:`~fieldpack.builder.gguf_input.check_gguf_build`).
 
     Raises:
         InputNotFoundError: model or docs folder missing.
         UnknownQuantTypeError: ``cfg.quant`` is not a supported tensor type mix.
+        ModelLoadError, UnsupportedArchitectureError, CompressionConfigError: a GGUF input that is damaged,
+            that llama.cpp cannot load, or given with compression options.
         SigningKeyError: the key is missing or not an ed25519 private key.
         OutputNotWritableError: the output's folder is missing or not writable.
         UsageError: a hub id given while offline.
     """
     from fieldpack.builder.convert import hub_or_local
+    from fieldpack.builder.gguf_input import is_gguf_path
     from fieldpack.builder.quantize import QUANT_TYPES
 
-    if cfg.quant.upper() not in QUANT_TYPES:
+    gguf_input = is_gguf_path(cfg.model)
+    if cfg.quant.upper() not in QUANT_TYPES and not gguf_input:  # a GGUF input's own type is checked below
         raise UnknownQuantTypeError(f"unknown --quant {cfg.quant!r}",
                                     hint=f"use one of {', '.join(sorted(QUANT_TYPES))}")
     check_docs_folder(cfg.docs)
@@ -76,9 +81,18 @@ def check_inputs(cfg: BuildConfig) -> Path:
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as exc:
         raise OutputNotWritableError(f"cannot write in {out_dir}: {exc.strerror}", hint="choose a writable -o path") from exc
+    if gguf_input:  # --- GGUF input (builder/gguf_input.py) ---
+        from fieldpack.builder.gguf_input import check_gguf_build
+
+        return check_gguf_build(Path(cfg.model), requested_quant(cfg), compression=bool(cfg.compression))
     model_dir = hub_or_local(cfg.model)
     preflight_model(model_dir)
     return model_dir
+
+
+def requested_quant(cfg: BuildConfig) -> str | None:
+    """The quant type the user asked for (``--quant`` or a recipe), None when the default applies."""
+    return cfg.quant if "quant" in cfg.model_fields_set else None
 
 
 def check_docs_folder(docs: Path) -> None:

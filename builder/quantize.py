@@ -32,35 +32,47 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType
 
 from fieldpack.shared.errors import InputNotFoundError, OutputNotWritableError, QuantizationError, UnknownQuantTypeError
 
 logger = logging.getLogger(__name__)
 
-#: The quant types fieldpack offers, in order of size (largest first): llama.cpp's file type names. Every
-#: other list (CLI help, ``fieldpack plan`` defaults, validation messages) is derived from this one.
-QUANT_NAMES: tuple[str, ...] = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S",
-                                "Q4_0", "Q3_K_M")
+#: fieldpack quant type name -> llama.cpp file type (``gguf.LlamaFileType``, ``LLAMA_FTYPE_*`` in llama.h).
+QUANT_TYPES: dict[str, LlamaFileType] = {
+    "F32": LlamaFileType.ALL_F32,
+    "F16": LlamaFileType.MOSTLY_F16,
+    "Q8_0": LlamaFileType.MOSTLY_Q8_0,
+    "Q6_K": LlamaFileType.MOSTLY_Q6_K,
+    "Q5_K_M": LlamaFileType.MOSTLY_Q5_K_M,
+    "Q5_K_S": LlamaFileType.MOSTLY_Q5_K_S,
+    "Q5_0": LlamaFileType.MOSTLY_Q5_0,
+    "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M,
+    "Q4_K_S": LlamaFileType.MOSTLY_Q4_K_S,
+    "Q4_0": LlamaFileType.MOSTLY_Q4_0,
+    "Q3_K_M": LlamaFileType.MOSTLY_Q3_K_M,
+}
+
+#: The GGML tensor type each file type is named after (what most matrices get).
+NOMINAL_TENSOR_TYPE: dict[str, GGMLQuantizationType] = {
+    "F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16, "Q8_0": GGMLQuantizationType.Q8_0,
+    "Q6_K": GGMLQuantizationType.Q6_K, "Q5_K_M": GGMLQuantizationType.Q5_K, "Q5_K_S": GGMLQuantizationType.Q5_K,
+    "Q5_0": GGMLQuantizationType.Q5_0, "Q4_K_M": GGMLQuantizationType.Q4_K, "Q4_K_S": GGMLQuantizationType.Q4_K,
+    "Q4_0": GGMLQuantizationType.Q4_0, "Q3_K_M": GGMLQuantizationType.Q3_K,
+}
 
 
-def _file_type(name: str) -> int:
-    from gguf.constants import LlamaFileType
+def file_type_name(ftype: int) -> str:
+    """fieldpack's name of a ``general.file_type`` value (``"Q4_K_M"``), or gguf's enum name when fieldpack does
+    not offer that type (``"MOSTLY_IQ2_XS"``), or ``"unknown(<n>)"``."""
+    for name, value in QUANT_TYPES.items():
+        if value == ftype:
+            return name
+    try:
+        return LlamaFileType(ftype).name
+    except ValueError:
+        return f"unknown({ftype})"
 
-    return int(LlamaFileType.ALL_F32 if name == "F32" else LlamaFileType[f"MOSTLY_{name}"])
-
-
-def _nominal(name: str) -> str:
-    from gguf.constants import GGMLQuantizationType
-
-    return GGMLQuantizationType[name[:-2] if name.endswith(("_M", "_S")) else name].name
-
-
-#: fieldpack quant type name -> llama.cpp ``llama_ftype`` value (``LLAMA_FTYPE_*`` in llama.h), taken from gguf-py's
-#: ``LlamaFileType`` rather than copied.
-QUANT_TYPES: dict[str, int] = {n: _file_type(n) for n in QUANT_NAMES}
-
-#: The GGML tensor type each file type is named after (what most matrices get; ``Q4_K_M`` -> ``Q4_K``).
-NOMINAL_TENSOR_TYPE: dict[str, str] = {n: _nominal(n) for n in QUANT_NAMES}
 
 _FALLBACK_RE = re.compile(
     r"warning:\s+(?P<name>\S+)\s+-\s+ncols\s+(?P<ncols>\d+)\s+not divisible by\s+(?P<blck>\d+)\s+"
@@ -292,6 +304,7 @@ def quantize_gguf(
     *,
     imatrix: Path | None = None,
     nthread: int | None = None,
+    allow_requantize: bool = False,
 ) -> QuantResult:
     """Quantize an F16/F32 GGUF to ``qtype`` with llama.cpp; write ``dst`` atomically.
 
@@ -301,6 +314,8 @@ def quantize_gguf(
         qtype: one of :data:`QUANT_TYPES` (case-insensitive).
         imatrix: optional importance matrix (GGUF or legacy .dat, see :func:`read_imatrix`).
         nthread: quantization threads (default: the CPUs this process may use).
+        allow_requantize: accept an already quantized ``src`` (llama.cpp dequantizes and quantizes again, which
+            compounds both rounding errors; used for a GGUF input re-quantized on request).
 
     Returns:
         :class:`QuantResult`, with the tensor types read back from ``dst``.
@@ -332,7 +347,8 @@ def quantize_gguf(
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = int(nthread or default_threads())
-    params.ftype = QUANT_TYPES[key]
+    params.ftype = int(QUANT_TYPES[key])
+    params.allow_requantize = bool(allow_requantize)
     keep: list[Any] = []
     if imatrix_data:
         params.imatrix, keep = _imatrix_array(imatrix_data)
@@ -392,10 +408,10 @@ def _fallbacks(log_text: str, written: dict[str, tuple[str, int, int]], key: str
         name = m["name"]
         found[name] = Fallback(tensor=name, wanted=m["wanted"].upper(), written=written.get(name, ("?", 0, 0))[0])
     nominal = NOMINAL_TENSOR_TYPE[key]
-    if nominal not in ("F16", "F32"):
-        blck = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[nominal]][0]
+    if nominal not in (GGMLQuantizationType.F16, GGMLQuantizationType.F32):
+        blck = gguf.GGML_QUANT_SIZES[nominal][0]
         for name, (tname, ne0, n_dims) in written.items():
             matrix = n_dims >= 2 and name.endswith("weight") and "_norm" not in name
             if matrix and name not in found and ne0 % blck != 0:
-                found[name] = Fallback(tensor=name, wanted=nominal, written=tname)
+                found[name] = Fallback(tensor=name, wanted=nominal.name, written=tname)
     return sorted(found.values(), key=lambda f: f.tensor)

@@ -29,12 +29,12 @@ distillation or a GGUF input, has this shape)::
   be run on its own: ``STAGE.fn(inputs, out_dir)`` without a cache, or through a Runner with one.
 - **Graph**: :mod:`.orchestrator` wires the stages for ``fieldpack build``; :mod:`fieldpack.builder.manifest_build`
   assembles the manifest from the records. A new stage is a module here plus one call in the orchestrator;
-  one whose record has the shape of an existing one (a GGUF input producing a
+  one whose record has the shape of an existing one (the GGUF input's :class:`~.gguf.GgufInputRecord` is a
   :class:`~.model.ConvertRecord`) replaces it without touching the stages after it.
 
 Modules: :mod:`.base` (Input, StageInputs, StageRecord, Stage), :mod:`.cache` (StageCache, Runner),
 :mod:`.embedder`, :mod:`.docs` (ingest, index, smoke question), :mod:`.model` (convert, parity),
-:mod:`.quant` (eval split, compress, quantize, quality), :mod:`.orchestrator`.
+:mod:`.gguf` (gguf input), :mod:`.quant` (eval split, compress, quantize, quality), :mod:`.orchestrator`.
 """
 
 from fieldpack.builder.stages.base import Artefact, Input, Stage, StageInputs, StageRecord

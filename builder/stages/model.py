@@ -2,8 +2,8 @@
 agrees with the checkpoint).
 
 Both read only the checkpoint (by content hash) and options, never the documents, so a docs-only rebuild
-reuses them. A build that starts from a GGUF instead of a HF folder plugs in here: a ``gguf input`` stage
-whose record has the same shape as :class:`ConvertRecord` (a ``ConversionResult`` read from the file) and no
+reuses them. A build that starts from a GGUF instead of a HF folder plugs in here: the ``gguf input`` stage
+(:mod:`.gguf`), whose record is a :class:`ConvertRecord` (a ``ConversionResult`` read from the file), and no
 parity stage; every stage after it only reads ``ConvertRecord.conversion``.
 """
 

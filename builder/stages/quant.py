@@ -2,7 +2,7 @@
 
 ``eval split`` (document chunks -> calibration / held-out texts), ``compress`` (pruning, only when asked),
 ``quantize`` (llama.cpp, with a domain imatrix when asked) and ``quality`` (PPL/KLD of the quantized model
-against the F16/F32 reference on the held-out chunks).
+against the F16/F32 reference on the held-out chunks; PPL only for a GGUF input that ships as is).
 
 ``quantize`` reads the documents only through an imatrix: without ``--imatrix`` its key holds no document
 hash, so a docs-only rebuild reuses it. ``eval split`` and ``quality`` follow the documents.
@@ -179,9 +179,10 @@ def gguf_shape(gguf_path: Path, arch: str) -> dict[str, int]:
 
 # --- quantize --------------------------------------------------------------------------------------------------
 class QuantizeInputs(StageInputs):
-    source: Input  # F16/F32 GGUF (pruned when compress ran)
+    source: Input  # F16/F32 GGUF (pruned when compress ran), or a GGUF input re-quantized on request
     qtype: str
     imatrix_from: Input | None = None  # split.json: calibration texts for a domain imatrix; None: no imatrix
+    allow_requantize: bool = False  # ``source`` is already quantized (a GGUF input): llama.cpp may re-quantize
 
 
 class QuantizeRecord(StageRecord):
@@ -202,34 +203,41 @@ def run_quantize(inputs: QuantizeInputs, out_dir: Path) -> QuantizeRecord:
         calib, _ = load_split(inputs.imatrix_from.path)
         imatrix = compute_imatrix(inputs.source.path, calib, out_dir / "imatrix.dat")
     return QuantizeRecord(quant=quantize_gguf(inputs.source.path, out_dir / "model.gguf", inputs.qtype,
-                                              imatrix=imatrix))
+                                              imatrix=imatrix, allow_requantize=inputs.allow_requantize))
 
 
 QUANTIZE = Stage("quantize", "1", QuantizeRecord, run_quantize, libraries=LLAMA_LIBRARIES,
                  code=("fieldpack.builder.quantize", "fieldpack.builder.compress.imatrix"),
-                 label=lambda i: f"quantize {i.qtype}")
+                 label=lambda i: f"{'re-quantize' if i.allow_requantize else 'quantize'} {i.qtype}")
 
 
 # --- quality ---------------------------------------------------------------------------------------------------
 class QualityInputs(StageInputs):
-    reference: Input
+    reference: Input | None  # None: no reference (a GGUF input shipped as is), perplexity of ``model`` only
     model: Input
     split: Input
     n_ctx: int
 
 
 class QualityRecord(StageRecord):
+    """``figures``: PPL of both models and KLD (None without a reference); ``ppl``: the model's perplexity
+    when there is no reference (None otherwise); ``note``: why nothing was measured (a document set too small
+    for one evaluation window), carried by the manifest instead of figures."""
+
     figures: EvalFigures | None = None
-    note: str | None = None  # why PPL/KLD were not measured (a document set too small for one window)
+    ppl: float | None = None
+    note: str | None = None
 
 
 def run_quality(inputs: QualityInputs, out_dir: Path) -> QualityRecord:
-    """PPL of both models and KLD on the held-out texts; with too little text for one window (one very short
-    document), no figures and a ``note`` that the manifest carries instead."""
-    from fieldpack.builder.llama_eval import TooLittleEvalTextError, perplexity_kld
+    """PPL of both models and KLD on the held-out texts, or the model's PPL alone without a reference; with too
+    little text for one window, no figures and a ``note``."""
+    from fieldpack.builder.llama_eval import TooLittleEvalTextError, perplexity, perplexity_kld
 
     _, held_out = load_split(inputs.split.path)
     try:
+        if inputs.reference is None:
+            return QualityRecord(ppl=perplexity(inputs.model.path, held_out, n_ctx=inputs.n_ctx))
         return QualityRecord(figures=perplexity_kld(inputs.reference.path, inputs.model.path, held_out,
                                                     n_ctx=inputs.n_ctx))
     except TooLittleEvalTextError as exc:
@@ -238,5 +246,5 @@ def run_quality(inputs: QualityInputs, out_dir: Path) -> QualityRecord:
         return QualityRecord(note=note)
 
 
-QUALITY = Stage("quality", "2", QualityRecord, run_quality, libraries=LLAMA_LIBRARIES,
+QUALITY = Stage("quality", "3", QualityRecord, run_quality, libraries=LLAMA_LIBRARIES,
                 code=("fieldpack.builder.llama_eval",))

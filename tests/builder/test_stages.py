@@ -287,3 +287,57 @@ def test_tree_hash_follows_what_ingest_reads(tmp_path: Path) -> None:
     assert hash_tree(a) != base  # a hidden file is reported (skipped) by ingest
     (b / "sub" / "x.md").rename(b / "sub" / "y.md")
     assert hash_tree(b) != base  # a renamed document changes citations
+
+
+# --- a GGUF input (builder.stages.gguf) ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gguf_build(tiny_llama_dir: Path, keys: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``gguf_build(docs, out, **cfg)`` -> BuildResult from an F16 GGUF of the tiny model, one shared cache."""
+    from fieldpack.builder.config import BuildConfig
+    from fieldpack.builder.convert import convert_hf_to_gguf
+    from fieldpack.builder.pipeline import build_bundle
+
+    root = tmp_path_factory.mktemp("gguf-stages")
+    gguf = convert_hf_to_gguf(tiny_llama_dir, root / "tiny-f16.gguf").path
+
+    def run(docs: Path, out: Path, **over):
+        cfg = BuildConfig.validated(dict(model=str(gguf), docs=docs, name="riverside", sign=keys / "builder.key",
+                                         output=out, n_ctx=1024, **over))
+        return build_bundle(cfg, cache_dir=root / "cache")
+
+    run.gguf = gguf
+    return run
+
+
+@pytest.mark.slow
+def test_docs_only_rebuild_from_a_gguf_reuses_the_gguf_input_stage(gguf_build, tmp_path: Path) -> None:
+    from fieldpack.builder.stages.gguf import GgufInputRecord
+
+    first = gguf_build(DEMO_DOCS, tmp_path / "first.fpk")
+    rec = first.records
+    assert isinstance(rec.convert, GgufInputRecord) and rec.parity is None and rec.quantize is None
+    assert (rec.convert.file_type, rec.convert.quantized) == ("F16", False)
+    assert rec.convert.conversion.sha256 == Input.file(gguf_build.gguf).sha256
+    assert rec.quality.figures is None and rec.quality.ppl > 1.0  # kept as is: PPL only
+    m = first.manifest
+    assert m.quality.parity == {"status": "not applicable, GGUF input"} and m.model.file_type == "F16"
+    assert m.quality.quantization["requantized"] is False and m.recipe["build"]["quant"] == "F16"
+
+    docs = tmp_path / "docs"
+    shutil.copytree(DEMO_DOCS, docs)
+    target = sorted(docs.glob("*.md"))[0]
+    target.write_text(target.read_text(encoding="utf-8") + NEW_SECTION, encoding="utf-8")
+    second = gguf_build(docs, tmp_path / "second.fpk")
+    cached = _cached(second)
+    assert cached["convert"] and cached["embedder"]  # the gguf input stage (and the embedder) reused
+    assert not any(cached[s] for s in DOC_STAGES)
+    assert second.records.convert.conversion.path == rec.convert.conversion.path  # the same cache entry
+    assert [t.name for t in second.stages if t.cached] == ["embedder", "read GGUF"]
+
+    third = gguf_build(docs, tmp_path / "q8.fpk", quant="Q8_0")  # re-quantize on request
+    cached = _cached(third)
+    assert cached["convert"] and not cached["quantize"] and cached["split"] and not cached["quality"]
+    q = third.manifest.quality.quantization
+    assert (q["requantized"], q["requantized_from"], q["qtype"]) == (True, "F16", "Q8_0")
+    assert q["kld_mean"] >= 0 and third.manifest.model.file_type == "Q8_0"
+    assert third.records.quality.figures is not None
