@@ -140,7 +140,7 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
                     log.warning("generation: %r abstained; skipped", q)
                     continue
                 tm = ans.timings
-                built = fit_prompt(ans.question, ans.sources, [], render=rt.render, tokenize=rt.tokenize_prompt,
+                built = fit_prompt(ans.question, ans.sources, [], render=rt.render_prompt, tokenize=rt.tokenize_prompt,
                                    budget_tokens=n_ctx - max_tokens)
                 out.append({
                     "question": q, "pass": tag, "repeat": sum(1 for r in out if r["question"] == q),

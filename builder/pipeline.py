@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fieldpack.builder.config import BuildConfig
+from fieldpack.builder.prompt_plan import PromptPlan, check_real_prompt, plan_prompt
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.bundle import describe_members, hash_file, write_bundle
 from fieldpack.shared.kv_cache import kv_cache_bytes
@@ -111,8 +112,9 @@ def quiet_third_party() -> None:
         h.addFilter(_DropOrtAdvice())
 
 
-def check_inputs(cfg: BuildConfig) -> Path:
-    """Fail fast on every user input before heavy work. Returns the local model folder.
+def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
+    """Fail fast on every user input before heavy work. Returns the local model folder and the prompt format
+    the device will use (decided from the chat template and ``cfg.prompt_format``).
 
     Raises:
         InputNotFoundError: model or docs folder missing.
@@ -120,6 +122,7 @@ def check_inputs(cfg: BuildConfig) -> Path:
         SigningKeyError: the key is missing or not an ed25519 private key.
         OutputNotWritableError: the output's folder is missing or not writable.
         UsageError: a hub id given while offline.
+        ChatTemplateError: the prompt format cannot be decided (fix: ``--prompt-format``).
     """
     from fieldpack.builder.convert import hub_or_local
     from fieldpack.builder.quantize import QUANT_TYPES
@@ -137,8 +140,14 @@ def check_inputs(cfg: BuildConfig) -> Path:
     except OSError as exc:
         raise OutputNotWritableError(f"cannot write in {out_dir}: {exc.strerror}", hint="choose a writable -o path") from exc
     model_dir = hub_or_local(cfg.model)
-    preflight_model(model_dir)
-    return model_dir
+    vocab = preflight_model(model_dir)
+
+    def text(tid: int | None) -> str:
+        return vocab.tokens[tid] if tid is not None and 0 <= tid < len(vocab.tokens) else ""
+
+    plan = plan_prompt(vocab.chat_template, cfg.prompt_format, bos_token=text(vocab.bos_id),
+                       eos_token=text(vocab.eos_id), origin=f"model {model_dir}")
+    return model_dir, plan
 
 
 def check_docs_folder(docs: Path) -> None:
@@ -163,9 +172,10 @@ def check_docs_folder(docs: Path) -> None:
         f"{'/'.join(sorted(FORMATS))} file)", hint="put Markdown, text, HTML, PDF or CSV documents in it")
 
 
-def preflight_model(model_dir: Path) -> None:
+def preflight_model(model_dir: Path) -> Any:
     """Read the checkpoint's config and tokenizer (no weights) so an unsupported architecture or tokenizer is
-    refused in a second, before any export or training-time work.
+    refused in a second, before any export or training-time work. Returns the tokenizer as GGUF will store it
+    (``builder.convert.tokenizer.Vocab``).
 
     Raises:
         InputNotFoundError, ModelLoadError, UnsupportedArchitectureError, UnsupportedTokenizerError.
@@ -176,7 +186,7 @@ def preflight_model(model_dir: Path) -> None:
 
     ckpt = Checkpoint(model_dir)
     hp = read_hparams(ckpt.config, ckpt.architecture, source=str(ckpt.model_dir))
-    read_vocab(ckpt.model_dir, hp.n_vocab, ckpt.config)
+    return read_vocab(ckpt.model_dir, hp.n_vocab, ckpt.config)
 
 
 def split_eval(texts: list[str], fraction: float, max_chunks: int, seed: int, *,
@@ -259,12 +269,12 @@ def build_bundle(cfg: BuildConfig, *, workdir: Path | None = None, on_stage: Sta
         return _S()
 
     with stage("check inputs"):
-        model_dir = check_inputs(cfg)
+        model_dir, prompt = check_inputs(cfg)
     own_work = workdir is None
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=".fieldpack-build-", dir=cfg.output.parent))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result = _run(cfg, model_dir, work, stage)
+        result = _run(cfg, model_dir, prompt, work, stage)
         result.stages = timings
         return result
     finally:
@@ -272,7 +282,7 @@ def build_bundle(cfg: BuildConfig, *, workdir: Path | None = None, on_stage: Sta
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], Any]) -> BuildResult:
+def _run(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, stage: Callable[[str], Any]) -> BuildResult:
     from fieldpack.builder.convert import convert_hf_to_gguf
     from fieldpack.builder.embedder_export import export_embedder
     from fieldpack.builder.index_build import build_index, embed_chunks
@@ -299,6 +309,10 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
             try:
                 smoke_q, smoke_src = choose_smoke_question(
                     ing.chunks, lambda q, k: [h.source for h in retriever.search(q, k=k)])
+                # the device's real prompt for the smoke question renders (a failing template stops the build)
+                check_real_prompt(prompt, smoke_q, retriever.search(smoke_q, k=cfg.top_k_chunks),
+                                  count_tokens=_model_token_counter(model_dir),
+                                  budget_tokens=cfg.n_ctx - cfg.max_tokens)
             finally:
                 retriever.close()
     finally:
@@ -372,7 +386,10 @@ def _run(cfg: BuildConfig, model_dir: Path, work: Path, stage: Callable[[str], A
                             chunk_tokens=cfg.chunk_tokens, overlap_tokens=cfg.overlap_tokens,
                             skipped_files=sum(1 for r in ing.report if r.status != "indexed")),
             runtime=RuntimeDefaults(n_ctx=n_ctx, max_tokens=cfg.max_tokens, temperature=0.0,
-                                    top_k_chunks=cfg.top_k_chunks, stop=list(f16.stop_strings),
+                                    top_k_chunks=cfg.top_k_chunks,
+                                    stop=[*f16.stop_strings, *(s for s in prompt.extra_stop if s not in f16.stop_strings)],
+                                    prompt_format=prompt.prompt_format,
+                                    completion_template=prompt.completion_template,
                                     min_similarity=cfg.min_similarity if cfg.min_similarity is not None
                                     else DEFAULT_MIN_SIMILARITY,
                                     memory=MemoryNeeds(**mem)),

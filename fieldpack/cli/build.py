@@ -60,6 +60,9 @@ def build(
     ffn_keep: Optional[float] = typer.Option(None, "--ffn-keep", help="width pruning: share of MLP channels kept"),
     imatrix: Optional[str] = typer.Option(None, "--imatrix", help="'domain': importance matrix from the documents"),
     calib_chunks: Optional[int] = typer.Option(None, "--calib-chunks", help="calibration chunks for pruning/imatrix"),
+    prompt_format: Optional[str] = typer.Option(
+        None, "--prompt-format", help="chat | completion (default: from the model's chat template; completion "
+                                       "for base models without one)"),
     json_out: bool = typer.Option(False, "--json", help="print the manifest as JSON when done"),
 ) -> None:
     """Build a signed bundle from a checkpoint and a folder of documents."""
@@ -69,7 +72,7 @@ def build(
                                    drop_layers=drop_layers, ffn_keep=ffn_keep, imatrix=imatrix,
                                    calib_chunks=calib_chunks).items() if v is not None}
     opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
-                n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder)
+                n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder, prompt_format=prompt_format)
     if recipe:
         overrides = {k: v for k, v in opts.items() if v is not None}
         if compression:
