@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fieldpack.builder.config import BuildConfig
+from fieldpack.builder.gguf_source import gguf_token_counter, is_gguf_path, read_gguf_model
 from fieldpack.builder.prompt_plan import PromptPlan, check_real_prompt, plan_prompt
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.bundle import describe_members, hash_file, write_bundle
@@ -34,6 +35,7 @@ from fieldpack.shared.errors import (
     NoDocumentsError,
     OutputNotWritableError,
     UnknownQuantTypeError,
+    UsageError,
 )
 from fieldpack.shared.manifest import (
     EmbedderInfo,
@@ -139,6 +141,17 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as exc:
         raise OutputNotWritableError(f"cannot write in {out_dir}: {exc.strerror}", hint="choose a writable -o path") from exc
+    if is_gguf_path(cfg.model):
+        if cfg.compression:
+            raise UsageError(f"compression options need a checkpoint folder, not the GGUF {cfg.model}",
+                             hint="drop --prune/--imatrix options, or pass the Hugging Face checkpoint")
+        gm = read_gguf_model(Path(cfg.model))
+        if cfg.quant.upper() != gm.file_type:
+            log.warning("--model %s is a %s GGUF, kept as is (--quant %s not applied)", cfg.model, gm.file_type,
+                        cfg.quant)
+        plan = plan_prompt(gm.chat_template, cfg.prompt_format, bos_token=gm.token_text(gm.bos_id),
+                           eos_token=gm.token_text(gm.eos_id), origin=f"model {cfg.model}")
+        return Path(cfg.model), plan
     model_dir = hub_or_local(cfg.model)
     vocab = preflight_model(model_dir)
 
@@ -293,6 +306,8 @@ def _run(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, stag
     from fieldpack.retrieval.embedder import OnnxEmbedder
     from fieldpack.retrieval.search import DEFAULT_MIN_SIMILARITY, Retriever
 
+    gguf_in = is_gguf_path(str(model_dir))
+    count_model_tokens = gguf_token_counter(model_dir) if gguf_in else _model_token_counter(model_dir)
     with stage("embedder"):
         emb = export_embedder(cfg.embedder, work / "embedder", int8=cfg.embedder_int8)
         embedder = OnnxEmbedder(emb.onnx_path, emb.tokenizer_path, max_tokens=emb.max_tokens)
@@ -311,42 +326,50 @@ def _run(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, stag
                     ing.chunks, lambda q, k: [h.source for h in retriever.search(q, k=k)])
                 # the device's real prompt for the smoke question renders (a failing template stops the build)
                 check_real_prompt(prompt, smoke_q, retriever.search(smoke_q, k=cfg.top_k_chunks),
-                                  count_tokens=_model_token_counter(model_dir),
+                                  count_tokens=count_model_tokens,
                                   budget_tokens=cfg.n_ctx - cfg.max_tokens)
             finally:
                 retriever.close()
     finally:
         embedder.close()
 
-    with stage("convert"):
-        f16 = convert_hf_to_gguf(model_dir, work / f"model-{cfg.parity_outtype}.gguf", outtype=cfg.parity_outtype)
-    with stage("parity"):
-        parity = check_parity(model_dir, f16.path)
+    if gguf_in:
+        f16, quant, parity, quality_q, stages_quality, held_out, n_ctx_eval = _gguf_as_is(
+            cfg, model_dir, [c.text for c in ing.chunks], count_model_tokens, work, stage)
+        shipped, qtype = f16, f16.file_type
+    else:
+        with stage("convert"):
+            f16 = convert_hf_to_gguf(model_dir, work / f"model-{cfg.parity_outtype}.gguf", outtype=cfg.parity_outtype)
+        with stage("parity"):
+            parity = check_parity(model_dir, f16.path)
 
-    count_model_tokens = _model_token_counter(model_dir)
-    calib, held_out = split_eval([c.text for c in ing.chunks], cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed,
-                                 count_tokens=count_model_tokens, min_tokens=4 * 256)
-    n_ctx_eval = eval_window(sum(count_model_tokens(t) for t in held_out), f16.n_ctx_train)
-    dense = f16.path
-    stages_quality: list[dict[str, Any]] = []
-    if cfg.compression:
-        with stage("compress"):
-            from fieldpack.builder.compress import apply_compression  # issue "Compression"
+        calib, held_out = split_eval([c.text for c in ing.chunks], cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed,
+                                     count_tokens=count_model_tokens, min_tokens=4 * 256)
+        n_ctx_eval = eval_window(sum(count_model_tokens(t) for t in held_out), f16.n_ctx_train)
+        dense = f16.path
+        stages_quality: list[dict[str, Any]] = []
+        if cfg.compression:
+            with stage("compress"):
+                from fieldpack.builder.compress import apply_compression  # issue "Compression"
 
-            dense, stages_quality = apply_compression(cfg, model_dir, f16, calib, held_out, work)
-    # the manifest describes the model that ships: after depth/width pruning, read its shape from the GGUF
-    shipped = shipped_model_facts(f16, dense) if dense != f16.path else f16
+                dense, stages_quality = apply_compression(cfg, model_dir, f16, calib, held_out, work)
+        # the manifest describes the model that ships: after depth/width pruning, read its shape from the GGUF
+        shipped = shipped_model_facts(f16, dense) if dense != f16.path else f16
 
-    qtype = cfg.quant.upper()
-    with stage(f"quantize {qtype}"):
-        imatrix = None
-        if cfg.compression.get("imatrix"):
-            from fieldpack.builder.compress import compute_imatrix
+        qtype = cfg.quant.upper()
+        with stage(f"quantize {qtype}"):
+            imatrix = None
+            if cfg.compression.get("imatrix"):
+                from fieldpack.builder.compress import compute_imatrix
 
-            imatrix = compute_imatrix(dense, calib, work / "imatrix.dat")
-        quant = quantize_gguf(dense, work / "model.gguf", qtype, imatrix=imatrix)
-    with stage("quality"):
-        qfig = perplexity_kld(f16.path, quant.path, held_out, n_ctx=n_ctx_eval)
+                imatrix = compute_imatrix(dense, calib, work / "imatrix.dat")
+            quant = quantize_gguf(dense, work / "model.gguf", qtype, imatrix=imatrix)
+        with stage("quality"):
+            qfig = perplexity_kld(f16.path, quant.path, held_out, n_ctx=n_ctx_eval)
+        quality_q = dict(_as_dict(qfig), qtype=qtype, size_bytes=quant.size_bytes,
+                         ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes),
+                         fallbacks=len(quant.fallbacks), held_out_chunks=len(held_out),
+                         window_tokens=n_ctx_eval)
 
     with stage("bundle"):
         recipe_path = work / "recipe.toml"
@@ -362,7 +385,8 @@ def _run(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, stag
         emb_bytes = hash_file(emb.onnx_path)[0]
         mem = dict(weights_bytes=quant.size_bytes,
                    kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head_kv=shipped.n_head_kv,
-                                                 head_dim=shipped.n_embd // shipped.n_head),
+                                                 head_dim=getattr(shipped, "head_dim", None)
+                                                 or shipped.n_embd // shipped.n_head),
                    embedder_bytes=2 * emb_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
         mem["total_bytes"] = sum(mem.values())
         manifest = Manifest(
@@ -397,10 +421,7 @@ def _run(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, stag
             recipe=cfg.to_recipe(),
             quality=Quality(
                 parity=_as_dict(parity),
-                quantization=dict(_as_dict(qfig), qtype=qtype, size_bytes=quant.size_bytes,
-                                  ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes),
-                                  fallbacks=len(quant.fallbacks), held_out_chunks=len(held_out),
-                                  window_tokens=n_ctx_eval),
+                quantization=quality_q,
                 embedder=dict(_as_dict(emb.gate), precision=emb.precision, kept_int8=emb.kept_int8,
                               parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
                               int8_bytes=emb.int8_bytes) if emb.gate is not None else
@@ -410,6 +431,39 @@ def _run(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, stag
         )
         write_bundle(cfg.output, manifest, files, cfg.sign)
     return BuildResult(bundle=cfg.output, manifest=manifest, ingest_report=[report_to_dict(r) for r in ing.report])
+
+
+def _gguf_as_is(cfg: BuildConfig, gguf_path: Path, texts: list[str], count_tokens: Callable[[str], int],
+                work: Path, stage: Callable[[str], Any]) -> tuple[Any, Any, dict[str, Any], dict[str, Any],
+                                                                 list[dict[str, Any]], list[str], int]:
+    """``--model x.gguf``: the file ships as is (no conversion, no parity gate: there is no checkpoint to compare
+    to, and the manifest says so); its perplexity on held-out document chunks is measured as usual.
+
+    Returns (model facts, shipped file facts, parity record, quantization record, compression stages, held-out
+    texts, PPL window)."""
+    import os
+    from types import SimpleNamespace
+
+    from fieldpack.builder.llama_eval import perplexity
+
+    with stage("model (GGUF as is)"):
+        gm = read_gguf_model(gguf_path)
+        shipped = work / "model.gguf"
+        try:
+            os.link(gguf_path, shipped)
+        except OSError:
+            shutil.copyfile(gguf_path, shipped)
+    _calib, held_out = split_eval(texts, cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed,
+                                  count_tokens=count_tokens, min_tokens=4 * 256)
+    n_ctx_eval = eval_window(sum(count_tokens(t) for t in held_out), gm.n_ctx_train)
+    with stage("quality"):
+        ppl = perplexity(shipped, held_out, n_ctx=n_ctx_eval)
+    parity = {"passed": None, "skipped": "GGUF input: no checkpoint to compare to, no parity gate"}
+    quality = dict(qtype=gm.file_type, kept_as_is=True, source=str(gguf_path), ppl=ppl, size_bytes=gm.size_bytes,
+                   held_out_chunks=len(held_out), window_tokens=n_ctx_eval)
+    gm.path = shipped
+    shipped_file = SimpleNamespace(path=shipped, size_bytes=gm.size_bytes, tensor_types=gm.tensor_types, fallbacks=[])
+    return gm, shipped_file, parity, quality, [], held_out, n_ctx_eval
 
 
 def shipped_model_facts(f16: Any, gguf_path: Path) -> Any:
