@@ -14,6 +14,11 @@ Tolerance (``logit_atol``, absolute, in logits) defaults by the GGUF's file type
 * F32 GGUF: ``1e-3``. Only float32 summation order differs; measured max |diff| on the tiny models is ~1e-5.
 * F16/BF16 GGUF: ``5e-2``. Weights are rounded to 11-bit mantissas and llama.cpp's CPU F16 matmul rounds
   activations to F16 too; measured max |diff| on the tiny models is ~5e-3 to 1e-2 for logits of magnitude ~15.
+* GELU architectures (Gemma family): ``1e-1`` for F32, F16 and BF16 alike. ggml's CPU GELU (``GGML_GELU_FP16``,
+  on by default) looks its input up in an F16 table, so even an F32 GGUF computes the feed-forward activations
+  at F16 precision, and Gemma's logits are large (|logit| up to ~50). Measured on Gemma 3 270M (284 positions):
+  max |diff| 0.031 (F32) and 0.049 (F16), top-1 identical except within ties; a wrong RMSNorm convention
+  gives differences of several logits and fails.
 * quantized GGUFs have no default: use :func:`builder.llama_eval.perplexity_kld` for them, or pass a tolerance.
 
 Top-1 rule: the argmax token must be the same at every position, except where the HF top-2 logits are within
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import Keys, LlamaFileType
 
 from fieldpack.builder.llama_eval import adds_bos, logits_for, open_gguf
 from fieldpack.shared.errors import InputNotFoundError, ModelLoadError, ParityError, UsageError
@@ -48,7 +54,20 @@ DEFAULT_PROMPTS: list[str] = [
     "0123456789 9876543210 3.14159 1e6 0x1F 2024-05-01T12:00:00Z",
 ]
 
-TOLERANCE_BY_FILE_TYPE: dict[int, float] = {0: 1e-3, 1: 5e-2, 32: 5e-2}  # LLAMA_FTYPE: ALL_F32, MOSTLY_F16, BF16
+TOLERANCE_BY_FILE_TYPE: dict[int, float] = {
+    LlamaFileType.ALL_F32: 1e-3, LlamaFileType.MOSTLY_F16: 5e-2, LlamaFileType.MOSTLY_BF16: 5e-2,
+}
+#: GGUF architectures whose feed-forward is GELU, computed by ggml through an F16 table (module docstring).
+GELU_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
+GELU_TOLERANCE = 1e-1
+
+
+def default_tolerance(file_type: int, architecture: str) -> float | None:
+    """The default ``logit_atol`` for a GGUF of ``file_type`` (``general.file_type``) and ``architecture``, or
+    None for quantized file types (module docstring)."""
+    if file_type not in TOLERANCE_BY_FILE_TYPE:
+        return None
+    return GELU_TOLERANCE if architecture in GELU_ARCHITECTURES else TOLERANCE_BY_FILE_TYPE[file_type]
 
 
 @dataclass(frozen=True)
@@ -94,11 +113,16 @@ class ParityReport:
 
 def gguf_file_type(path: Path) -> int:
     """``general.file_type`` of a GGUF (``LLAMA_FTYPE_*``), or -1 when the key is absent."""
+    return _gguf_type_and_arch(path)[0]
+
+
+def _gguf_type_and_arch(path: Path) -> tuple[int, str]:
     import gguf
 
     reader = gguf.GGUFReader(path)
-    f = reader.fields.get("general.file_type")
-    return int(f.parts[f.data[0]][0]) if f is not None else -1
+    f = reader.fields.get(Keys.General.FILE_TYPE)
+    a = reader.fields.get(Keys.General.ARCHITECTURE)
+    return (int(f.parts[f.data[0]][0]) if f is not None else -1), (str(a.contents()) if a is not None else "")
 
 
 def check_parity(
@@ -139,14 +163,14 @@ def check_parity(
     texts = [p for p in (prompts if prompts is not None else DEFAULT_PROMPTS) if p]
     if not texts:
         raise UsageError("No prompts to compare", hint="pass non-empty prompts or use the defaults")
-    ftype = gguf_file_type(gguf_path)
+    ftype, arch = _gguf_type_and_arch(gguf_path)
     if logit_atol is None:
-        if ftype not in TOLERANCE_BY_FILE_TYPE:
+        logit_atol = default_tolerance(ftype, arch)
+        if logit_atol is None:
             raise UsageError(
                 f"{gguf_path} has file type {ftype}, which has no default parity tolerance",
                 hint="run the parity gate on the F32/F16 conversion and measure quantized files with perplexity_kld",
             )
-        logit_atol = TOLERANCE_BY_FILE_TYPE[ftype]
 
     hf_logging.disable_progress_bar()
     try:

@@ -32,31 +32,47 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType
 
 from fieldpack.shared.errors import InputNotFoundError, OutputNotWritableError, QuantizationError, UnknownQuantTypeError
 
 logger = logging.getLogger(__name__)
 
-#: fieldpack quant type name -> llama.cpp ``llama_ftype`` value (``LLAMA_FTYPE_*`` in llama.h).
-QUANT_TYPES: dict[str, int] = {
-    "F32": 0,
-    "F16": 1,
-    "Q8_0": 7,
-    "Q6_K": 18,
-    "Q5_K_M": 17,
-    "Q5_K_S": 16,
-    "Q5_0": 8,
-    "Q4_K_M": 15,
-    "Q4_K_S": 14,
-    "Q4_0": 2,
-    "Q3_K_M": 12,
+#: fieldpack quant type name -> llama.cpp file type (``gguf.LlamaFileType``, ``LLAMA_FTYPE_*`` in llama.h).
+QUANT_TYPES: dict[str, LlamaFileType] = {
+    "F32": LlamaFileType.ALL_F32,
+    "F16": LlamaFileType.MOSTLY_F16,
+    "Q8_0": LlamaFileType.MOSTLY_Q8_0,
+    "Q6_K": LlamaFileType.MOSTLY_Q6_K,
+    "Q5_K_M": LlamaFileType.MOSTLY_Q5_K_M,
+    "Q5_K_S": LlamaFileType.MOSTLY_Q5_K_S,
+    "Q5_0": LlamaFileType.MOSTLY_Q5_0,
+    "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M,
+    "Q4_K_S": LlamaFileType.MOSTLY_Q4_K_S,
+    "Q4_0": LlamaFileType.MOSTLY_Q4_0,
+    "Q3_K_M": LlamaFileType.MOSTLY_Q3_K_M,
 }
 
 #: The GGML tensor type each file type is named after (what most matrices get).
-NOMINAL_TENSOR_TYPE: dict[str, str] = {
-    "F32": "F32", "F16": "F16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K",
-    "Q5_0": "Q5_0", "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q4_0": "Q4_0", "Q3_K_M": "Q3_K",
+NOMINAL_TENSOR_TYPE: dict[str, GGMLQuantizationType] = {
+    "F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16, "Q8_0": GGMLQuantizationType.Q8_0,
+    "Q6_K": GGMLQuantizationType.Q6_K, "Q5_K_M": GGMLQuantizationType.Q5_K, "Q5_K_S": GGMLQuantizationType.Q5_K,
+    "Q5_0": GGMLQuantizationType.Q5_0, "Q4_K_M": GGMLQuantizationType.Q4_K, "Q4_K_S": GGMLQuantizationType.Q4_K,
+    "Q4_0": GGMLQuantizationType.Q4_0, "Q3_K_M": GGMLQuantizationType.Q3_K,
 }
+
+
+def file_type_name(ftype: int) -> str:
+    """fieldpack's name of a ``general.file_type`` value (``"Q4_K_M"``), or gguf's enum name when fieldpack does
+    not offer that type (``"MOSTLY_IQ2_XS"``), or ``"unknown(<n>)"``."""
+    for name, value in QUANT_TYPES.items():
+        if value == ftype:
+            return name
+    try:
+        return LlamaFileType(ftype).name
+    except ValueError:
+        return f"unknown({ftype})"
+
 
 _FALLBACK_RE = re.compile(
     r"warning:\s+(?P<name>\S+)\s+-\s+ncols\s+(?P<ncols>\d+)\s+not divisible by\s+(?P<blck>\d+)\s+"
@@ -328,7 +344,7 @@ def quantize_gguf(
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = int(nthread or default_threads())
-    params.ftype = QUANT_TYPES[key]
+    params.ftype = int(QUANT_TYPES[key])
     keep: list[Any] = []
     if imatrix_data:
         params.imatrix, keep = _imatrix_array(imatrix_data)
@@ -388,10 +404,10 @@ def _fallbacks(log_text: str, written: dict[str, tuple[str, int, int]], key: str
         name = m["name"]
         found[name] = Fallback(tensor=name, wanted=m["wanted"].upper(), written=written.get(name, ("?", 0, 0))[0])
     nominal = NOMINAL_TENSOR_TYPE[key]
-    if nominal not in ("F16", "F32"):
-        blck = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[nominal]][0]
+    if nominal not in (GGMLQuantizationType.F16, GGMLQuantizationType.F32):
+        blck = gguf.GGML_QUANT_SIZES[nominal][0]
         for name, (tname, ne0, n_dims) in written.items():
             matrix = n_dims >= 2 and name.endswith("weight") and "_norm" not in name
             if matrix and name not in found and ne0 % blck != 0:
-                found[name] = Fallback(tensor=name, wanted=nominal, written=tname)
+                found[name] = Fallback(tensor=name, wanted=nominal.name, written=tname)
     return sorted(found.values(), key=lambda f: f.tensor)

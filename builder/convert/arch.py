@@ -1,7 +1,9 @@
 """Architecture knowledge: which HF model classes convert, their hyperparameters, and their tensor plan.
 
 Supported: ``LlamaForCausalLM`` and ``MistralForCausalLM`` (GGUF arch ``llama``; TinyLlama and SmolLM are
-Llama) and ``Qwen2ForCausalLM`` (GGUF arch ``qwen2``). The differences that matter for llama.cpp:
+Llama), ``Qwen2ForCausalLM`` (GGUF arch ``qwen2``) and ``Gemma3ForCausalLM`` / the text part of
+``Gemma3ForConditionalGeneration`` (GGUF arch ``gemma3``; its specifics are in :mod:`.gemma3`). The differences
+that matter for llama.cpp:
 
 * **Q/K permutation** (llama only). HF Llama checkpoints store ``q_proj``/``k_proj`` rows in the
   "rotate_half" layout (first half of each head's dims, then second half); llama.cpp's ``llama`` arch applies
@@ -23,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fieldpack.builder.convert import gemma3
 from fieldpack.shared.errors import ModelLoadError, UnsupportedArchitectureError
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
 
 #: Tensors HF checkpoints sometimes carry that have no place in a GGUF (recomputed by llama.cpp).
@@ -56,6 +61,12 @@ class HParams:
     rope_scaling: dict[str, Any] | None
     tie_embeddings: bool
     permute_qk: bool
+    #: Added to every ``*norm.weight`` when written (Gemma: 1.0, see :mod:`.gemma3`).
+    norm_shift: float = 0.0
+    #: Sliding-window attention: window (tokens), RoPE base of sliding layers, per-layer "slides" flags.
+    sliding_window: int | None = None
+    rope_theta_swa: float | None = None
+    swa_layers: list[bool] | None = None
 
 
 @dataclass
@@ -114,6 +125,8 @@ def read_hparams(config: dict[str, Any], architecture: str, *, source: str) -> H
             f"Unsupported model architecture {architecture or '(none)'!r} in {source}",
             hint=f"fieldpack converts {', '.join(sorted(SUPPORTED_ARCHITECTURES))}; pick a model of one of these",
         )
+    if gguf_arch == "gemma3":
+        config = gemma3.text_config(config, architecture)
     try:
         n_embd = int(config["hidden_size"])
         n_head = int(config["num_attention_heads"])
@@ -137,18 +150,40 @@ def read_hparams(config: dict[str, Any], architecture: str, *, source: str) -> H
         raise ModelLoadError(
             f"config.json in {source} lacks {exc.args[0]!r}", hint="the config is incomplete; re-download it"
         ) from exc
-    hp.rope_theta, hp.rope_scaling = _rope(config)
+    if gguf_arch == "gemma3":
+        _read_gemma3(config, hp, source)
+    else:
+        hp.rope_theta, hp.rope_scaling = _rope(config)
     if hp.rope_scaling is not None and hp.rope_scaling["rope_type"] not in ("linear", "yarn", "llama3"):
         raise UnsupportedArchitectureError(
             f"RoPE scaling {hp.rope_scaling['rope_type']!r} in {source} is not supported by llama.cpp conversion",
             hint="use a model with default, linear, yarn or llama3 RoPE scaling",
         )
-    if config.get("use_sliding_window") or (gguf_arch == "llama" and config.get("sliding_window")):
+    if gguf_arch == "gemma3" and hp.rope_scaling is not None and hp.rope_scaling["rope_type"] != "linear":
+        raise UnsupportedArchitectureError(
+            f"RoPE scaling {hp.rope_scaling['rope_type']!r} in Gemma 3 checkpoint {source} is not supported",
+            hint="llama.cpp's gemma3 applies only linear RoPE scaling; use a standard Gemma 3 checkpoint",
+        )
+    slides = config.get("use_sliding_window") or (gguf_arch == "llama" and config.get("sliding_window"))
+    if gguf_arch != "gemma3" and slides:
         logger.warning(
             "%s: sliding-window attention (window %s) is not represented in GGUF; llama.cpp attends to the "
             "full context, so outputs differ beyond the window", source, config.get("sliding_window"),
         )
     return hp
+
+
+def _read_gemma3(config: dict[str, Any], hp: HParams, source: str) -> None:
+    """Fill the Gemma 3 specifics of ``hp`` (norm shift, RoPE bases, sliding window) after validating them."""
+    gemma3.check_supported(config, n_embd=hp.n_embd, n_head=hp.n_head, n_layer=hp.n_layer, head_dim=hp.head_dim,
+                           source=source)
+    hp.rope_theta, hp.rope_theta_swa, hp.rope_scaling = gemma3.rope_bases(config)
+    hp.norm_shift = gemma3.NORM_SHIFT
+    hp.tie_embeddings = bool(config.get("tie_word_embeddings", True))
+    window = config.get("sliding_window")
+    if window:
+        hp.sliding_window = int(window)
+        hp.swa_layers = gemma3.sliding_layers(config, hp.n_layer)
 
 
 def write_hparams(writer: Any, hp: HParams) -> None:
@@ -165,9 +200,15 @@ def write_hparams(writer: Any, hp: HParams) -> None:
     writer.add_rope_freq_base(hp.rope_theta)
     writer.add_rope_dimension_count(hp.head_dim)
     writer.add_vocab_size(hp.n_vocab)
-    if hp.head_dim * hp.n_head != hp.n_embd:
+    if hp.head_dim * hp.n_head != hp.n_embd or hp.gguf_arch == "gemma3":
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
+    if hp.sliding_window is not None and hp.swa_layers is not None:
+        writer.add_sliding_window(hp.sliding_window)
+        if hp.rope_theta_swa is not None:
+            writer.add_rope_freq_base_swa(hp.rope_theta_swa)
+        if hp.swa_layers != gemma3.default_pattern(hp.n_layer):
+            writer.add_sliding_window_pattern(hp.swa_layers)
     rs = hp.rope_scaling
     if rs is not None and rs["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -207,11 +248,14 @@ def llama3_rope_factors(hp: HParams) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def _loader(checkpoint: Any, name: str, permute_heads: int | None) -> Callable[[], np.ndarray]:
-    """A deferred load of one checkpoint tensor, Q/K-permuted over ``permute_heads`` heads when given."""
+def _loader(checkpoint: Any, name: str, permute_heads: int | None, shift: float = 0.0) -> Callable[[], np.ndarray]:
+    """A deferred load of one checkpoint tensor, Q/K-permuted over ``permute_heads`` heads when given, plus
+    ``shift`` added to every element (Gemma's RMSNorm convention)."""
 
     def load() -> np.ndarray:
         data = checkpoint.tensor(name)
+        if shift:
+            data = data + np.float32(shift)
         # looked up at call time, so tests can swap the module's permute_qk
         return data if permute_heads is None else permute_qk(data, permute_heads)
 
@@ -230,20 +274,24 @@ def plan_tensors(checkpoint: Any, hp: HParams) -> list[TensorPlan]:
     """
     import gguf
 
-    arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[hp.gguf_arch]
+    arch_enum = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[hp.gguf_arch]
     name_map = gguf.get_tensor_name_map(arch_enum, hp.n_layer)
     plans: list[TensorPlan] = []
     if hp.rope_scaling is not None and hp.rope_scaling["rope_type"] == "llama3":
         factors = llama3_rope_factors(hp)
         plans.append(TensorPlan("rope_freqs.weight", factors.shape, lambda f=factors: f, "(computed)"))
 
-    has_lm_head = "lm_head.weight" in checkpoint.tensors
+    names = {n: n for n in checkpoint.tensors}
+    if hp.gguf_arch == "gemma3":  # text part of Gemma3ForConditionalGeneration; vision tensors are dropped
+        names = {n: t for n in checkpoint.tensors if (t := gemma3.text_tensor_name(n)) is not None}
+    has_lm_head = "lm_head.weight" in names.values()
     if not hp.tie_embeddings and not has_lm_head:
         raise ModelLoadError(
             f"{checkpoint.model_dir}: lm_head.weight is missing and tie_word_embeddings is false",
             hint="the checkpoint is incomplete; download all of its safetensors files",
         )
-    for name, meta in checkpoint.tensors.items():
+    for stored, name in names.items():
+        meta = checkpoint.tensors[stored]
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name == "lm_head.weight" and hp.tie_embeddings:
@@ -261,5 +309,6 @@ def plan_tensors(checkpoint: Any, hp: HParams) -> list[TensorPlan]:
             heads = hp.n_head
         elif hp.permute_qk and ".self_attn.k_proj." in name:
             heads = hp.n_head_kv  # GQA: K has the KV head count
-        plans.append(TensorPlan(gguf_name, meta.shape, _loader(checkpoint, name, heads), name))
+        shift = hp.norm_shift if name.endswith("norm.weight") else 0.0
+        plans.append(TensorPlan(gguf_name, meta.shape, _loader(checkpoint, stored, heads, shift), stored))
     return plans

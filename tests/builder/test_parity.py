@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fieldpack.builder.convert.arch as arch_mod
-import fieldpack.builder.convert.tokenizer as tok_mod
+import fieldpack.builder.convert.bpe as tok_mod
 from fieldpack.builder.convert import convert_hf_to_gguf
 from fieldpack.builder.parity import DEFAULT_PROMPTS, TOLERANCE_BY_FILE_TYPE, check_parity
 from fieldpack.builder.quantize import quantize_gguf

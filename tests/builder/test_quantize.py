@@ -49,7 +49,7 @@ def test_each_quant_type_writes_what_it_says(quantized, converted, arch: str, qt
     by_name = {t.name: t.tensor_type.name for t in reader.tensors}
     assert by_name == r.tensor_type_by_name
     assert sum(r.tensor_types.values()) == len(by_name)
-    nominal = NOMINAL_TENSOR_TYPE[qtype]
+    nominal = NOMINAL_TENSOR_TYPE[qtype].name
     matrices = [n for n in by_name if n.endswith(".weight") and "norm" not in n]
     norms = [n for n in by_name if "norm" in n or n.endswith(".bias")]
     assert all(by_name[n] == "F32" for n in norms)
