@@ -192,5 +192,8 @@ def gguf_token_counter(path: Path) -> Any:
     """``text -> number of model tokens`` with llama.cpp's own tokenizer (vocab only, no weights loaded)."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    from fieldpack.builder.quantize import _capture_llama_log
+
+    with _capture_llama_log():  # llama.cpp logs context warnings even for a vocab-only load
+        llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
     return lambda text: len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
