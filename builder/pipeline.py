@@ -24,8 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from fieldpack.builder.config import BuildConfig
-from fieldpack.builder.gguf_source import gguf_token_counter, is_gguf_path, read_gguf_model
-from fieldpack.builder.prompt_plan import PromptPlan, check_real_prompt, plan_prompt
+from fieldpack.builder.prompt_plan import (
+    PromptPlan,
+    check_real_prompt,
+    gguf_token_counter,
+    plan_prompt,
+    plan_prompt_for_gguf,
+)
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.bundle import describe_members, hash_file, write_bundle
 from fieldpack.shared.kv_cache import kv_cache_bytes
@@ -35,7 +40,6 @@ from fieldpack.shared.errors import (
     NoDocumentsError,
     OutputNotWritableError,
     UnknownQuantTypeError,
-    UsageError,
 )
 from fieldpack.shared.manifest import (
     EmbedderInfo,
@@ -115,8 +119,8 @@ def quiet_third_party() -> None:
 
 
 def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
-    """Fail fast on every user input before heavy work. Returns the local model folder and the prompt format
-    the device will use (decided from the chat template and ``cfg.prompt_format``).
+    """Fail fast on every user input before heavy work. Returns the local model folder (or GGUF file) and the
+    prompt format the device will use (decided from the chat template and ``cfg.prompt_format``).
 
     Raises:
         InputNotFoundError: model or docs folder missing.
@@ -127,9 +131,11 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
         ChatTemplateError: the prompt format cannot be decided (fix: ``--prompt-format``).
     """
     from fieldpack.builder.convert import hub_or_local
+    from fieldpack.builder.gguf_input import is_gguf_path
     from fieldpack.builder.quantize import QUANT_TYPES
 
-    if cfg.quant.upper() not in QUANT_TYPES:
+    gguf_input = is_gguf_path(cfg.model)
+    if cfg.quant.upper() not in QUANT_TYPES and not gguf_input:  # a GGUF input's own type is checked below
         raise UnknownQuantTypeError(f"unknown --quant {cfg.quant!r}",
                                     hint=f"use one of {', '.join(sorted(QUANT_TYPES))}")
     check_docs_folder(cfg.docs)
@@ -141,17 +147,11 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as exc:
         raise OutputNotWritableError(f"cannot write in {out_dir}: {exc.strerror}", hint="choose a writable -o path") from exc
-    if is_gguf_path(cfg.model):
-        if cfg.compression:
-            raise UsageError(f"compression options need a checkpoint folder, not the GGUF {cfg.model}",
-                             hint="drop --prune/--imatrix options, or pass the Hugging Face checkpoint")
-        gm = read_gguf_model(Path(cfg.model))
-        if cfg.quant.upper() != gm.file_type:
-            log.warning("--model %s is a %s GGUF, kept as is (--quant %s not applied)", cfg.model, gm.file_type,
-                        cfg.quant)
-        plan = plan_prompt(gm.chat_template, cfg.prompt_format, bos_token=gm.token_text(gm.bos_id),
-                           eos_token=gm.token_text(gm.eos_id), origin=f"model {cfg.model}")
-        return Path(cfg.model), plan
+    if gguf_input:  # --- GGUF input (builder/gguf_input.py) ---
+        from fieldpack.builder.gguf_input import check_gguf_build
+
+        path = check_gguf_build(Path(cfg.model), requested_quant(cfg), compression=bool(cfg.compression))
+        return path, plan_prompt_for_gguf(path, cfg.prompt_format)
     model_dir = hub_or_local(cfg.model)
     vocab = preflight_model(model_dir)
 
@@ -161,6 +161,11 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
     plan = plan_prompt(vocab.chat_template, cfg.prompt_format, bos_token=text(vocab.bos_id),
                        eos_token=text(vocab.eos_id), origin=f"model {model_dir}")
     return model_dir, plan
+
+
+def requested_quant(cfg: BuildConfig) -> str | None:
+    """The quant type the user asked for (``--quant`` or a recipe), None when the default applies."""
+    return cfg.quant if "quant" in cfg.model_fields_set else None
 
 
 def check_docs_folder(docs: Path) -> None:
@@ -296,18 +301,15 @@ def build_bundle(cfg: BuildConfig, *, workdir: Path | None = None, on_stage: Sta
 
 
 def _run(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, stage: Callable[[str], Any]) -> BuildResult:
-    from fieldpack.builder.convert import convert_hf_to_gguf
     from fieldpack.builder.embedder_export import export_embedder
+    from fieldpack.builder.gguf_input import is_gguf_path
     from fieldpack.builder.index_build import build_index, embed_chunks
     from fieldpack.builder.ingest import ingest, report_to_dict
-    from fieldpack.builder.llama_eval import perplexity_kld
-    from fieldpack.builder.parity import check_parity
-    from fieldpack.builder.quantize import quantize_gguf
     from fieldpack.retrieval.embedder import OnnxEmbedder
     from fieldpack.retrieval.search import DEFAULT_MIN_SIMILARITY, Retriever
 
-    gguf_in = is_gguf_path(str(model_dir))
-    count_model_tokens = gguf_token_counter(model_dir) if gguf_in else _model_token_counter(model_dir)
+    count_model_tokens = (gguf_token_counter(model_dir) if is_gguf_path(model_dir)
+                          else _model_token_counter(model_dir))
     with stage("embedder"):
         emb = export_embedder(cfg.embedder, work / "embedder", int8=cfg.embedder_int8)
         embedder = OnnxEmbedder(emb.onnx_path, emb.tokenizer_path, max_tokens=emb.max_tokens)
@@ -326,56 +328,25 @@ def _run(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, stag
                     ing.chunks, lambda q, k: [h.source for h in retriever.search(q, k=k)])
                 # the device's real prompt for the smoke question renders (a failing template stops the build)
                 check_real_prompt(prompt, smoke_q, retriever.search(smoke_q, k=cfg.top_k_chunks),
-                                  count_tokens=count_model_tokens,
-                                  budget_tokens=cfg.n_ctx - cfg.max_tokens)
+                                  count_tokens=count_model_tokens, budget_tokens=cfg.n_ctx - cfg.max_tokens)
             finally:
                 retriever.close()
     finally:
         embedder.close()
 
-    if gguf_in:
-        f16, quant, parity, quality_q, stages_quality, held_out, n_ctx_eval = _gguf_as_is(
-            cfg, model_dir, [c.text for c in ing.chunks], count_model_tokens, work, stage)
-        shipped, qtype = f16, f16.file_type
+    if is_gguf_path(model_dir):  # --- GGUF input (builder/gguf_input.py): no conversion, no parity gate ---
+        ms = _gguf_model_stages(cfg, model_dir, [c.text for c in ing.chunks], work, stage)
     else:
-        with stage("convert"):
-            f16 = convert_hf_to_gguf(model_dir, work / f"model-{cfg.parity_outtype}.gguf", outtype=cfg.parity_outtype)
-        with stage("parity"):
-            parity = check_parity(model_dir, f16.path)
-
-        calib, held_out = split_eval([c.text for c in ing.chunks], cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed,
-                                     count_tokens=count_model_tokens, min_tokens=4 * 256)
-        n_ctx_eval = eval_window(sum(count_model_tokens(t) for t in held_out), f16.n_ctx_train)
-        dense = f16.path
-        stages_quality: list[dict[str, Any]] = []
-        if cfg.compression:
-            with stage("compress"):
-                from fieldpack.builder.compress import apply_compression  # issue "Compression"
-
-                dense, stages_quality = apply_compression(cfg, model_dir, f16, calib, held_out, work)
-        # the manifest describes the model that ships: after depth/width pruning, read its shape from the GGUF
-        shipped = shipped_model_facts(f16, dense) if dense != f16.path else f16
-
-        qtype = cfg.quant.upper()
-        with stage(f"quantize {qtype}"):
-            imatrix = None
-            if cfg.compression.get("imatrix"):
-                from fieldpack.builder.compress import compute_imatrix
-
-                imatrix = compute_imatrix(dense, calib, work / "imatrix.dat")
-            quant = quantize_gguf(dense, work / "model.gguf", qtype, imatrix=imatrix)
-        with stage("quality"):
-            qfig = perplexity_kld(f16.path, quant.path, held_out, n_ctx=n_ctx_eval)
-        quality_q = dict(_as_dict(qfig), qtype=qtype, size_bytes=quant.size_bytes,
-                         ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes),
-                         fallbacks=len(quant.fallbacks), held_out_chunks=len(held_out),
-                         window_tokens=n_ctx_eval)
+        ms = _hf_model_stages(cfg, model_dir, [c.text for c in ing.chunks], work, stage)
+    f16, shipped, quant_path, qtype = ms.source, ms.shipped, ms.model_path, ms.file_type
+    if ms.recipe_quant != cfg.quant:  # a GGUF kept as is: the recipe replays as "keep"
+        cfg = cfg.model_copy(update={"quant": ms.recipe_quant})
 
     with stage("bundle"):
         recipe_path = work / "recipe.toml"
         recipe_path.write_text(cfg.recipe_toml(), encoding="utf-8")
         files = {
-            fmt.MODEL_NAME: quant.path,
+            fmt.MODEL_NAME: quant_path,
             fmt.EMBEDDER_NAME: emb.onnx_path,
             fmt.EMBEDDER_TOKENIZER_NAME: emb.tokenizer_path,
             fmt.INDEX_NAME: index_path,
@@ -383,10 +354,9 @@ def _run(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, stag
         }
         n_ctx = min(cfg.n_ctx, f16.n_ctx_train)
         emb_bytes = hash_file(emb.onnx_path)[0]
-        mem = dict(weights_bytes=quant.size_bytes,
+        mem = dict(weights_bytes=quant_path.stat().st_size,
                    kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head_kv=shipped.n_head_kv,
-                                                 head_dim=getattr(shipped, "head_dim", None)
-                                                 or shipped.n_embd // shipped.n_head),
+                                                 head_dim=shipped.head_dim or shipped.n_embd // shipped.n_head),
                    embedder_bytes=2 * emb_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
         mem["total_bytes"] = sum(mem.values())
         manifest = Manifest(
@@ -398,7 +368,7 @@ def _run(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, stag
             members=describe_members(files),
             model=ModelInfo(
                 architecture=shipped.architecture, parameter_count=shipped.parameter_count, file_type=qtype,
-                tensor_types=quant.tensor_types, n_ctx_train=shipped.n_ctx_train, n_embd=shipped.n_embd,
+                tensor_types=ms.tensor_types, n_ctx_train=shipped.n_ctx_train, n_embd=shipped.n_embd,
                 n_layer=shipped.n_layer, n_head=shipped.n_head, n_head_kv=shipped.n_head_kv,
                 vocab_size=shipped.vocab_size,
                 chat_template_present=bool(f16.chat_template), bos_id=f16.bos_id, eos_id=f16.eos_id,
@@ -420,50 +390,126 @@ def _run(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, stag
             smoke=SmokeTest(question=smoke_q, expected_source=smoke_src, k=5),
             recipe=cfg.to_recipe(),
             quality=Quality(
-                parity=_as_dict(parity),
-                quantization=quality_q,
+                parity=ms.parity,
+                quantization=ms.quantization,
                 embedder=dict(_as_dict(emb.gate), precision=emb.precision, kept_int8=emb.kept_int8,
                               parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
                               int8_bytes=emb.int8_bytes) if emb.gate is not None else
                          dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine),
-                stages=stages_quality,
+                stages=ms.stages_quality,
             ),
         )
         write_bundle(cfg.output, manifest, files, cfg.sign)
     return BuildResult(bundle=cfg.output, manifest=manifest, ingest_report=[report_to_dict(r) for r in ing.report])
 
 
-def _gguf_as_is(cfg: BuildConfig, gguf_path: Path, texts: list[str], count_tokens: Callable[[str], int],
-                work: Path, stage: Callable[[str], Any]) -> tuple[Any, Any, dict[str, Any], dict[str, Any],
-                                                                 list[dict[str, Any]], list[str], int]:
-    """``--model x.gguf``: the file ships as is (no conversion, no parity gate: there is no checkpoint to compare
-    to, and the manifest says so); its perplexity on held-out document chunks is measured as usual.
+@dataclass
+class ModelStages:
+    """What the model stages hand to the manifest, whichever the input (HF checkpoint or GGUF).
 
-    Returns (model facts, shipped file facts, parity record, quantization record, compression stages, held-out
-    texts, PPL window)."""
-    import os
-    from types import SimpleNamespace
+    Attributes:
+        source: facts of the model as converted (HF) or as read (GGUF input).
+        shipped: facts of the model that ships (after depth/width pruning; else ``source``).
+        model_path: the GGUF that goes into the bundle. file_type: its type name (``"Q4_K_M"``).
+        tensor_types: GGML type name -> tensor count of that file.
+        parity: the manifest's parity figures. quantization: its quantization figures.
+        stages_quality: the compression report rows. recipe_quant: ``quant`` as the recipe must record it.
+    """
 
-    from fieldpack.builder.llama_eval import perplexity
+    source: Any
+    shipped: Any
+    model_path: Path
+    file_type: str
+    tensor_types: dict[str, int]
+    parity: dict[str, Any]
+    quantization: dict[str, Any]
+    stages_quality: list[dict[str, Any]] = field(default_factory=list)
+    recipe_quant: str = ""
 
-    with stage("model (GGUF as is)"):
-        gm = read_gguf_model(gguf_path)
-        shipped = work / "model.gguf"
-        try:
-            os.link(gguf_path, shipped)
-        except OSError:
-            shutil.copyfile(gguf_path, shipped)
-    _calib, held_out = split_eval(texts, cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed,
-                                  count_tokens=count_tokens, min_tokens=4 * 256)
-    n_ctx_eval = eval_window(sum(count_tokens(t) for t in held_out), gm.n_ctx_train)
+
+def _hf_model_stages(cfg: BuildConfig, model_dir: Path, texts: list[str], work: Path,
+                     stage: Callable[[str], Any]) -> ModelStages:
+    """convert -> parity gate -> [compress] -> quantize -> PPL/KLD, for a Hugging Face checkpoint."""
+    from fieldpack.builder.convert import convert_hf_to_gguf
+    from fieldpack.builder.llama_eval import perplexity_kld
+    from fieldpack.builder.parity import check_parity
+    from fieldpack.builder.quantize import quantize_gguf
+
+    with stage("convert"):
+        f16 = convert_hf_to_gguf(model_dir, work / f"model-{cfg.parity_outtype}.gguf", outtype=cfg.parity_outtype)
+    with stage("parity"):
+        parity = check_parity(model_dir, f16.path)
+
+    count_model_tokens = _model_token_counter(model_dir)
+    calib, held_out = split_eval(texts, cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed,
+                                 count_tokens=count_model_tokens, min_tokens=4 * 256)
+    n_ctx_eval = eval_window(sum(count_model_tokens(t) for t in held_out), f16.n_ctx_train)
+    dense = f16.path
+    stages_quality: list[dict[str, Any]] = []
+    if cfg.compression:
+        with stage("compress"):
+            from fieldpack.builder.compress import apply_compression  # issue "Compression"
+
+            dense, stages_quality = apply_compression(cfg, model_dir, f16, calib, held_out, work)
+    # the manifest describes the model that ships: after depth/width pruning, read its shape from the GGUF
+    shipped = shipped_model_facts(f16, dense) if dense != f16.path else f16
+
+    qtype = cfg.quant.upper()
+    with stage(f"quantize {qtype}"):
+        imatrix = None
+        if cfg.compression.get("imatrix"):
+            from fieldpack.builder.compress import compute_imatrix
+
+            imatrix = compute_imatrix(dense, calib, work / "imatrix.dat")
+        quant = quantize_gguf(dense, work / "model.gguf", qtype, imatrix=imatrix)
     with stage("quality"):
-        ppl = perplexity(shipped, held_out, n_ctx=n_ctx_eval)
-    parity = {"passed": None, "skipped": "GGUF input: no checkpoint to compare to, no parity gate"}
-    quality = dict(qtype=gm.file_type, kept_as_is=True, source=str(gguf_path), ppl=ppl, size_bytes=gm.size_bytes,
-                   held_out_chunks=len(held_out), window_tokens=n_ctx_eval)
-    gm.path = shipped
-    shipped_file = SimpleNamespace(path=shipped, size_bytes=gm.size_bytes, tensor_types=gm.tensor_types, fallbacks=[])
-    return gm, shipped_file, parity, quality, [], held_out, n_ctx_eval
+        qfig = perplexity_kld(f16.path, quant.path, held_out, n_ctx=n_ctx_eval)
+
+    return ModelStages(
+        source=f16, shipped=shipped, model_path=quant.path, file_type=qtype, tensor_types=quant.tensor_types,
+        parity=_as_dict(parity),
+        quantization=dict(_as_dict(qfig), qtype=qtype, size_bytes=quant.size_bytes,
+                          ratio_to_f16=quant.size_bytes / max(1, f16.size_bytes), fallbacks=len(quant.fallbacks),
+                          held_out_chunks=len(held_out), window_tokens=n_ctx_eval),
+        stages_quality=stages_quality, recipe_quant=cfg.quant)
+
+
+def _gguf_model_stages(cfg: BuildConfig, path: Path, texts: list[str], work: Path,
+                       stage: Callable[[str], Any]) -> ModelStages:
+    """read GGUF -> [re-quantize] -> PPL (and KLD vs the input when re-quantized), for a GGUF input."""
+    from fieldpack.builder.gguf_input import PARITY_NOT_APPLICABLE, copy_as_is, inspect_gguf, requantize_requested
+    from fieldpack.builder.llama_eval import perplexity, perplexity_kld
+    from fieldpack.builder.quantize import quantize_gguf
+
+    with stage("read GGUF"):
+        src = inspect_gguf(path, load_check=False)  # validated, llama.cpp load included, by check_inputs
+    calib, held_out = split_eval(texts, cfg.eval_fraction, cfg.eval_max_chunks, cfg.seed, min_tokens=4 * 256)
+    n_ctx_eval = eval_window(sum(max(1, len(t) // 4) for t in held_out), src.model.n_ctx_train)
+    figures: dict[str, Any] = dict(source_file_type=src.file_type, source_sha256=src.model.sha256,
+                                   held_out_chunks=len(held_out), window_tokens=n_ctx_eval)
+    requested = requested_quant(cfg)
+    if requested is not None and requantize_requested(requested, src):
+        qtype = requested.upper()
+        with stage(f"re-quantize {qtype}"):
+            quant = quantize_gguf(path, work / "model.gguf", qtype, allow_requantize=src.quantized)
+        with stage("quality"):
+            qfig = perplexity_kld(path, quant.path, held_out, n_ctx=n_ctx_eval)
+        figures.update(_as_dict(qfig), qtype=qtype, requantized=True, requantized_from=src.file_type,
+                       reference="input GGUF" + (" (already quantized: figures are vs it, not vs F16)"
+                                                 if src.quantized else ""),
+                       size_bytes=quant.size_bytes, ratio_to_input=quant.size_bytes / max(1, src.model.size_bytes),
+                       fallbacks=len(quant.fallbacks))
+        model_path, ttypes, recipe_quant = quant.path, quant.tensor_types, qtype
+    else:
+        qtype = src.file_type
+        model_path = copy_as_is(path, work / "model.gguf")
+        with stage("quality"):
+            ppl = perplexity(model_path, held_out, n_ctx=n_ctx_eval)
+        figures.update(qtype=qtype, requantized=False, ppl=ppl, size_bytes=src.model.size_bytes)
+        ttypes, recipe_quant = src.model.tensor_types, qtype
+    return ModelStages(source=src.model, shipped=src.model, model_path=model_path, file_type=qtype,
+                       tensor_types=ttypes, parity={"status": PARITY_NOT_APPLICABLE}, quantization=figures,
+                       recipe_quant=recipe_quant)
 
 
 def shipped_model_facts(f16: Any, gguf_path: Path) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fieldpack.shared.errors import BuildError
 from fieldpack.shared.prompt_format import (
@@ -91,3 +92,36 @@ def check_real_prompt(plan: PromptPlan, question: str, sources: Sequence[Source]
     log.info("real prompt (%s) for the smoke question: %d tokens with %d sources", plan.prompt_format, n,
              len(sources))
     return n
+
+
+def plan_prompt_for_gguf(path: Path, requested: str | None) -> PromptPlan:
+    """:func:`plan_prompt` for a GGUF input: template and BOS/EOS texts read from the file's header.
+
+    Raises:
+        ChatTemplateError: the prompt format cannot be decided.  ModelLoadError: the header cannot be read.
+    """
+    from gguf import Keys
+
+    from fieldpack.builder.gguf_header import read_gguf_header
+
+    kv = read_gguf_header(path, arrays={Keys.Tokenizer.LIST}).kv
+    tokens = kv.get(Keys.Tokenizer.LIST) or []
+
+    def text(key: str) -> str:
+        tid = kv.get(key)
+        return str(tokens[int(tid)]) if tid is not None and 0 <= int(tid) < len(tokens) else ""
+
+    template = kv.get(Keys.Tokenizer.CHAT_TEMPLATE)
+    return plan_prompt(str(template) if template else None, requested, bos_token=text(Keys.Tokenizer.BOS_ID),
+                       eos_token=text(Keys.Tokenizer.EOS_ID), origin=f"model {path}")
+
+
+def gguf_token_counter(path: Path) -> Callable[[str], int]:
+    """``text -> number of model tokens`` with llama.cpp's own tokenizer (vocab only, no weights loaded)."""
+    from llama_cpp import Llama
+
+    from fieldpack.builder.quantize import _capture_llama_log
+
+    with _capture_llama_log():  # llama.cpp logs context warnings even for a vocab-only load
+        llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    return lambda text: len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))

@@ -304,6 +304,7 @@ def quantize_gguf(
     *,
     imatrix: Path | None = None,
     nthread: int | None = None,
+    allow_requantize: bool = False,
 ) -> QuantResult:
     """Quantize an F16/F32 GGUF to ``qtype`` with llama.cpp; write ``dst`` atomically.
 
@@ -313,6 +314,8 @@ def quantize_gguf(
         qtype: one of :data:`QUANT_TYPES` (case-insensitive).
         imatrix: optional importance matrix (GGUF or legacy .dat, see :func:`read_imatrix`).
         nthread: quantization threads (default: the CPUs this process may use).
+        allow_requantize: accept an already quantized ``src`` (llama.cpp dequantizes and quantizes again, which
+            compounds both rounding errors; used for a GGUF input re-quantized on request).
 
     Returns:
         :class:`QuantResult`, with the tensor types read back from ``dst``.
@@ -345,6 +348,7 @@ def quantize_gguf(
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = int(nthread or default_threads())
     params.ftype = int(QUANT_TYPES[key])
+    params.allow_requantize = bool(allow_requantize)
     keep: list[Any] = []
     if imatrix_data:
         params.imatrix, keep = _imatrix_array(imatrix_data)

@@ -49,6 +49,7 @@ class ConversionResult:
         tokenizer_model: ``"gpt2"`` (byte-level BPE) or ``"llama"`` (SentencePiece).
         tokenizer_pre: llama.cpp pre-tokenizer name (``"llama-bpe"``, ``"qwen2"``...) or None for SentencePiece.
         add_bos: whether llama.cpp adds BOS when tokenizing. seconds: wall time of the conversion.
+        head_dim: attention key/value length per head (Gemma: independent of n_embd / n_head); 0 when unknown.
     """
 
     path: Path
@@ -73,6 +74,7 @@ class ConversionResult:
     add_bos: bool = False
     seconds: float = 0.0
     tensor_names: list[str] = field(default_factory=list, repr=False)
+    head_dim: int = 0
 
 
 def _out_dtype(plan: TensorPlan, outtype: OutType) -> type[np.floating]:
@@ -220,6 +222,7 @@ def convert_hf_to_gguf(model_dir: Path, out_path: Path, *, outtype: OutType = "f
         add_bos=vocab.add_bos,
         seconds=round(time.perf_counter() - t0, 3),
         tensor_names=[p.gguf_name for p in plans],
+        head_dim=hp.head_dim,
     )
     logger.info(
         "converted %s (%s, %d params, %s) -> %s (%d bytes, %.2f s)",

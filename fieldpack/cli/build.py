@@ -45,9 +45,9 @@ def _stage_printer():
 
 
 def build(
-    model: Optional[str] = typer.Option(None, "--model", help="local HF checkpoint folder (or hub id when online)"),
+    model: Optional[str] = typer.Option(None, "--model", help="local HF checkpoint folder, a .gguf file, or a hub id when online"),
     docs: Optional[Path] = typer.Option(None, "--docs", help="folder of documents (.md .txt .html .pdf .csv)"),
-    quant: Optional[str] = typer.Option(None, "--quant", help="Q8_0, Q6_K, Q5_K_M, Q4_K_M (default), Q4_0, F16"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Q8_0, Q6_K, Q5_K_M, Q4_K_M (default), Q4_0, F16; a .gguf ships as is unless given"),
     name: Optional[str] = typer.Option(None, "--name", help="bundle name"),
     version: Optional[str] = typer.Option(None, "--version", help="bundle version"),
     sign: Optional[Path] = typer.Option(None, "--sign", help="ed25519 private key from `fieldpack keygen`"),
