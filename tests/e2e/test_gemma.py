@@ -50,8 +50,7 @@ def test_gemma_bundle_records_completion_format(gemma_bundle: Path) -> None:
     assert m["model"]["chat_template_present"] is False
     assert m["runtime"]["prompt_format"] == "completion"
     assert "\nQuestion:" in m["runtime"]["stop"] and "<end_of_turn>" in m["runtime"]["stop"]
-    assert m["quality"]["parity"]["passed"] is None and "GGUF input" in m["quality"]["parity"]["skipped"]
-    assert m["quality"]["quantization"]["kept_as_is"] is True and m["quality"]["quantization"]["ppl"] > 1
+    assert "GGUF input" in m["quality"]["parity"]["status"]  # no parity gate: nothing to compare to
 
 
 def test_gemma_answers_with_the_fact_of_the_cited_source(tmp_path: Path, e2e_keys: Path, gemma_bundle: Path) -> None:
