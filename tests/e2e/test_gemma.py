@@ -51,6 +51,8 @@ def test_gemma_bundle_records_completion_format(gemma_bundle: Path) -> None:
     assert m["runtime"]["prompt_format"] == "completion"
     assert "\nQuestion:" in m["runtime"]["stop"] and "<end_of_turn>" in m["runtime"]["stop"]
     assert "GGUF input" in m["quality"]["parity"]["status"]  # no parity gate: nothing to compare to
+    q = m["quality"]["quantization"]
+    assert q["requantized"] is False and q["ppl"] > 1
 
 
 def test_gemma_answers_with_the_fact_of_the_cited_source(tmp_path: Path, e2e_keys: Path, gemma_bundle: Path) -> None:
