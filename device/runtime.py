@@ -273,6 +273,7 @@ class Runtime:
         t0 = time.perf_counter()
         first = None
         pieces: list[str] = []
+        lstrip = self.manifest.runtime.prompt_format == "completion"
         finish = "stop"
         n_chunks = 0
         stream = llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0,
@@ -282,6 +283,8 @@ class Runtime:
             for chunk in stream:
                 choice = chunk["choices"][0]
                 piece = choice.get("text") or ""
+                if not pieces and lstrip:  # a completion continues "Answer:" with a space or newline first
+                    piece = piece.lstrip()
                 n_chunks += 1
                 if piece:
                     if first is None:
