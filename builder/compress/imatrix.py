@@ -197,6 +197,7 @@ def compute_imatrix_gguf(gguf_path: Path, texts: list[str], out_path: Path, *, n
         QuantizationError: the ggml tensor layout differs or decoding fails.
     """
     import llama_cpp
+    from gguf import Keys
 
     from fieldpack.builder.llama_eval import default_threads
     from fieldpack.builder.quantize import write_imatrix_gguf
@@ -217,7 +218,8 @@ def compute_imatrix_gguf(gguf_path: Path, texts: list[str], out_path: Path, *, n
         bos = vocab_llm.token_bos()
         stream = vocab_llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         meta = vocab_llm.metadata
-        n_ctx_train = int(meta.get(f"{meta.get('general.architecture', '')}.context_length", 0) or 0)
+        arch = meta.get(Keys.General.ARCHITECTURE, "")
+        n_ctx_train = int(meta.get(Keys.LLM.CONTEXT_LENGTH.format(arch=arch), 0) or 0)
     finally:
         vocab_llm.close()
     n_ctx = max(MIN_TOKENS_PER_CALL, min(n_ctx, n_ctx_train or n_ctx, len(stream)))

@@ -6,8 +6,10 @@ Public surface::
     hub_or_local(model) -> Path
 
 Modules: :mod:`.checkpoint` (lazy safetensors), :mod:`.arch` (supported architectures, hyperparameters,
-tensor plan, Q/K permutation), :mod:`.tokenizer` (BPE/SentencePiece vocab, pre-tokenizer detection),
-:mod:`.writer` (the GGUF file), :mod:`.hub` (local path or hub id).
+tensor plan, Q/K permutation), :mod:`.gemma3` (Gemma 3 specifics), :mod:`.tokenizer` (picks the tokenizer
+reader: :mod:`.bpe` byte-level BPE and pre-tokenizer detection, :mod:`.sentencepiece`, :mod:`.special_tokens`,
+:mod:`.vocab` the record), :mod:`.writer` (the GGUF file), :mod:`.hub` (local path or hub id),
+:mod:`.from_gguf_checkpoint` (an HF checkpoint made from a GGUF by transformers).
 """
 
 from fieldpack.builder.convert.arch import SUPPORTED_ARCHITECTURES
