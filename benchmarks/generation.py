@@ -114,7 +114,10 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
 
     threads = C.bench_threads()
     info = C.machine_info()
-    slot = C.bench_slot(quick)
+    # FIELDPACK_BENCH_SLOT: an installed bundle's slot folder (e.g. a real model's) instead of the bench decoder
+    import os
+
+    slot = Path(os.environ["FIELDPACK_BENCH_SLOT"]) if os.environ.get("FIELDPACK_BENCH_SLOT") else C.bench_slot(quick)
     max_tokens = 64 if quick else 128
     questions = QUESTIONS[:3] if quick else QUESTIONS
     repeats = 2 if quick else 3
@@ -140,7 +143,7 @@ def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
                     log.warning("generation: %r abstained; skipped", q)
                     continue
                 tm = ans.timings
-                built = fit_prompt(ans.question, ans.sources, [], render=rt.render, tokenize=rt.tokenize_prompt,
+                built = fit_prompt(ans.question, ans.sources, [], render=rt.render_prompt, tokenize=rt.tokenize_prompt,
                                    budget_tokens=n_ctx - max_tokens)
                 out.append({
                     "question": q, "pass": tag, "repeat": sum(1 for r in out if r["question"] == q),

@@ -44,6 +44,9 @@ class BuildConfig(BaseModel):
     eval_fraction: float = Field(default=0.1, gt=0.0, lt=0.5, description="share of chunks held out for PPL/KLD")
     eval_max_chunks: int = Field(default=64, ge=1)
     seed: int = Field(default=0)
+    prompt_format: Literal["chat", "completion"] | None = Field(
+        default=None, description="how the device prompts the model; default: decided from the chat template "
+                                  "(chat, chat without system role, or completion for a base model)")
     compression: dict[str, Any] = Field(default_factory=dict, description="pruning / imatrix options (see builder.compress)")
 
     @field_validator("name")

@@ -57,8 +57,9 @@ def bundle_files(records: BuildRecords, recipe_path: Path) -> dict[str, Path]:
     }
 
 
-def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]) -> Manifest:
-    """The manifest of a bundle holding ``files``, from the build config (:class:`BuildConfig`) and records."""
+def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path], prompt: Any = None) -> Manifest:
+    """The manifest of a bundle holding ``files``, from the build config (:class:`BuildConfig`), the stage records
+    and the prompt plan decided at check-inputs (:class:`~fieldpack.builder.prompt_plan.PromptPlan`; None: chat)."""
     from fieldpack.retrieval.search import DEFAULT_MIN_SIMILARITY
 
     f16 = records.convert.conversion
@@ -94,7 +95,11 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
                         chunk_tokens=cfg.chunk_tokens, overlap_tokens=cfg.overlap_tokens,
                         skipped_files=records.ingest.skipped_files),
         runtime=RuntimeDefaults(n_ctx=n_ctx, max_tokens=cfg.max_tokens, temperature=0.0,
-                                top_k_chunks=cfg.top_k_chunks, stop=list(f16.stop_strings),
+                                top_k_chunks=cfg.top_k_chunks,
+                                stop=[*f16.stop_strings, *(s for s in (prompt.extra_stop if prompt else ())
+                                                            if s not in f16.stop_strings)],
+                                **({"prompt_format": prompt.prompt_format,
+                                    "completion_template": prompt.completion_template} if prompt else {}),
                                 min_similarity=cfg.min_similarity if cfg.min_similarity is not None
                                 else DEFAULT_MIN_SIMILARITY,
                                 memory=MemoryNeeds(**mem)),

@@ -26,6 +26,7 @@ from fieldpack.builder.quiet import quiet_third_party
 from fieldpack.builder.stages.cache import StageHook, StageTiming
 from fieldpack.builder.stages.docs import choose_smoke_question
 from fieldpack.builder.stages.quant import eval_window, split_eval
+from fieldpack.builder.prompt_plan import PromptPlan, check_real_prompt, gguf_token_counter, plan_prompt, plan_prompt_for_gguf
 from fieldpack.shared.errors import (
     InputNotFoundError,
     NoDocumentsError,
@@ -51,9 +52,9 @@ class BuildResult:
     records: Any = None  # builder.stages.orchestrator.BuildRecords: every stage's record (cached flags included)
 
 
-def check_inputs(cfg: BuildConfig) -> Path:
-    """Fail fast on every user input before heavy work. Returns the local model folder, or the GGUF file when
-    ``--model`` names one (then validated by :func:`~fieldpack.builder.gguf_input.check_gguf_build`).
+def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
+    """Fail fast on every user input before heavy work. Returns the local model folder (or GGUF file) and the
+    prompt format the device will use (decided from the chat template and ``cfg.prompt_format``).
 
     Raises:
         InputNotFoundError: model or docs folder missing.
@@ -63,6 +64,7 @@ def check_inputs(cfg: BuildConfig) -> Path:
         SigningKeyError: the key is missing or not an ed25519 private key.
         OutputNotWritableError: the output's folder is missing or not writable.
         UsageError: a hub id given while offline.
+        ChatTemplateError: the prompt format cannot be decided (fix: ``--prompt-format``).
     """
     from fieldpack.builder.convert import hub_or_local
     from fieldpack.builder.gguf_input import is_gguf_path
@@ -84,10 +86,17 @@ def check_inputs(cfg: BuildConfig) -> Path:
     if gguf_input:  # --- GGUF input (builder/gguf_input.py) ---
         from fieldpack.builder.gguf_input import check_gguf_build
 
-        return check_gguf_build(Path(cfg.model), requested_quant(cfg), compression=bool(cfg.compression))
+        path = check_gguf_build(Path(cfg.model), requested_quant(cfg), compression=bool(cfg.compression))
+        return path, plan_prompt_for_gguf(path, cfg.prompt_format)
     model_dir = hub_or_local(cfg.model)
-    preflight_model(model_dir)
-    return model_dir
+    vocab = preflight_model(model_dir)
+
+    def text(tid: int | None) -> str:
+        return vocab.tokens[tid] if tid is not None and 0 <= tid < len(vocab.tokens) else ""
+
+    plan = plan_prompt(vocab.chat_template, cfg.prompt_format, bos_token=text(vocab.bos_id),
+                       eos_token=text(vocab.eos_id), origin=f"model {model_dir}")
+    return model_dir, plan
 
 
 def requested_quant(cfg: BuildConfig) -> str | None:
@@ -117,9 +126,10 @@ def check_docs_folder(docs: Path) -> None:
         f"{'/'.join(sorted(FORMATS))} file)", hint="put Markdown, text, HTML, PDF or CSV documents in it")
 
 
-def preflight_model(model_dir: Path) -> None:
+def preflight_model(model_dir: Path) -> Any:
     """Read the checkpoint's config and tokenizer (no weights) so an unsupported architecture or tokenizer is
-    refused in a second, before any export or training-time work.
+    refused in a second, before any export or training-time work. Returns the tokenizer as GGUF will store it
+    (``builder.convert.tokenizer.Vocab``).
 
     Raises:
         InputNotFoundError, ModelLoadError, UnsupportedArchitectureError, UnsupportedTokenizerError.
@@ -130,7 +140,7 @@ def preflight_model(model_dir: Path) -> None:
 
     ckpt = Checkpoint(model_dir)
     hp = read_hparams(ckpt.config, ckpt.architecture, source=str(ckpt.model_dir))
-    read_vocab(ckpt.model_dir, hp.n_vocab, ckpt.config)
+    return read_vocab(ckpt.model_dir, hp.n_vocab, ckpt.config)
 
 
 def build_bundle(cfg: BuildConfig, *, workdir: Path | None = None, on_stage: StageHook | None = None,
@@ -154,31 +164,65 @@ def build_bundle(cfg: BuildConfig, *, workdir: Path | None = None, on_stage: Sta
     quiet_third_party(heavy=False)  # stages that import torch/transformers quiet them when they run
     runner = Runner(None, on_stage)
     with runner.step("check inputs"):
-        model_dir = check_inputs(cfg)
+        model_dir, prompt = check_inputs(cfg)
     own_work = workdir is None
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=".fieldpack-build-", dir=cfg.output.parent))
     work.mkdir(parents=True, exist_ok=True)
     try:
         runner.cache = StageCache(Path(cache_dir) if cache_dir and use_cache else
                                   default_cache_dir() if use_cache else work / "stages")
-        return _build(cfg, model_dir, work, runner)
+        return _build(cfg, model_dir, prompt, work, runner)
     finally:
         if own_work and not keep_workdir:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _build(cfg: BuildConfig, model_dir: Path, work: Path, runner: Any) -> BuildResult:
+def _build(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, runner: Any) -> BuildResult:
     from fieldpack.builder.ingest import report_to_dict
     from fieldpack.builder.manifest_build import assemble_manifest, bundle_files
     from fieldpack.builder.stages.orchestrator import run_stages
     from fieldpack.shared.bundle import write_bundle
 
     records = run_stages(cfg, model_dir, runner)
+    with runner.step("real prompt"):
+        _check_real_prompt(cfg, model_dir, prompt, records)
     with runner.step("bundle"):
         recipe_path = work / "recipe.toml"
         recipe_path.write_text(cfg.recipe_toml(), encoding="utf-8")
         files = bundle_files(records, recipe_path)
-        manifest = assemble_manifest(cfg, records, files)
+        manifest = assemble_manifest(cfg, records, files, prompt)
         write_bundle(cfg.output, manifest, files, cfg.sign)
     return BuildResult(bundle=cfg.output, manifest=manifest, stages=runner.timings, records=records,
                        ingest_report=[report_to_dict(r) for r in records.ingest.report])
+
+
+def _check_real_prompt(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, records: Any) -> int:
+    """Render the device's real prompt for the smoke question over its real hits (not cached: it is cheap and
+    depends on the template), so a template that breaks on real content fails the build, not the first ``ask``.
+
+    Raises:
+        ChatTemplateError: the template fails. BuildError: not even one source fits n_ctx - max_tokens.
+    """
+    from fieldpack.builder.gguf_input import is_gguf_path
+    from fieldpack.builder.stages.quant import model_token_counter
+    from fieldpack.retrieval.embedder import OnnxEmbedder
+    from fieldpack.retrieval.search import Retriever
+
+    e = records.embedder.export
+    embedder = OnnxEmbedder(e.onnx_path, e.tokenizer_path, max_tokens=e.max_tokens)
+    try:
+        retriever = Retriever(records.index.stats.path, embedder)
+        try:
+            hits = retriever.search(records.smoke.question, k=cfg.top_k_chunks)
+        finally:
+            retriever.close()
+    finally:
+        embedder.close()
+    if is_gguf_path(model_dir):
+        count = gguf_token_counter(model_dir)
+    else:
+        tok = model_dir / "tokenizer.json"
+        count = model_token_counter(tok if tok.is_file() else None)
+    return check_real_prompt(prompt, records.smoke.question, hits, count_tokens=count,
+                             budget_tokens=cfg.n_ctx - cfg.max_tokens)
+

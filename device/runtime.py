@@ -6,8 +6,8 @@ session of the embedder, and the SQLite connection of the index (inside :class:`
 
 Answering (:meth:`Runtime.answer`): embed the question with the bundle's ONNX embedder; hybrid retrieval
 (sqlite-vec cosine kNN + FTS5 BM25, fused by reciprocal rank fusion); abstain without generating when nothing
-is relevant enough; otherwise build a prompt with the model's chat template inside ``n_ctx - max_tokens``
-tokens (:mod:`device.prompt`), and generate greedily with llama.cpp, streaming, stopping at the model's EOS/EOT
+is relevant enough; otherwise build a prompt in the bundle's prompt format (chat template, chat template without
+system role, or plain completion for base models) inside ``n_ctx - max_tokens`` tokens (:mod:`device.prompt`), and generate greedily with llama.cpp, streaming, stopping at the model's EOS/EOT
 (llama.cpp's end-of-generation set) and the manifest's stop strings.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fieldpack.device.options import MIN_PROMPT_TOKENS, check_answer_options, check_n_ctx, check_threads
-from fieldpack.device.prompt import ABSTAIN_TEXT, NO_ROOM_TEXT, Turn, fit_prompt
+from fieldpack.device.prompt import ABSTAIN_TEXT, NO_ROOM_TEXT, Turn, fit_prompt, prompt_renderer
 from fieldpack.device.types import Answer, Timings
 from fieldpack.retrieval.types import Hit
 from fieldpack.shared import bundle_format as fmt
@@ -106,15 +106,21 @@ class Runtime:
             raise RuntimeLoadError(f"cannot open the embedder or index in {self.slot_dir}: {exc}",
                                    hint="reinstall the bundle") from exc
         self._llm = load_llama(self.slot_dir / fmt.MODEL_NAME, n_ctx=self.n_ctx, threads=self.threads, verbose=verbose)
-        chat_template = self._llm.metadata.get("tokenizer.chat_template")
-        if not chat_template:
-            raise RuntimeLoadError(f"model in {self.slot_dir} has no chat template", hint="rebuild the bundle")
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        m = self.manifest.model
+        m, rt = self.manifest.model, self.manifest.runtime
         self._bos_text = self._token_text(m.bos_id) if m.bos_id is not None else ""
-        self._formatter = Jinja2ChatFormatter(chat_template, eos_token=self._token_text(m.eos_id),
-                                              bos_token=self._bos_text, add_generation_prompt=True)
+        self._chat: Any = None
+        if rt.prompt_format != "completion":
+            chat_template = self._llm.metadata.get("tokenizer.chat_template")
+            if not chat_template:
+                raise RuntimeLoadError(f"model in {self.slot_dir} has no chat template but the bundle's prompt "
+                                       f"format is {rt.prompt_format}", hint="rebuild the bundle with --prompt-format completion")
+            from fieldpack.shared.prompt_format import ChatTemplate
+
+            self._chat = self._translate_template_error(
+                lambda: ChatTemplate(chat_template, bos_token=self._bos_text, eos_token=self._token_text(m.eos_id),
+                                     origin=f"the bundle in {self.slot_dir}"))
+        self._render_prompt = prompt_renderer(rt.prompt_format, chat=self._chat.render if self._chat else None,
+                                              completion_template=rt.completion_template)
         self._add_bos = str(self._llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
         log.info("loaded %s from %s in %.0f ms (n_ctx=%d, threads=%d)", self.bundle_label, self.slot_dir,
                  (time.perf_counter() - t0) * 1e3, self.n_ctx, self.threads)
@@ -164,8 +170,33 @@ class Runtime:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def render(self, messages: list[dict[str, str]]) -> str:
-        """Render chat messages with the model's own chat template, generation prompt appended."""
-        return self._formatter(messages=messages).prompt
+        """Render chat messages with the model's own chat template, generation prompt appended.
+
+        Raises:
+            RuntimeLoadError: the bundle has no chat template (completion format) or the template fails.
+        """
+        if self._chat is None:
+            raise RuntimeLoadError(f"the bundle in {self.slot_dir} is prompted as plain completion, not chat",
+                                   hint="use render_prompt")
+        return self._translate_template_error(lambda: self._chat.render(messages))
+
+    def render_prompt(self, question: str, hits: Sequence[Hit], history: Sequence[Turn] = ()) -> str:
+        """The whole prompt in the bundle's prompt format (see :mod:`device.prompt`).
+
+        Raises:
+            RuntimeLoadError: the chat template fails while rendering (a fieldpack error, never a traceback).
+        """
+        return self._translate_template_error(lambda: self._render_prompt(question, hits, history))
+
+    def _translate_template_error(self, fn: Callable[[], Any]) -> Any:
+        from fieldpack.shared.errors import ChatTemplateError
+
+        try:
+            return fn()
+        except ChatTemplateError as exc:
+            raise RuntimeLoadError(f"{exc.message} (prompt format {self.manifest.runtime.prompt_format})",
+                                   hint="rebuild the bundle with --prompt-format completion, or with a checkpoint "
+                                        "whose chat template works") from exc
 
     # -- answering ---------------------------------------------------------------------------------------------
     def full_text(self, hit: Hit) -> str:
@@ -223,7 +254,7 @@ class Runtime:
                 return Answer(question=q, text=ABSTAIN_TEXT, sources=[], abstained=True,
                               timings=Timings(retrieval_ms=retrieval_ms, total_ms=retrieval_ms),
                               bundle=self.bundle_label, finish_reason="abstained")
-            built = fit_prompt(q, hits, history, render=self.render, tokenize=self.tokenize_prompt,
+            built = fit_prompt(q, hits, history, render=self.render_prompt, tokenize=self.tokenize_prompt,
                                budget_tokens=self.n_ctx - max_tokens)
             if not built.hits:  # not even a trimmed source fits beside the question: do not answer ungrounded
                 if on_token:
@@ -278,6 +309,7 @@ class Runtime:
         t0 = time.perf_counter()
         first = None
         pieces: list[str] = []
+        lstrip = self.manifest.runtime.prompt_format == "completion"
         finish = "stop"
         n_chunks = 0
         stream = llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0,
@@ -287,6 +319,8 @@ class Runtime:
             for chunk in stream:
                 choice = chunk["choices"][0]
                 piece = choice.get("text") or ""
+                if not pieces and lstrip:  # a completion continues "Answer:" with a space or newline first
+                    piece = piece.lstrip()
                 n_chunks += 1
                 if piece:
                     if first is None:
@@ -338,9 +372,11 @@ class Runtime:
             raise SlotCheckError(
                 f"smoke question {smoke.question!r} retrieved {sources}, not {smoke.expected_source}",
                 hint="the index does not match its documents; rebuild the bundle")
+        # the real prompt (the bundle's prompt format over the smoke question's own hits) renders and fits, and
         # one decode step proves the model runs, not only loads
-        self._llm.create_completion(self.tokenize_prompt(self.render([{"role": "user", "content": "ok"}])),
-                                    max_tokens=1, temperature=0.0)
+        built = fit_prompt(smoke.question, hits[:self.manifest.runtime.top_k_chunks], [], render=self.render_prompt,
+                           tokenize=self.tokenize_prompt, budget_tokens=self.n_ctx - 1)
+        self._llm.create_completion(built.tokens, max_tokens=1, temperature=0.0)
 
 
 def load_llama(gguf_path: Path, *, n_ctx: int, threads: int, verbose: bool = False) -> Any:

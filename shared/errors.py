@@ -28,7 +28,8 @@ they are caught, with ``raise ... from exc``. The CLI and the daemon turn a ``Fi
     │   ├── QuantizationError
     │   ├── IngestError / NoDocumentsError
     │   ├── EmbedderError
-    │   └── CompressionConfigError      pruning/sparsity/calibration options that cannot work
+    │   ├── CompressionConfigError      pruning/sparsity/calibration options that cannot work
+    │   └── ChatTemplateError           the prompt format cannot be decided / the chat template fails
     ├── DeviceError                     the device cannot install or serve              (exit 6)
     │   ├── NotInitializedError
     │   ├── InstallInProgressError
@@ -170,6 +171,13 @@ class EmbedderError(BuildError):
 
 class CompressionConfigError(BuildError):
     code = "compression_config"
+
+
+class ChatTemplateError(BuildError):
+    """A model's chat template does not compile or render, or the prompt format cannot be decided. The device
+    translates it into its own family (RuntimeLoadError / SlotCheckError) where it meets one."""
+
+    code = "chat_template"
 
 
 # --- device ------------------------------------------------------------------------------------------------

@@ -132,7 +132,13 @@ class MemoryNeeds(_Strict):
 
 
 class RuntimeDefaults(_Strict):
-    """How the device runs the model by default. ``n_ctx`` and ``max_tokens`` in tokens."""
+    """How the device runs the model by default. ``n_ctx`` and ``max_tokens`` in tokens.
+
+    ``prompt_format`` (see :mod:`shared.prompt_format`): ``chat`` (the model's chat template with a system turn;
+    the default, so bundles built before the field existed read as they ran), ``chat-no-system`` (instructions
+    folded into the first user turn), or ``completion`` (plain-text ``completion_template`` for base models,
+    cut by the ``stop`` strings).
+    """
 
     n_ctx: int = Field(ge=64)
     max_tokens: int = Field(ge=1)
@@ -141,6 +147,18 @@ class RuntimeDefaults(_Strict):
     stop: list[str]
     min_similarity: float = Field(ge=-1.0, le=1.0, description="abstain below this cosine similarity")
     memory: MemoryNeeds
+    prompt_format: Literal["chat", "chat-no-system", "completion"] = "chat"
+    completion_template: str | None = Field(default=None, description="prompt text for prompt_format completion")
+
+    @model_validator(mode="after")
+    def _template(self) -> "RuntimeDefaults":
+        if self.prompt_format == "completion":
+            if not self.completion_template:
+                raise ValueError("prompt_format completion needs a completion_template")
+            missing = [k for k in ("{sources}", "{question}") if k not in self.completion_template]
+            if missing:
+                raise ValueError(f"completion_template lacks {', '.join(missing)}")
+        return self
 
 
 class SmokeTest(_Strict):

@@ -8,7 +8,10 @@ from typing import Any, Optional
 
 import typer
 
-DEMO_QUESTION = "The connection pool is exhausted. What should I do?"
+#: The demo's question: its answer is a fact of demo/docs/database.md ("Slow trend screens": VACUUM ANALYZE).
+DEMO_QUESTION = "What should I run when trend screens are slow?"
+#: The tiny model's question (its text is not an answer; the citation is the point).
+TINY_DEMO_QUESTION = "The connection pool is exhausted. What should I do?"
 
 
 def _repo_demo_docs() -> Path:
@@ -101,6 +104,9 @@ def build(
     ffn_keep: Optional[float] = typer.Option(None, "--ffn-keep", help="width pruning: share of MLP channels kept"),
     imatrix: Optional[str] = typer.Option(None, "--imatrix", help="'domain': importance matrix from the documents"),
     calib_chunks: Optional[int] = typer.Option(None, "--calib-chunks", help="calibration chunks for pruning/imatrix"),
+    prompt_format: Optional[str] = typer.Option(
+        None, "--prompt-format", help="chat | completion (default: from the model's chat template; completion "
+                                       "for base models without one)"),
     json_out: bool = typer.Option(False, "--json", help="print the manifest as JSON when done"),
     force: bool = typer.Option(False, "--force", help="overwrite the output .fpk if it exists"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="build cache: stage results reused when their "
@@ -114,7 +120,7 @@ def build(
                                    drop_layers=drop_layers, ffn_keep=ffn_keep, imatrix=imatrix,
                                    calib_chunks=calib_chunks).items() if v is not None}
     opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
-                n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder)
+                n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder, prompt_format=prompt_format)
     if recipe:
         overrides = {k: v for k, v in opts.items() if v is not None}
         if compression:
@@ -278,20 +284,22 @@ def _verify_installed(data_dir: Optional[Path]) -> None:
 
 
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", help="work folder (keys, model, bundle, device)"),
+    out: Path = typer.Option(Path("demo-out"), "--out", help="work folder (keys, model cache, bundle, device)"),
     docs: Path = typer.Option(None, "--docs", help="documents (default: the embedded demo set)"),
-    question: str = typer.Option(DEMO_QUESTION, "--question", help="question to ask after install"),
-    quant: str = typer.Option("Q4_K_M", "--quant"),
+    question: Optional[str] = typer.Option(None, "--question", help="question to ask after install"),
+    tiny: bool = typer.Option(False, "--tiny", help="train a tiny model in a minute instead of the real Gemma 3 "
+                                                   "270M (its text is not an answer)"),
+    quant: str = typer.Option("Q4_K_M", "--quant", help="quant type of the tiny model's bundle"),
 ) -> None:
-    """The main job end to end on the embedded demo: build a tiny model and a bundle, install it, ask."""
+    """The main job end to end on the embedded demo: build a bundle from Gemma 3 270M (or --tiny), install it, ask."""
+    import time
+
     from fieldpack.builder.config import BuildConfig
-    from fieldpack.builder.tinymodel import load_corpus, make_tiny_model
+    from fieldpack.builder.pipeline import quiet_third_party
     from fieldpack.device.install import install_bundle
     from fieldpack.device.runtime import Runtime, check_slot
     from fieldpack.device.slots import init_data_dir, open_data_dir
     from fieldpack.shared.signing import generate_keypair
-
-    from fieldpack.builder.pipeline import quiet_third_party
 
     quiet_third_party()
     docs = docs or _repo_demo_docs()
@@ -299,16 +307,30 @@ def demo(
     keys = out / "keys"
     if not (keys / "builder.key").exists():
         generate_keypair(keys)
-    model_dir = out / "model"
-    if not (model_dir / "config.json").exists():
-        typer.echo("training a tiny Llama-architecture model on the demo documents (about a minute on 2 cores)…", err=True)
-        make_tiny_model(model_dir, arch="llama", corpus=load_corpus(docs))
+    if tiny:
+        from fieldpack.builder.tinymodel import load_corpus, make_tiny_model
+
+        model = out / "model"
+        if not (model / "config.json").exists():
+            typer.echo("training a tiny Llama-architecture model on the demo documents (about a minute on 2 cores)…",
+                       err=True)
+            make_tiny_model(model, arch="llama", corpus=load_corpus(docs))
+        model_opts: dict[str, Any] = dict(model=str(model), quant=quant, n_ctx=1024, max_tokens=128)
+    else:
+        from fieldpack.builder.demo_model import ensure_gemma_gguf
+
+        typer.echo("model: Gemma 3 270M (pretrained base, Q4_K_M GGUF; Gemma terms of use apply)", err=True)
+        gguf = ensure_gemma_gguf(out / "cache")
+        # one source in the prompt: measured on the demo documents, Gemma 3 270M base states the cited fact with
+        # the best passage alone and drifts to the neighbouring passages with two or four (README "A real model")
+        model_opts = dict(model=str(gguf), quant="Q4_K_M", n_ctx=2048, max_tokens=64, top_k_chunks=1)
+    question = question or (TINY_DEMO_QUESTION if tiny else DEMO_QUESTION)
     bundle = out / "riverside-ops-1.0.0.fpk"
-    cfg = BuildConfig.validated(dict(model=str(model_dir), docs=docs, name="riverside-ops", version="1.0.0",
-                                     quant=quant, sign=keys / "builder.key", output=bundle, n_ctx=1024,
-                                     max_tokens=128))
-    result = _build_with_progress(cfg)
-    typer.echo(f"built {bundle} ({bundle.stat().st_size / 2**20:.1f} MiB)")
+    cfg = BuildConfig.validated(dict(docs=docs, name="riverside-ops", version="1.0.0", sign=keys / "builder.key",
+                                     output=bundle, **model_opts))
+    t0 = time.perf_counter()
+    _build_with_progress(cfg)
+    typer.echo(f"built {bundle} ({bundle.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.0f} s")
     data_dir = out / "device"
     if not (data_dir / "state.json").exists():
         init_data_dir(data_dir, [keys / "builder.pub"])

@@ -53,7 +53,13 @@ def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Co
     mem = r.memory
     t = Table(title="runtime defaults and memory at n_ctx", show_header=False)
     t.add_row("n_ctx / max_tokens / top-k chunks", f"{r.n_ctx} / {r.max_tokens} / {r.top_k_chunks}")
-    t.add_row("stop strings", ", ".join(r.stop))
+    t.add_row("prompt format", {"chat": "chat template, instructions as a system turn",
+                                "chat-no-system": "chat template, instructions folded into the first user turn",
+                                "completion": "plain-text completion (base model): sources, question, 'Answer:'"}
+              [r.prompt_format])
+    if r.completion_template:
+        t.add_row("completion template", r.completion_template)
+    t.add_row("stop strings", ", ".join(repr(x) for x in r.stop))
     t.add_row("abstain below cosine", f"{r.min_similarity:.2f}")
     for k in ("weights_bytes", "kv_cache_bytes", "embedder_bytes", "index_bytes", "overhead_bytes", "total_bytes"):
         t.add_row(k.replace("_bytes", "").replace("_", " "), _mib(getattr(mem, k)))

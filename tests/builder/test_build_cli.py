@@ -142,3 +142,37 @@ def test_hub_id_offline(tmp_path: Path, keypair: Path) -> None:
                 "--sign", str(keypair / "builder.key"), "-o", str(out := _out(tmp_path)),
                 env={"HF_HUB_OFFLINE": "1"}, timeout=300)
     _refused(r, out, 2, "Qwen/Qwen2.5-0.5B-Instruct", "local")
+
+
+def _with_template(src: Path, dst: Path, template: str | None) -> Path:
+    """A copy of a tiny checkpoint whose chat template is ``template`` (None: no template, as a base model)."""
+    shutil.copytree(src, dst)
+    tc = json.loads((dst / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    if template is not None:
+        tc["chat_template"] = template
+    (dst / "tokenizer_config.json").write_text(json.dumps(tc))
+    for extra in ("chat_template.jinja", "chat_template.json"):
+        (dst / extra).unlink(missing_ok=True)
+    return dst
+
+
+def test_no_template_and_chat_asked_is_refused_with_the_fix(tmp_path: Path, keypair: Path,
+                                                            tiny_llama_dir: Path) -> None:
+    model = _with_template(tiny_llama_dir, tmp_path / "base", None)
+    out = _out(tmp_path)
+    r = _build(model, DEMO_DOCS, keypair / "builder.key", out, "--prompt-format", "chat")
+    _refused(r, out, 5, "no chat template", "--prompt-format completion")
+
+
+def test_undecidable_template_is_refused_at_build_with_the_fix(tmp_path: Path, keypair: Path,
+                                                                tiny_llama_dir: Path) -> None:
+    model = _with_template(tiny_llama_dir, tmp_path / "broken", "{{ raise_exception('roles not supported') }}")
+    out = _out(tmp_path)
+    r = _build(model, DEMO_DOCS, keypair / "builder.key", out)
+    _refused(r, out, 5, "cannot determine the prompt format", "roles not supported", "--prompt-format completion")
+
+
+def test_unknown_prompt_format_is_a_usage_error(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
+    r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.key", tmp_path / "b.fpk", "--prompt-format", "json")
+    _one_line_error(r, 2, "prompt_format")

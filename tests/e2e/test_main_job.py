@@ -74,7 +74,7 @@ def test_streamed_equals_non_streamed(device_dir: Path) -> None:
             assert "".join(pieces) == ans.text
             from fieldpack.device.prompt import fit_prompt
 
-            built = fit_prompt(q, ans.sources, [], render=rt.render, tokenize=rt.tokenize_prompt,
+            built = fit_prompt(q, ans.sources, [], render=rt.render_prompt, tokenize=rt.tokenize_prompt,
                                budget_tokens=rt.n_ctx - rt.manifest.runtime.max_tokens)
             plain = rt.llama.create_completion(built.tokens, max_tokens=rt.manifest.runtime.max_tokens,
                                                temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,

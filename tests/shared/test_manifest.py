@@ -166,3 +166,27 @@ def test_factory_files_match_manifest(tmp_path: Path) -> None:
     m = make_manifest(files)
     assert [x.name for x in m.members][: len(fmt.REQUIRED_MEMBERS)] == list(fmt.REQUIRED_MEMBERS)
     assert m.member(fmt.MODEL_NAME).size == 10_000
+
+
+def test_bundle_without_prompt_format_reads_as_chat(manifest: Manifest) -> None:
+    """Bundles built before ``runtime.prompt_format`` existed keep today's behaviour (the chat template)."""
+    raw = json.loads(manifest.to_bytes())
+    raw["runtime"].pop("prompt_format", None)
+    raw["runtime"].pop("completion_template", None)
+    m = parse_manifest(json.dumps(raw).encode())
+    assert m.runtime.prompt_format == "chat" and m.runtime.completion_template is None
+
+
+def test_completion_format_needs_a_template_with_its_placeholders(manifest: Manifest) -> None:
+    raw = json.loads(manifest.to_bytes())
+    raw["runtime"]["prompt_format"] = "completion"
+    with pytest.raises(ManifestError, match="completion_template"):
+        parse_manifest(json.dumps(raw).encode())
+    raw["runtime"]["completion_template"] = "Question: {question}\nAnswer:"
+    with pytest.raises(ManifestError, match=r"\{sources\}"):
+        parse_manifest(json.dumps(raw).encode())
+    raw["runtime"]["completion_template"] = "{sources}\nQuestion: {question}\nAnswer:"
+    assert parse_manifest(json.dumps(raw).encode()).runtime.prompt_format == "completion"
+    raw["runtime"]["prompt_format"] = "json"
+    with pytest.raises(ManifestError, match="prompt_format"):
+        parse_manifest(json.dumps(raw).encode())
