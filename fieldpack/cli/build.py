@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -321,9 +322,18 @@ def demo(
 
         typer.echo("model: Gemma 3 270M (pretrained base, Q4_K_M GGUF; Gemma terms of use apply)", err=True)
         gguf = ensure_gemma_gguf(out / "cache")
+        # the real path: a Hugging Face checkpoint made from the GGUF (once, cached), then our converter, the
+        # parity gate against transformers, llama.cpp's quantizer and PPL/KLD, as for any checkpoint
+        hf_dir = out / "cache" / f"{gguf.stem}-hf"
+        if not (hf_dir / "config.json").is_file():
+            from fieldpack.builder.convert.from_gguf_checkpoint import hf_checkpoint_from_gguf
+
+            typer.echo("making a Hugging Face checkpoint of it (once; about a minute)…", err=True)
+            shutil.rmtree(hf_dir, ignore_errors=True)
+            hf_checkpoint_from_gguf(gguf, hf_dir)
         # one source in the prompt: measured on the demo documents, Gemma 3 270M base states the cited fact with
         # the best passage alone and drifts to the neighbouring passages with two or four (README "A real model")
-        model_opts = dict(model=str(gguf), quant="Q4_K_M", n_ctx=2048, max_tokens=64, top_k_chunks=1)
+        model_opts = dict(model=str(hf_dir), quant="Q4_K_M", n_ctx=2048, max_tokens=64, top_k_chunks=1)
     question = question or (TINY_DEMO_QUESTION if tiny else DEMO_QUESTION)
     bundle = out / "riverside-ops-1.0.0.fpk"
     cfg = BuildConfig.validated(dict(docs=docs, name="riverside-ops", version="1.0.0", sign=keys / "builder.key",

@@ -75,8 +75,6 @@ def test_real_gemma_gguf_builds_over_the_demo_docs(gemma_bundle: tuple[Path, dic
     assert 1.0 < m["quality"]["quantization"]["ppl"] < 1000
 
 
-@pytest.mark.xfail(strict=True, reason="the device refuses a model without a chat template until base-model "
-                   "prompt formats land (issue 10 item 3, branch gemma-answer); remove this mark then")
 def test_real_gemma_gguf_bundle_installs(gemma_bundle: tuple[Path, dict], e2e_keys: Path, tmp_path: Path) -> None:
     dev = tmp_path / "device"
     assert run_cli("device", "init", "--data-dir", str(dev), "--trust", str(e2e_keys / "builder.pub")).returncode == 0
