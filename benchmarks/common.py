@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE_VERSION = "bench-1"
 DEBIAN_HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
 POSTGRES_DOCS = Path("/usr/share/doc/postgresql-doc-15/html")
-DEBIAN_QA = Path(os.environ.get("FIELDPACK_QA_DIR", "/work/shared/qa")) / "debian-handbook.jsonl"
+DEBIAN_QA = Path(os.environ.get("FIELDPACK_QA_DIR", Path(__file__).resolve().parents[2] / "shared" / "qa")) / "debian-handbook.jsonl"
 
 
 def cache_root() -> Path:

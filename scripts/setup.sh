@@ -29,6 +29,9 @@ if [ "${1:-}" = "--broker" ]; then
   command -v mosquitto >/dev/null 2>&1 || need="$need mosquitto mosquitto-clients"
   command -v chromium >/dev/null 2>&1 || need="$need chromium"
   command -v chromedriver >/dev/null 2>&1 || need="$need chromium-driver"
+  # real documentation the retrieval, compression and eval tests read (Debian's HTML docs)
+  [ -d /usr/share/doc/postgresql-doc-15/html ] || need="$need postgresql-doc-15"
+  [ -d /usr/share/doc/debian-handbook/html ] || need="$need debian-handbook"
   if [ -n "$need" ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
     $SUDO apt-get update -qq

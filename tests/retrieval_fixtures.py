@@ -24,7 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DOCS = REPO / "demo" / "docs"
 DEBIAN_HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
-QA_FILE = Path("/work/shared/qa/debian-handbook.jsonl")
+QA_FILE = REPO.parent / "shared" / "qa" / "debian-handbook.jsonl"  # ../shared beside the checkout
 #: Bump to rebuild cached exports/indexes although no hashed input changed.
 RETRIEVAL_CACHE_VERSION = "retrieval-1"
 

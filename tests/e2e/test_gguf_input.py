@@ -70,7 +70,9 @@ def test_real_gemma_gguf_builds_over_the_demo_docs(gemma_bundle: tuple[Path, dic
     mo = m["model"]
     assert (mo["architecture"], mo["n_layer"], mo["vocab_size"], mo["file_type"]) == ("gemma3", 18, 262_144, "Q4_K_M")
     assert (mo["bos_id"], mo["eos_id"], mo["eot_id"]) == (2, 1, 106)
-    assert m["runtime"]["stop"] == ["<end_of_turn>", "<eos>"]
+    # the model's EOG tokens, then the completion format's stop strings (a base model has no chat template)
+    assert m["runtime"]["prompt_format"] == "completion"
+    assert m["runtime"]["stop"] == ["<end_of_turn>", "<eos>", "\nQuestion:", "\nSources:", "\n\n"]
     assert m["quality"]["parity"]["status"] == "not applicable, GGUF input"
     assert 1.0 < m["quality"]["quantization"]["ppl"] < 1000
 
