@@ -60,26 +60,10 @@ def atomic_writer(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
         OutputNotWritableError: the folder is missing or not writable, or the disk filled up. The temp file is
             removed and ``path`` is left as it was.
     """
-    path = Path(path)
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise _explain(path, exc) from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_path(path, mode) as tmp:  # one temp/fsync/rename/cleanup mechanism for both entry points
+        with open(tmp, "xb") as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _explain(path, exc) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
