@@ -132,8 +132,11 @@ def demo_index(tmp_path_factory: pytest.TempPathFactory, embedder: Any) -> Path:
     return path
 
 
-def make_pdf(pages: list[list[str]]) -> bytes:
+def make_pdf(pages: list[list[str]] | list[list[str | list[str | int]]]) -> bytes:
     """A minimal valid PDF 1.4: one page per item, each line drawn with Helvetica (WinAnsi), 14 pt leading.
+
+    A line is a string (one ``Tj``) or a ``TJ`` array of strings and kerning numbers (thousandths of an em), the
+    way justified text and letter-spaced headings are drawn: ``["con", -300, "figuration"]``.
 
     Objects: 1 catalog, 2 page tree, 3 font, then a page and its content stream per page; the xref offsets
     are computed, so pypdf reads it without repair.
@@ -149,7 +152,12 @@ def make_pdf(pages: list[list[str]]) -> bytes:
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
     ]
     for i, lines in enumerate(pages):
-        ops = "BT /F1 11 Tf 14 TL 72 740 Td " + " ".join(f"({esc(line)}) Tj T*" for line in lines) + " ET"
+        def show(line: str | list[str | int]) -> str:
+            if isinstance(line, str):
+                return f"({esc(line)}) Tj T*"
+            return "[" + " ".join(str(x) if isinstance(x, int) else f"({esc(x)})" for x in line) + "] TJ T*"
+
+        ops = "BT /F1 11 Tf 14 TL 72 740 Td " + " ".join(show(line) for line in lines) + " ET"
         stream = ops.encode("cp1252")
         bodies.append(
             (

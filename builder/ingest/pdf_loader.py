@@ -12,6 +12,7 @@ import logging
 import re
 
 from fieldpack.builder.ingest.model import Block, Section, SkipFile
+from fieldpack.builder.ingest.pdf_spacing import Lexicon, SpacingRepair, repair_spacing
 from fieldpack.shared.text import normalize_for_search
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,16 @@ def page_heading(lines: list[str]) -> str:
 
 
 def load_pdf(raw: bytes) -> list[Section]:
-    """Extract the text of every page of the PDF ``raw``.
+    """Extract the text of every page of the PDF ``raw`` (:func:`load_pdf_report` without the repair counts)."""
+    return load_pdf_report(raw)[0]
+
+
+def load_pdf_report(raw: bytes) -> tuple[list[Section], SpacingRepair]:
+    """Extract the text of every page of the PDF ``raw``, folded for search and with split words rejoined.
+
+    Returns:
+        (one section per page with text, counts of the spacing repairs made: see
+        :mod:`fieldpack.builder.ingest.pdf_spacing`).
 
     Raises:
         SkipFile: ``"unreadable PDF (...)"`` when pypdf cannot parse it, ``"encrypted PDF"`` when it needs a
@@ -51,14 +61,21 @@ def load_pdf(raw: bytes) -> list[Section]:
         raise
     except Exception as exc:  # pypdf raises PyPdfError but also bare ValueError/KeyError/... on damaged files
         raise SkipFile(f"unreadable PDF ({type(exc).__name__}: {exc})") from exc
-    sections: list[Section] = []
+    texts: list[tuple[int, str]] = []
     for number, page in enumerate(pages, start=1):
         try:
             text = page.extract_text() or ""
         except Exception as exc:  # as above: one damaged page must not lose the document
             log.warning("page %d: text extraction failed (%s); skipping the page", number, exc)
             continue
-        text = normalize_for_search(text.replace("\r\n", "\n").replace("\r", "\n"))  # "ﬁ" -> "fi", no controls
+        texts.append((number, normalize_for_search(text.replace("\r\n", "\n").replace("\r", "\n"))))  # "ﬁ" -> "fi"
+    lexicon = Lexicon(t for _, t in texts)
+    repairs = SpacingRepair()
+    sections: list[Section] = []
+    for number, text in texts:
+        text, counts = repair_spacing(text, lexicon)
+        repairs.joined += counts.joined
+        repairs.letter_runs += counts.letter_runs
         lines = text.split("\n")
         section = Section(path=page_heading(lines), page=number)
         for para in re.split(r"\n[ \t]*\n", text):
@@ -68,4 +85,4 @@ def load_pdf(raw: bytes) -> list[Section]:
             sections.append(section)
     if not sections:
         raise SkipFile("no text (scanned PDF?)")
-    return sections
+    return sections, repairs

@@ -15,7 +15,7 @@ from fieldpack.builder.ingest.decode import decode_document
 from fieldpack.builder.ingest.html_loader import load_html
 from fieldpack.builder.ingest.md_loader import load_markdown
 from fieldpack.builder.ingest.model import Chunk, FileReport, IngestResult, Section, SkipFile
-from fieldpack.builder.ingest.pdf_loader import load_pdf
+from fieldpack.builder.ingest.pdf_loader import load_pdf_report
 from fieldpack.builder.ingest.text_loader import load_text
 from fieldpack.shared.errors import IngestError, InputNotFoundError, NoDocumentsError, UsageError
 
@@ -140,8 +140,10 @@ def _ingest_file(
         if fmt == "pdf":
             if not raw.strip():
                 raise SkipFile("empty")
-            sections: list[Section] = load_pdf(raw)
+            sections, repairs = load_pdf_report(raw)
             encoding, digest = "binary", hashlib.sha256(raw).hexdigest()
+            if repairs.total:  # said in the build's per-file report, like a decoding guess
+                note = f"{repairs.joined} split words rejoined, {repairs.letter_runs} letter-spaced runs (PDF text layer)"
         else:
             dec = decode_document(raw)
             encoding, had_bom, crlf, note = dec.encoding, dec.had_bom, dec.crlf, dec.note

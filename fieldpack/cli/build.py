@@ -209,8 +209,8 @@ def _print_ingest_report(report: list[dict[str, Any]]) -> None:
             t.add_row(str(r.get("path")), str(r.get("reason")))
         console.print(t)
     noted = [r for r in indexed if r.get("note")]
-    if noted:  # anything guessed or replaced while decoding is said, per file
-        t = Table("file", "encoding", "decoding note", title="encoding report")
+    if noted:  # anything guessed or replaced while decoding, or repaired in a PDF text layer, is said, per file
+        t = Table("file", "encoding", "note", title="text report (guessed, replaced or repaired)")
         for r in noted:
             t.add_row(str(r.get("path")), str(r.get("encoding")), str(r.get("note")))
         console.print(t)

@@ -69,6 +69,39 @@ def test_pdf_text_is_folded_too() -> None:
     assert sections[0].blocks[0].text == "Maintenance of the pump"
 
 
+def test_pdf_split_words_are_rejoined_from_the_documents_own_words(tmp_path: Path) -> None:
+    """Justified lines (kerned runs) and letter-spaced headings come out of the text layer with spaces inside
+    words; words whole elsewhere in the same PDF rejoin them, real two-word phrases stay, and the build says so."""
+    from fieldpack.builder.ingest.pdf_loader import load_pdf
+    from tests.retrieval_fixtures import make_pdf
+
+    k = -300
+    pdf = make_pdf([
+        [
+            "Check the configuration of the pump before the flag is set.",
+            "Write the log into the file system; the file system keeps it there.",
+            "This pump restarts when the pressure drops. Open the setup page and the log file; turn it up slowly.",
+        ],
+        [
+            ["T", k, "h", k, "i", k, "s", k, "p", k, "u", k, "m", k, "p"],
+            ["Edit the con", k, "fi", k, "guration and set the fl", k, "ag when the pressure drops."],
+            ["Set up the pump and go to the file", k, "system menu, to set", k, "up the alarm.", k, "The", k, "re is one."],
+        ],
+    ])
+    page2 = load_pdf(pdf)[1].blocks[0].text
+    assert "T h i s" not in page2 and "This pump" in page2
+    assert "configuration" in page2 and "flag when" in page2
+    # real phrases stay even where the document spells them whole too ("setup"): each part is a word on its own there
+    assert "the file system menu" in page2 and "Set up the pump" in page2 and "to set up the alarm" in page2
+    assert "There is one" in page2
+
+    (tmp_path / "manual.pdf").write_bytes(pdf)
+    r = ingest(tmp_path, count_tokens=_words)
+    (entry,) = r.report
+    assert "split words rejoined" in entry.note and "1 letter-spaced runs" in entry.note
+    assert any("configuration" in c.text for c in r.chunks if c.page == 2)
+
+
 def test_one_token_string_is_still_bounded_in_characters(tmp_path: Path, embedder) -> None:  # noqa: ANN001,F811
     blob = "A" * 20_000  # WordPiece: one [UNK] token
     assert embedder.count_tokens(blob) <= 3
