@@ -39,7 +39,8 @@ from fieldpack.shared.protocol import (
     _shape_error,
     _Record,
     _Wire,
-    check_name,
+    device_topic,
+    group_topic,
 )
 
 CHUNK_MAGIC = b"FPC1"
@@ -53,22 +54,22 @@ CHUNK_PACKET_FRACTION = 4
 # --- topics ------------------------------------------------------------------------------------------------
 def desired_topic(group: str) -> str:
     """Retained desired-bundle record of ``group``."""
-    return f"{TOPIC_ROOT}/group/{check_name(group, 'group')}/fleet/desired"
+    return group_topic(group, "fleet", "desired")
 
 
 def need_topic(group: str) -> str:
     """Chunk requests of ``group``'s devices (the pusher subscribes)."""
-    return f"{TOPIC_ROOT}/group/{check_name(group, 'group')}/fleet/need"
+    return group_topic(group, "fleet", "need")
 
 
 def device_state_topic(device: str) -> str:
     """Retained rollout state of one device."""
-    return f"{TOPIC_ROOT}/device/{check_name(device, 'device id')}/fleet/state"
+    return device_topic(device, "fleet", "state")
 
 
 def chunk_topic(device: str) -> str:
     """Chunk frames sent to one device."""
-    return f"{TOPIC_ROOT}/device/{check_name(device, 'device id')}/fleet/chunk"
+    return device_topic(device, "fleet", "chunk")
 
 
 DEVICE_STATE_ALL = f"{TOPIC_ROOT}/device/+/fleet/state"

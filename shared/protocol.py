@@ -120,29 +120,47 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+def device_topic(device_id: str, *parts: str) -> str:
+    """``fieldpack/device/<device_id>/<parts...>``: the one shape of every per-device topic.
+
+    Raises:
+        UsageError: ``device_id`` is not a valid topic level (see :func:`check_name`).
+    """
+    return "/".join((TOPIC_ROOT, "device", check_name(device_id, "device id"), *parts))
+
+
+def group_topic(group: str, *parts: str) -> str:
+    """``fieldpack/group/<group>/<parts...>``: the one shape of every per-group topic.
+
+    Raises:
+        UsageError: ``group`` is not a valid topic level (see :func:`check_name`).
+    """
+    return "/".join((TOPIC_ROOT, "group", check_name(group, "group"), *parts))
+
+
 def request_topic(device_id: str) -> str:
     """Topic a device takes its own requests from."""
-    return f"{TOPIC_ROOT}/device/{check_name(device_id, 'device id')}/request"
+    return device_topic(device_id, "request")
 
 
 def cancel_topic(device_id: str) -> str:
     """Topic a device takes cancellations of its own requests from."""
-    return f"{TOPIC_ROOT}/device/{check_name(device_id, 'device id')}/cancel"
+    return device_topic(device_id, "cancel")
 
 
 def status_topic(device_id: str) -> str:
     """Retained status of one device (also its Last Will topic)."""
-    return f"{TOPIC_ROOT}/device/{check_name(device_id, 'device id')}/status"
+    return device_topic(device_id, "status")
 
 
 def metrics_topic(device_id: str) -> str:
     """Retained, periodically refreshed metrics of one device."""
-    return f"{TOPIC_ROOT}/device/{check_name(device_id, 'device id')}/metrics"
+    return device_topic(device_id, "metrics")
 
 
 def group_request_topic(group: str) -> str:
     """Topic clients publish group requests to (devices read it through :func:`group_subscription`)."""
-    return f"{TOPIC_ROOT}/group/{check_name(group, 'group')}/request"
+    return group_topic(group, "request")
 
 
 def group_subscription(group: str) -> str:
@@ -153,7 +171,7 @@ def group_subscription(group: str) -> str:
 
 def group_cancel_topic(group: str) -> str:
     """Cancellations of group requests; every member subscribes (not shared)."""
-    return f"{TOPIC_ROOT}/group/{check_name(group, 'group')}/cancel"
+    return group_topic(group, "cancel")
 
 
 def reply_topic(client_id: str) -> str:
