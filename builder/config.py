@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fieldpack.shared.errors import UsageError, first_validation_error
-from fieldpack.shared.manifest import check_bundle_name, check_bundle_version
+from fieldpack.shared.manifest import BundleName, BundleVersion
 
 QuantName = str  # validated against builder.quantize.QUANT_TYPES at build time
 
@@ -27,8 +27,8 @@ class BuildConfig(BaseModel):
 
     model: str = Field(description="local Hugging Face checkpoint folder, or a hub id (fetched only when online)")
     docs: Path = Field(description="folder of documents: .md .txt .html .pdf .csv")
-    name: str = Field(description="bundle name, e.g. plant-ops")
-    version: str = Field(default="0.1.0")
+    name: BundleName = Field(description="bundle name, e.g. plant-ops")
+    version: BundleVersion = Field(default="0.1.0")
     quant: QuantName = Field(default="Q4_K_M", description="llama.cpp tensor type mix (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16)")
     sign: Path = Field(description="ed25519 private key from `fieldpack keygen`")
     output: Path = Field(description="the .fpk to write")
@@ -48,16 +48,6 @@ class BuildConfig(BaseModel):
         default=None, description="how the device prompts the model; default: decided from the chat template "
                                   "(chat, chat without system role, or completion for a base model)")
     compression: dict[str, Any] = Field(default_factory=dict, description="pruning / imatrix options (see builder.compress)")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_bundle_name(v)
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        return check_bundle_version(v)
 
     @field_validator("docs", "sign", "output", "embedder")
     @classmethod

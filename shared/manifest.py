@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.errors import ManifestError, UnsupportedFormatVersion, first_validation_error
@@ -42,6 +42,12 @@ def check_bundle_version(v: str) -> str:
         raise ValueError(f"version {v!r} must be 1-32 characters of letters, digits, '.', '+', '_' or '-', starting "
                          "with a letter or digit")
     return v
+
+
+BundleName = Annotated[str, AfterValidator(check_bundle_name)]
+"""A ``str`` field holding a bundle name, checked by :func:`check_bundle_name` (manifest and build config)."""
+BundleVersion = Annotated[str, AfterValidator(check_bundle_version)]
+"""A ``str`` field holding a bundle version, checked by :func:`check_bundle_version`."""
 
 
 class _Strict(BaseModel):
@@ -187,8 +193,8 @@ class Manifest(_Strict):
 
     format: Literal["fieldpack-bundle"] = fmt.FORMAT_NAME
     format_version: int
-    name: str
-    version: str
+    name: BundleName
+    version: BundleVersion
     builder_version: str
     created_at: datetime
     members: list[Member]
@@ -199,16 +205,6 @@ class Manifest(_Strict):
     smoke: SmokeTest
     recipe: dict[str, Any]
     quality: Quality
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_bundle_name(v)
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        return check_bundle_version(v)
 
     @model_validator(mode="after")
     def _members(self) -> "Manifest":
