@@ -32,6 +32,14 @@ def cache_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory):  # -> tests.shared.factories.Keys
+    """A signing key pair and its trust store, fresh per test module (``tests.shared.factories.make_keys``)."""
+    from tests.shared.factories import make_keys
+
+    return make_keys(tmp_path_factory.mktemp("keys"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def build_cache(cache_dir: Path) -> Path:
     """The build cache every test build (in-process and ``run_cli`` children) shares: ``<cache_dir>/build``,

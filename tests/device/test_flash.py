@@ -61,11 +61,6 @@ def _exe(path: Path, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    return make_keys(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Path:
     return base_bundle(tmp_path_factory.mktemp("b"), keys, model_bytes=1 << 20)
 

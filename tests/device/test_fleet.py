@@ -28,11 +28,6 @@ V1, V2 = "pg-ops@1.0.0", "pg-ops@1.1.0"
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    return make_keys(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("bundles")
     other = make_keys(d / "other-keys")

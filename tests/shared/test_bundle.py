@@ -40,11 +40,6 @@ from tests.shared.factories import (
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    return make_keys(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Path:
     return base_bundle(tmp_path_factory.mktemp("bundle"), keys, model_bytes=200_000)
 
