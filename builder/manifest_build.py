@@ -129,7 +129,7 @@ def quantization_figures(records: BuildRecords, qtype: str) -> dict[str, Any]:
         assert quant is not None  # a checkpoint build always quantizes
         q = quant.quant
         measured = as_dict(fig.figures) if fig.figures is not None else {"note": fig.note}
-        return dict(measured, qtype=qtype, size_bytes=q.size_bytes,
+        return dict(measured, qtype=qtype, **embd_output_types(q), size_bytes=q.size_bytes,
                     ratio_to_f16=q.size_bytes / max(1, src.size_bytes), fallbacks=len(q.fallbacks),
                     held_out_chunks=records.split.held_out_chunks, window_tokens=records.split.n_ctx_eval)
     out: dict[str, Any] = dict(source_file_type=gguf.file_type, source_sha256=src.sha256,
@@ -141,12 +141,20 @@ def quantization_figures(records: BuildRecords, qtype: str) -> dict[str, Any]:
     else:
         q = quant.quant
         out.update(as_dict(fig.figures) if fig.figures is not None else {"note": fig.note}, qtype=qtype,
-                   requantized=True, requantized_from=gguf.file_type,
+                   requantized=True, requantized_from=gguf.file_type, **embd_output_types(q),
                    reference="input GGUF" + (" (already quantized: figures are vs it, not vs F16)"
                                              if gguf.quantized else ""),
                    size_bytes=q.size_bytes, ratio_to_input=q.size_bytes / max(1, src.size_bytes),
                    fallbacks=len(q.fallbacks))
     return out
+
+
+def embd_output_types(q: Any) -> dict[str, Any]:
+    """The GGML types written for ``token_embd.weight`` and ``output.weight`` of a :class:`QuantResult` ("tied":
+    no output tensor, token_embd is the output projection), and whether they were chosen (``--embd-type`` /
+    ``--output-type``) or left to the mix."""
+    return dict(token_embd_type=q.embd_type, output_type=q.output_type or "tied",
+                embd_output_chosen=bool(q.embd_type_requested or q.output_type_requested))
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

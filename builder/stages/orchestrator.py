@@ -140,10 +140,17 @@ def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner) -> d
                 outtype=cfg.parity_outtype, split=split.split()))
             cfg.compression.update(comp.resolved)
     quant = run(QUANTIZE, QuantizeInputs(source=comp.dense() if comp else conv.gguf(), qtype=cfg.quant.upper(),
-                                         imatrix_from=split.split() if cfg.compression.get("imatrix") else None))
+                                         imatrix_from=split.split() if cfg.compression.get("imatrix") else None,
+                                         **tensor_type_options(cfg)))
     quality = run(QUALITY, QualityInputs(reference=conv.gguf(), model=quant.model(), split=split.split(),
                                          n_ctx=split.n_ctx_eval))
     return dict(convert=conv, parity=parity, split=split, compress=comp, quantize=quant, quality=quality)
+
+
+def tensor_type_options(cfg: Any) -> dict[str, str | None]:
+    """The quantize stage's ``embd_type`` / ``output_type`` from the config (upper case; None: the mix's)."""
+    return dict(embd_type=cfg.embd_type.upper() if cfg.embd_type else None,
+                output_type=cfg.output_type.upper() if cfg.output_type else None)
 
 
 def _gguf_model_stages(cfg: Any, gguf_path: Path, chunks: Input, run: Runner) -> dict[str, Any]:
@@ -160,7 +167,7 @@ def _gguf_model_stages(cfg: Any, gguf_path: Path, chunks: Input, run: Runner) ->
     quant: QuantizeRecord | None = None
     if requested is not None and requested.upper() != src.file_type.upper():  # gguf_input.requantize_requested
         quant = run(QUANTIZE, QuantizeInputs(source=src.gguf(), qtype=requested.upper(),
-                                             allow_requantize=src.quantized))
+                                             allow_requantize=src.quantized, **tensor_type_options(cfg)))
     cfg.quant = quant.quant.qtype if quant is not None else src.file_type
     quality = run(QUALITY, QualityInputs(reference=src.gguf() if quant is not None else None,
                                          model=quant.model() if quant is not None else src.gguf(),
