@@ -36,6 +36,10 @@ class BuildConfig(BaseModel):
                                                             "default: the quant mix's choice")
     output_type: str | None = Field(default=None, description="GGML type of output.weight; default: the mix's choice "
                                                               "(tied embeddings: token_embd is the output)")
+    trim_vocab: bool = Field(default=False, description="trim the vocabulary to the documents' tokens (builder.trim), "
+                                                        "gated against the untrimmed model")
+    keep_general: int | None = Field(default=None, ge=0, description="general tokens kept besides the domain's when "
+                                                                     "trimming; default builder.trim.DEFAULT_KEEP_GENERAL")
     embedder: Path | None = Field(default=None, description="sentence-transformers folder; default all-MiniLM-L6-v2")
     embedder_int8: bool = Field(default=True, description="ship the int8 ONNX if it passes the quality gate")
     chunk_tokens: int = Field(default=200, ge=32, le=512)
@@ -122,7 +126,7 @@ class BuildConfig(BaseModel):
 
 
 #: Fields that are also ``fieldpack build`` options (``--name``, ``--n-ctx``, ...), for error hints.
-_OPTIONS = {"model", "docs", "quant", "embd_type", "output_type", "name", "version", "sign", "n_ctx", "max_tokens", "embedder"}
+_OPTIONS = {"model", "docs", "quant", "embd_type", "output_type", "keep_general", "name", "version", "sign", "n_ctx", "max_tokens", "embedder"}
 _PATH_KEYS = ("docs", "sign", "output", "embedder", "model")
 
 
