@@ -42,7 +42,7 @@ _REFUSED = {"bert": "WordPiece", "t5": "Unigram (T5)", "rwkv": "RWKV", "plamo2":
 #: Fewest model tokens of documents the trimmer accepts: the held-out split must give the gate four 256-token
 #: windows (1,024 tokens, which split_eval takes from at most half of the chunks) and the vocabulary chosen from
 #: the documents must rest on more domain text than the gate checks it on.
-MIN_DOC_TOKENS = 4096
+MIN_DOC_TOKENS = 2048
 
 
 @dataclass
