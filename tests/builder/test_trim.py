@@ -165,3 +165,50 @@ def test_too_few_documents_are_refused_with_the_fix(trimmed, demo_corpus: list[s
     with pytest.raises(TrimError, match=r"too few to choose a vocabulary.*at least 2,048.*Fix: add documents"):
         trim_gguf(src, tmp_path / "t.gguf", demo_corpus[:1])
     assert not (tmp_path / "t.gguf").exists()
+
+
+# --- through `fieldpack build` -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_build_with_trim_vocab_ships_the_trimmed_model_and_inspect_shows_the_row(tiny_gemma_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import DEMO_DOCS, run_cli
+
+    import shutil
+
+    keys = tmp_path / "keys"
+    assert run_cli("keygen", "--out", str(keys)).returncode == 0
+    docs = tmp_path / "docs"  # the demo documents (1,381 tokens) and one PostgreSQL page: above the 2,048 minimum
+    shutil.copytree(DEMO_DOCS, docs)
+    pg = Path("/usr/share/doc/postgresql-doc-15/html/runtime-config-resource.html")
+    if not pg.is_file():
+        pytest.skip("postgresql-doc-15 is not installed (scripts/setup.sh installs it)")
+    shutil.copyfile(pg, docs / pg.name)
+    out = tmp_path / "t.fpk"
+    r = run_cli("build", "--model", str(tiny_gemma_dir), "--docs", str(docs), "--name", "riverside",
+                "--sign", str(keys / "builder.key"), "-o", str(out), "--quant", "Q8_0", "--trim-vocab",
+                "--keep-general", "0", "--json", timeout=1800)
+    assert r.returncode == 0, r.stderr
+    assert "✓ trim vocab (+0 general)" in r.stderr
+    m = json.loads(r.stdout[r.stdout.index("{"):])
+    row = next(s for s in m["quality"]["stages"] if s["stage"] == "vocabulary trim")
+    assert row["vocab_after"] == m["model"]["vocab_size"] < row["vocab_before"] == 896
+    assert row["tokenization_identical"] and row["ood_round_trip"] == "10/10"
+    assert row["gguf_bytes_after"] < row["gguf_bytes_before"] and row["decode_tps_after"] > 0
+    assert m["recipe"]["build"]["trim_vocab"] is True and m["recipe"]["build"]["keep_general"] == 0
+    model = next(x for x in m["members"] if x["name"].endswith(".gguf"))
+    assert model["size"] == m["quality"]["quantization"]["size_bytes"]  # the Q8_0 of the trimmed F16 ships
+    shown = run_cli("inspect", str(out))
+    assert shown.returncode == 0 and "vocabulary trim" in shown.stdout and "vocab_after" in shown.stdout
+
+    # too few documents: refused in one line with the fix, exit 5, no bundle
+    few = tmp_path / "few"
+    few.mkdir()
+    (few / "a.md").write_text("# Pumps\n\nCheck the pump seal weekly.\n")
+    bad = run_cli("build", "--model", str(tiny_gemma_dir), "--docs", str(few), "--name", "riverside",
+                  "--sign", str(keys / "builder.key"), "-o", str(tmp_path / "bad.fpk"), "--trim-vocab",
+                  timeout=1800)
+    assert bad.returncode == 5 and not (tmp_path / "bad.fpk").exists()
+    err = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "too few to choose a vocabulary" in err[0] and "Fix: add documents" in err[0]
