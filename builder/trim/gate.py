@@ -88,13 +88,10 @@ def compare_logits(full: np.ndarray, trimmed: np.ndarray, keep: np.ndarray) -> t
         full: ``(n, n_vocab_full)`` untrimmed logits. trimmed: ``(n, n_kept)`` trimmed logits.
         keep: ``(n_kept,)`` untrimmed id of each trimmed id.
     """
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        x = x - x.max(axis=-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    from fieldpack.builder.llama_eval import _log_softmax
 
-    logp = log_softmax(full)
-    logq = log_softmax(trimmed)
+    logp = _log_softmax(full)
+    logq = _log_softmax(trimmed)
     logp_kept = logp[:, keep]
     q = np.exp(logq)
     kld = (q * (logq - logp_kept)).sum(axis=-1)
