@@ -32,6 +32,14 @@ class BuildConfig(BaseModel):
     quant: QuantName = Field(default="Q4_K_M", description="llama.cpp tensor type mix (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16)")
     sign: Path = Field(description="ed25519 private key from `fieldpack keygen`")
     output: Path = Field(description="the .fpk to write")
+    embd_type: str | None = Field(default=None, description="GGML type of token_embd.weight (Q8_0, Q6_K, Q4_K, ...); "
+                                                            "default: the quant mix's choice")
+    output_type: str | None = Field(default=None, description="GGML type of output.weight; default: the mix's choice "
+                                                              "(tied embeddings: token_embd is the output)")
+    trim_vocab: bool = Field(default=False, description="trim the vocabulary to the documents' tokens (builder.trim), "
+                                                        "gated against the untrimmed model")
+    keep_general: int | None = Field(default=None, ge=0, description="general tokens kept besides the domain's when "
+                                                                     "trimming; default builder.trim.DEFAULT_KEEP_GENERAL")
     embedder: Path | None = Field(default=None, description="sentence-transformers folder; default all-MiniLM-L6-v2")
     embedder_int8: bool = Field(default=True, description="ship the int8 ONNX if it passes the quality gate")
     chunk_tokens: int = Field(default=200, ge=32, le=512)
@@ -108,7 +116,7 @@ class BuildConfig(BaseModel):
 
 
 #: Fields that are also ``fieldpack build`` options (``--name``, ``--n-ctx``, ...), for error hints.
-_OPTIONS = {"model", "docs", "quant", "name", "version", "sign", "n_ctx", "max_tokens", "embedder"}
+_OPTIONS = {"model", "docs", "quant", "embd_type", "output_type", "keep_general", "name", "version", "sign", "n_ctx", "max_tokens", "embedder"}
 _PATH_KEYS = ("docs", "sign", "output", "embedder", "model")
 
 

@@ -69,7 +69,8 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
     idx = records.index.stats
     qtype = cfg.quant.upper()
     n_ctx = min(cfg.n_ctx, f16.n_ctx_train)
-    mem = dict(weights_bytes=quant.size_bytes if quant else f16.size_bytes,
+    shipped_bytes = records.shipped_model().path.stat().st_size
+    mem = dict(weights_bytes=shipped_bytes,
                kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head_kv=shipped.n_head_kv,
                                              head_dim=shipped.head_dim or shipped.n_embd // shipped.n_head),
                embedder_bytes=2 * emb.size_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
@@ -85,7 +86,7 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
             architecture=shipped.architecture, parameter_count=shipped.parameter_count, file_type=qtype,
             tensor_types=quant.tensor_types if quant else f16.tensor_types, n_ctx_train=shipped.n_ctx_train,
             n_embd=shipped.n_embd, n_layer=shipped.n_layer, n_head=shipped.n_head, n_head_kv=shipped.n_head_kv,
-            vocab_size=shipped.vocab_size,
+            vocab_size=records.trim.vocab_size if records.trim else shipped.vocab_size,
             chat_template_present=bool(f16.chat_template), bos_id=f16.bos_id, eos_id=f16.eos_id,
             eot_id=f16.eot_id, tokenizer_model=f16.tokenizer_model, tokenizer_pre=f16.tokenizer_pre,
             source=Path(cfg.model).name or cfg.model),
@@ -113,7 +114,7 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
                           parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
                           int8_bytes=emb.int8_bytes) if emb.gate is not None else
                      dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine),
-            stages=records.compress.rows if records.compress else [],
+            stages=(records.compress.rows if records.compress else []) + ([records.trim.row] if records.trim else []),
         ),
     )
 
@@ -129,24 +130,32 @@ def quantization_figures(records: BuildRecords, qtype: str) -> dict[str, Any]:
         assert quant is not None  # a checkpoint build always quantizes
         q = quant.quant
         measured = as_dict(fig.figures) if fig.figures is not None else {"note": fig.note}
-        return dict(measured, qtype=qtype, size_bytes=q.size_bytes,
+        return dict(measured, qtype=qtype, **embd_output_types(q), size_bytes=q.size_bytes,
                     ratio_to_f16=q.size_bytes / max(1, src.size_bytes), fallbacks=len(q.fallbacks),
                     held_out_chunks=records.split.held_out_chunks, window_tokens=records.split.n_ctx_eval)
     out: dict[str, Any] = dict(source_file_type=gguf.file_type, source_sha256=src.sha256,
                                held_out_chunks=records.split.held_out_chunks, window_tokens=records.split.n_ctx_eval)
     if quant is None:
-        out.update(qtype=qtype, requantized=False, ppl=fig.ppl, size_bytes=src.size_bytes)
+        out.update(qtype=qtype, requantized=False, ppl=fig.ppl, size_bytes=records.shipped_model().path.stat().st_size)
         if fig.note:
             out["note"] = fig.note
     else:
         q = quant.quant
         out.update(as_dict(fig.figures) if fig.figures is not None else {"note": fig.note}, qtype=qtype,
-                   requantized=True, requantized_from=gguf.file_type,
+                   requantized=True, requantized_from=gguf.file_type, **embd_output_types(q),
                    reference="input GGUF" + (" (already quantized: figures are vs it, not vs F16)"
                                              if gguf.quantized else ""),
                    size_bytes=q.size_bytes, ratio_to_input=q.size_bytes / max(1, src.size_bytes),
                    fallbacks=len(q.fallbacks))
     return out
+
+
+def embd_output_types(q: Any) -> dict[str, Any]:
+    """The GGML types written for ``token_embd.weight`` and ``output.weight`` of a :class:`QuantResult` ("tied":
+    no output tensor, token_embd is the output projection), and whether they were chosen (``--embd-type`` /
+    ``--output-type``) or left to the mix."""
+    return dict(token_embd_type=q.embd_type, output_type=q.output_type or "tied",
+                embd_output_chosen=bool(q.embd_type_requested or q.output_type_requested))
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

@@ -65,6 +65,8 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
         OutputNotWritableError: the output's folder is missing or not writable.
         UsageError: a hub id given while offline.
         ChatTemplateError: the prompt format cannot be decided (fix: ``--prompt-format``).
+        UnsupportedTokenizerError: ``--trim-vocab`` with a tokenizer the trimmer cannot keep exact (WordPiece,
+            Unigram, SentencePiece without byte fallback).
     """
     from fieldpack.builder.convert import hub_or_local
     from fieldpack.builder.gguf_input import is_gguf_path
@@ -74,6 +76,10 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
     if cfg.quant.upper() not in QUANT_TYPES and not gguf_input:  # a GGUF input's own type is checked below
         raise UnknownQuantTypeError(f"unknown --quant {cfg.quant!r}",
                                     hint=f"use one of {', '.join(sorted(QUANT_TYPES))}")
+    from fieldpack.builder.quantize import tensor_type
+
+    tensor_type(cfg.embd_type, option="--embd-type")
+    tensor_type(cfg.output_type, option="--output-type")
     check_docs_folder(cfg.docs)
     load_private_key(cfg.sign)
     out_dir = cfg.output.parent
@@ -87,9 +93,24 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
         from fieldpack.builder.gguf_input import check_gguf_build
 
         path = check_gguf_build(Path(cfg.model), requested_quant(cfg), compression=bool(cfg.compression))
+        if cfg.trim_vocab:
+            from fieldpack.builder.trim.gguf_trim import read_gguf_vocab
+            from fieldpack.builder.trim.vocab import check_trimmable
+
+            gv = read_gguf_vocab(path)
+            check_trimmable(gv.model, gv.types, source=str(path))
+        if (cfg.embd_type or cfg.output_type) and requested_quant(cfg) is None:
+            from fieldpack.shared.errors import UsageError
+
+            raise UsageError(f"--embd-type/--output-type need a re-quantization of {path.name}",
+                             hint="add --quant (e.g. --quant Q4_K_M), or leave them out to ship the file as is")
         return path, plan_prompt_for_gguf(path, cfg.prompt_format)
     model_dir = hub_or_local(cfg.model)
     vocab = preflight_model(model_dir)
+    if cfg.trim_vocab:
+        from fieldpack.builder.trim.vocab import check_trimmable
+
+        check_trimmable(vocab.model, vocab.token_types, source=str(model_dir))
 
     def text(tid: int | None) -> str:
         return vocab.tokens[tid] if tid is not None and 0 <= tid < len(vocab.tokens) else ""

@@ -62,6 +62,27 @@ NOMINAL_TENSOR_TYPE: dict[str, GGMLQuantizationType] = {
 }
 
 
+#: GGML tensor types offered for ``token_embd`` / ``output`` (llama.cpp's ``--token-embedding-type`` /
+#: ``--output-tensor-type``): name -> ``gguf.GGMLQuantizationType``.
+TENSOR_TYPES: dict[str, GGMLQuantizationType] = {
+    n: GGMLQuantizationType[n] for n in ("F32", "F16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K")
+}
+
+
+def tensor_type(name: str | None, *, option: str) -> GGMLQuantizationType | None:
+    """The GGML type named ``name`` (case-insensitive; None passes through) for the CLI/recipe ``option``.
+
+    Raises:
+        UnknownQuantTypeError: not in :data:`TENSOR_TYPES` (the message names ``option`` and lists them).
+    """
+    if name is None:
+        return None
+    key = name.upper()
+    if key not in TENSOR_TYPES:
+        raise UnknownQuantTypeError(f"unknown {option} {name!r}", hint=f"use one of {', '.join(TENSOR_TYPES)}")
+    return TENSOR_TYPES[key]
+
+
 def file_type_name(ftype: int) -> str:
     """fieldpack's name of a ``general.file_type`` value (``"Q4_K_M"``), or gguf's enum name when fieldpack does
     not offer that type (``"MOSTLY_IQ2_XS"``), or ``"unknown(<n>)"``."""
@@ -102,6 +123,8 @@ class QuantResult:
         ratio_to_src: ``size_bytes / source size``.
         imatrix_entries: tensors for which importance data was passed (0 without an imatrix).
         seconds: wall time of the quantization.
+        embd_type / output_type: GGML type written for ``token_embd.weight`` / ``output.weight`` ("" when the
+            file has no such tensor: tied embeddings); ``*_requested``: what was asked (None: the mix's choice).
     """
 
     path: Path
@@ -114,6 +137,10 @@ class QuantResult:
     imatrix_entries: int = 0
     seconds: float = 0.0
     tensor_type_by_name: dict[str, str] = field(default_factory=dict, repr=False)
+    embd_type: str = ""
+    output_type: str = ""
+    embd_type_requested: str | None = None
+    output_type_requested: str | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -305,6 +332,8 @@ def quantize_gguf(
     imatrix: Path | None = None,
     nthread: int | None = None,
     allow_requantize: bool = False,
+    embd_type: str | None = None,
+    output_type: str | None = None,
 ) -> QuantResult:
     """Quantize an F16/F32 GGUF to ``qtype`` with llama.cpp; write ``dst`` atomically.
 
@@ -316,12 +345,16 @@ def quantize_gguf(
         nthread: quantization threads (default: the CPUs this process may use).
         allow_requantize: accept an already quantized ``src`` (llama.cpp dequantizes and quantizes again, which
             compounds both rounding errors; used for a GGUF input re-quantized on request).
+        embd_type / output_type: GGML type (a :data:`TENSOR_TYPES` key) for ``token_embd.weight`` / ``output.weight``
+            instead of the mix's choice (llama.cpp's ``token_embedding_type`` / ``output_tensor_type``). A model with
+            tied embeddings (Gemma) has no ``output.weight``: its ``token_embd`` is also the output projection.
 
     Returns:
         :class:`QuantResult`, with the tensor types read back from ``dst``.
 
     Raises:
-        UnknownQuantTypeError: ``qtype`` is not in :data:`QUANT_TYPES` (the message lists them).
+        UnknownQuantTypeError: ``qtype`` is not in :data:`QUANT_TYPES`, or ``embd_type``/``output_type`` not in
+            :data:`TENSOR_TYPES` (the message lists them).
         InputNotFoundError: ``src`` or ``imatrix`` is missing.
         QuantizationError: llama.cpp failed (message carries its error line), or the imatrix is unreadable.
         OutputNotWritableError: ``dst`` cannot be written.
@@ -335,6 +368,8 @@ def quantize_gguf(
         raise UnknownQuantTypeError(
             f"Unknown quant type {qtype!r}", hint=f"use one of {', '.join(QUANT_TYPES)}"
         )
+    embd = tensor_type(embd_type, option="--embd-type")
+    out_t = tensor_type(output_type, option="--output-type")
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise InputNotFoundError(f"GGUF file {src} does not exist", hint="convert the model to GGUF first")
@@ -349,6 +384,10 @@ def quantize_gguf(
     params.nthread = int(nthread or default_threads())
     params.ftype = int(QUANT_TYPES[key])
     params.allow_requantize = bool(allow_requantize)
+    if embd is not None:
+        params.token_embedding_type = int(embd)
+    if out_t is not None:
+        params.output_tensor_type = int(out_t)
     keep: list[Any] = []
     if imatrix_data:
         params.imatrix, keep = _imatrix_array(imatrix_data)
@@ -390,6 +429,10 @@ def quantize_gguf(
         imatrix_entries=len(imatrix_data or {}),
         seconds=round(seconds, 3),
         tensor_type_by_name={n: t for n, (t, _, _) in written.items()},
+        embd_type=written.get("token_embd.weight", ("",))[0],
+        output_type=written.get("output.weight", ("",))[0],
+        embd_type_requested=embd.name if embd is not None else None,
+        output_type_requested=out_t.name if out_t is not None else None,
     )
     logger.info(
         "quantized %s -> %s (%s): %d bytes (%.3f of source), types %s, %d fallbacks, %.2f s",

@@ -25,6 +25,7 @@ they are caught, with ``raise ... from exc``. The CLI and the daemon turn a ``Fi
     │   ├── UnsupportedTokenizerError
     │   ├── UnknownQuantTypeError
     │   ├── ParityError                 HF and GGUF disagree beyond tolerance
+    │   ├── TrimError                   too few documents to trim the vocabulary, or the trim gate failed
     │   ├── QuantizationError
     │   ├── IngestError / NoDocumentsError
     │   ├── EmbedderError
@@ -155,6 +156,12 @@ class ParityError(BuildError):
 
 class QuantizationError(BuildError):
     code = "quantization"
+
+
+class TrimError(BuildError):
+    """Vocabulary trimming refused its input (too few documents) or its gate failed."""
+
+    code = "trim"
 
 
 class IngestError(BuildError):

@@ -2,7 +2,8 @@
 
 For a checkpoint and the user's documents, every candidate combination of structured pruning
 ({none, depth -25% blocks, width MLP x0.75}) and quantization ({F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0}, plus
-Q4_K_M with a domain imatrix) is actually built and measured:
+Q4_K_M with a domain imatrix, and Q4_K_M with ``token_embd``/``output`` in Q4_K instead of the mix's Q6_K/Q8_0,
+which matters most for small models whose vocabulary holds most of their bytes) is actually built and measured:
 
 * size: the GGUF's bytes;
 * memory on the device: weights + the f16 KV cache at ``n_ctx`` (``2 * n_layer * n_ctx * n_head_kv * head_dim *
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 DEFAULT_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 DEFAULT_PRUNES = ("none", "depth", "width")
 IMATRIX_QUANTS = ("Q4_K_M",)
+#: (quant mix, GGML type for token_embd and output) candidates: ``--quant Q4_K_M --embd-type Q4_K --output-type Q4_K``.
+EMBD_QUANTS: tuple[tuple[str, str], ...] = (("Q4_K_M", "Q4_K"),)
 #: int8 all-MiniLM-L6-v2 ONNX (~23 MB) as the build counts it (file + runtime arena): an estimate.
 EMBEDDER_BYTES_ESTIMATE = 2 * 23 * 1024 * 1024
 #: Index bytes per chunk: a 384-d float32 vector, FTS5 postings and the text, roughly.
@@ -89,10 +92,12 @@ class Candidate:
     fits_ram: bool = False
     fast_enough: bool = False
     pareto: bool = False
+    embd_type: str | None = None  # GGML type of token_embd/output when chosen (None: the mix's)
 
     @property
     def label(self) -> str:
-        return f"{self.prune}/{self.quant}{'+imatrix' if self.imatrix else ''}"
+        return (f"{self.prune}/{self.quant}{'+imatrix' if self.imatrix else ''}"
+                f"{f'+embd {self.embd_type}' if self.embd_type else ''}")
 
     @property
     def fits(self) -> bool:
@@ -128,6 +133,8 @@ class Plan:
             flags.append(f"--{k.replace('_', '-')} {v}")
         if c.imatrix:
             flags.append("--imatrix domain")
+        if c.embd_type:
+            flags.append(f"--embd-type {c.embd_type} --output-type {c.embd_type}")
         return " ".join(flags)
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,7 +180,7 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
               threads: int | None = None, n_ctx: int = 2048, out_png: Path | None = None,
               quants: tuple[str, ...] = DEFAULT_QUANTS, prunes: tuple[str, ...] = DEFAULT_PRUNES,
               imatrix_quants: tuple[str, ...] = IMATRIX_QUANTS, work_dir: Path | None = None,
-              seed: int = 0) -> Plan:
+              seed: int = 0, embd_quants: tuple[tuple[str, str], ...] = EMBD_QUANTS) -> Plan:
     """Build and measure every candidate; propose the best quality that fits the device.
 
     Args:
@@ -184,7 +191,7 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
         threads: llama.cpp threads for timing (default: this machine's).
         n_ctx: context length on the device (tokens) for the KV cache estimate.
         out_png: where to draw quality vs size (``None``: no plot).
-        quants / prunes / imatrix_quants: the grid.
+        quants / prunes / imatrix_quants: the grid; ``embd_quants``: (mix, token_embd/output type) pairs.
         work_dir: scratch folder (default: a temp folder, removed afterwards).
 
     Raises:
@@ -207,7 +214,10 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
         raise InputNotFoundError(f"docs folder {docs_dir} does not exist", hint="pass the folder of your documents")
     if min_tokens_per_s < 0 or n_ctx < 16:
         raise UsageError("--min-tokens-per-s must be >= 0 and --n-ctx >= 16", hint="e.g. --min-tokens-per-s 10 --n-ctx 2048")
-    bad = [q for q in quants if q.upper() not in QUANT_TYPES] + [q for q in imatrix_quants if q.upper() not in QUANT_TYPES]
+    from fieldpack.builder.quantize import TENSOR_TYPES
+
+    bad = [q for q in [*quants, *imatrix_quants, *(m for m, _ in embd_quants)] if q.upper() not in QUANT_TYPES]
+    bad += [e for _, e in embd_quants if e.upper() not in TENSOR_TYPES]
     if bad:
         raise UsageError(f"unknown quant type(s) {', '.join(bad)}", hint=f"use {', '.join(QUANT_TYPES)}")
     prune_opts: dict[str, dict[str, Any]] = {"none": {}, "depth": {"prune": "depth"},
@@ -237,15 +247,17 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
         for p in prunes:
             base, n_layer = bases[p]
             imx = None
-            for q in list(quants) + [f"{q}+imatrix" for q in imatrix_quants]:
-                qt, use_imx = q.split("+")[0].upper(), q.endswith("+imatrix")
+            grid = [(q.upper(), False, None) for q in quants] + [(q.upper(), True, None) for q in imatrix_quants]
+            grid += [(q.upper(), False, e.upper()) for q, e in embd_quants]
+            for qt, use_imx, embd in grid:
                 if use_imx and imx is None:
                     imx = compute_imatrix_gguf(base, calib, work / p / "imatrix.gguf", n_ctx=512).path
-                if qt == "F16" and not use_imx:
+                if qt == "F16" and not use_imx and embd is None:
                     path = base
                 else:
-                    path = quantize_gguf(base, work / p / f"{qt}{'-imx' if use_imx else ''}.gguf", qt,
-                                         imatrix=imx if use_imx else None).path
+                    name = f"{qt}{'-imx' if use_imx else ''}{f'-embd-{embd}' if embd else ''}.gguf"
+                    path = quantize_gguf(base, work / p / name, qt, imatrix=imx if use_imx else None,
+                                         embd_type=embd, output_type=embd).path
                 figs = perplexity_kld(ref.path, path, held, n_ctx=eval_ctx)
                 sp = measure_speed(path, threads=threads, repeats=SPEED_REPEATS, statistic="median")
                 kv = kv_cache_bytes(n_ctx, n_layer=n_layer, n_head_kv=ref.n_head_kv, head_dim=head_dim)
@@ -255,7 +267,7 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
                     kv_cache_bytes=kv, memory_bytes=size + kv + other_bytes, ppl=figs.ppl_test,
                     delta_ppl=figs.delta_ppl, kld_mean=figs.kld_mean, top1_agreement=figs.top1_agreement,
                     decode_tps=sp.decode_tps, prompt_tps=sp.prompt_tps, decode_tps_min=sp.decode_tps_min,
-                    decode_tps_max=sp.decode_tps_max))
+                    decode_tps_max=sp.decode_tps_max, embd_type=embd))
                 log.info("plan %s: %d bytes, KLD %.5f, %.1f tok/s", cands[-1].label, size, figs.kld_mean, sp.decode_tps)
         for c, front in zip(cands, pareto_front([(c.gguf_bytes, c.kld_mean) for c in cands])):
             c.pareto = front

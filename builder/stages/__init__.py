@@ -34,7 +34,8 @@ distillation or a GGUF input, has this shape)::
 
 Modules: :mod:`.base` (Input, StageInputs, StageRecord, Stage), :mod:`.cache` (StageCache, Runner),
 :mod:`.embedder`, :mod:`.docs` (ingest, index, smoke question), :mod:`.model` (convert, parity),
-:mod:`.gguf` (gguf input), :mod:`.quant` (eval split, compress, quantize, quality), :mod:`.orchestrator`.
+:mod:`.gguf` (gguf input), :mod:`.quant` (eval split, compress, quantize, quality), :mod:`.trim` (vocabulary
+trimming and its gate, ``--trim-vocab``), :mod:`.orchestrator`.
 """
 
 from fieldpack.builder.stages.base import Artefact, Input, Stage, StageInputs, StageRecord

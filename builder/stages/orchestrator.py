@@ -6,7 +6,10 @@
               │      │
     convert ──┼──▶ parity         eval split (chunks + model tokenizer)
               │                      │
-              └──▶ [compress] ─▶ quantize ─▶ quality (PPL/KLD on held-out chunks)
+              └──▶ [compress] ─▶ [trim vocab] ─▶ quantize ─▶ quality (PPL/KLD on held-out chunks)
+
+``trim vocab`` (``--trim-vocab``, :mod:`.trim`) cuts the dense GGUF's vocabulary to the documents' and gates it
+against the untrimmed one; quantize then reads the trimmed file, and quality measures against it.
 
 A GGUF input (``--model x.gguf``, :mod:`.gguf`) takes the place of ``convert`` and has no parity stage::
 
@@ -41,6 +44,7 @@ from fieldpack.builder.stages.docs import (
 )
 from fieldpack.builder.stages.embedder import EMBEDDER, EmbedderInputs, EmbedderRecord
 from fieldpack.builder.stages.gguf import GGUF_INPUT, GgufInputInputs, GgufInputRecord
+from fieldpack.builder.stages.trim import TRIM, TrimInputs, TrimRecord
 from fieldpack.builder.stages.model import CONVERT, PARITY, ConvertInputs, ConvertRecord, ParityInputs, ParityRecord
 from fieldpack.builder.stages.quant import (
     COMPRESS,
@@ -63,7 +67,8 @@ class BuildRecords:
     """Every stage's record of one build.
 
     ``convert`` is a :class:`~.gguf.GgufInputRecord` for a GGUF input, which has no ``parity`` (None);
-    ``compress`` is None when nothing was pruned; ``quantize`` is None when a GGUF input ships as is.
+    ``compress`` is None when nothing was pruned; ``quantize`` is None when a GGUF input ships as is; ``trim`` is
+    None without ``--trim-vocab``.
     """
 
     embedder: EmbedderRecord
@@ -76,6 +81,7 @@ class BuildRecords:
     compress: CompressRecord | None
     quantize: QuantizeRecord | None
     quality: QualityRecord
+    trim: TrimRecord | None = None
 
     def all(self) -> dict[str, Any]:
         """Stage name -> record, in build order (skipped stages left out)."""
@@ -87,8 +93,11 @@ class BuildRecords:
         return self.convert if isinstance(self.convert, GgufInputRecord) else None
 
     def shipped_model(self) -> Input:
-        """The GGUF that goes into the bundle: the quantized model, or a GGUF input kept as is."""
-        return self.quantize.model() if self.quantize is not None else self.convert.gguf()
+        """The GGUF that goes into the bundle: the quantized model, or a GGUF input kept as is (trimmed when
+        ``--trim-vocab``)."""
+        if self.quantize is not None:
+            return self.quantize.model()
+        return self.trim.trimmed() if self.trim is not None else self.convert.gguf()
 
 
 def run_stages(cfg: Any, model_dir: Path, run: Runner) -> BuildRecords:
@@ -139,11 +148,34 @@ def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner) -> d
                 n_ctx_train=conv.conversion.n_ctx_train, options=dict(cfg.compression), seed=cfg.seed,
                 outtype=cfg.parity_outtype, split=split.split()))
             cfg.compression.update(comp.resolved)
-    quant = run(QUANTIZE, QuantizeInputs(source=comp.dense() if comp else conv.gguf(), qtype=cfg.quant.upper(),
-                                         imatrix_from=split.split() if cfg.compression.get("imatrix") else None))
-    quality = run(QUALITY, QualityInputs(reference=conv.gguf(), model=quant.model(), split=split.split(),
-                                         n_ctx=split.n_ctx_eval))
-    return dict(convert=conv, parity=parity, split=split, compress=comp, quantize=quant, quality=quality)
+    dense = comp.dense() if comp else conv.gguf()
+    trim = _trim(cfg, dense, chunks, split, run)
+    if trim is not None:
+        dense = trim.trimmed()
+    quant = run(QUANTIZE, QuantizeInputs(source=dense, qtype=cfg.quant.upper(),
+                                         imatrix_from=split.split() if cfg.compression.get("imatrix") else None,
+                                         **tensor_type_options(cfg)))
+    quality = run(QUALITY, QualityInputs(reference=trim.trimmed() if trim else conv.gguf(), model=quant.model(),
+                                         split=split.split(), n_ctx=split.n_ctx_eval))
+    return dict(convert=conv, parity=parity, split=split, compress=comp, quantize=quant, quality=quality, trim=trim)
+
+
+def _trim(cfg: Any, dense: Input, chunks: Input, split: SplitRecord, run: Runner) -> TrimRecord | None:
+    """The trim stage when ``cfg.trim_vocab``; sets ``cfg.keep_general`` to the value used (for the recipe)."""
+    if not cfg.trim_vocab:
+        return None
+    from fieldpack.builder.trim import DEFAULT_KEEP_GENERAL
+
+    if cfg.keep_general is None:
+        cfg.keep_general = DEFAULT_KEEP_GENERAL
+    return run(TRIM, TrimInputs(source=dense, chunks=chunks, split=split.split(), keep_general=cfg.keep_general,
+                                n_ctx=split.n_ctx_eval))
+
+
+def tensor_type_options(cfg: Any) -> dict[str, str | None]:
+    """The quantize stage's ``embd_type`` / ``output_type`` from the config (upper case; None: the mix's)."""
+    return dict(embd_type=cfg.embd_type.upper() if cfg.embd_type else None,
+                output_type=cfg.output_type.upper() if cfg.output_type else None)
 
 
 def _gguf_model_stages(cfg: Any, gguf_path: Path, chunks: Input, run: Runner) -> dict[str, Any]:
@@ -156,13 +188,15 @@ def _gguf_model_stages(cfg: Any, gguf_path: Path, chunks: Input, run: Runner) ->
     split = run(SPLIT, SplitInputs(chunks=chunks, tokenizer=None, fraction=cfg.eval_fraction,
                                    max_chunks=cfg.eval_max_chunks, seed=cfg.seed,
                                    n_ctx_train=src.conversion.n_ctx_train))
+    trim = _trim(cfg, src.gguf(), chunks, split, run)  # a quantized input is trimmed as stored (rows cut)
+    base = trim.trimmed() if trim else src.gguf()
     requested = requested_quant(cfg)
     quant: QuantizeRecord | None = None
     if requested is not None and requested.upper() != src.file_type.upper():  # gguf_input.requantize_requested
-        quant = run(QUANTIZE, QuantizeInputs(source=src.gguf(), qtype=requested.upper(),
-                                             allow_requantize=src.quantized))
+        quant = run(QUANTIZE, QuantizeInputs(source=base, qtype=requested.upper(),
+                                             allow_requantize=src.quantized, **tensor_type_options(cfg)))
     cfg.quant = quant.quant.qtype if quant is not None else src.file_type
-    quality = run(QUALITY, QualityInputs(reference=src.gguf() if quant is not None else None,
-                                         model=quant.model() if quant is not None else src.gguf(),
+    quality = run(QUALITY, QualityInputs(reference=base if quant is not None else None,
+                                         model=quant.model() if quant is not None else base,
                                          split=split.split(), n_ctx=split.n_ctx_eval))
-    return dict(convert=src, parity=None, split=split, compress=None, quantize=quant, quality=quality)
+    return dict(convert=src, parity=None, split=split, compress=None, quantize=quant, quality=quality, trim=trim)

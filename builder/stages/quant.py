@@ -183,6 +183,8 @@ class QuantizeInputs(StageInputs):
     qtype: str
     imatrix_from: Input | None = None  # split.json: calibration texts for a domain imatrix; None: no imatrix
     allow_requantize: bool = False  # ``source`` is already quantized (a GGUF input): llama.cpp may re-quantize
+    embd_type: str | None = None  # GGML type of token_embd.weight (None: the mix's choice)
+    output_type: str | None = None  # GGML type of output.weight (None: the mix's choice)
 
 
 class QuantizeRecord(StageRecord):
@@ -203,12 +205,15 @@ def run_quantize(inputs: QuantizeInputs, out_dir: Path) -> QuantizeRecord:
         calib, _ = load_split(inputs.imatrix_from.path)
         imatrix = compute_imatrix(inputs.source.path, calib, out_dir / "imatrix.dat")
     return QuantizeRecord(quant=quantize_gguf(inputs.source.path, out_dir / "model.gguf", inputs.qtype,
-                                              imatrix=imatrix, allow_requantize=inputs.allow_requantize))
+                                              imatrix=imatrix, allow_requantize=inputs.allow_requantize,
+                                              embd_type=inputs.embd_type, output_type=inputs.output_type))
 
 
 QUANTIZE = Stage("quantize", "1", QuantizeRecord, run_quantize, libraries=LLAMA_LIBRARIES,
                  code=("fieldpack.builder.quantize", "fieldpack.builder.compress.imatrix"),
-                 label=lambda i: f"{'re-quantize' if i.allow_requantize else 'quantize'} {i.qtype}")
+                 label=lambda i: f"{'re-quantize' if i.allow_requantize else 'quantize'} {i.qtype}"
+                 + (f" (token_embd {i.embd_type.upper()})" if i.embd_type else "")
+                 + (f" (output {i.output_type.upper()})" if i.output_type else ""))
 
 
 # --- quality ---------------------------------------------------------------------------------------------------

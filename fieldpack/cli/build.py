@@ -90,6 +90,14 @@ def build(
     model: Optional[str] = typer.Option(None, "--model", help="local HF checkpoint folder, a .gguf file, or a hub id when online"),
     docs: Optional[Path] = typer.Option(None, "--docs", help="folder of documents (.md .txt .html .pdf .csv)"),
     quant: Optional[str] = typer.Option(None, "--quant", help="Q8_0, Q6_K, Q5_K_M, Q4_K_M (default), Q4_0, F16; a .gguf ships as is unless given"),
+    embd_type: Optional[str] = typer.Option(None, "--embd-type", help="GGML type of token_embd.weight (Q8_0, Q6_K, "
+                                            "Q5_K, Q4_K, Q4_0, F16); default: the --quant mix's choice"),
+    output_type: Optional[str] = typer.Option(None, "--output-type", help="GGML type of output.weight (as "
+                                              "--embd-type); tied embeddings have none: token_embd is the output"),
+    trim_vocab: Optional[bool] = typer.Option(None, "--trim-vocab", help="trim the vocabulary to the documents' "
+                                              "tokens (smaller, faster model; gated against the untrimmed one)"),
+    keep_general: Optional[int] = typer.Option(None, "--keep-general", min=0, help="with --trim-vocab: general "
+                                               "tokens kept besides the domain's (default 8192)"),
     name: Optional[str] = typer.Option(None, "--name", help="bundle name"),
     version: Optional[str] = typer.Option(None, "--version", help="bundle version"),
     sign: Optional[Path] = typer.Option(None, "--sign", help="ed25519 private key from `fieldpack keygen`"),
@@ -121,7 +129,8 @@ def build(
                                    drop_layers=drop_layers, ffn_keep=ffn_keep, imatrix=imatrix,
                                    calib_chunks=calib_chunks).items() if v is not None}
     opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
-                n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder, prompt_format=prompt_format)
+                n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder, prompt_format=prompt_format,
+                embd_type=embd_type, output_type=output_type, trim_vocab=trim_vocab, keep_general=keep_general)
     if recipe:
         overrides = {k: v for k, v in opts.items() if v is not None}
         if compression:

@@ -19,6 +19,8 @@ def plan(
     quants: str = typer.Option("F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0", "--quants", help="comma-separated quant types"),
     prunes: str = typer.Option("none,depth,width", "--prunes", help="structured pruning candidates: none,depth,width"),
     imatrix_quants: str = typer.Option("Q4_K_M", "--imatrix-quants", help="quant types also tried with a domain imatrix ('' for none)"),
+    embd_quants: str = typer.Option("Q4_K_M:Q4_K", "--embd-quants", help="MIX:TYPE pairs also tried with token_embd "
+                                    "and output in TYPE (--embd-type/--output-type; '' for none)"),
     json_out: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Measure size, memory, quality and speed of compression candidates here; propose the best that fits."""
@@ -34,12 +36,25 @@ def plan(
 
     result = make_plan(model, docs, device_ram_bytes=parse_size(device_ram), min_tokens_per_s=min_tokens_per_s,
                        threads=threads, n_ctx=n_ctx, out_png=out, quants=split(quants), prunes=split(prunes),
-                       imatrix_quants=split(imatrix_quants))
+                       imatrix_quants=split(imatrix_quants), embd_quants=_pairs(split(embd_quants)))
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         typer.echo(format_plan(result))
         typer.echo(f"wrote {result.png}")
+
+
+def _pairs(items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """``("Q4_K_M:Q4_K",)`` -> ``(("Q4_K_M", "Q4_K"),)``. Raises UsageError for an item without one ``:``."""
+    from fieldpack.shared.errors import UsageError
+
+    out = []
+    for item in items:
+        mix, sep, typ = item.partition(":")
+        if not sep or not mix or not typ or ":" in typ:
+            raise UsageError(f"--embd-quants {item!r} is not MIX:TYPE", hint="write it like Q4_K_M:Q4_K")
+        out.append((mix.strip(), typ.strip()))
+    return tuple(out)
 
 
 def register(root: typer.Typer) -> None:

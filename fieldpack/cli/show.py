@@ -71,10 +71,18 @@ def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Co
         if fig:
             t.add_row(name, ", ".join(f"{k}={_fmt(v)}" for k, v in fig.items() if not isinstance(v, (list, dict))))
     c.print(t)
-    if q.stages:
-        cols = list(q.stages[0].keys())
+    trim_rows = [r for r in q.stages if r.get("stage") == "vocabulary trim"]
+    compress_rows = [r for r in q.stages if r.get("stage") != "vocabulary trim"]
+    for row in trim_rows:
+        t = Table("figure", "value", title="vocabulary trim (vs the untrimmed model, held-out document chunks)")
+        for k, v in row.items():
+            if k != "stage":
+                t.add_row(k, _fmt(v))
+        c.print(t)
+    if compress_rows:
+        cols = list(compress_rows[0].keys())
         t = Table(*cols, title="compression stages (vs dense f16, held-out document chunks)")
-        for row in q.stages:
+        for row in compress_rows:
             t.add_row(*[_fmt(row.get(k)) for k in cols])
         c.print(t)
         c.print("note: unstructured and N:M sparsity are stored densely in GGUF: they do not make the file smaller or "

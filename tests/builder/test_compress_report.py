@@ -106,11 +106,13 @@ def test_plan_command_writes_a_png_and_proposes_what_fits(tiny_llama_dir, tmp_pa
 
     plan = json.loads(capsys.readouterr().out)
     labels = [c["label"] for c in plan["candidates"]]
-    assert labels == ["none/F16", "none/Q8_0", "none/Q4_K_M", "none/Q4_K_M+imatrix",
-                      "depth/F16", "depth/Q8_0", "depth/Q4_K_M", "depth/Q4_K_M+imatrix"]
+    assert labels == ["none/F16", "none/Q8_0", "none/Q4_K_M", "none/Q4_K_M+imatrix", "none/Q4_K_M+embd Q4_K",
+                      "depth/F16", "depth/Q8_0", "depth/Q4_K_M", "depth/Q4_K_M+imatrix", "depth/Q4_K_M+embd Q4_K"]
     c = plan["candidates"]
     assert c[0]["kld_mean"] == pytest.approx(0.0, abs=1e-9) and c[0]["pareto"]
-    assert c[4]["gguf_bytes"] < c[0]["gguf_bytes"] and c[4]["n_layer"] == 1
+    assert c[5]["gguf_bytes"] < c[0]["gguf_bytes"] and c[5]["n_layer"] == 1
+    # token_embd/output in Q4_K instead of the mix's Q6_K: a smaller file, measured like the others
+    assert c[4]["embd_type"] == "Q4_K" and c[4]["gguf_bytes"] < c[2]["gguf_bytes"] and c[4]["kld_mean"] >= 0
     chosen = c[plan["chosen"]]
     assert chosen["fits_ram"] and chosen["fast_enough"] and chosen["label"] == "none/F16"  # 4 GiB fits the best
     assert plan["build_flags"] == "--quant F16"

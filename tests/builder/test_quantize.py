@@ -174,3 +174,24 @@ def test_eval_refuses_too_little_text_and_other_vocabularies(converted, spm_llam
     other = convert_hf_to_gguf(spm_llama_dir, tmp_path / "spm.gguf").path
     with pytest.raises(UsageError, match="tokens"):
         perplexity_kld(ref, other, ["pump " * 400], n_ctx=64)
+
+
+def test_embedding_and_output_types_are_chosen_recorded_and_measured(quantized, converted, heldout_texts,
+                                                                     tmp_path: Path) -> None:
+    """--embd-type/--output-type reach llama.cpp: the named tensors are written in the asked type, the rest of the
+    mix is unchanged, the file shrinks, and KLD vs F16 is measured like any quant type."""
+    base = quantized("llama", "Q4_K_M")
+    src = converted("llama", "f16")
+    assert base.output_type == "Q6_K" and base.embd_type_requested is None  # the mix's own choice
+    r = quantize_gguf(src.path, tmp_path / "q4km-embd-q4k.gguf", "Q4_K_M", embd_type="q4_k", output_type="Q4_K")
+    assert (r.embd_type, r.output_type) == ("Q4_K", "Q4_K")
+    assert (r.embd_type_requested, r.output_type_requested) == ("Q4_K", "Q4_K")
+    assert r.tensor_type_by_name["token_embd.weight"] == "Q4_K" and r.tensor_type_by_name["output.weight"] == "Q4_K"
+    others = {n: t for n, t in r.tensor_type_by_name.items() if n not in ("token_embd.weight", "output.weight")}
+    assert others == {n: t for n, t in base.tensor_type_by_name.items() if n in others}
+    assert r.size_bytes < base.size_bytes
+    figs = perplexity_kld(src.path, r.path, heldout_texts, n_ctx=64)
+    base_figs = perplexity_kld(src.path, base.path, heldout_texts, n_ctx=64)
+    assert figs.kld_mean > base_figs.kld_mean > 0  # fewer bits on the output projection cost quality
+    with pytest.raises(UnknownQuantTypeError, match="--embd-type 'Q2_X'"):
+        quantize_gguf(src.path, tmp_path / "bad.gguf", "Q4_K_M", embd_type="Q2_X")

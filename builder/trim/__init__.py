@@ -1,0 +1,88 @@
+"""Domain vocabulary trimming: a GGUF whose vocabulary, merges and embedding/output rows hold only the tokens a
+domain needs, with a tokenizer llama.cpp loads and that still tokenizes any text.
+
+::
+
+    documents + prompt texts ─▶ llama.cpp tokenization (domain counts)
+        ─▶ select_tokens (special, bytes, domain, general top-N, merge closure)          (vocab.py)
+        ─▶ write_trimmed_gguf (tokens/scores/types/merges, special ids, embedding rows)  (gguf_trim.py)
+        ─▶ check_trim (held-out tokenization, OOD round-trip, top-1, KLD)               (gate.py)
+
+:func:`trim_gguf` runs the first three; the build's ``trim`` stage (``builder.stages.trim``) adds the gate.
+The device needs no change: it loads the smaller GGUF. Reference: Ushio et al., "An Efficient Multilingual
+Language Model Compression through Vocabulary Trimming" (2023).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fieldpack.builder.trim.gguf_trim import TrimmedFile, read_gguf_vocab, write_trimmed_gguf
+from fieldpack.builder.trim.vocab import MIN_DOC_TOKENS, Selection, check_trimmable, select_tokens
+
+log = logging.getLogger(__name__)
+
+#: Default ``--keep-general``: general tokens kept besides the domain's (see README "Vocabulary trimming" for
+#: the measurement behind it).
+DEFAULT_KEEP_GENERAL = 8192
+
+__all__ = ["DEFAULT_KEEP_GENERAL", "MIN_DOC_TOKENS", "TrimResult", "domain_counts", "prompt_texts", "trim_gguf"]
+
+
+@dataclass(frozen=True)
+class TrimResult:
+    """The trimmed file, the kept ids (untrimmed id of each new id) and the selection's counts."""
+
+    file: TrimmedFile
+    keep: list[int] = field(repr=False)
+    reasons: dict[str, int]
+    domain_tokens: int
+    keep_general: int
+
+
+def prompt_texts() -> list[str]:
+    """The fixed texts of every prompt format the device renders (instructions, completion template, stops)."""
+    from fieldpack.shared import prompt_format as pf
+
+    return [pf.INSTRUCTIONS, pf.COMPLETION_TEMPLATE, *pf.COMPLETION_STOP]
+
+
+def domain_counts(gguf_path: Path, texts: Iterable[str], special_texts: Iterable[str] = ()) -> Counter[int]:
+    """Token id -> occurrences of ``texts`` (as plain text) and ``special_texts`` (special tokens parsed, as
+    the device does for prompts), tokenized by llama.cpp with the GGUF's own tokenizer (no weights loaded)."""
+    from fieldpack.builder.trim.gate import _vocab_only
+
+    tok = _vocab_only(gguf_path)
+    counts: Counter[int] = Counter()
+    for text in texts:
+        counts.update(tok.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+    for text in special_texts:
+        counts.update(tok.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        counts.update(tok.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+    return counts
+
+
+def trim_gguf(src: Path, dst: Path, texts: list[str], *, keep_general: int = DEFAULT_KEEP_GENERAL,
+              extra_texts: Iterable[str] | None = None, min_doc_tokens: int = MIN_DOC_TOKENS) -> TrimResult:
+    """Trim ``src``'s vocabulary to the domain of ``texts`` (documents) plus ``extra_texts`` (prompt format;
+    default :func:`prompt_texts`) and write ``dst``. ``min_doc_tokens``: fewest document tokens accepted.
+
+    Raises:
+        UnsupportedTokenizerError: the tokenizer is not byte-level BPE or byte-fallback SentencePiece.
+        TrimError: the documents hold fewer than :data:`MIN_DOC_TOKENS` model tokens.
+        ModelLoadError: ``src`` has no tokenizer or inconsistent per-token tensors.
+    """
+    vocab = read_gguf_vocab(src)
+    check_trimmable(vocab.model, vocab.types, source=str(src))
+    counts = domain_counts(src, texts)
+    prompt_counts = domain_counts(src, (), prompt_texts() if extra_texts is None else extra_texts)
+    if sum(counts.values()) < min_doc_tokens:  # the documents alone, prompt texts not counted
+        select_tokens(vocab, counts, keep_general=keep_general, min_doc_tokens=min_doc_tokens)  # raises TrimError
+    sel: Selection = select_tokens(vocab, counts + prompt_counts, keep_general=keep_general, min_doc_tokens=0)
+    written = write_trimmed_gguf(src, dst, sel.keep)
+    return TrimResult(file=written, keep=sel.keep, reasons=sel.reasons, domain_tokens=sel.domain_tokens,
+                      keep_general=keep_general)
