@@ -126,6 +126,41 @@ def wanda_mask(weight: Any, act_norm: Any, *, sparsity: float | None = None,
     return nm_mask(scores, pattern) if pattern else row_mask(scores, float(sparsity))
 
 
+def inverse_hessian_factor(hessian: Any, percdamp: float) -> tuple[Any, Any]:
+    """The upper Cholesky factor of the dampened inverse Hessian, shared by SparseGPT and GPTQ.
+
+    Columns never driven by the calibration set (``H_jj == 0``) get ``H_jj = 1`` (their weights should be
+    zeroed by the caller, as both papers' code does); ``percdamp * mean(diag H)`` is added to the diagonal.
+
+    Args:
+        hessian: ``(cols, cols)`` float32 ``2 X X^T / n``; modified in place.
+        percdamp: dampening, as a share of the mean Hessian diagonal.
+
+    Returns:
+        ``(U, dead)``: ``U`` ``(cols, cols)`` float32 upper triangular with ``H^-1 = U^T U`` (row ``i`` of ``U``
+        is the inverse-Hessian row of the sub-problem of columns ``i..``); ``dead`` ``(cols,)`` bool.
+
+    Raises:
+        CompressionConfigError: the dampened Hessian is not positive definite (too little calibration data).
+    """
+    import torch
+
+    H = hessian
+    cols = H.shape[0]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    diag = torch.arange(cols, device=H.device)
+    H[diag, diag] += percdamp * torch.mean(torch.diag(H))
+    try:
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+        hinv = torch.linalg.cholesky(hinv, upper=True)  # (cols, cols) upper factor U, H^-1 = U^T U
+    except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
+        raise CompressionConfigError(
+            f"the layer-input Hessian ({cols}x{cols}) is not positive definite even after dampening",
+            hint="raise --calib-chunks so the calibration set has well over the layer width in tokens") from exc
+    return hinv, dead
+
+
 def sparsegpt_prune(weight: Any, hessian: Any, *, sparsity: float | None = None,
                     pattern: tuple[int, int] | None = None, mask: Any = None,
                     blocksize: int = DEFAULT_BLOCKSIZE, percdamp: float = DEFAULT_PERCDAMP) -> tuple[Any, Any]:
@@ -155,18 +190,8 @@ def sparsegpt_prune(weight: Any, hessian: Any, *, sparsity: float | None = None,
         _check_pattern(cols, pattern)
         if blocksize % pattern[1]:
             blocksize = pattern[1] * max(1, blocksize // pattern[1])
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    hinv, dead = inverse_hessian_factor(H, percdamp)
     W[:, dead] = 0.0
-    diag = torch.arange(cols, device=W.device)
-    H[diag, diag] += percdamp * torch.mean(torch.diag(H))
-    try:
-        hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
-        hinv = torch.linalg.cholesky(hinv, upper=True)  # (cols, cols) upper factor U, H^-1 = U^T U
-    except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
-        raise CompressionConfigError(
-            f"the layer-input Hessian ({cols}x{cols}) is not positive definite even after dampening",
-            hint="raise --calib-chunks so the calibration set has well over the layer width in tokens") from exc
 
     full_mask = torch.zeros((rows, cols), dtype=torch.bool, device=W.device)
     for i1 in range(0, cols, blocksize):
@@ -298,6 +323,57 @@ def capture_block_inputs(model: Any, input_ids: Any, device: str) -> tuple[list[
                 getattr(inner, part).to("cpu")
     kwargs_seen["use_cache"] = False
     return captured, kwargs_seen
+
+
+def capture_layer_inputs(model: Any, input_ids: Any, device: str) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Block 0's input per calibration window, and the keyword arguments *each* block receives.
+
+    Unlike :func:`capture_block_inputs`, every block's own keyword arguments are kept: Gemma 3 passes its
+    sliding-window blocks another causal mask and other RoPE tables than its global ones. Each block's forward
+    is replaced, for one pass per window, by one that records its arguments and returns its input unchanged
+    (so nothing but the embeddings is computed); the last block stops the pass.
+
+    Returns:
+        ``(inputs, kwargs)``: one ``(1, seq_len, hidden)`` tensor per window on ``device``; for each block the
+        keyword arguments of the last window (windows have one length, so they are the same for all).
+    """
+    import torch
+
+    layers = decoder_layers(model)
+    inner = model.model
+    captured: list[Any] = []
+    per_layer: list[dict[str, Any]] = [{} for _ in layers]
+
+    def recorder(idx: int) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hs = args[0] if args else kwargs.pop("hidden_states")
+            per_layer[idx] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            per_layer[idx]["use_cache"] = False
+            if idx == 0:
+                captured.append(hs.detach())
+            if idx == len(layers) - 1:
+                raise _Stop
+            return hs
+        return forward
+
+    parts = [p for p in ("embed_tokens", "rotary_emb", "rotary_emb_local") if hasattr(inner, p)]
+    for part in parts:
+        getattr(inner, part).to(device)
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        with torch.no_grad():
+            for row in input_ids:
+                try:
+                    inner(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for layer in layers:
+            del layer.forward
+        for part in parts:
+            getattr(inner, part).to("cpu")
+    return captured, per_layer
 
 
 def run_block(block: Any, hidden: Any, kwargs: dict[str, Any]) -> Any:
