@@ -75,13 +75,11 @@ def fake_quantize(w: Any, grid: str) -> Any:
     """``w`` ``(rows, cols)`` float32 rounded to ``grid`` and dequantized, row-wise groups along ``cols``."""
     import torch
 
-    from fieldpack.builder.compress.gptq import BLOCK, block_scales, round_to_grid
+    from fieldpack.builder.compress.gptq import rtn_values
 
     rows, cols = w.shape
     if grid in ("Q4_0", "Q8_0"):
-        blocks = w.reshape(-1, BLOCK)
-        d = block_scales(blocks, grid).unsqueeze(1).expand(-1, BLOCK).reshape(-1)
-        return round_to_grid(blocks.reshape(-1), d, grid)[1].reshape(rows, cols)
+        return rtn_values(w, grid)
     bits, sym, group = _PROXY[grid]
     g = w.reshape(-1, group)
     if sym:

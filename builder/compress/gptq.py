@@ -95,6 +95,15 @@ def round_to_grid(w: Any, d: Any, qtype: str) -> tuple[Any, Any]:
     return q.to(torch.int16), d * q
 
 
+def rtn_values(w: Any, qtype: str) -> Any:
+    """Round-to-nearest of ``w`` ``(rows, cols)`` on the Q4_0/Q8_0 grid (llama.cpp's scale choice), dequantized
+    float32: the baseline GPTQ is measured against."""
+    rows, cols = w.shape
+    blocks = w.float().reshape(-1, BLOCK)
+    d = block_scales(blocks, qtype).unsqueeze(1).expand(-1, BLOCK).reshape(-1)
+    return round_to_grid(blocks.reshape(-1), d, qtype)[1].reshape(rows, cols)
+
+
 @dataclass
 class GptqResult:
     """One quantized matrix.
@@ -200,6 +209,7 @@ class GptqReport:
         device: torch device. results: HF module name (``"model.layers.0.self_attn.q_proj"``) -> result.
         rel_error: module name -> ``||W X - Q X||_F^2 / ||W X||_F^2`` on the calibration inputs of that layer
             (the error GPTQ minimised, from ``H``: ``tr(E H E^T) / tr(W H W^T)``).
+        rtn_rel_error: the same for round-to-nearest on the same grid and the same inputs.
     """
 
     qtype: str
@@ -209,6 +219,13 @@ class GptqReport:
     device: str = "cpu"
     results: dict[str, GptqResult] = field(default_factory=dict, repr=False)
     rel_error: dict[str, float] = field(default_factory=dict)
+    rtn_rel_error: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def error_ratio(self) -> float:
+        """Median over matrices of GPTQ's layer-wise output error / RTN's (below 1: GPTQ is better)."""
+        r = sorted(self.rel_error[k] / self.rtn_rel_error[k] for k in self.rel_error if self.rtn_rel_error.get(k))
+        return r[len(r) // 2] if r else float("nan")
 
 
 def output_error(weight: Any, values: Any, hessian: Any) -> float:
@@ -280,6 +297,7 @@ def gptq_model(model: Any, input_ids: Any, qtype: str, *, device: str | None = N
                 res = gptq_quantize(lin.weight.data, H, qtype, blocksize=blocksize, percdamp=percdamp)
                 full = f"{prefix}.{idx}.{name}"
                 report.rel_error[full] = output_error(lin.weight.data, res.values, H)
+                report.rtn_rel_error[full] = output_error(lin.weight.data, rtn_values(lin.weight.data, qtype), H)
                 lin.weight.data = res.values.to(dtype=lin.weight.dtype)
                 report.results[full] = GptqResult(qtype, res.q.cpu(), res.d.cpu(), res.values.cpu())
                 report.matrices += 1
@@ -288,8 +306,8 @@ def gptq_model(model: Any, input_ids: Any, qtype: str, *, device: str | None = N
             block.to("cpu")
             log.info("gptq %s: block %d/%d", qtype, idx + 1, len(layers))
     report.seconds = time.perf_counter() - t0
-    log.info("gptq %s: %d matrices, %d calibration tokens, %.1f s on %s", qtype, report.matrices,
-             report.calib_tokens, report.seconds, device)
+    log.info("gptq %s: %d matrices, %d calibration tokens, %.1f s on %s, median output error vs RTN %.3f", qtype,
+             report.matrices, report.calib_tokens, report.seconds, device, report.error_ratio)
     return report
 
 

@@ -167,9 +167,8 @@ def _gptq(model: Any, model_dir: Path, f16_gguf: Path, calib: Any, qtype: str, o
     out = out_dir / "model.gguf"
     sha = replace_tensor_data(rtn.path, out, kept, expect_type=qtype.upper())
     quant = dataclasses.replace(rtn, path=out, sha256=sha)
-    errs = sorted(rep.rel_error.values())
     detail.update(matrices=len(kept), seconds=round(rep.seconds, 1),
-                  median_rel_output_error=errs[len(errs) // 2] if errs else None)
+                  layer_error_ratio_vs_rtn=round(rep.error_ratio, 4))
     return CalibratedQuant(quant=quant, rtn=rtn, detail=detail)
 
 
