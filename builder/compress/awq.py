@@ -145,8 +145,17 @@ def _fold_into_rows(lin: Any, s: Any) -> None:
         lin.bias.data = (lin.bias.data.float() / s).to(lin.bias.dtype)
 
 
-def _scale_columns(lin: Any, s: Any) -> None:
-    lin.weight.data = (lin.weight.data.float() * s.unsqueeze(0)).to(lin.weight.dtype)
+def apply_scale(prev: Any, linears: list[Any], s: Any) -> None:
+    """The equivalent transformation: ``linears``' input channels times ``s`` ``(in,)``, the output of ``prev``
+    (an RMSNorm or a linear) divided by ``s``. The block computes the same function (up to float rounding)."""
+    import torch
+
+    if isinstance(prev, torch.nn.Linear):
+        _fold_into_rows(prev, s)
+    else:
+        _fold_into_norm(prev, s)
+    for lin in linears:
+        lin.weight.data = (lin.weight.data.float() * s.unsqueeze(0)).to(lin.weight.dtype)
 
 
 def block_groups(block: Any) -> list[tuple[str, Any, list[str]]]:
@@ -233,13 +242,7 @@ def awq_model(model: Any, input_ids: Any, qtype: str, *, device: str | None = No
                 if x.shape[0] > max_tokens:
                     x = x[torch.linspace(0, x.shape[0] - 1, max_tokens, device=x.device).long()]
                 choice = search_scale(x, [mods[n].weight.data for n in names], grid, n_grid=n_grid)
-                s = choice.s.to(x.device)
-                if isinstance(prev, torch.nn.Linear):
-                    _fold_into_rows(prev, s)
-                else:
-                    _fold_into_norm(prev, s)
-                for n in names:
-                    _scale_columns(mods[n], s)
+                apply_scale(prev, [mods[n] for n in names], choice.s.to(x.device))
                 report.alphas[f"layers.{idx}.{g}"] = choice.alpha
                 report.gain[f"layers.{idx}.{g}"] = choice.error / choice.error_rtn if choice.error_rtn > 0 else 1.0
             inps = [run_block(block, x, kws[idx]) for x in inps]
