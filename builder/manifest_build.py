@@ -113,7 +113,8 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
                           parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
                           int8_bytes=emb.int8_bytes) if emb.gate is not None else
                      dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine),
-            stages=records.compress.rows if records.compress else [],
+            stages=(records.compress.rows if records.compress else [])
+            + (records.quantize.rows if records.quantize is not None else []),
         ),
     )
 

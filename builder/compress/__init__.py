@@ -41,13 +41,15 @@ __all__ = ["CompressionOptions", "apply_compression", "compute_imatrix", "valida
 MIN_ACTIVATION_TOKENS = 128
 
 
-def validate_compression(options: dict[str, Any], *, model_dir: Path | str | None = None) -> CompressionOptions:
+def validate_compression(options: dict[str, Any], *, model_dir: Path | str | None = None,
+                         qtype: str | None = None) -> CompressionOptions:
     """Check compression options before any heavy work.
 
     Args:
         options: ``BuildConfig.compression`` (keys in :mod:`builder.compress.options`).
-        model_dir: the local checkpoint folder, when known: adds the checks that need its ``config.json``
-            (architecture, layer count, widths). A hub id or a missing folder skips them.
+        model_dir: the local checkpoint folder (or GGUF file), when known: adds the checks that need its
+            ``config.json`` (architecture, layer count, widths). A hub id or a missing folder skips them.
+        qtype: the ``--quant`` type, when known: checked against ``quantizer``.
 
     Returns:
         the parsed :class:`CompressionOptions`.
@@ -60,6 +62,11 @@ def validate_compression(options: dict[str, Any], *, model_dir: Path | str | Non
     opts = parse_options(options)
     if opts.prune is not None and model_dir is not None and Path(model_dir).is_dir():
         check_against_model(opts, read_model_shape(Path(model_dir)))
+    if opts.quantizer is not None:
+        from fieldpack.builder.compress.quantizers import check_quantizer
+
+        check_quantizer(opts.quantizer, qtype or "Q4_K_M", prune=opts.prune,
+                        model=Path(model_dir) if model_dir is not None and Path(model_dir).exists() else None)
     return opts
 
 

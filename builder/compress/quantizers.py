@@ -27,17 +27,18 @@ from fieldpack.shared.errors import CompressionConfigError
 
 log = logging.getLogger(__name__)
 
-QUANTIZERS = ("rtn", "gptq", "awq")
+from fieldpack.builder.compress.options import QUANTIZERS
 #: AWQ's per-channel means need at least this many calibration tokens.
 AWQ_MIN_TOKENS = 128
 
 
-def check_quantizer(quantizer: str, qtype: str, *, prune: str | None = None) -> None:
-    """Options-only checks (before any work).
+def check_quantizer(quantizer: str, qtype: str, *, prune: str | None = None, model: Path | None = None) -> None:
+    """Checks before any work: the options, and with ``model`` what its ``config.json`` tells.
 
     Raises:
         CompressionConfigError: an unknown quantizer; gptq with a type other than Q4_0/Q8_0; awq with F16/F32;
-            either combined with pruning.
+            either combined with pruning or given a GGUF input; a layer width that does not split into
+            32-weight blocks (gptq; named).
     """
     from fieldpack.builder.compress.awq import grid_of
     from fieldpack.builder.compress.gptq import check_grid
@@ -52,6 +53,14 @@ def check_quantizer(quantizer: str, qtype: str, *, prune: str | None = None) -> 
     if quantizer != "rtn" and prune is not None:
         raise CompressionConfigError(f"--quantizer {quantizer} is not combined with --prune yet",
                                      hint="build without --prune, or with --quantizer rtn")
+    if quantizer != "rtn" and model is not None and Path(model).is_file():
+        raise CompressionConfigError(f"--quantizer {quantizer} calibrates the float model; {model} is a GGUF file",
+                                     hint="pass the Hugging Face checkpoint folder, or drop --quantizer")
+    if quantizer == "gptq" and model is not None and (Path(model) / "config.json").is_file():
+        from fieldpack.builder.compress.gptq import check_row_length
+
+        for what, cols in widest_input(Path(model))[1]:
+            check_row_length(what, cols)
 
 
 def widest_input(model_dir: Path) -> tuple[int, list[tuple[str, int]]]:
@@ -111,15 +120,10 @@ def calibrated_quantize(quantizer: str, model_dir: Path, f16_gguf: Path, calib_t
     from fieldpack.builder.compress.masks import pick_device
     from fieldpack.builder.quantize import quantize_gguf
 
-    check_quantizer(quantizer, qtype)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_quantizer(quantizer, qtype, model=model_dir)
+    widest, _ = widest_input(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    widest, widths = widest_input(model_dir)
-    if quantizer == "gptq":
-        from fieldpack.builder.compress.gptq import check_row_length
-
-        for what, cols in widths:
-            check_row_length(what, cols)
     seq_len = calib_seq_len
     calib = build_calibration(model_dir, calib_texts, n_chunks=calib_chunks, seq_len=seq_len, seed=seed)
     if quantizer == "gptq":

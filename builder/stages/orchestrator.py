@@ -130,7 +130,7 @@ def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner) -> d
     if cfg.compression:
         from fieldpack.builder.compress import validate_compression
 
-        opts = validate_compression(cfg.compression, model_dir=model_dir)
+        opts = validate_compression(cfg.compression, model_dir=model_dir, qtype=cfg.quant)
         if opts.prune is None:
             cfg.compression.update(opts.to_dict())
         else:
@@ -139,8 +139,13 @@ def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner) -> d
                 n_ctx_train=conv.conversion.n_ctx_train, options=dict(cfg.compression), seed=cfg.seed,
                 outtype=cfg.parity_outtype, split=split.split()))
             cfg.compression.update(comp.resolved)
-    quant = run(QUANTIZE, QuantizeInputs(source=comp.dense() if comp else conv.gguf(), qtype=cfg.quant.upper(),
-                                         imatrix_from=split.split() if cfg.compression.get("imatrix") else None))
+    quantizer = cfg.compression.get("quantizer")
+    quant = run(QUANTIZE, QuantizeInputs(
+        source=comp.dense() if comp else conv.gguf(), qtype=cfg.quant.upper(),
+        imatrix_from=split.split() if cfg.compression.get("imatrix") else None, quantizer=quantizer,
+        checkpoint=checkpoint if quantizer else None, calib_from=split.split() if quantizer else None,
+        calib=dict(calib_chunks=cfg.compression["calib_chunks"], calib_seq_len=cfg.compression["calib_seq_len"],
+                   seed=cfg.seed, n_ctx=split.n_ctx_eval) if quantizer else {}))
     quality = run(QUALITY, QualityInputs(reference=conv.gguf(), model=quant.model(), split=split.split(),
                                          n_ctx=split.n_ctx_eval))
     return dict(convert=conv, parity=parity, split=split, compress=comp, quantize=quant, quality=quality)

@@ -271,3 +271,52 @@ def test_quantizer_and_type_that_do_not_go_together_are_refused(quantizer, qtype
 
     with pytest.raises(CompressionConfigError, match=match):
         check_quantizer(quantizer, qtype)
+
+
+# --- fieldpack build --quantizer ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_build_with_gptq_records_rows_beside_rtn_and_replays(tiny_llama_dir, tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tomli_w
+
+    from fieldpack.shared.bundle import open_bundle
+
+    repo = Path(__file__).resolve().parents[2]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "from fieldpack.cli import main; main()", *args], cwd=repo,
+                              capture_output=True, text=True, timeout=1800)
+
+    assert cli("keygen", "--out", str(tmp_path / "keys")).returncode == 0
+    common = ["--docs", str(repo / "demo" / "docs"), "--name", "riv", "--sign", str(tmp_path / "keys" / "builder.key")]
+    r = cli("build", "--model", str(tiny_llama_dir), *common, "-o", str(tmp_path / "bad.fpk"), "--quant", "Q4_K_M",
+            "--quantizer", "gptq")
+    assert r.returncode == 5 and "Q4_0 or Q8_0" in r.stderr and "Fix:" in r.stderr
+    assert not (tmp_path / "bad.fpk").exists()
+    first = tmp_path / "first.fpk"
+    r = cli("build", "--model", str(tiny_llama_dir), *common, "-o", str(first), "--quant", "Q4_0",
+            "--quantizer", "gptq", "--calib-chunks", "64", "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "quantize Q4_0 (gptq)" in r.stdout + r.stderr
+    with open_bundle(first) as b:
+        m = b.manifest
+    assert m.recipe["build"]["compression"]["quantizer"] == "gptq"
+    ref, gptq, rtn, rtn_imx = m.quality.stages
+    assert (ref["stage"], gptq["method"], rtn["method"], rtn_imx["method"]) == ("dense", "gptq", "rtn", "rtn + imatrix")
+    for row in (gptq, rtn, rtn_imx):
+        assert row["kld_mean"] is not None and row["top1_agreement"] is not None and row["delta_ppl"] is not None
+        assert row["gguf_bytes"] == gptq["gguf_bytes"]  # same type, same layout
+    assert gptq["layer_error_ratio_vs_rtn"] < 1
+    print({r["method"]: (r["kld_mean"], r["delta_ppl"], r["top1_agreement"]) for r in (gptq, rtn, rtn_imx)})
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_bytes(tomli_w.dumps(m.recipe).encode())
+    second = tmp_path / "second.fpk"
+    r = cli("build", "--recipe", str(recipe), "-o", str(second), "--no-cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open_bundle(second) as b:
+        m2 = b.manifest
+    sha = [next(x.sha256 for x in mm.members if x.name.endswith(".gguf")) for mm in (m, m2)]
+    assert sha[0] == sha[1]  # GPTQ replays bit for bit on the CPU
