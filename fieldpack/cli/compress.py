@@ -19,6 +19,8 @@ def plan(
     quants: str = typer.Option("F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0", "--quants", help="comma-separated quant types"),
     prunes: str = typer.Option("none,depth,width", "--prunes", help="structured pruning candidates: none,depth,width"),
     imatrix_quants: str = typer.Option("Q4_K_M", "--imatrix-quants", help="quant types also tried with a domain imatrix ('' for none)"),
+    quantizers: str = typer.Option("Q4_0+gptq,Q4_K_M+awq", "--quantizers",
+                                   help="calibrated candidates TYPE+gptq|awq on the unpruned model ('' for none)"),
     json_out: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Measure size, memory, quality and speed of compression candidates here; propose the best that fits."""
@@ -34,7 +36,7 @@ def plan(
 
     result = make_plan(model, docs, device_ram_bytes=parse_size(device_ram), min_tokens_per_s=min_tokens_per_s,
                        threads=threads, n_ctx=n_ctx, out_png=out, quants=split(quants), prunes=split(prunes),
-                       imatrix_quants=split(imatrix_quants))
+                       imatrix_quants=split(imatrix_quants), quantizers=split(quantizers))
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
