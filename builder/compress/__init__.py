@@ -93,9 +93,8 @@ def prune_checkpoint(model_dir: Path, opts: CompressionOptions, calib_texts: lis
         ParityError: the pruned checkpoint and its GGUF disagree.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from fieldpack.builder.compress.calibration import build_calibration, require_tokens
+    from fieldpack.builder.compress.calibration import build_calibration, load_float_model, require_tokens
     from fieldpack.builder.compress.masks import pick_device, prune_with_masks
     from fieldpack.builder.compress.structured import prune_depth, prune_width, report_dict, save_checkpoint
     from fieldpack.builder.convert import convert_hf_to_gguf
@@ -109,12 +108,7 @@ def prune_checkpoint(model_dir: Path, opts: CompressionOptions, calib_texts: lis
         calib = build_calibration(model_dir, calib_texts, n_chunks=opts.calib_chunks, seq_len=seq_len, seed=seed)
         needed, why = _required_tokens(opts, shape)
         require_tokens(calib, needed, why)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise CompressionConfigError(f"cannot load {model_dir} for pruning: {exc}",
-                                     hint="pass a local Hugging Face checkpoint folder") from exc
-    model.eval()
+    model = load_float_model(model_dir, "pruning")
     stored = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     store_dtype = getattr(torch, str(stored).replace("torch.", ""), torch.float32) if stored else torch.float32
     device = pick_device()

@@ -212,42 +212,37 @@ def awq_model(model: Any, input_ids: Any, qtype: str, *, device: str | None = No
     """
     import torch
 
-    from fieldpack.builder.compress.masks import capture_layer_inputs, decoder_layers, pick_device, run_block
+    from fieldpack.builder.compress.masks import decoder_layers, for_each_block, pick_device
 
     grid = grid_of(qtype)
-    layers = decoder_layers(model)
-    for block in layers:
+    for block in decoder_layers(model):
         block_groups(block)
     device = device or pick_device()
     report = AwqReport(grid=grid, calib_tokens=int(input_ids.numel()), device=device)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        inps, kws = capture_layer_inputs(model, input_ids, device)
-        for idx, block in enumerate(layers):
-            block.to(device)
-            groups = block_groups(block)
-            mods = dict(block.named_modules())
-            feats: dict[str, list[Any]] = {g: [] for g, _, _ in groups}
-            hooks = [mods[names[0]].register_forward_hook(
-                lambda m, a, o, g=g: feats[g].append(a[0].detach().reshape(-1, a[0].shape[-1])))
-                for g, _, names in groups]
-            try:
-                for x in inps:
-                    run_block(block, x, kws[idx])
-            finally:
-                for h in hooks:
-                    h.remove()
-            for g, prev, names in groups:
-                x = torch.cat(feats.pop(g), dim=0)
-                if x.shape[0] > max_tokens:
-                    x = x[torch.linspace(0, x.shape[0] - 1, max_tokens, device=x.device).long()]
-                choice = search_scale(x, [mods[n].weight.data for n in names], grid, n_grid=n_grid)
-                apply_scale(prev, [mods[n] for n in names], choice.s.to(x.device))
-                report.alphas[f"layers.{idx}.{g}"] = choice.alpha
-                report.gain[f"layers.{idx}.{g}"] = choice.error / choice.error_rtn if choice.error_rtn > 0 else 1.0
-            inps = [run_block(block, x, kws[idx]) for x in inps]
-            block.to("cpu")
-            log.info("awq %s: block %d/%d", grid, idx + 1, len(layers))
+
+    def scale_block(idx: int, block: Any, feed: Any) -> None:
+        groups = block_groups(block)
+        mods = dict(block.named_modules())
+        feats: dict[str, list[Any]] = {g: [] for g, _, _ in groups}
+        hooks = [mods[names[0]].register_forward_hook(
+            lambda m, a, o, g=g: feats[g].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+            for g, _, names in groups]
+        try:
+            feed()
+        finally:
+            for h in hooks:
+                h.remove()
+        for g, prev, names in groups:
+            x = torch.cat(feats.pop(g), dim=0)
+            if x.shape[0] > max_tokens:
+                x = x[torch.linspace(0, x.shape[0] - 1, max_tokens, device=x.device).long()]
+            choice = search_scale(x, [mods[n].weight.data for n in names], grid, n_grid=n_grid)
+            apply_scale(prev, [mods[n] for n in names], choice.s.to(x.device))
+            report.alphas[f"layers.{idx}.{g}"] = choice.alpha
+            report.gain[f"layers.{idx}.{g}"] = choice.error / choice.error_rtn if choice.error_rtn > 0 else 1.0
+
+    for_each_block(model, input_ids, device, scale_block, f"awq {grid}")
     report.seconds = time.perf_counter() - t0
     log.info("awq %s: %d groups, mean error ratio vs RTN %.3f, %.1f s on %s", grid, len(report.gain),
              report.mean_gain, report.seconds, device)

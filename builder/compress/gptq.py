@@ -259,15 +259,13 @@ def gptq_model(model: Any, input_ids: Any, qtype: str, *, device: str | None = N
         CompressionConfigError: an unsupported type, a linear whose rows do not split into 32-weight blocks
             (named; checked before any calibration pass), a Hessian not positive definite.
     """
-    import torch
 
     from fieldpack.builder.compress.masks import (
-        InputStats,
         block_linears,
-        capture_layer_inputs,
+        collect_input_stats,
         decoder_layers,
+        for_each_block,
         pick_device,
-        run_block,
     )
 
     qtype = check_grid(qtype)
@@ -279,32 +277,20 @@ def gptq_model(model: Any, input_ids: Any, qtype: str, *, device: str | None = N
     prefix = _layers_prefix(model)
     report = GptqReport(qtype=qtype, calib_tokens=int(input_ids.numel()), device=device)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        inps, kws = capture_layer_inputs(model, input_ids, device)
-        for idx, block in enumerate(layers):
-            block.to(device)
-            linears = block_linears(block)
-            stats = {n: InputStats(lin.in_features, need_hessian=True, device=device) for n, lin in linears}
-            hooks = [lin.register_forward_hook(lambda m, a, o, s=stats[n]: s.add(a[0])) for n, lin in linears]
-            try:
-                for x in inps:
-                    run_block(block, x, kws[idx])
-            finally:
-                for h in hooks:
-                    h.remove()
-            for name, lin in linears:
-                H = stats[name].hessian
-                res = gptq_quantize(lin.weight.data, H, qtype, blocksize=blocksize, percdamp=percdamp)
-                full = f"{prefix}.{idx}.{name}"
-                report.rel_error[full] = output_error(lin.weight.data, res.values, H)
-                report.rtn_rel_error[full] = output_error(lin.weight.data, rtn_values(lin.weight.data, qtype), H)
-                lin.weight.data = res.values.to(dtype=lin.weight.dtype)
-                report.results[full] = GptqResult(qtype, res.q.cpu(), res.d.cpu(), res.values.cpu())
-                report.matrices += 1
-                stats[name] = None  # free the Hessian
-            inps = [run_block(block, x, kws[idx]) for x in inps]  # quantized outputs feed the next block
-            block.to("cpu")
-            log.info("gptq %s: block %d/%d", qtype, idx + 1, len(layers))
+
+    def quantize_block(idx: int, block: Any, feed: Any) -> None:
+        stats = collect_input_stats(block, feed, need_hessian=True, device=device)
+        for name, lin in block_linears(block):
+            H = stats.pop(name).hessian  # the others' Hessians are freed as they are used
+            res = gptq_quantize(lin.weight.data, H, qtype, blocksize=blocksize, percdamp=percdamp)
+            full = f"{prefix}.{idx}.{name}"
+            report.rel_error[full] = output_error(lin.weight.data, res.values, H)
+            report.rtn_rel_error[full] = output_error(lin.weight.data, rtn_values(lin.weight.data, qtype), H)
+            lin.weight.data = res.values.to(dtype=lin.weight.dtype)
+            report.results[full] = GptqResult(qtype, res.q.cpu(), res.d.cpu(), res.values.cpu())
+            report.matrices += 1
+
+    for_each_block(model, input_ids, device, quantize_block, f"gptq {qtype}")  # quantized outputs feed on
     report.seconds = time.perf_counter() - t0
     log.info("gptq %s: %d matrices, %d calibration tokens, %.1f s on %s, median output error vs RTN %.3f", qtype,
              report.matrices, report.calib_tokens, report.seconds, device, report.error_ratio)

@@ -113,12 +113,8 @@ def calibrated_quantize(quantizer: str, model_dir: Path, f16_gguf: Path, calib_t
             too few calibration tokens (with the ``--calib-chunks`` that would do).
         BuildError subclasses from conversion and quantization.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from fieldpack.builder.compress.calibration import build_calibration, require_tokens
+    from fieldpack.builder.compress.calibration import build_calibration, load_float_model, require_tokens
     from fieldpack.builder.compress.masks import pick_device
-    from fieldpack.builder.quantize import quantize_gguf
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_quantizer(quantizer, qtype, model=model_dir)
@@ -131,12 +127,7 @@ def calibrated_quantize(quantizer: str, model_dir: Path, f16_gguf: Path, calib_t
     else:
         require_tokens(calib, AWQ_MIN_TOKENS, "AWQ's per-channel activation means")
     device = device or pick_device()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise CompressionConfigError(f"cannot load {model_dir} for {quantizer}: {exc}",
-                                     hint="pass a local Hugging Face checkpoint folder") from exc
-    model.eval()
+    model = load_float_model(model_dir, quantizer)
     detail: dict[str, Any] = dict(quantizer=quantizer, calib_tokens=calib.n_tokens, device=device)
     if quantizer == "gptq":
         return _gptq(model, model_dir, f16_gguf, calib, qtype, out_dir, imatrix_texts, detail, device)
