@@ -162,7 +162,7 @@ def _gptq(model: Any, model_dir: Path, f16_gguf: Path, calib: Any, qtype: str, o
     out = out_dir / "model.gguf"
     sha = replace_tensor_data(rtn.path, out, kept, expect_type=qtype.upper())
     quant = dataclasses.replace(rtn, path=out, sha256=sha)
-    detail.update(matrices=len(kept), seconds=round(rep.seconds, 1),
+    detail.update(matrices=len(kept), calib_seconds=round(rep.seconds, 1),
                   layer_error_ratio_vs_rtn=round(rep.error_ratio, 4))
     return CalibratedQuant(quant=quant, rtn=rtn, detail=detail)
 
@@ -183,6 +183,6 @@ def _awq(model: Any, model_dir: Path, calib: Any, qtype: str, out_dir: Path, ima
     f16 = convert_hf_to_gguf(ckpt, out_dir / "awq-f16.gguf", outtype="f16")
     imx = _imatrix(f16.path, imatrix_texts, out_dir / "imatrix.dat")
     quant = quantize_gguf(f16.path, out_dir / "model.gguf", qtype, imatrix=imx)
-    detail.update(grid=rep.grid, seconds=round(rep.seconds, 1), proxy_error_ratio_vs_rtn=round(rep.mean_gain, 4),
+    detail.update(grid=rep.grid, calib_seconds=round(rep.seconds, 1), proxy_error_ratio_vs_rtn=round(rep.mean_gain, 4),
                   mean_alpha=round(sum(rep.alphas.values()) / max(1, len(rep.alphas)), 3))
     return CalibratedQuant(quant=quant, detail=detail)

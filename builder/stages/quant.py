@@ -4,8 +4,9 @@
 ``quantize`` (llama.cpp, with a domain imatrix when asked) and ``quality`` (PPL/KLD of the quantized model
 against the F16/F32 reference on the held-out chunks; PPL only for a GGUF input that ships as is).
 
-``quantize`` reads the documents only through an imatrix: without ``--imatrix`` its key holds no document
-hash, so a docs-only rebuild reuses it. ``eval split`` and ``quality`` follow the documents.
+``quantize`` reads the documents only through an imatrix or a calibrated quantizer (``--quantizer gptq|awq``,
+which also measures RTN and RTN + imatrix of the same type beside it): without either, its key holds no
+document hash, so a docs-only rebuild reuses it. ``eval split`` and ``quality`` follow the documents.
 """
 
 from __future__ import annotations
