@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fieldpack.shared.errors import UsageError, first_validation_error
 from fieldpack.shared.manifest import BundleName, BundleVersion
@@ -75,6 +75,18 @@ class BuildConfig(BaseModel):
         if ct is not None and v >= ct:
             raise ValueError(f"overlap_tokens ({v}) must be smaller than chunk_tokens ({ct})")
         return v
+
+    @model_validator(mode="after")
+    def _quantizer_alone(self) -> "BuildConfig":
+        """GPTQ/AWQ quantize the checkpoint's own tensors with the mix's types: not with a trimmed vocabulary or
+        chosen token_embd/output types (yet)."""
+        qz = str(self.compression.get("quantizer") or "rtn").lower()
+        mixed = [o for o, on in (("--trim-vocab", self.trim_vocab), ("--embd-type", self.embd_type),
+                                 ("--output-type", self.output_type)) if on]
+        if qz != "rtn" and mixed:
+            raise ValueError(f"--quantizer {qz} is not combined with {', '.join(mixed)} yet: build with --quantizer "
+                             f"rtn, or without {', '.join(mixed)}")
+        return self
 
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> "BuildConfig":

@@ -114,7 +114,8 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
                           parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
                           int8_bytes=emb.int8_bytes) if emb.gate is not None else
                      dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine),
-            stages=(records.compress.rows if records.compress else []) + ([records.trim.row] if records.trim else []),
+            stages=(records.compress.rows if records.compress else []) + ([records.trim.row] if records.trim else [])
+            + (records.quantize.rows if records.quantize is not None else []),
         ),
     )
 

@@ -41,13 +41,15 @@ __all__ = ["CompressionOptions", "apply_compression", "compute_imatrix", "valida
 MIN_ACTIVATION_TOKENS = 128
 
 
-def validate_compression(options: dict[str, Any], *, model_dir: Path | str | None = None) -> CompressionOptions:
+def validate_compression(options: dict[str, Any], *, model_dir: Path | str | None = None,
+                         qtype: str | None = None) -> CompressionOptions:
     """Check compression options before any heavy work.
 
     Args:
         options: ``BuildConfig.compression`` (keys in :mod:`builder.compress.options`).
-        model_dir: the local checkpoint folder, when known: adds the checks that need its ``config.json``
-            (architecture, layer count, widths). A hub id or a missing folder skips them.
+        model_dir: the local checkpoint folder (or GGUF file), when known: adds the checks that need its
+            ``config.json`` (architecture, layer count, widths). A hub id or a missing folder skips them.
+        qtype: the ``--quant`` type, when known: checked against ``quantizer``.
 
     Returns:
         the parsed :class:`CompressionOptions`.
@@ -60,6 +62,11 @@ def validate_compression(options: dict[str, Any], *, model_dir: Path | str | Non
     opts = parse_options(options)
     if opts.prune is not None and model_dir is not None and Path(model_dir).is_dir():
         check_against_model(opts, read_model_shape(Path(model_dir)))
+    if opts.quantizer is not None:
+        from fieldpack.builder.compress.quantizers import check_quantizer
+
+        check_quantizer(opts.quantizer, qtype or "Q4_K_M", prune=opts.prune,
+                        model=Path(model_dir) if model_dir is not None and Path(model_dir).exists() else None)
     return opts
 
 
@@ -86,9 +93,8 @@ def prune_checkpoint(model_dir: Path, opts: CompressionOptions, calib_texts: lis
         ParityError: the pruned checkpoint and its GGUF disagree.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from fieldpack.builder.compress.calibration import build_calibration, require_tokens
+    from fieldpack.builder.compress.calibration import build_calibration, load_float_model, require_tokens
     from fieldpack.builder.compress.masks import pick_device, prune_with_masks
     from fieldpack.builder.compress.structured import prune_depth, prune_width, report_dict, save_checkpoint
     from fieldpack.builder.convert import convert_hf_to_gguf
@@ -102,12 +108,7 @@ def prune_checkpoint(model_dir: Path, opts: CompressionOptions, calib_texts: lis
         calib = build_calibration(model_dir, calib_texts, n_chunks=opts.calib_chunks, seq_len=seq_len, seed=seed)
         needed, why = _required_tokens(opts, shape)
         require_tokens(calib, needed, why)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise CompressionConfigError(f"cannot load {model_dir} for pruning: {exc}",
-                                     hint="pass a local Hugging Face checkpoint folder") from exc
-    model.eval()
+    model = load_float_model(model_dir, "pruning")
     stored = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     store_dtype = getattr(torch, str(stored).replace("torch.", ""), torch.float32) if stored else torch.float32
     device = pick_device()

@@ -110,3 +110,20 @@ def require_tokens(calib: CalibrationSet, needed: int, why: str) -> None:
             f"the calibration set has {calib.n_tokens} tokens ({calib.n_chunks} chunks); {why} needs at least "
             f"{needed}",
             hint=f"raise --calib-chunks to about {-(-needed // per_chunk)} (or add documents)")
+
+
+def load_float_model(model_dir: Path, purpose: str) -> Any:
+    """The checkpoint as a float32 Hugging Face causal LM in eval mode, for ``purpose`` (``"pruning"``, ``"gptq"``).
+
+    Raises:
+        CompressionConfigError: transformers cannot load the folder.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise CompressionConfigError(f"cannot load {model_dir} for {purpose}: {exc}",
+                                     hint="pass a local Hugging Face checkpoint folder") from exc
+    return model.eval()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +127,41 @@ def wanda_mask(weight: Any, act_norm: Any, *, sparsity: float | None = None,
     return nm_mask(scores, pattern) if pattern else row_mask(scores, float(sparsity))
 
 
+def inverse_hessian_factor(hessian: Any, percdamp: float) -> tuple[Any, Any]:
+    """The upper Cholesky factor of the dampened inverse Hessian, shared by SparseGPT and GPTQ.
+
+    Columns never driven by the calibration set (``H_jj == 0``) get ``H_jj = 1`` (their weights should be
+    zeroed by the caller, as both papers' code does); ``percdamp * mean(diag H)`` is added to the diagonal.
+
+    Args:
+        hessian: ``(cols, cols)`` float32 ``2 X X^T / n``; modified in place.
+        percdamp: dampening, as a share of the mean Hessian diagonal.
+
+    Returns:
+        ``(U, dead)``: ``U`` ``(cols, cols)`` float32 upper triangular with ``H^-1 = U^T U`` (row ``i`` of ``U``
+        is the inverse-Hessian row of the sub-problem of columns ``i..``); ``dead`` ``(cols,)`` bool.
+
+    Raises:
+        CompressionConfigError: the dampened Hessian is not positive definite (too little calibration data).
+    """
+    import torch
+
+    H = hessian
+    cols = H.shape[0]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    diag = torch.arange(cols, device=H.device)
+    H[diag, diag] += percdamp * torch.mean(torch.diag(H))
+    try:
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+        hinv = torch.linalg.cholesky(hinv, upper=True)  # (cols, cols) upper factor U, H^-1 = U^T U
+    except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
+        raise CompressionConfigError(
+            f"the layer-input Hessian ({cols}x{cols}) is not positive definite even after dampening",
+            hint="raise --calib-chunks so the calibration set has well over the layer width in tokens") from exc
+    return hinv, dead
+
+
 def sparsegpt_prune(weight: Any, hessian: Any, *, sparsity: float | None = None,
                     pattern: tuple[int, int] | None = None, mask: Any = None,
                     blocksize: int = DEFAULT_BLOCKSIZE, percdamp: float = DEFAULT_PERCDAMP) -> tuple[Any, Any]:
@@ -155,18 +191,8 @@ def sparsegpt_prune(weight: Any, hessian: Any, *, sparsity: float | None = None,
         _check_pattern(cols, pattern)
         if blocksize % pattern[1]:
             blocksize = pattern[1] * max(1, blocksize // pattern[1])
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    hinv, dead = inverse_hessian_factor(H, percdamp)
     W[:, dead] = 0.0
-    diag = torch.arange(cols, device=W.device)
-    H[diag, diag] += percdamp * torch.mean(torch.diag(H))
-    try:
-        hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
-        hinv = torch.linalg.cholesky(hinv, upper=True)  # (cols, cols) upper factor U, H^-1 = U^T U
-    except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
-        raise CompressionConfigError(
-            f"the layer-input Hessian ({cols}x{cols}) is not positive definite even after dampening",
-            hint="raise --calib-chunks so the calibration set has well over the layer width in tokens") from exc
 
     full_mask = torch.zeros((rows, cols), dtype=torch.bool, device=W.device)
     for i1 in range(0, cols, blocksize):
@@ -260,30 +286,48 @@ class _Stop(Exception):
 
 
 def capture_block_inputs(model: Any, input_ids: Any, device: str) -> tuple[list[Any], dict[str, Any]]:
-    """Run the embeddings once per calibration window and capture what block 0 receives.
+    """Block 0's input per calibration window and the keyword arguments block 0 receives (position embeddings,
+    causal mask, ...); see :func:`capture_layer_inputs` for every block's own."""
+    inps, kws = capture_layer_inputs(model, input_ids, device)
+    return inps, kws[0]
+
+
+def capture_layer_inputs(model: Any, input_ids: Any, device: str) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Block 0's input per calibration window, and the keyword arguments *each* block receives.
+
+    Unlike :func:`capture_block_inputs`, every block's own keyword arguments are kept: Gemma 3 passes its
+    sliding-window blocks another causal mask and other RoPE tables than its global ones. Each block's forward
+    is replaced, for one pass per window, by one that records its arguments and returns its input unchanged
+    (so nothing but the embeddings is computed); the last block stops the pass.
 
     Returns:
-        ``(inputs, kwargs)``: one ``(1, seq_len, hidden)`` tensor per window on ``device``, and the keyword
-        arguments the model passes to every block (position embeddings, causal mask, position ids, ...).
+        ``(inputs, kwargs)``: one ``(1, seq_len, hidden)`` tensor per window on ``device``; for each block the
+        keyword arguments of the last window (windows have one length, so they are the same for all).
     """
     import torch
 
     layers = decoder_layers(model)
     inner = model.model
     captured: list[Any] = []
-    kwargs_seen: dict[str, Any] = {}
+    per_layer: list[dict[str, Any]] = [{} for _ in layers]
 
-    def hook(module: Any, args: tuple, kwargs: dict) -> None:
-        hs = args[0] if args else kwargs["hidden_states"]
-        captured.append(hs.detach())
-        kwargs_seen.clear()
-        kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _Stop
+    def recorder(idx: int) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hs = args[0] if args else kwargs.pop("hidden_states")
+            per_layer[idx] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            per_layer[idx]["use_cache"] = False
+            if idx == 0:
+                captured.append(hs.detach())
+            if idx == len(layers) - 1:
+                raise _Stop
+            return hs
+        return forward
 
-    for part in ("embed_tokens", "rotary_emb"):
-        if hasattr(inner, part):
-            getattr(inner, part).to(device)
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    parts = [p for p in ("embed_tokens", "rotary_emb", "rotary_emb_local") if hasattr(inner, p)]
+    for part in parts:
+        getattr(inner, part).to(device)
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
     try:
         with torch.no_grad():
             for row in input_ids:
@@ -292,18 +336,58 @@ def capture_block_inputs(model: Any, input_ids: Any, device: str) -> tuple[list[
                 except _Stop:
                     pass
     finally:
-        handle.remove()
-        for part in ("embed_tokens", "rotary_emb"):
-            if hasattr(inner, part):
-                getattr(inner, part).to("cpu")
-    kwargs_seen["use_cache"] = False
-    return captured, kwargs_seen
+        for layer in layers:
+            del layer.forward
+        for part in parts:
+            getattr(inner, part).to("cpu")
+    return captured, per_layer
 
 
 def run_block(block: Any, hidden: Any, kwargs: dict[str, Any]) -> Any:
     """One decoder block forward; returns the hidden states (transformers 4 returns a tuple, 5 a tensor)."""
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def for_each_block(model: Any, input_ids: Any, device: str, work: Callable[[int, Any, Callable[[], None]], None],
+                   what: str) -> None:
+    """The block-sequential calibration driver of SparseGPT/Wanda/GPTQ/AWQ.
+
+    The windows' inputs to block 0 are captured (:func:`capture_layer_inputs`); then for each block in turn it
+    is moved to ``device``, ``work(idx, block, feed)`` runs (``feed()`` passes every window through the block,
+    for hooks ``work`` registers to gather statistics; ``work`` then changes the block's weights), and the
+    block's outputs *after* ``work`` become the next block's inputs. Only one block is on ``device`` at a time.
+    """
+    import torch
+
+    layers = decoder_layers(model)
+    with torch.no_grad():
+        inps, kws = capture_layer_inputs(model, input_ids, device)
+        for idx, block in enumerate(layers):
+            block.to(device)
+
+            def feed(block: Any = block, kw: dict[str, Any] = kws[idx]) -> None:
+                for x in inps:
+                    run_block(block, x, kw)
+
+            work(idx, block, feed)
+            inps = [run_block(block, x, kws[idx]) for x in inps]
+            block.to("cpu")
+            log.info("%s: block %d/%d", what, idx + 1, len(layers))
+
+
+def collect_input_stats(block: Any, feed: Callable[[], None], *, need_hessian: bool,
+                        device: str) -> dict[str, InputStats]:
+    """:class:`InputStats` of every linear of ``block`` over one ``feed()`` (see :func:`for_each_block`)."""
+    linears = block_linears(block)
+    stats = {n: InputStats(lin.in_features, need_hessian=need_hessian, device=device) for n, lin in linears}
+    hooks = [lin.register_forward_hook(lambda m, a, o, s=stats[n]: s.add(a[0])) for n, lin in linears]
+    try:
+        feed()
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
 
 
 @dataclass
@@ -383,21 +467,10 @@ def prune_with_masks(model: Any, method: str, *, sparsity: float | None = None,
             if input_ids is None:
                 raise CompressionConfigError(f"{method} needs calibration data", hint="pass calibration windows")
             report.calib_tokens = int(input_ids.numel())
-            inps, kw = capture_block_inputs(model, input_ids, device)
-            for idx, block in enumerate(layers):
-                block.to(device)
-                linears = block_linears(block)
-                stats = {n: InputStats(lin.in_features, need_hessian=(method == "sparsegpt"), device=device)
-                         for n, lin in linears}
-                hooks = [lin.register_forward_hook(lambda m, a, o, s=stats[n]: s.add(a[0]))
-                         for n, lin in linears]
-                try:
-                    for x in inps:
-                        run_block(block, x, kw)
-                finally:
-                    for h in hooks:
-                        h.remove()
-                for name, lin in linears:
+
+            def prune_block(idx: int, block: Any, feed: Callable[[], None]) -> None:
+                stats = collect_input_stats(block, feed, need_hessian=(method == "sparsegpt"), device=device)
+                for name, lin in block_linears(block):
                     w = lin.weight.data.float()
                     if method == "wanda":
                         apply(idx, name, lin, w, wanda_mask(w, stats[name].norm, sparsity=sparsity, pattern=pattern))
@@ -405,11 +478,9 @@ def prune_with_masks(model: Any, method: str, *, sparsity: float | None = None,
                         new_w, mask = sparsegpt_prune(w, stats[name].hessian, sparsity=sparsity, pattern=pattern,
                                                       blocksize=blocksize, percdamp=percdamp)
                         apply(idx, name, lin, new_w, mask)
-                    stats[name] = None  # free the Hessian before the next one
-                inps = [run_block(block, x, kw) for x in inps]  # pruned outputs feed the next block
-                block.to("cpu")
-                log.info("%s: block %d/%d pruned", method, idx + 1, len(layers))
-            del inps
+                    del stats[name]  # free the Hessian before the next one
+
+            for_each_block(model, input_ids, device, prune_block, f"{method} pruned")  # pruned outputs feed on
     report.seconds = time.perf_counter() - t0
     log.info("%s %s: %d matrices, %.4f zeros, %.1f s on %s", method,
              f"{pattern[0]}:{pattern[1]}" if pattern else f"{sparsity:.0%}", report.matrices,

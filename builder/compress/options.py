@@ -11,6 +11,8 @@ The options dict (as the CLI and ``recipe.toml`` spell it)::
     ffn_keep      width: share of MLP channels kept in (0, 1) (default 0.75), rounded to a multiple of 256 (or 32)
     kv_heads_keep width: KV heads (GQA groups) to keep; each keeps its query heads (default: all)
     imatrix       "domain": importance matrix from the calibration chunks, used by the quantizer
+    quantizer     rtn | gptq | awq: how the integers are chosen (:mod:`builder.compress.quantizers`; default rtn,
+                  llama.cpp's round-to-nearest)
     calib_chunks  calibration chunks used for pruning / imatrix (default 128)
     calib_seq_len calibration window in model tokens (default 256)
 
@@ -60,7 +62,8 @@ DEFAULT_CALIB_CHUNKS = 128
 DEFAULT_CALIB_SEQ_LEN = 256
 
 _KNOWN_KEYS = {"prune", "sparsity", "pattern", "drop_layers", "ffn_keep", "kv_heads_keep", "imatrix",
-               "calib_chunks", "calib_seq_len"}
+               "quantizer", "calib_chunks", "calib_seq_len"}
+QUANTIZERS = ("rtn", "gptq", "awq")
 #: options that are a share in (0, 1): the flag named in errors, and the fix
 _SHARE_HINTS = {"sparsity": ("--sparsity", "give the share of weights to zero, e.g. 0.5"),
                 "ffn_keep": ("--ffn-keep", "give the share of MLP channels to keep, e.g. 0.75")}
@@ -85,6 +88,7 @@ class CompressionOptions(BaseModel):
     ffn_keep: float | None = None
     kv_heads_keep: int | None = None
     imatrix: str | None = None
+    quantizer: str | None = None
     calib_chunks: int = DEFAULT_CALIB_CHUNKS
     calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN
 
@@ -155,6 +159,14 @@ class CompressionOptions(BaseModel):
         raise CompressionConfigError(f"--imatrix {v!r} is not supported",
                                      hint="use --imatrix domain (importance matrix from your documents)")
 
+    @field_validator("quantizer", mode="before")
+    @classmethod
+    def _quantizer(cls, v: Any) -> str | None:
+        name = str(v).strip().lower()
+        if name not in QUANTIZERS:
+            raise CompressionConfigError(f"--quantizer {v!r} is not a quantizer", hint=f"use one of {', '.join(QUANTIZERS)}")
+        return None if name == "rtn" else name
+
     @field_validator("calib_chunks", mode="before")
     @classmethod
     def _calib_chunks(cls, v: Any) -> int:
@@ -183,6 +195,9 @@ class CompressionOptions(BaseModel):
         if self.prune != "depth" and self.drop_layers is not None:
             raise CompressionConfigError("--drop-layers applies to --prune depth only",
                                          hint="add --prune depth or drop it")
+        if self.quantizer is not None and self.prune is not None:
+            raise CompressionConfigError(f"--quantizer {self.quantizer} is not combined with --prune yet",
+                                         hint="build without --prune, or with --quantizer rtn")
         if self.prune != "width" and (self.ffn_keep is not None or self.kv_heads_keep is not None):
             raise CompressionConfigError("--ffn-keep / kv_heads_keep apply to --prune width only",
                                          hint="add --prune width or drop them")
@@ -253,7 +268,8 @@ def parse_options(options: dict[str, Any]) -> CompressionOptions:
         CompressionConfigError: an unknown key or method; sparsity outside (0, 1); a pattern that is not N:M
             with 0 < N < M; sparsity and pattern together; an option that does not apply to the method
             (e.g. ``--sparsity`` with ``--prune depth``); ``drop_layers`` < 1; ``ffn_keep`` outside (0, 1);
-            ``calib_chunks`` < 1; ``imatrix`` other than ``"domain"``.
+            ``calib_chunks`` < 1; ``imatrix`` other than ``"domain"``; a quantizer other than rtn/gptq/awq, or
+            gptq/awq with pruning.
     """
     try:
         return CompressionOptions.model_validate(options)

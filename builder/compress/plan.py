@@ -2,8 +2,9 @@
 
 For a checkpoint and the user's documents, every candidate combination of structured pruning
 ({none, depth -25% blocks, width MLP x0.75}) and quantization ({F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0}, plus
-Q4_K_M with a domain imatrix, and Q4_K_M with ``token_embd``/``output`` in Q4_K instead of the mix's Q6_K/Q8_0,
-which matters most for small models whose vocabulary holds most of their bytes) is actually built and measured:
+Q4_K_M with a domain imatrix, Q4_K_M with ``token_embd``/``output`` in Q4_K instead of the mix's Q6_K/Q8_0,
+which matters most for small models whose vocabulary holds most of their bytes, and on the unpruned model the
+calibrated quantizers GPTQ Q4_0 and AWQ + Q4_K_M, :mod:`.quantizers`) is actually built and measured:
 
 * size: the GGUF's bytes;
 * memory on the device: weights + the f16 KV cache at ``n_ctx`` (``2 * n_layer * n_ctx * n_head_kv * head_dim *
@@ -43,6 +44,8 @@ DEFAULT_PRUNES = ("none", "depth", "width")
 IMATRIX_QUANTS = ("Q4_K_M",)
 #: (quant mix, GGML type for token_embd and output) candidates: ``--quant Q4_K_M --embd-type Q4_K --output-type Q4_K``.
 EMBD_QUANTS: tuple[tuple[str, str], ...] = (("Q4_K_M", "Q4_K"),)
+#: ``TYPE+quantizer`` candidates tried on the unpruned model (gptq/awq are not combined with pruning).
+QUANTIZER_CANDIDATES = ("Q4_0+gptq", "Q4_K_M+awq")
 #: int8 all-MiniLM-L6-v2 ONNX (~23 MB) as the build counts it (file + runtime arena): an estimate.
 EMBEDDER_BYTES_ESTIMATE = 2 * 23 * 1024 * 1024
 #: Index bytes per chunk: a 384-d float32 vector, FTS5 postings and the text, roughly.
@@ -93,11 +96,13 @@ class Candidate:
     fast_enough: bool = False
     pareto: bool = False
     embd_type: str | None = None  # GGML type of token_embd/output when chosen (None: the mix's)
+    quantizer: str = "rtn"
 
     @property
     def label(self) -> str:
         return (f"{self.prune}/{self.quant}{'+imatrix' if self.imatrix else ''}"
-                f"{f'+embd {self.embd_type}' if self.embd_type else ''}")
+                f"{f'+embd {self.embd_type}' if self.embd_type else ''}"
+                f"{'+' + self.quantizer if self.quantizer != 'rtn' else ''}")
 
     @property
     def fits(self) -> bool:
@@ -135,6 +140,8 @@ class Plan:
             flags.append("--imatrix domain")
         if c.embd_type:
             flags.append(f"--embd-type {c.embd_type} --output-type {c.embd_type}")
+        if c.quantizer != "rtn":
+            flags.append(f"--quantizer {c.quantizer}")
         return " ".join(flags)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,7 +187,8 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
               threads: int | None = None, n_ctx: int = 2048, out_png: Path | None = None,
               quants: tuple[str, ...] = DEFAULT_QUANTS, prunes: tuple[str, ...] = DEFAULT_PRUNES,
               imatrix_quants: tuple[str, ...] = IMATRIX_QUANTS, work_dir: Path | None = None,
-              seed: int = 0, embd_quants: tuple[tuple[str, str], ...] = EMBD_QUANTS) -> Plan:
+              seed: int = 0, embd_quants: tuple[tuple[str, str], ...] = EMBD_QUANTS,
+              quantizers: tuple[str, ...] = QUANTIZER_CANDIDATES) -> Plan:
     """Build and measure every candidate; propose the best quality that fits the device.
 
     Args:
@@ -192,6 +200,7 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
         n_ctx: context length on the device (tokens) for the KV cache estimate.
         out_png: where to draw quality vs size (``None``: no plot).
         quants / prunes / imatrix_quants: the grid; ``embd_quants``: (mix, token_embd/output type) pairs.
+        quantizers: ``TYPE+gptq`` / ``TYPE+awq`` candidates, built on the unpruned model.
         work_dir: scratch folder (default: a temp folder, removed afterwards).
 
     Raises:
@@ -220,6 +229,14 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
     bad += [e for _, e in embd_quants if e.upper() not in TENSOR_TYPES]
     if bad:
         raise UsageError(f"unknown quant type(s) {', '.join(bad)}", hint=f"use {', '.join(QUANT_TYPES)}")
+    calibrated = [tuple(q.split("+", 1)) for q in quantizers]
+    if any(len(c) != 2 for c in calibrated):
+        raise UsageError(f"--quantizers {','.join(quantizers)}: write each as TYPE+QUANTIZER",
+                         hint="e.g. --quantizers Q4_0+gptq,Q4_K_M+awq")
+    from fieldpack.builder.compress.quantizers import check_quantizer
+
+    for qt, qz in calibrated:
+        check_quantizer(qz.lower(), qt.upper(), model=model_dir)
     prune_opts: dict[str, dict[str, Any]] = {"none": {}, "depth": {"prune": "depth"},
                                              "width": {"prune": "width", "ffn_keep": 0.75}}
     unknown = [p for p in prunes if p not in prune_opts]
@@ -244,6 +261,21 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
             prune_opts[p] = {k: v for k, v in resolved.items() if k in ("prune", "drop_layers", "ffn_keep")}
             bases[p] = (conv.path, conv.n_layer)
         cands: list[Candidate] = []
+
+        def measure(p: str, qt: str, use_imx: bool, path: Path, n_layer: int, quantizer: str = "rtn",
+                    embd_type: str | None = None) -> None:
+            figs = perplexity_kld(ref.path, path, held, n_ctx=eval_ctx)
+            sp = measure_speed(path, threads=threads, repeats=SPEED_REPEATS, statistic="median")
+            kv = kv_cache_bytes(n_ctx, n_layer=n_layer, n_head_kv=ref.n_head_kv, head_dim=head_dim)
+            size = Path(path).stat().st_size
+            cands.append(Candidate(
+                prune=p, quant=qt, imatrix=use_imx, gguf_bytes=size, params=gguf_params(path), n_layer=n_layer,
+                kv_cache_bytes=kv, memory_bytes=size + kv + other_bytes, ppl=figs.ppl_test,
+                delta_ppl=figs.delta_ppl, kld_mean=figs.kld_mean, top1_agreement=figs.top1_agreement,
+                decode_tps=sp.decode_tps, prompt_tps=sp.prompt_tps, decode_tps_min=sp.decode_tps_min,
+                decode_tps_max=sp.decode_tps_max, quantizer=quantizer, embd_type=embd_type))
+            log.info("plan %s: %d bytes, KLD %.5f, %.1f tok/s", cands[-1].label, size, figs.kld_mean, sp.decode_tps)
+
         for p in prunes:
             base, n_layer = bases[p]
             imx = None
@@ -258,17 +290,14 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
                     name = f"{qt}{'-imx' if use_imx else ''}{f'-embd-{embd}' if embd else ''}.gguf"
                     path = quantize_gguf(base, work / p / name, qt, imatrix=imx if use_imx else None,
                                          embd_type=embd, output_type=embd).path
-                figs = perplexity_kld(ref.path, path, held, n_ctx=eval_ctx)
-                sp = measure_speed(path, threads=threads, repeats=SPEED_REPEATS, statistic="median")
-                kv = kv_cache_bytes(n_ctx, n_layer=n_layer, n_head_kv=ref.n_head_kv, head_dim=head_dim)
-                size = Path(path).stat().st_size
-                cands.append(Candidate(
-                    prune=p, quant=qt, imatrix=use_imx, gguf_bytes=size, params=gguf_params(path), n_layer=n_layer,
-                    kv_cache_bytes=kv, memory_bytes=size + kv + other_bytes, ppl=figs.ppl_test,
-                    delta_ppl=figs.delta_ppl, kld_mean=figs.kld_mean, top1_agreement=figs.top1_agreement,
-                    decode_tps=sp.decode_tps, prompt_tps=sp.prompt_tps, decode_tps_min=sp.decode_tps_min,
-                    decode_tps_max=sp.decode_tps_max, embd_type=embd))
-                log.info("plan %s: %d bytes, KLD %.5f, %.1f tok/s", cands[-1].label, size, figs.kld_mean, sp.decode_tps)
+                measure(p, qt, use_imx, path, n_layer, embd_type=embd)
+        if calibrated:
+            from fieldpack.builder.compress.quantizers import calibrated_quantize
+
+            for qt, qz in calibrated:
+                res = calibrated_quantize(qz.lower(), model_dir, ref.path, calib, qt.upper(),
+                                          work / "none" / f"{qt.upper()}-{qz.lower()}", seed=seed)
+                measure("none", qt.upper(), False, res.quant.path, ref.n_layer, quantizer=qz.lower())
         for c, front in zip(cands, pareto_front([(c.gguf_bytes, c.kld_mean) for c in cands])):
             c.pareto = front
             c.fits_ram = c.memory_bytes <= device_ram_bytes

@@ -139,7 +139,7 @@ def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner) -> d
     if cfg.compression:
         from fieldpack.builder.compress import validate_compression
 
-        opts = validate_compression(cfg.compression, model_dir=model_dir)
+        opts = validate_compression(cfg.compression, model_dir=model_dir, qtype=cfg.quant)
         if opts.prune is None:
             cfg.compression.update(opts.to_dict())
         else:
@@ -152,9 +152,14 @@ def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner) -> d
     trim = _trim(cfg, dense, chunks, split, run)
     if trim is not None:
         dense = trim.trimmed()
-    quant = run(QUANTIZE, QuantizeInputs(source=dense, qtype=cfg.quant.upper(),
-                                         imatrix_from=split.split() if cfg.compression.get("imatrix") else None,
-                                         **tensor_type_options(cfg)))
+    quantizer = cfg.compression.get("quantizer")  # gptq|awq; never with a trim (BuildConfig refuses the mix)
+    quant = run(QUANTIZE, QuantizeInputs(
+        source=dense, qtype=cfg.quant.upper(),
+        imatrix_from=split.split() if cfg.compression.get("imatrix") else None, quantizer=quantizer,
+        checkpoint=checkpoint if quantizer else None, calib_from=split.split() if quantizer else None,
+        calib=dict(calib_chunks=cfg.compression["calib_chunks"], calib_seq_len=cfg.compression["calib_seq_len"],
+                   seed=cfg.seed, n_ctx=split.n_ctx_eval) if quantizer else {},
+        **tensor_type_options(cfg)))
     quality = run(QUALITY, QualityInputs(reference=trim.trimmed() if trim else conv.gguf(), model=quant.model(),
                                          split=split.split(), n_ctx=split.n_ctx_eval))
     return dict(convert=conv, parity=parity, split=split, compress=comp, quantize=quant, quality=quality, trim=trim)

@@ -4,8 +4,9 @@
 ``quantize`` (llama.cpp, with a domain imatrix when asked) and ``quality`` (PPL/KLD of the quantized model
 against the F16/F32 reference on the held-out chunks; PPL only for a GGUF input that ships as is).
 
-``quantize`` reads the documents only through an imatrix: without ``--imatrix`` its key holds no document
-hash, so a docs-only rebuild reuses it. ``eval split`` and ``quality`` follow the documents.
+``quantize`` reads the documents only through an imatrix or a calibrated quantizer (``--quantizer gptq|awq``,
+which also measures RTN and RTN + imatrix of the same type beside it): without either, its key holds no
+document hash, so a docs-only rebuild reuses it. ``eval split`` and ``quality`` follow the documents.
 """
 
 from __future__ import annotations
@@ -185,19 +186,33 @@ class QuantizeInputs(StageInputs):
     allow_requantize: bool = False  # ``source`` is already quantized (a GGUF input): llama.cpp may re-quantize
     embd_type: str | None = None  # GGML type of token_embd.weight (None: the mix's choice)
     output_type: str | None = None  # GGML type of output.weight (None: the mix's choice)
+    # --quantizer gptq|awq (None: llama.cpp's RTN): the checkpoint and split.json it calibrates on, and the
+    # calibration windows / quality window
+    quantizer: str | None = None
+    checkpoint: Input | None = None
+    calib_from: Input | None = None
+    calib: dict[str, int] = {}
 
 
 class QuantizeRecord(StageRecord):
+    """``quant``: the shipped GGUF; with ``--quantizer gptq|awq``, ``detail`` (calibration figures) and ``rows``
+    (quality rows: the F16 reference, the calibrated file, RTN and RTN + domain imatrix of the same type)."""
+
     quant: QuantResult
+    detail: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
 
     def model(self) -> Input:
         return Input(path=self.quant.path, sha256=self.quant.sha256)
 
 
 def run_quantize(inputs: QuantizeInputs, out_dir: Path) -> QuantizeRecord:
-    """Quantize with llama.cpp (after computing the imatrix when asked). Raises QuantizationError."""
+    """Quantize with llama.cpp (after computing the imatrix when asked), or with GPTQ/AWQ when asked.
+    Raises QuantizationError, CompressionConfigError."""
     from fieldpack.builder.quantize import quantize_gguf
 
+    if inputs.quantizer is not None:
+        return _run_calibrated(inputs, out_dir)
     imatrix = None
     if inputs.imatrix_from is not None:
         from fieldpack.builder.compress import compute_imatrix
@@ -209,9 +224,46 @@ def run_quantize(inputs: QuantizeInputs, out_dir: Path) -> QuantizeRecord:
                                               embd_type=inputs.embd_type, output_type=inputs.output_type))
 
 
+def _run_calibrated(inputs: QuantizeInputs, out_dir: Path) -> QuantizeRecord:
+    """GPTQ/AWQ (:func:`builder.compress.quantizers.calibrated_quantize`), then the quality rows beside RTN and
+    RTN + domain imatrix of the same type, all against the F16/F32 source on the held-out chunks."""
+    from fieldpack.builder.compress import compute_imatrix
+    from fieldpack.builder.compress.quantizers import calibrated_quantize
+    from fieldpack.builder.compress.report import quality_rows
+    from fieldpack.builder.quantize import quantize_gguf
+    from fieldpack.builder.quiet import quiet_third_party
+
+    quiet_third_party()  # this path loads torch/transformers
+    assert inputs.checkpoint is not None and inputs.calib_from is not None
+    calib, held_out = load_split(inputs.calib_from.path)
+    c = inputs.calib
+    res = calibrated_quantize(inputs.quantizer or "", inputs.checkpoint.path, inputs.source.path, calib,
+                              inputs.qtype, out_dir, imatrix_texts=calib if inputs.imatrix_from is not None else None,
+                              calib_chunks=c.get("calib_chunks", 128), calib_seq_len=c.get("calib_seq_len", 256),
+                              seed=c.get("seed", 0))
+    imx_path = out_dir / "imatrix.dat"
+    src_imx = compute_imatrix(inputs.source.path, calib, out_dir / "imatrix-src.dat") \
+        if inputs.quantizer == "awq" or not imx_path.is_file() else imx_path
+    rtn = res.rtn if res.rtn is not None and inputs.imatrix_from is None else \
+        quantize_gguf(inputs.source.path, out_dir / "rtn.gguf", inputs.qtype)
+    rtn_imx = quantize_gguf(inputs.source.path, out_dir / "rtn-imatrix.gguf", inputs.qtype, imatrix=src_imx)
+    label = f"{inputs.quantizer}{' + imatrix' if inputs.imatrix_from is not None else ''}"
+    variants = [("quantized", label, inputs.qtype, res.quant.path), ("quantized", "rtn", inputs.qtype, rtn.path),
+                ("quantized", "rtn + imatrix", inputs.qtype, rtn_imx.path)]
+    rows = [r.to_dict() for r in quality_rows(inputs.source.path, variants, held_out,
+                                              n_ctx=c.get("n_ctx", 256), measure=False)]
+    for r in rows:
+        r.pop("note", None)
+    rows[1].update(res.detail)
+    return QuantizeRecord(quant=res.quant, detail=res.detail, rows=rows)
+
+
 QUANTIZE = Stage("quantize", "1", QuantizeRecord, run_quantize, libraries=LLAMA_LIBRARIES,
-                 code=("fieldpack.builder.quantize", "fieldpack.builder.compress.imatrix"),
+                 code=("fieldpack.builder.quantize", "fieldpack.builder.compress.imatrix",
+                       "fieldpack.builder.compress.quantizers", "fieldpack.builder.compress.gptq",
+                       "fieldpack.builder.compress.awq", "fieldpack.builder.convert.patch"),
                  label=lambda i: f"{'re-quantize' if i.allow_requantize else 'quantize'} {i.qtype}"
+                 + (f" ({i.quantizer})" if i.quantizer else "")
                  + (f" (token_embd {i.embd_type.upper()})" if i.embd_type else "")
                  + (f" (output {i.output_type.upper()})" if i.output_type else ""))
 

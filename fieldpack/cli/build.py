@@ -112,6 +112,8 @@ def build(
     drop_layers: Optional[int] = typer.Option(None, "--drop-layers", help="depth pruning: decoder blocks to drop"),
     ffn_keep: Optional[float] = typer.Option(None, "--ffn-keep", help="width pruning: share of MLP channels kept"),
     imatrix: Optional[str] = typer.Option(None, "--imatrix", help="'domain': importance matrix from the documents"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn (default, llama.cpp) | gptq (Q4_0/Q8_0) | "
+                                            "awq (any type): calibrated on the documents"),
     calib_chunks: Optional[int] = typer.Option(None, "--calib-chunks", help="calibration chunks for pruning/imatrix"),
     prompt_format: Optional[str] = typer.Option(
         None, "--prompt-format", help="chat | completion (default: from the model's chat template; completion "
@@ -127,7 +129,7 @@ def build(
 
     compression: dict[str, Any] = {k: v for k, v in dict(prune=prune, sparsity=sparsity, pattern=pattern,
                                    drop_layers=drop_layers, ffn_keep=ffn_keep, imatrix=imatrix,
-                                   calib_chunks=calib_chunks).items() if v is not None}
+                                   quantizer=quantizer, calib_chunks=calib_chunks).items() if v is not None}
     opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
                 n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder, prompt_format=prompt_format,
                 embd_type=embd_type, output_type=output_type, trim_vocab=trim_vocab, keep_general=keep_general)
@@ -151,7 +153,7 @@ def build(
         from fieldpack.builder.compress import validate_compression
 
         local = Path(cfg.model)
-        validate_compression(cfg.compression, model_dir=local if local.is_dir() else None)
+        validate_compression(cfg.compression, model_dir=local if local.exists() else None, qtype=cfg.quant)
     result = _build_with_progress(cfg, cache_dir=cache_dir, use_cache=not no_cache)
     m = result.manifest
     size = result.bundle.stat().st_size

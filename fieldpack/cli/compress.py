@@ -21,6 +21,8 @@ def plan(
     imatrix_quants: str = typer.Option("Q4_K_M", "--imatrix-quants", help="quant types also tried with a domain imatrix ('' for none)"),
     embd_quants: str = typer.Option("Q4_K_M:Q4_K", "--embd-quants", help="MIX:TYPE pairs also tried with token_embd "
                                     "and output in TYPE (--embd-type/--output-type; '' for none)"),
+    quantizers: str = typer.Option("Q4_0+gptq,Q4_K_M+awq", "--quantizers",
+                                   help="calibrated candidates TYPE+gptq|awq on the unpruned model ('' for none)"),
     json_out: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Measure size, memory, quality and speed of compression candidates here; propose the best that fits."""
@@ -36,7 +38,8 @@ def plan(
 
     result = make_plan(model, docs, device_ram_bytes=parse_size(device_ram), min_tokens_per_s=min_tokens_per_s,
                        threads=threads, n_ctx=n_ctx, out_png=out, quants=split(quants), prunes=split(prunes),
-                       imatrix_quants=split(imatrix_quants), embd_quants=_pairs(split(embd_quants)))
+                       imatrix_quants=split(imatrix_quants), embd_quants=_pairs(split(embd_quants)),
+                       quantizers=split(quantizers))
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -98,7 +98,8 @@ def test_plan_command_writes_a_png_and_proposes_what_fits(tiny_llama_dir, tmp_pa
     out = tmp_path / "plan.png"
     argv = ["plan", "--model", str(tiny_llama_dir), "--docs", str(Path(__file__).resolve().parents[2] / "demo" / "docs"),
             "--device-ram", "4GiB", "--min-tokens-per-s", "1", "--threads", "2", "--n-ctx", "512",
-            "--quants", "F16,Q8_0,Q4_K_M", "--prunes", "none,depth", "--out", str(out), "--json"]
+            "--quants", "F16,Q8_0,Q4_K_M", "--prunes", "none,depth", "--quantizers", "Q4_0+gptq", "--out", str(out),
+            "--json"]
     with pytest.raises(SystemExit) as ex:
         main(argv)
     assert ex.value.code == 0
@@ -107,12 +108,14 @@ def test_plan_command_writes_a_png_and_proposes_what_fits(tiny_llama_dir, tmp_pa
     plan = json.loads(capsys.readouterr().out)
     labels = [c["label"] for c in plan["candidates"]]
     assert labels == ["none/F16", "none/Q8_0", "none/Q4_K_M", "none/Q4_K_M+imatrix", "none/Q4_K_M+embd Q4_K",
-                      "depth/F16", "depth/Q8_0", "depth/Q4_K_M", "depth/Q4_K_M+imatrix", "depth/Q4_K_M+embd Q4_K"]
+                      "depth/F16", "depth/Q8_0", "depth/Q4_K_M", "depth/Q4_K_M+imatrix", "depth/Q4_K_M+embd Q4_K",
+                      "none/Q4_0+gptq"]
     c = plan["candidates"]
     assert c[0]["kld_mean"] == pytest.approx(0.0, abs=1e-9) and c[0]["pareto"]
     assert c[5]["gguf_bytes"] < c[0]["gguf_bytes"] and c[5]["n_layer"] == 1
     # token_embd/output in Q4_K instead of the mix's Q6_K: a smaller file, measured like the others
     assert c[4]["embd_type"] == "Q4_K" and c[4]["gguf_bytes"] < c[2]["gguf_bytes"] and c[4]["kld_mean"] >= 0
+    assert c[10]["quantizer"] == "gptq" and c[10]["n_layer"] == 2 and c[10]["gguf_bytes"] < c[2]["gguf_bytes"]
     chosen = c[plan["chosen"]]
     assert chosen["fits_ram"] and chosen["fast_enough"] and chosen["label"] == "none/F16"  # 4 GiB fits the best
     assert plan["build_flags"] == "--quant F16"
