@@ -39,7 +39,7 @@ def lora_targets(model: Any) -> tuple[str, ...]:
     mtype = str(getattr(model.config, "model_type", "") or "")
     targets = LORA_TARGETS.get(mtype)
     if targets is None:
-        arch = ",".join(getattr(model.config, "architectures", None) or [mtype or type(model).__name__])
+        arch = ",".join(getattr(model.config, "architectures", None) or [type(model).__name__])
         raise AdaptationError(f"LoRA adaptation does not support architecture {arch} (model_type {mtype!r})",
                               hint=f"use a Llama, Qwen2 or Gemma 3 checkpoint ({', '.join(sorted(LORA_TARGETS))})")
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}

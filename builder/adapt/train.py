@@ -197,7 +197,7 @@ def train(model: Any, examples: Sequence[Example], *, steps: int, batch_size: in
             learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, int(WARMUP_SHARE * steps)),
             weight_decay=0.0, optim="adamw_torch", seed=seed, data_seed=seed, save_strategy="no",
             eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
-            dataloader_num_workers=0, remove_unused_columns=False, use_cpu=device == "cpu", bf16=use_bf16,
+            dataloader_num_workers=0, dataloader_drop_last=len(examples) >= batch_size, remove_unused_columns=False, use_cpu=device == "cpu", bf16=use_bf16,
             max_grad_norm=1.0, log_level="warning")
         if teacher is not None:
             teacher.to(args.device).eval()
