@@ -114,8 +114,17 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
                           int8_bytes=emb.int8_bytes) if emb.gate is not None else
                      dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine),
             stages=records.compress.rows if records.compress else [],
+            adaptation=adaptation_rows(records),
         ),
     )
+
+
+def adaptation_rows(records: BuildRecords) -> list[dict[str, Any]]:
+    """``manifest.quality.adaptation``: the adapt stage's row and the heal row of compress, in build order."""
+    rows = [records.adapt.row] if records.adapt is not None else []
+    if records.compress is not None and records.compress.heal:
+        rows.append(records.compress.heal)
+    return rows
 
 
 def quantization_figures(records: BuildRecords, qtype: str) -> dict[str, Any]:

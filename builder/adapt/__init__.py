@@ -29,7 +29,7 @@ from fieldpack.shared.errors import AdaptationError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdaptOptions", "AdaptReport", "adapt_checkpoint", "adapt_model", "parse_adapt_options"]
+__all__ = ["AdaptOptions", "AdaptReport", "adapt_checkpoint", "adapt_model", "heal_pruned", "parse_adapt_options"]
 
 #: Written next to an adapted checkpoint: options, report and data hashes.
 PROVENANCE_NAME = "fieldpack_adaptation.json"
@@ -223,3 +223,34 @@ def adapt_checkpoint(model_dir: Path, out_dir: Path, opts: AdaptOptions, *, trai
                     provenance={"options": opts.to_dict(), "report": rep.row()}, dtype=torch.float32,
                     provenance_name=PROVENANCE_NAME)
     return Path(out_dir), rep
+
+
+def heal_pruned(model: Any, teacher_dir: Path, train_texts: Sequence[str], held_out_texts: Sequence[str], *,
+                steps: int, seq_len: int, seed: int = 0, device: str | None = None,
+                **options: Any) -> tuple[Any, AdaptReport]:
+    """Heal a structurally pruned model by distillation from the unpruned checkpoint (Minitron): LoRA on the
+    pruned model, loss = KD only (``kd_alpha`` 1: the teacher's softened logits carry more signal than the
+    one-hot next token; Muralidharan et al. 2024 found logit-only distillation best), on DAPT blocks of
+    ``train_texts``; PPL/KLD on ``held_out_texts`` before and after, and the teacher's PPL, so the report gives
+    the share of the pruning loss recovered (:attr:`AdaptReport.recovered`).
+
+    Args:
+        model: the pruned float32 causal LM (its tokenizer is the teacher's).
+        teacher_dir: the unpruned checkpoint folder.
+        options: further :class:`AdaptOptions` fields (``lr``, ``lora_r``, ``batch_size``, ``threads``...).
+
+    Returns:
+        ``(healed model with the adapters merged, report)``.
+    """
+    from fieldpack.builder.adapt import data
+
+    teacher, tok = _load(Path(teacher_dir))
+    opts = AdaptOptions(teacher=Path(teacher_dir), steps=steps, seq_len=seq_len,
+                        **{"kd_alpha": 1.0, "kd_temperature": 1.0, "lr": 5e-4, **options})
+    examples = data.token_blocks(train_texts, tok, seq_len, eos_id=tok.eos_token_id)
+    held = data.eval_blocks(held_out_texts, tok, seq_len)
+    healed, rep = adapt_model(model, tok, examples, held, opts, seed=seed, method="heal-kd", teacher_model=teacher,
+                              train_sha256=data.texts_sha256(train_texts),
+                              held_out_sha256=data.texts_sha256(held_out_texts), device=device,
+                              teacher=Path(teacher_dir).name)
+    return healed, rep
