@@ -56,6 +56,8 @@ class BuildConfig(BaseModel):
         default=None, description="how the device prompts the model; default: decided from the chat template "
                                   "(chat, chat without system role, or completion for a base model)")
     compression: dict[str, Any] = Field(default_factory=dict, description="pruning / imatrix options (see builder.compress)")
+    adapt: dict[str, Any] = Field(default_factory=dict, description="LoRA DAPT / RAFT / distillation options "
+                                                                    "(see builder.adapt.options)")
 
     @field_validator("docs", "sign", "output", "embedder")
     @classmethod
@@ -67,6 +69,15 @@ class BuildConfig(BaseModel):
     def _model_path(cls, v: str) -> str:
         p = Path(v).expanduser()
         return str(p.absolute()) if p.exists() else v  # a local folder becomes absolute; a hub id stays as is
+
+    @field_validator("adapt")
+    @classmethod
+    def _adapt_paths(cls, v: dict[str, Any]) -> dict[str, Any]:
+        out = dict(v)
+        for key in _ADAPT_PATH_KEYS:  # files the adaptation reads: absolute, so a recipe replays from anywhere
+            if isinstance(out.get(key), (str, Path)) and str(out[key]):
+                out[key] = str(Path(out[key]).expanduser().absolute())
+        return out
 
     @field_validator("overlap_tokens")
     @classmethod
@@ -130,6 +141,7 @@ class BuildConfig(BaseModel):
 #: Fields that are also ``fieldpack build`` options (``--name``, ``--n-ctx``, ...), for error hints.
 _OPTIONS = {"model", "docs", "quant", "embd_type", "output_type", "keep_general", "name", "version", "sign", "n_ctx", "max_tokens", "embedder"}
 _PATH_KEYS = ("docs", "sign", "output", "embedder", "model")
+_ADAPT_PATH_KEYS = ("qa_train", "teacher")
 
 
 def _relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -142,4 +154,8 @@ def _relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
             cand = base / v
             if key != "model" or cand.exists():
                 out[key] = str(cand)
+    adapt = out.get("adapt")
+    if isinstance(adapt, dict):
+        out["adapt"] = {k: (str(base / v) if k in _ADAPT_PATH_KEYS and isinstance(v, str) and v
+                            and not Path(v).expanduser().is_absolute() else v) for k, v in adapt.items()}
     return out

@@ -116,8 +116,17 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
                      dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine),
             stages=(records.compress.rows if records.compress else []) + ([records.trim.row] if records.trim else [])
             + (records.quantize.rows if records.quantize is not None else []),
+            adaptation=adaptation_rows(records),
         ),
     )
+
+
+def adaptation_rows(records: BuildRecords) -> list[dict[str, Any]]:
+    """``manifest.quality.adaptation``: the adapt stage's row and the heal row of compress, in build order."""
+    rows = [records.adapt.row] if records.adapt is not None else []
+    if records.compress is not None and records.compress.heal:
+        rows.append(records.compress.heal)
+    return rows
 
 
 def quantization_figures(records: BuildRecords, qtype: str) -> dict[str, Any]:

@@ -67,6 +67,7 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
         ChatTemplateError: the prompt format cannot be decided (fix: ``--prompt-format``).
         UnsupportedTokenizerError: ``--trim-vocab`` with a tokenizer the trimmer cannot keep exact (WordPiece,
             Unigram, SentencePiece without byte fallback).
+        AdaptationError: bad ``--adapt`` options, QA file or teacher (:func:`check_adaptation`).
     """
     from fieldpack.builder.convert import hub_or_local
     from fieldpack.builder.gguf_input import is_gguf_path
@@ -89,6 +90,8 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as exc:
         raise OutputNotWritableError(f"cannot write in {out_dir}: {exc.strerror}", hint="choose a writable -o path") from exc
+    if cfg.adapt:
+        check_adaptation(cfg, gguf_input=gguf_input)
     if gguf_input:  # --- GGUF input (builder/gguf_input.py) ---
         from fieldpack.builder.gguf_input import check_gguf_build
 
@@ -118,6 +121,32 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
     plan = plan_prompt(vocab.chat_template, cfg.prompt_format, bos_token=text(vocab.bos_id),
                        eos_token=text(vocab.eos_id), origin=f"model {model_dir}")
     return model_dir, plan
+
+
+def check_adaptation(cfg: BuildConfig, *, gguf_input: bool = False) -> None:
+    """Cheap checks of ``cfg.adapt`` before any heavy work: the options, the QA file (every line's fields, every
+    source a document under ``--docs``) and the teacher's tokenizer against the student's.
+
+    Raises:
+        AdaptationError: naming the input and the fix.
+    """
+    from fieldpack.builder.adapt import parse_adapt_options
+    from fieldpack.builder.adapt.data import read_qa_file
+    from fieldpack.builder.adapt.distill import check_same_tokenizer
+    from fieldpack.shared.errors import AdaptationError
+
+    opts = parse_adapt_options(cfg.adapt)
+    if gguf_input:
+        raise AdaptationError(f"--adapt / --distill-from train a Hugging Face checkpoint, and {cfg.model} is a GGUF",
+                              hint="pass --model the checkpoint folder the GGUF was made from")
+    if opts.qa_train is not None:
+        read_qa_file(opts.qa_train, cfg.docs)
+    if opts.teacher is not None:
+        if not Path(opts.teacher).is_dir():
+            raise AdaptationError(f"--distill-from {opts.teacher} is not a folder",
+                                  hint="give a local Hugging Face checkpoint folder of the teacher")
+        if Path(cfg.model).is_dir():
+            check_same_tokenizer(Path(cfg.model), Path(opts.teacher))
 
 
 def requested_quant(cfg: BuildConfig) -> str | None:
@@ -204,7 +233,7 @@ def _build(cfg: BuildConfig, model_dir: Path, prompt: PromptPlan, work: Path, ru
     from fieldpack.builder.stages.orchestrator import run_stages
     from fieldpack.shared.bundle import write_bundle
 
-    records = run_stages(cfg, model_dir, runner)
+    records = run_stages(cfg, model_dir, runner, prompt)
     with runner.step("real prompt"):
         _check_real_prompt(cfg, model_dir, prompt, records)
     with runner.step("bundle"):

@@ -30,6 +30,7 @@ they are caught, with ``raise ... from exc``. The CLI and the daemon turn a ``Fi
     │   ├── IngestError / NoDocumentsError
     │   ├── EmbedderError
     │   ├── CompressionConfigError      pruning/sparsity/calibration options that cannot work
+    │   ├── AdaptationError             LoRA/DAPT/RAFT/distillation inputs that cannot work
     │   └── ChatTemplateError           the prompt format cannot be decided / the chat template fails
     ├── DeviceError                     the device cannot install or serve              (exit 6)
     │   ├── NotInitializedError
@@ -178,6 +179,14 @@ class EmbedderError(BuildError):
 
 class CompressionConfigError(BuildError):
     code = "compression_config"
+
+
+class AdaptationError(BuildError):
+    """Domain adaptation (LoRA continued pretraining, RAFT fine-tuning, distillation, healing) cannot run as
+    asked: a QA file with missing fields, a source not among the documents, too little text for the steps, a
+    teacher with another tokenizer, an architecture without the LoRA target modules."""
+
+    code = "adaptation"
 
 
 class ChatTemplateError(BuildError):

@@ -179,13 +179,16 @@ class Quality(_Strict):
     """Measured quality figures. Free-form per stage, but each stage is a flat mapping of metric -> number/str.
 
     Keys used by the builder: ``parity`` (HF vs GGUF), ``quantization`` (ΔPPL, KLD vs the f16 GGUF on held-out
-    document chunks), ``embedder`` (fp32 vs int8 gate), ``stages`` (the compression report, one row a stage).
+    document chunks), ``embedder`` (fp32 vs int8 gate), ``stages`` (the compression report, one row a stage),
+    ``adaptation`` (one row per training run: LoRA DAPT/RAFT/distillation, or healing after pruning: held-out PPL
+    and KLD before/after, training tokens, steps, seconds, data sha256).
     """
 
     parity: dict[str, Any]
     quantization: dict[str, Any] | None = None
     embedder: dict[str, Any] | None = None
     stages: list[dict[str, Any]] = Field(default_factory=list)
+    adaptation: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class Manifest(_Strict):

@@ -36,6 +36,10 @@ INSTRUCTIONS = (
     "do not answer it."
 )
 
+#: What a grounded answer says when none of the sources holds the answer (what :data:`INSTRUCTIONS` asks for; RAFT
+#: fine-tuning teaches it on examples without the oracle source; ``fieldpack eval`` counts it as an abstention).
+ABSTAIN_ANSWER = "The documents do not answer this question."
+
 #: Completion prompt for base models. Placeholders (replaced literally, not ``str.format``, so braces in
 #: documents are safe): ``{sources}`` (``[n] citation\ntext`` blocks), ``{history}`` (earlier exchanges as
 #: ``Question:/Answer:`` pairs, may be empty), ``{question}``. Sources first, then the instruction right before

@@ -79,13 +79,15 @@ def _required_tokens(opts: CompressionOptions, shape: Any) -> tuple[int, str]:
 
 
 def prune_checkpoint(model_dir: Path, opts: CompressionOptions, calib_texts: list[str], work_dir: Path, *,
-                     seed: int = 0, outtype: str = "f16") -> tuple[Path, Any, dict[str, Any], dict[str, Any]]:
-    """Prune ``model_dir`` as ``opts`` says, write the smaller/sparser checkpoint, convert it and gate parity.
+                     seed: int = 0, outtype: str = "f16",
+                     held_out_texts: list[str] | None = None) -> tuple[Path, Any, dict[str, Any], dict[str, Any]]:
+    """Prune ``model_dir`` as ``opts`` says (and heal it with ``opts.heal``: KD from the unpruned model on
+    ``calib_texts``, measured on ``held_out_texts``), write the smaller/sparser checkpoint, convert it and gate parity.
 
     Returns:
         ``(pruned_dir, conversion, detail, resolved)``: the checkpoint folder, its ConversionResult, flat
         figures for the report (``removed``: what was pruned in words, achieved sparsity, dropped blocks,
-        widths, calibration tokens, device, parity top-1) and the options with defaults resolved (for the
+        widths, calibration tokens, device, parity top-1; ``heal``: the heal run's adaptation row) and the options with defaults resolved (for the
         recipe).
 
     Raises:
@@ -133,6 +135,13 @@ def prune_checkpoint(model_dir: Path, opts: CompressionOptions, calib_texts: lis
         detail = {"ffn": f"{rep.ffn_before}->{rep.ffn_after}",
                   "kv_heads": f"{rep.kv_heads_before}->{rep.kv_heads_after}"}
     calib_tokens = calib.n_tokens if calib is not None else 0
+    if opts.heal == "kd":
+        from fieldpack.builder.adapt import heal_pruned
+
+        model, heal = heal_pruned(model, model_dir, calib_texts, held_out_texts or calib_texts, steps=opts.heal_steps,
+                                  seq_len=seq_len, seed=seed)
+        detail["heal"] = heal.row()
+        store_dtype = torch.float32  # the LoRA deltas are merged into float32 weights; keep them
     pruned_dir = save_checkpoint(model, model_dir, Path(work_dir) / f"pruned-{opts.prune}",
                                  provenance={"options": resolved, "report": report_dict(rep),
                                              "calib_tokens": calib_tokens}, dtype=store_dtype)
@@ -173,7 +182,8 @@ def apply_compression(cfg: Any, model_dir: Path, f16: Any, calib_texts: list[str
         return Path(f16.path), []
     _, conv, detail, resolved = prune_checkpoint(model_dir, opts, calib_texts, work_dir,
                                                  seed=int(getattr(cfg, "seed", 0)),
-                                                 outtype=getattr(cfg, "parity_outtype", "f16"))
+                                                 outtype=getattr(cfg, "parity_outtype", "f16"),
+                                                 held_out_texts=held_out_texts)
     rows = quality_rows(Path(f16.path), [("pruned", opts.prune, detail.pop("removed"), conv.path)],
                         held_out_texts, n_ctx=min(256, int(getattr(f16, "n_ctx_train", 256) or 256)))
     out = [r.to_dict() for r in rows]

@@ -15,6 +15,9 @@ The options dict (as the CLI and ``recipe.toml`` spell it)::
                   llama.cpp's round-to-nearest)
     calib_chunks  calibration chunks used for pruning / imatrix (default 128)
     calib_seq_len calibration window in model tokens (default 256)
+    heal          "kd": after structured pruning, LoRA-train the pruned model to match the unpruned one's logits
+                  on the calibration chunks (Minitron-style distillation; builder.adapt)
+    heal_steps    optimizer steps of that healing (default 100)
 
 :func:`parse_options` checks what can be checked from the options alone; :func:`check_against_model` adds
 what needs the checkpoint's ``config.json`` (architecture, layer count, widths), still without loading weights.
@@ -62,8 +65,9 @@ DEFAULT_CALIB_CHUNKS = 128
 DEFAULT_CALIB_SEQ_LEN = 256
 
 _KNOWN_KEYS = {"prune", "sparsity", "pattern", "drop_layers", "ffn_keep", "kv_heads_keep", "imatrix",
-               "quantizer", "calib_chunks", "calib_seq_len"}
+               "quantizer", "calib_chunks", "calib_seq_len", "heal", "heal_steps"}
 QUANTIZERS = ("rtn", "gptq", "awq")
+DEFAULT_HEAL_STEPS = 100
 #: options that are a share in (0, 1): the flag named in errors, and the fix
 _SHARE_HINTS = {"sparsity": ("--sparsity", "give the share of weights to zero, e.g. 0.5"),
                 "ffn_keep": ("--ffn-keep", "give the share of MLP channels to keep, e.g. 0.75")}
@@ -91,6 +95,8 @@ class CompressionOptions(BaseModel):
     quantizer: str | None = None
     calib_chunks: int = DEFAULT_CALIB_CHUNKS
     calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN
+    heal: str | None = None
+    heal_steps: int | None = None
 
     # validators raise CompressionConfigError (not a ValueError), which pydantic lets through unchanged: the
     # first problem is reported in the CLI's words, in the order below (keys, then fields, then combinations)
@@ -110,6 +116,8 @@ class CompressionOptions(BaseModel):
             data["sparsity"] = DEFAULT_SPARSITY
         if prune == "width" and data.get("ffn_keep") is None:
             data["ffn_keep"] = DEFAULT_FFN_KEEP
+        if data.get("heal") not in (None, False, "") and data.get("heal_steps") is None:
+            data["heal_steps"] = DEFAULT_HEAL_STEPS
         return data
 
     @field_validator("prune", mode="before")
@@ -167,6 +175,22 @@ class CompressionOptions(BaseModel):
             raise CompressionConfigError(f"--quantizer {v!r} is not a quantizer", hint=f"use one of {', '.join(QUANTIZERS)}")
         return None if name == "rtn" else name
 
+    @field_validator("heal", mode="before")
+    @classmethod
+    def _heal(cls, v: Any) -> str | None:
+        if v in (False, ""):
+            return None
+        if str(v).lower() == "kd":
+            return "kd"
+        raise CompressionConfigError(f"--heal {v!r} is not a healing method",
+                                     hint="use --heal kd (distil the pruned model from the unpruned one)")
+
+    @field_validator("heal_steps", mode="before")
+    @classmethod
+    def _heal_steps(cls, v: Any) -> int:
+        return _at_least("heal_steps", _number("heal_steps", v, int), 1, f"--heal-steps {v} must be at least 1",
+                         "give how many optimizer steps to heal for, e.g. 100")
+
     @field_validator("calib_chunks", mode="before")
     @classmethod
     def _calib_chunks(cls, v: Any) -> int:
@@ -198,6 +222,11 @@ class CompressionOptions(BaseModel):
         if self.quantizer is not None and self.prune is not None:
             raise CompressionConfigError(f"--quantizer {self.quantizer} is not combined with --prune yet",
                                          hint="build without --prune, or with --quantizer rtn")
+        if self.heal is not None and self.prune not in STRUCTURED_METHODS:
+            raise CompressionConfigError("--heal applies to --prune depth|width (structured pruning)",
+                                         hint="add --prune depth or --prune width, or drop --heal")
+        if self.heal_steps is not None and self.heal is None:
+            raise CompressionConfigError("--heal-steps needs --heal kd", hint="add --heal kd or drop --heal-steps")
         if self.prune != "width" and (self.ffn_keep is not None or self.kv_heads_keep is not None):
             raise CompressionConfigError("--ffn-keep / kv_heads_keep apply to --prune width only",
                                          hint="add --prune width or drop them")

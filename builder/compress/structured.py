@@ -281,12 +281,12 @@ def prune_width(model: Any, ffn_width: int, input_ids: Any, *, kv_heads_keep: in
 
 
 def save_checkpoint(model: Any, src_dir: Path, out_dir: Path, *, provenance: dict[str, Any] | None = None,
-                    dtype: Any = None) -> Path:
+                    dtype: Any = None, provenance_name: str = PROVENANCE_NAME) -> Path:
     """Write ``model`` as a Hugging Face checkpoint folder with the source's tokenizer files.
 
     The folder is written under a temporary name and renamed into place. ``config.json`` comes from the
     (edited) ``model.config``; tokenizer, chat template and generation files are copied from ``src_dir``;
-    ``fieldpack_compression.json`` records ``provenance``.
+    ``provenance_name`` (``fieldpack_compression.json``) records ``provenance``.
 
     Args:
         dtype: torch dtype to store the weights in (default: the model's).
@@ -306,7 +306,7 @@ def save_checkpoint(model: Any, src_dir: Path, out_dir: Path, *, provenance: dic
             if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith((".safetensors", ".bin")) \
                     and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance or {}, indent=2, default=str) + "\n",
+        (tmp / provenance_name).write_text(json.dumps(provenance or {}, indent=2, default=str) + "\n",
                                            encoding="utf-8")
         for f in tmp.iterdir():
             with f.open("rb") as fh:
@@ -315,7 +315,7 @@ def save_checkpoint(model: Any, src_dir: Path, out_dir: Path, *, provenance: dic
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except OSError as exc:
-        raise OutputNotWritableError(f"cannot write the pruned checkpoint {out_dir}: {exc}",
+        raise OutputNotWritableError(f"cannot write the checkpoint {out_dir}: {exc}",
                                      hint="check free disk space in the build folder") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,10 @@
 ``trim vocab`` (``--trim-vocab``, :mod:`.trim`) cuts the dense GGUF's vocabulary to the documents' and gates it
 against the untrimmed one; quantize then reads the trimmed file, and quality measures against it.
 
+With ``--adapt`` / ``--distill-from`` (:mod:`.adapt`), the adapted checkpoint takes the source's place::
+
+    convert (source) ─▶ eval split ─▶ adapt ─▶ convert (adapted) ─▶ parity ─▶ [compress] ─▶ quantize ─▶ quality
+
 A GGUF input (``--model x.gguf``, :mod:`.gguf`) takes the place of ``convert`` and has no parity stage::
 
     gguf input ─┬─▶ (ships as is) ───────────────▶ quality (PPL of the input on held-out chunks)
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fieldpack.builder.gguf_input import is_gguf_path
+from fieldpack.builder.stages.adapt import ADAPT, AdaptInputs, AdaptRecord
 from fieldpack.builder.stages.base import Input
 from fieldpack.builder.stages.cache import Runner
 from fieldpack.builder.stages.docs import (
@@ -68,7 +73,8 @@ class BuildRecords:
 
     ``convert`` is a :class:`~.gguf.GgufInputRecord` for a GGUF input, which has no ``parity`` (None);
     ``compress`` is None when nothing was pruned; ``quantize`` is None when a GGUF input ships as is; ``trim`` is
-    None without ``--trim-vocab``.
+    None without ``--trim-vocab``; ``adapt`` is None without ``--adapt`` / ``--distill-from`` (then ``convert`` is
+    the adapted checkpoint's).
     """
 
     embedder: EmbedderRecord
@@ -82,6 +88,7 @@ class BuildRecords:
     quantize: QuantizeRecord | None
     quality: QualityRecord
     trim: TrimRecord | None = None
+    adapt: AdaptRecord | None = None
 
     def all(self) -> dict[str, Any]:
         """Stage name -> record, in build order (skipped stages left out)."""
@@ -100,9 +107,10 @@ class BuildRecords:
         return self.trim.trimmed() if self.trim is not None else self.convert.gguf()
 
 
-def run_stages(cfg: Any, model_dir: Path, run: Runner) -> BuildRecords:
+def run_stages(cfg: Any, model_dir: Path, run: Runner, prompt: Any = None) -> BuildRecords:
     """Run (or reuse) every stage for ``cfg`` (a :class:`~fieldpack.builder.config.BuildConfig`) on the local
-    checkpoint folder or GGUF file ``model_dir``. Updates ``cfg.compression`` in place with the resolved
+    checkpoint folder or GGUF file ``model_dir``; ``prompt`` is the :class:`~fieldpack.builder.prompt_plan.PromptPlan`
+    (RAFT trains on the bundle's own prompt). Updates ``cfg.compression`` in place with the resolved
     options (defaults filled in), and for a GGUF input ``cfg.quant`` with the type that ships (the file's own
     when kept as is), so the recipe replays exactly.
 
@@ -118,22 +126,44 @@ def run_stages(cfg: Any, model_dir: Path, run: Runner) -> BuildRecords:
     chunks = ing.artefact(CHUNKS_NAME).as_input()
     idx = run(INDEX, IndexInputs(chunks=chunks, embedder=emb_files))
     smoke = run(SMOKE, SmokeInputs(chunks=chunks, index=idx.input_for(idx.stats.path), embedder=emb_files))
-
-    model_stages = _gguf_model_stages if is_gguf_path(model_dir) else _hf_model_stages
+    if is_gguf_path(model_dir):
+        return BuildRecords(embedder=emb, ingest=ing, index=idx, smoke=smoke,
+                            **_gguf_model_stages(cfg, Path(model_dir), chunks, run))
     return BuildRecords(embedder=emb, ingest=ing, index=idx, smoke=smoke,
-                        **model_stages(cfg, Path(model_dir), chunks, run))
+                        **_hf_model_stages(cfg, Path(model_dir), chunks, run, prompt))
 
 
-def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner) -> dict[str, Any]:
-    """convert -> parity -> eval split -> [compress] -> quantize -> quality, for a Hugging Face checkpoint.
-    Returns the :class:`BuildRecords` fields of the model stages."""
+def _adapt_stage(cfg: Any, checkpoint: Input, conv: ConvertRecord, split: SplitRecord, chunks: Input,
+                 prompt: Any, run: Runner) -> AdaptRecord:
+    """Run (or reuse) ``adapt`` for ``cfg.adapt`` on the source checkpoint."""
+    import dataclasses
+
+    raft = cfg.adapt.get("method") == "raft"
+    c = conv.conversion
+    stop = (c.eot_id if c.eot_id is not None and prompt is not None and prompt.prompt_format != "completion"
+            else c.eos_id)
+    return run(ADAPT, AdaptInputs.from_config(
+        cfg.adapt, checkpoint=checkpoint, split=split.split(), seed=cfg.seed, chunks=chunks if raft else None,
+        prompt=dataclasses.asdict(prompt) if raft and prompt is not None else None, raft_k=cfg.top_k_chunks,
+        stop_id=stop if raft else None))
+
+
+def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner, prompt: Any = None) -> dict[str, Any]:
+    """convert -> parity -> eval split -> [compress] -> quantize -> quality, for a Hugging Face checkpoint
+    (with adaptation: convert -> eval split -> adapt -> convert -> parity -> ...). Returns the
+    :class:`BuildRecords` fields of the model stages."""
     checkpoint = Input.tree(model_dir)  # hashed once; every model stage reads the checkpoint through it
     conv = run(CONVERT, ConvertInputs(checkpoint=checkpoint, outtype=cfg.parity_outtype))
-    parity = run(PARITY, ParityInputs(checkpoint=checkpoint, gguf=conv.gguf()))
     tok = model_dir / "tokenizer.json"
     split = run(SPLIT, SplitInputs(chunks=chunks, tokenizer=Input.file(tok) if tok.is_file() else None,
                                    fraction=cfg.eval_fraction, max_chunks=cfg.eval_max_chunks, seed=cfg.seed,
                                    n_ctx_train=conv.conversion.n_ctx_train))
+    adapted: AdaptRecord | None = None
+    if getattr(cfg, "adapt", None):
+        adapted = _adapt_stage(cfg, checkpoint, conv, split, chunks, prompt, run)
+        checkpoint, model_dir = adapted.checkpoint_input(), adapted.checkpoint
+        conv = run(CONVERT, ConvertInputs(checkpoint=checkpoint, outtype=cfg.parity_outtype))
+    parity = run(PARITY, ParityInputs(checkpoint=checkpoint, gguf=conv.gguf()))
 
     comp: CompressRecord | None = None
     if cfg.compression:
@@ -162,7 +192,8 @@ def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner) -> d
         **tensor_type_options(cfg)))
     quality = run(QUALITY, QualityInputs(reference=trim.trimmed() if trim else conv.gguf(), model=quant.model(),
                                          split=split.split(), n_ctx=split.n_ctx_eval))
-    return dict(convert=conv, parity=parity, split=split, compress=comp, quantize=quant, quality=quality, trim=trim)
+    return dict(convert=conv, parity=parity, split=split, compress=comp, quantize=quant, quality=quality, trim=trim,
+                adapt=adapted)
 
 
 def _trim(cfg: Any, dense: Input, chunks: Input, split: SplitRecord, run: Runner) -> TrimRecord | None:

@@ -130,12 +130,13 @@ class CompressInputs(StageInputs):
 class CompressRecord(StageRecord):
     """``gguf``: the pruned F16/F32 GGUF to quantize; ``rows``: quality rows for ``manifest.quality.stages``;
     ``resolved``: the options with defaults filled in (what the recipe stores); ``shape``: the shipped model's
-    block count, widths, head counts and parameter count, read back from the pruned GGUF."""
+    block count, widths, head counts and parameter count, read back from the pruned GGUF; ``heal``: see below."""
 
     gguf: Path
     rows: list[dict[str, Any]]
     resolved: dict[str, Any]
     shape: dict[str, int]
+    heal: dict[str, Any] | None = None  # the heal run's adaptation row (``--heal kd``), None without healing
 
     def dense(self) -> Input:
         return self.input_for(self.gguf)
@@ -151,11 +152,14 @@ def run_compress(inputs: CompressInputs, out_dir: Path) -> CompressRecord:
     ref = SimpleNamespace(path=inputs.reference.path, n_ctx_train=inputs.n_ctx_train)
     calib, held_out = load_split(inputs.split.path)
     dense, rows = apply_compression(cfg, inputs.checkpoint.path, ref, calib, held_out, out_dir)
-    return CompressRecord(gguf=dense, rows=rows, resolved=cfg.compression, shape=gguf_shape(dense, inputs.architecture))
+    heal = rows[-1].pop("heal", None) if rows else None
+    return CompressRecord(gguf=dense, rows=rows, resolved=cfg.compression, shape=gguf_shape(dense, inputs.architecture),
+                          heal=heal)
 
 
 COMPRESS = Stage("compress", "1", CompressRecord, run_compress, libraries=LLAMA_LIBRARIES + ("torch", "transformers"),
-                 code=("fieldpack.builder.compress", "fieldpack.builder.convert", "fieldpack.builder.parity"))
+                 code=("fieldpack.builder.compress", "fieldpack.builder.convert", "fieldpack.builder.parity",
+                       "fieldpack.builder.adapt"))
 
 
 def gguf_shape(gguf_path: Path, arch: str) -> dict[str, int]:

@@ -115,6 +115,19 @@ def build(
     quantizer: Optional[str] = typer.Option(None, "--quantizer", help="rtn (default, llama.cpp) | gptq (Q4_0/Q8_0) | "
                                             "awq (any type): calibrated on the documents"),
     calib_chunks: Optional[int] = typer.Option(None, "--calib-chunks", help="calibration chunks for pruning/imatrix"),
+    heal: Optional[str] = typer.Option(None, "--heal", help="'kd': after --prune depth|width, distil the pruned model "
+                                                          "from the unpruned one (LoRA)"),
+    heal_steps: Optional[int] = typer.Option(None, "--heal-steps", help="optimizer steps of --heal (default 100)"),
+    adapt: Optional[str] = typer.Option(None, "--adapt", help="dapt: LoRA continued pretraining on the documents; "
+                                                            "raft: LoRA fine-tuning on --qa-train questions"),
+    qa_train: Optional[Path] = typer.Option(None, "--qa-train", help="raft: JSONL of question, answer, source "
+                                                                   "(a document path under --docs)"),
+    distill_from: Optional[Path] = typer.Option(None, "--distill-from", help="teacher checkpoint folder (same "
+                                                "tokenizer): KD on its softened logits, mixed with next-token loss"),
+    adapt_steps: Optional[int] = typer.Option(None, "--adapt-steps", help="optimizer steps (default 100)"),
+    adapt_seq_len: Optional[int] = typer.Option(None, "--adapt-seq-len", help="training block length in model tokens "
+                                                "(default 256)"),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (default 16)"),
     prompt_format: Optional[str] = typer.Option(
         None, "--prompt-format", help="chat | completion (default: from the model's chat template; completion "
                                        "for base models without one)"),
@@ -129,7 +142,11 @@ def build(
 
     compression: dict[str, Any] = {k: v for k, v in dict(prune=prune, sparsity=sparsity, pattern=pattern,
                                    drop_layers=drop_layers, ffn_keep=ffn_keep, imatrix=imatrix,
-                                   quantizer=quantizer, calib_chunks=calib_chunks).items() if v is not None}
+                                   quantizer=quantizer, calib_chunks=calib_chunks, heal=heal,
+                                   heal_steps=heal_steps).items() if v is not None}
+    adapt_opts: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(
+        method=adapt, qa_train=qa_train, teacher=distill_from, steps=adapt_steps, seq_len=adapt_seq_len,
+        lora_r=lora_r).items() if v is not None}
     opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
                 n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder, prompt_format=prompt_format,
                 embd_type=embd_type, output_type=output_type, trim_vocab=trim_vocab, keep_general=keep_general)
@@ -137,6 +154,8 @@ def build(
         overrides = {k: v for k, v in opts.items() if v is not None}
         if compression:
             overrides["compression"] = compression
+        if adapt_opts:
+            overrides["adapt"] = adapt_opts
         cfg = BuildConfig.from_toml(recipe, **overrides)
     else:
         missing = [f"--{k}" if k != "output" else "-o" for k in ("model", "docs", "name", "sign", "output") if opts[k] is None]
@@ -147,6 +166,8 @@ def build(
         data = {k: v for k, v in opts.items() if v is not None}
         if compression:
             data["compression"] = compression
+        if adapt_opts:
+            data["adapt"] = adapt_opts
         cfg = BuildConfig.validated(data)
     _check_output(cfg.output, force=force)
     if cfg.compression:
@@ -154,6 +175,10 @@ def build(
 
         local = Path(cfg.model)
         validate_compression(cfg.compression, model_dir=local if local.exists() else None, qtype=cfg.quant)
+    if cfg.adapt:
+        from fieldpack.builder.pipeline import check_adaptation
+
+        check_adaptation(cfg)
     result = _build_with_progress(cfg, cache_dir=cache_dir, use_cache=not no_cache)
     m = result.manifest
     size = result.bundle.stat().st_size

@@ -87,6 +87,16 @@ def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Co
         c.print(t)
         c.print("note: unstructured and N:M sparsity are stored densely in GGUF: they do not make the file smaller or "
                 "faster in llama.cpp today; only depth/width pruning and quantization do.")
+    if q.adaptation:
+        cols = ["method", "steps", "tokens", "seconds", "tokens_per_s", "device", "loss_first", "loss_last",
+                "ppl_before", "ppl_after", "kld_after", "teacher_ppl", "teacher_kld_before", "teacher_kld_after",
+                "recovered", "train_sha256", "held_out_sha256", "qa_sha256"]
+        cols = [k for k in cols if any(k in row for row in q.adaptation)]
+        t = Table(*cols, title="adaptation (LoRA merged into float32; held-out document chunks, measured in torch)")
+        for row in q.adaptation:
+            t.add_row(*[(str(row[k])[:12] + "…") if k.endswith("sha256") and row.get(k) else _fmt(row.get(k))
+                        for k in cols])
+        c.print(t)
     t = Table("member", "bytes", "sha256", title="members")
     for mem_ in m.members:
         t.add_row(mem_.name, f"{mem_.size:,}", mem_.sha256[:16] + "…")
