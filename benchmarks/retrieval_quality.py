@@ -103,6 +103,71 @@ def corpus_index(spec: CorpusSpec, emb: dict[str, Any], chunks: Sequence[Any], l
     return C.cached_dir(f"index-{spec.name}-{label}", key, build) / "index.sqlite"
 
 
+# --- judging ------------------------------------------------------------------------------------------------------
+class CachedEmbedder:
+    """An :class:`OnnxEmbedder` that remembers query vectors, so a sweep over ranking settings embeds each
+    question once (latency is measured with a plain embedder, never this one)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.dimension = inner.dimension
+        self._memo: dict[str, np.ndarray] = {}
+
+    def embed(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        missing = [t for t in texts if t not in self._memo]
+        if missing:
+            for t, v in zip(missing, self.inner.embed(missing, batch_size=batch_size)):
+                self._memo[t] = v
+        return np.stack([self._memo[t] for t in texts])
+
+
+def judge(retriever: Any, items: Sequence[Any], mode: str, *, k: int = K) -> dict[str, Any]:
+    """Chunk- and page-level figures of one mode over the answerable ``items`` (QAItem), as ``fieldpack eval``
+    computes them: chunk recall@5 (expected document among the top-5 chunks), page recall@1/5 and page MRR@10
+    over the page ranking (distinct sources in order; ``also_ok`` pages count), and per item the ranks."""
+    from fieldpack.device.evaluate import metrics as M
+
+    chunk_ranks, page_ranks = [], []
+    for it in items:
+        if it.target is None:
+            continue
+        hits = retriever.search(it.question, k=k, mode=mode)
+        chunk_ranks.append(M.first_relevant_rank([it.target.source_matches(h.source) for h in hits]))
+        pages = M.page_ranking([h.source for h in hits])
+        page_ranks.append(M.first_relevant_rank([it.page_matches(p) for p in pages]))
+    n = len(chunk_ranks)
+
+    def rec(ranks: list[int | None], c: int) -> float:
+        return sum(1 for r in ranks if r is not None and r <= c) / n
+
+    return {"n": n, "chunk_recall@5": rec(chunk_ranks, 5), "page_recall@1": rec(page_ranks, 1),
+            "page_recall@5": rec(page_ranks, 5),
+            "page_mrr@10": sum(1.0 / r for r in page_ranks if r is not None and r <= 10) / n,
+            "page_ranks": page_ranks}
+
+
+def abstention(retriever: Any, items: Sequence[Any], *, k: int = 5) -> dict[str, Any]:
+    """The relevance gate (:func:`retrieval.search.is_relevant`, default threshold) on hybrid top-``k``:
+    share of unanswerable items refused and of answerable ones passed."""
+    from fieldpack.retrieval.search import is_relevant
+
+    unans = [it for it in items if it.unanswerable]
+    ans = [it for it in items if not it.unanswerable]
+    refused = sum(not is_relevant(retriever.search(it.question, k=k), query=it.question) for it in unans)
+    passed = sum(is_relevant(retriever.search(it.question, k=k), query=it.question) for it in ans)
+    return {"unanswerable": len(unans), "refused": refused, "answerable": len(ans), "passed": passed}
+
+
+def load_items(spec: CorpusSpec, split: str | None) -> list[Any]:
+    """The QA items of ``spec`` in ``split`` (``None``: all; the Debian set has no split and is used whole)."""
+    from fieldpack.device.evaluate.qa import load_qa
+
+    qa = load_qa(spec.qa)
+    if split is None or all(i.split is None for i in qa.items):
+        return list(qa.items)
+    return list(qa.only_split(split).items)
+
+
 def _main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prepare", nargs="*", default=None, help="only build the cached indexes of these corpora")
