@@ -39,7 +39,7 @@ from fieldpack.builder.stages.docs import (
     SmokeInputs,
     SmokeRecord,
 )
-from fieldpack.builder.stages.embedder import EMBEDDER, EmbedderInputs, EmbedderRecord
+from fieldpack.builder.stages.embedder import ADAPT, EMBEDDER, AdaptInputs, AdaptRecord, EmbedderInputs, EmbedderRecord
 from fieldpack.builder.stages.gguf import GGUF_INPUT, GgufInputInputs, GgufInputRecord
 from fieldpack.builder.stages.model import CONVERT, PARITY, ConvertInputs, ConvertRecord, ParityInputs, ParityRecord
 from fieldpack.builder.stages.quant import (
@@ -76,6 +76,7 @@ class BuildRecords:
     compress: CompressRecord | None
     quantize: QuantizeRecord | None
     quality: QualityRecord
+    adapt: AdaptRecord | None = None
 
     def all(self) -> dict[str, Any]:
         """Stage name -> record, in build order (skipped stages left out)."""
@@ -107,11 +108,21 @@ def run_stages(cfg: Any, model_dir: Path, run: Runner) -> BuildRecords:
     ing = run(INGEST, IngestInputs(docs=Input.tree(Path(cfg.docs)), tokenizer=emb_files.tokenizer,
                                    chunk_tokens=cfg.chunk_tokens, overlap_tokens=cfg.overlap_tokens))
     chunks = ing.artefact(CHUNKS_NAME).as_input()
+    adapt: AdaptRecord | None = None
+    if getattr(cfg, "adapt_embedder", False):
+        base = EmbedderInputs.from_config(cfg.embedder, cfg.embedder_int8)
+        adapt = run(ADAPT, AdaptInputs(checkpoint=base.checkpoint, chunks=chunks, steps=cfg.adapt_steps, seed=cfg.seed))
+        if adapt.result.kept and adapt.result.model_dir is not None:  # same tokenizer: the chunks stay valid
+            emb = run(EMBEDDER, EmbedderInputs(checkpoint=Input.tree(adapt.result.model_dir),
+                                               name=f"{e.name}+adapted", int8=cfg.embedder_int8))
+            e = emb.export
+            emb_files = EmbedderFiles(onnx=emb.input_for(e.onnx_path), tokenizer=emb.input_for(e.tokenizer_path),
+                                      max_tokens=e.max_tokens, name=e.name)
     idx = run(INDEX, IndexInputs(chunks=chunks, embedder=emb_files))
     smoke = run(SMOKE, SmokeInputs(chunks=chunks, index=idx.input_for(idx.stats.path), embedder=emb_files))
 
     model_stages = _gguf_model_stages if is_gguf_path(model_dir) else _hf_model_stages
-    return BuildRecords(embedder=emb, ingest=ing, index=idx, smoke=smoke,
+    return BuildRecords(embedder=emb, ingest=ing, index=idx, smoke=smoke, adapt=adapt,
                         **model_stages(cfg, Path(model_dir), chunks, run))
 
 
