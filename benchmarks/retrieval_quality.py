@@ -59,6 +59,22 @@ CORPORA: dict[str, CorpusSpec] = {
 
 
 # --- cached artifacts -------------------------------------------------------------------------------------------
+def load_export(folder: Path) -> dict[str, Any]:
+    """An ONNX embedder export folder (``export.json`` beside ``embedder.onnx`` and ``tokenizer.json``) as the
+    export dict, paths made absolute."""
+    d = json.loads((Path(folder) / "export.json").read_text())
+    d["onnx_path"] = str(Path(folder) / Path(d["onnx_path"]).name)
+    d["tokenizer_path"] = str(Path(folder) / Path(d["tokenizer_path"]).name)
+    return d
+
+
+def base_export() -> dict[str, Any]:
+    """The base MiniLM int8 export: ``$FIELDPACK_BENCH_EMBEDDER`` (a folder, so cached indexes stay valid
+    across edits of the export code, whose dynamo export is not byte-stable) or a fresh cached export."""
+    env = os.environ.get("FIELDPACK_BENCH_EMBEDDER")
+    return load_export(Path(env)) if env else C.embedder_export("int8")
+
+
 def _docs_signature(docs: Path) -> str:
     files = sorted(p for p in docs.rglob("*.html") if p.is_file())
     return C.content_key(str(docs), *(f"{p.relative_to(docs)}:{p.stat().st_size}" for p in files))
@@ -168,18 +184,103 @@ def load_items(spec: CorpusSpec, split: str | None) -> list[Any]:
     return list(qa.only_split(split).items)
 
 
+#: The ranking before issue 13 (equal RRF, equal BM25 columns, 20 candidates, chunk ranking), for comparison.
+OLD_DEFAULTS = dict(vector_weight=1.0, bm25_weight=1.0, bm25_columns=(1.0, 1.0, 1.0), candidates=20, page_decay=None)
+
+
+def latency(index: Path, emb: dict[str, Any], items: Sequence[Any], *, repeats: int = 3) -> dict[str, Any]:
+    """Hybrid retrieval wall time per question (ms; query embedding included, one thread, default ranking):
+    p50/p95 over ``repeats`` passes after one warm-up question."""
+    from fieldpack.retrieval.embedder import OnnxEmbedder
+    from fieldpack.retrieval.search import Retriever
+
+    with OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]), max_tokens=int(emb["max_tokens"]),
+                      threads=1) as e, Retriever(index, e) as r:
+        r.search(items[0].question, k=5)
+        ms = []
+        for _ in range(repeats):
+            for it in items:
+                t = time.perf_counter()
+                r.search(it.question, k=5)
+                ms.append((time.perf_counter() - t) * 1e3)
+    return C.lat(ms)
+
+
+def run_table(corpora: Sequence[str], split: str, embedders: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per corpus and embedder: the old ranking (hybrid) and the default ranking per mode on ``split``;
+    abstention of the default; p50 latency and index bytes. ``embedders``: label -> export dict."""
+    from fieldpack.retrieval.embedder import OnnxEmbedder
+    from fieldpack.retrieval.search import Retriever, SearchConfig
+
+    base = next(iter(embedders.values()))
+    out: dict[str, Any] = {"split": split, "corpora": {}}
+    for name in corpora:
+        spec = CORPORA[name]
+        items = load_items(spec, split)
+        chunks = corpus_chunks(spec, base)
+        rows = []
+        for label, emb in embedders.items():
+            index = corpus_index(spec, emb, chunks, label)
+            with OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]),
+                              max_tokens=int(emb["max_tokens"]), threads=1) as raw:
+                e = CachedEmbedder(raw)
+                with Retriever(index, e, SearchConfig(**OLD_DEFAULTS)) as r:
+                    m = judge(r, items, "hybrid")
+                    rows.append({"embedder": label, "ranking": "old (equal RRF, chunks)", "mode": "hybrid", **m})
+                with Retriever(index, e) as r:
+                    for mode in MODES:
+                        rows.append({"embedder": label, "ranking": "default", "mode": mode, **judge(r, items, mode)})
+                    gate = abstention(r, items)
+            rows[-1]["abstention"] = gate
+            rows[-1]["latency_ms"] = latency(index, emb, [i for i in items if not i.unanswerable])
+            rows[-1]["index_bytes"] = index.stat().st_size
+        out["corpora"][name] = {"chunks": len(chunks), "questions": len(items), "rows": rows}
+    return out
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    """The issue's table: per corpus, embedder x ranking x mode -> chunk recall@5, page recall@5, MRR@10."""
+    for name, c in doc["corpora"].items():
+        print(f"\n{name} ({doc['split']} part, {c['questions']} questions, {c['chunks']} chunks)")
+        print("| embedder | ranking | mode | recall@5 (chunks) | page recall@5 | page MRR@10 |")
+        print("|---|---|---|---|---|---|")
+        for r in c["rows"]:
+            print(f"| {r['embedder']} | {r['ranking']} | {r['mode']} | {r['chunk_recall@5']:.2f} | "
+                  f"{r['page_recall@5']:.2f} | {r['page_mrr@10']:.2f} |")
+        for r in c["rows"]:
+            if "latency_ms" in r:
+                a = r["abstention"]
+                print(f"{r['embedder']}: hybrid p50 {r['latency_ms']['p50']:.1f} ms (p95 {r['latency_ms']['p95']:.1f}),"
+                      f" index {r['index_bytes']:,} bytes; gate refused {a['refused']}/{a['unanswerable']} "
+                      f"unanswerable, passed {a['passed']}/{a['answerable']} answerable")
+
+
 def _main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prepare", nargs="*", default=None, help="only build the cached indexes of these corpora")
+    ap.add_argument("--split", default="unseen", choices=["dev", "unseen"], help="part of each set to judge")
+    ap.add_argument("--corpus", action="append", choices=list(CORPORA), help="corpora (default: all)")
+    ap.add_argument("--adapted", action="append", default=[], metavar="LABEL=DIR",
+                    help="an adapted embedder's ONNX export folder (export.json inside) to compare with the base")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    emb = C.embedder_export("int8")
+    emb = base_export()
     if args.prepare is not None:
         for name in args.prepare or list(CORPORA):
             spec = CORPORA[name]
             chunks = corpus_chunks(spec, emb)
             log.info("%s: %d chunks", name, len(chunks))
             print(corpus_index(spec, emb, chunks, "base"), flush=True)
+        return
+    embedders = {"base": emb}
+    for spec_s in args.adapted:
+        label, _, folder = spec_s.partition("=")
+        embedders[label] = load_export(Path(folder))
+    doc = run_table(args.corpus or list(CORPORA), args.split, embedders)
+    print_table(doc)
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -213,6 +213,7 @@ def adapt_embedder(
     min_gain: float = 0.01,
     threads: int = 2,
     seed: int = 0,
+    device: str = "cpu",
 ) -> AdaptResult:
     """Fine-tune the sentence-transformers model in ``model_dir`` on pairs mined from ``chunks`` and keep it
     in ``out_dir`` if it passes the gate (module doc).
@@ -231,6 +232,7 @@ def adapt_embedder(
         min_gain: MRR@10 gain over the base model needed to keep the adapted one.
         threads: torch CPU threads.
         seed: seeds mining, batching, sampling and torch.
+        device: torch device to train on (``"cpu"``; ``"cuda"`` where a GPU is present).
 
     Raises:
         UsageError: bad sizes, or too few pairs for one batch or no held-out query (documents too small).
@@ -270,7 +272,7 @@ def adapt_embedder(
     targets = [row[p.positive] for p in heldout]
     queries = [p.anchor for p in heldout]
 
-    model = SentenceTransformer(str(model_dir), device="cpu")
+    model = SentenceTransformer(str(model_dir), device=device)
     infer_len = model.max_seq_length
     base_mrr, base_r5 = gate_figures(_encode(model, queries), _encode(model, pool_texts), targets)
 
