@@ -95,3 +95,17 @@ def test_too_small_document_set_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="too few"):
         A.adapt_embedder(tmp_path, tiny_chunks(1), tmp_path / "out", batch_size=8, holdout=5)
+
+
+def test_adapt_record_round_trips_and_reaches_the_manifest_figures(tmp_path: Path) -> None:
+    """The adapt stage's record is JSON like every stage record; the manifest figures drop the local path."""
+    from fieldpack.builder.stages.embedder import AdaptRecord
+
+    res = A.AdaptResult(kept=True, model_dir=tmp_path / "m", pairs={"heading": 3, "title": 1, "ict": 2},
+                        train_pairs=5, heldout_queries=1, pool=4, steps=2, batch_size=2, train_max_tokens=64,
+                        loss_first=1.5, loss_last=0.5, base_mrr=0.2, adapted_mrr=0.4, base_recall5=0.5,
+                        adapted_recall5=1.0, min_gain=0.01, seconds=1.0)
+    back = AdaptRecord.model_validate_json(AdaptRecord(result=res).model_dump_json())
+    assert back.result == res
+    d = res.to_dict()
+    assert d["model_dir"] == str(tmp_path / "m") and d["adapted_mrr"] == 0.4
