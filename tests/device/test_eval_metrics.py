@@ -295,7 +295,7 @@ def test_html_report_is_self_contained_with_plots(tmp_path: Path) -> None:
     assert write_html(_report(), path) is True
     text = path.read_text()
     assert text.count("data:image/png;base64,") >= 3
-    assert "demo@1.0.0 · hybrid" in text and "0.750" in text
+    assert "demo@1.0.0 · hybrid" in text and "0.750" in text and "page mrr" in text
     assert "http://" not in text and "https://" not in text and "<script" not in text
 
 
