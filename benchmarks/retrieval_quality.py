@@ -188,14 +188,15 @@ def load_items(spec: CorpusSpec, split: str | None) -> list[Any]:
 OLD_DEFAULTS = dict(vector_weight=1.0, bm25_weight=1.0, bm25_columns=(1.0, 1.0, 1.0), candidates=20, page_decay=None)
 
 
-def latency(index: Path, emb: dict[str, Any], items: Sequence[Any], *, repeats: int = 3) -> dict[str, Any]:
-    """Hybrid retrieval wall time per question (ms; query embedding included, one thread, default ranking):
-    p50/p95 over ``repeats`` passes after one warm-up question."""
+def latency(index: Path, emb: dict[str, Any], items: Sequence[Any], *, repeats: int = 3,
+            config: Any = None) -> dict[str, Any]:
+    """Hybrid retrieval wall time per question (ms; query embedding included, one thread; ``config``: a
+    SearchConfig, default ranking when ``None``): p50/p95 over ``repeats`` passes after one warm-up question."""
     from fieldpack.retrieval.embedder import OnnxEmbedder
     from fieldpack.retrieval.search import Retriever
 
     with OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]), max_tokens=int(emb["max_tokens"]),
-                      threads=1) as e, Retriever(index, e) as r:
+                      threads=1) as e, Retriever(index, e, config) as r:
         r.search(items[0].question, k=5)
         ms = []
         for _ in range(repeats):
@@ -232,7 +233,9 @@ def run_table(corpora: Sequence[str], split: str, embedders: dict[str, dict[str,
                         rows.append({"embedder": label, "ranking": "default", "mode": mode, **judge(r, items, mode)})
                     gate = abstention(r, items)
             rows[-1]["abstention"] = gate
-            rows[-1]["latency_ms"] = latency(index, emb, [i for i in items if not i.unanswerable])
+            answerable = [i for i in items if not i.unanswerable]
+            rows[-1]["latency_ms"] = latency(index, emb, answerable)
+            rows[-1]["latency_old_ms"] = latency(index, emb, answerable, config=SearchConfig(**OLD_DEFAULTS))
             rows[-1]["index_bytes"] = index.stat().st_size
         out["corpora"][name] = {"chunks": len(chunks), "questions": len(items), "rows": rows}
     return out
@@ -250,7 +253,9 @@ def print_table(doc: dict[str, Any]) -> None:
         for r in c["rows"]:
             if "latency_ms" in r:
                 a = r["abstention"]
+                ratio = r["latency_ms"]["p50"] / r["latency_old_ms"]["p50"]
                 print(f"{r['embedder']}: hybrid p50 {r['latency_ms']['p50']:.1f} ms (p95 {r['latency_ms']['p95']:.1f}),"
+                      f" {ratio:.2f}x the former ranking's p50 ({r['latency_old_ms']['p50']:.1f} ms, same run),"
                       f" index {r['index_bytes']:,} bytes; gate refused {a['refused']}/{a['unanswerable']} "
                       f"unanswerable, passed {a['passed']}/{a['answerable']} answerable")
 
