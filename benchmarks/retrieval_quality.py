@@ -241,23 +241,52 @@ def run_table(corpora: Sequence[str], split: str, embedders: dict[str, dict[str,
     return out
 
 
-def print_table(doc: dict[str, Any]) -> None:
-    """The issue's table: per corpus, embedder x ranking x mode -> chunk recall@5, page recall@5, MRR@10."""
+def table_lines(doc: dict[str, Any]) -> list[str]:
+    """The issue's table as markdown lines: per corpus, embedder x ranking x mode -> chunk recall@5, page
+    recall@5, page MRR@10; then latency (with its ratio to the former ranking, same run), index bytes, gate."""
+    lines: list[str] = []
     for name, c in doc["corpora"].items():
-        print(f"\n{name} ({doc['split']} part, {c['questions']} questions, {c['chunks']} chunks)")
-        print("| embedder | ranking | mode | recall@5 (chunks) | page recall@5 | page MRR@10 |")
-        print("|---|---|---|---|---|---|")
+        lines += ["", f"{name} ({doc['split']} part, {c['questions']} questions, {c['chunks']} chunks)", "",
+                  "| embedder | ranking | mode | recall@5 (chunks) | page recall@5 | page MRR@10 |",
+                  "|---|---|---|---|---|---|"]
         for r in c["rows"]:
-            print(f"| {r['embedder']} | {r['ranking']} | {r['mode']} | {r['chunk_recall@5']:.2f} | "
-                  f"{r['page_recall@5']:.2f} | {r['page_mrr@10']:.2f} |")
+            lines.append(f"| {r['embedder']} | {r['ranking']} | {r['mode']} | {r['chunk_recall@5']:.2f} | "
+                         f"{r['page_recall@5']:.2f} | {r['page_mrr@10']:.2f} |")
+        lines.append("")
         for r in c["rows"]:
             if "latency_ms" in r:
                 a = r["abstention"]
                 ratio = r["latency_ms"]["p50"] / r["latency_old_ms"]["p50"]
-                print(f"{r['embedder']}: hybrid p50 {r['latency_ms']['p50']:.1f} ms (p95 {r['latency_ms']['p95']:.1f}),"
-                      f" {ratio:.2f}x the former ranking's p50 ({r['latency_old_ms']['p50']:.1f} ms, same run),"
-                      f" index {r['index_bytes']:,} bytes; gate refused {a['refused']}/{a['unanswerable']} "
-                      f"unanswerable, passed {a['passed']}/{a['answerable']} answerable")
+                lines.append(f"{r['embedder']}: hybrid p50 {r['latency_ms']['p50']:.1f} ms (p95 "
+                             f"{r['latency_ms']['p95']:.1f}), {ratio:.2f}x the former ranking's p50 "
+                             f"({r['latency_old_ms']['p50']:.1f} ms, same run), index {r['index_bytes']:,} bytes; "
+                             f"gate refused {a['refused']}/{a['unanswerable']} unanswerable, passed "
+                             f"{a['passed']}/{a['answerable']} answerable")
+    return lines
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    """Print :func:`table_lines`."""
+    print("\n".join(table_lines(doc)))
+
+
+# --- the benchmark family -----------------------------------------------------------------------------------------
+FAMILY = "retrieval_quality"
+
+
+def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
+    """``python -m benchmarks retrieval_quality``: the unseen parts of every corpus (``--quick``: the Debian
+    handbook only, 2k chunks) with the base embedder; writes ``retrieval_quality.json``."""
+    corpora = ["debian-handbook"] if quick else list(CORPORA)
+    doc = run_table(corpora, "unseen", {"base": base_export()})
+    doc.update(family=FAMILY, quick=quick, machine=C.machine_info())
+    C.write_result(out, FAMILY, doc, None)
+    return doc
+
+
+def summarize(doc: dict[str, Any]) -> list[str]:
+    """Markdown for ``summary.md``."""
+    return ["## Retrieval quality on held-out questions", *table_lines(doc), ""]
 
 
 def _main() -> None:
