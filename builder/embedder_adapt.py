@@ -25,6 +25,7 @@ recorded either way (:class:`AdaptResult`, into the manifest's ``embedder.adapta
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import re
@@ -308,6 +309,12 @@ def adapt_embedder(
     if kept:
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save(str(out_dir))
+        # sentence-transformers >= 6 leaves max_seq_length out of sentence_bert_config.json; the exporter reads
+        # it there, so the adapted model keeps the base model's truncation length (else: position limit, 512)
+        cfg_path = out_dir / "sentence_bert_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg["max_seq_length"] = int(infer_len)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
     log.info("embedder adaptation: gate MRR@10 base %.4f adapted %.4f (need +%.3f) -> %s", base_mrr, adapted_mrr,
              min_gain, "keep adapted" if kept else "keep base")
     return AdaptResult(

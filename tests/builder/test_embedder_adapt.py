@@ -83,6 +83,7 @@ def test_adaptation_lowers_loss_gate_keeps_and_onnx_matches(tmp_path: Path) -> N
     assert res.kept and res.adapted_mrr >= res.base_mrr + 0.01 and res.model_dir is not None
     exp = export_embedder(res.model_dir, tmp_path / "onnx", int8=False)
     assert exp.parity_min_cosine >= EXPORT_PARITY_MIN_COSINE
+    assert exp.max_tokens == 64  # the base checkpoint's max_seq_length survives the save
 
     dropped = A.adapt_embedder(base, chunks, tmp_path / "nolearn", steps=5, batch_size=8, lr=1e-12, holdout=5,
                                min_gain=0.01, threads=1)
