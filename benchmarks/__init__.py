@@ -14,10 +14,11 @@ Families (one module each):
 * :mod:`benchmarks.compress_bench` — {none, wanda 50%, sparsegpt 2:4, depth, width} x {Q8_0, Q4_K_M, +imatrix};
 * :mod:`benchmarks.build_cache` — ``fieldpack build`` cold vs after a docs-only change vs unchanged (stage cache).
 * :mod:`benchmarks.http_api` — TTFT and tok/s over the HTTP API vs the Runtime and vs llama_cpp.server.
+* :mod:`benchmarks.retrieval_quality` — chunk and page recall@5 / MRR@10 on the unseen parts of the dev QA sets (benchmarks/qa), former vs default ranking, base vs adapted embedder.
 
 The MQTT benchmark needs a Mosquitto binary and runs on its own: ``python -m benchmarks.mqtt_bench``.
 
 These are build-host tools (they import builder, torch, chromadb); the ``bench`` extra installs what they need.
 """
 
-FAMILIES = ("quality", "embedder", "retrieval", "generation", "install", "compress_bench", "build_cache", "http_api")
+FAMILIES = ("quality", "embedder", "retrieval", "retrieval_quality", "generation", "install", "compress_bench", "build_cache", "http_api")

@@ -42,6 +42,10 @@ class BuildConfig(BaseModel):
                                                                      "trimming; default builder.trim.DEFAULT_KEEP_GENERAL")
     embedder: Path | None = Field(default=None, description="sentence-transformers folder; default all-MiniLM-L6-v2")
     embedder_int8: bool = Field(default=True, description="ship the int8 ONNX if it passes the quality gate")
+    adapt_embedder: bool = Field(default=False, description="fine-tune the embedder on the documents; kept only if "
+                                                            "it beats the base one on held-out pseudo-queries")
+    embedder_adapt_steps: int = Field(default=200, ge=1, le=100_000, description="training steps of the embedder's "
+                                      "adaptation (batch 32)")
     chunk_tokens: int = Field(default=200, ge=32, le=512)
     overlap_tokens: int = Field(default=40, ge=0, le=256)
     n_ctx: int = Field(default=2048, ge=128, description="default context on the device (tokens)")
@@ -139,7 +143,8 @@ class BuildConfig(BaseModel):
 
 
 #: Fields that are also ``fieldpack build`` options (``--name``, ``--n-ctx``, ...), for error hints.
-_OPTIONS = {"model", "docs", "quant", "embd_type", "output_type", "keep_general", "name", "version", "sign", "n_ctx", "max_tokens", "embedder"}
+_OPTIONS = {"model", "docs", "quant", "embd_type", "output_type", "keep_general", "name", "version", "sign", "n_ctx",
+            "max_tokens", "embedder", "adapt_embedder"}
 _PATH_KEYS = ("docs", "sign", "output", "embedder", "model")
 _ADAPT_PATH_KEYS = ("qa_train", "teacher")
 

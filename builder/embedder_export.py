@@ -333,6 +333,9 @@ def _read_checkpoint(model_dir: Path) -> _Checkpoint:
     pooling = "mean"
     if pooling_cfg is not None:
         modes = [k for k, v in pooling_cfg.items() if k.startswith("pooling_mode_") and v is True]
+        named = pooling_cfg.get("pooling_mode")  # sentence-transformers >= 6 writes "pooling_mode": "mean"
+        if isinstance(named, str):
+            modes = [{"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token"}.get(named, named)]
         if modes == ["pooling_mode_mean_tokens"]:
             pooling = "mean"
         elif modes == ["pooling_mode_cls_token"]:

@@ -110,10 +110,7 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
         quality=Quality(
             parity=as_dict(records.parity.report) if records.parity else {"status": PARITY_NOT_APPLICABLE},
             quantization=quantization_figures(records, qtype),
-            embedder=dict(as_dict(emb.gate), precision=emb.precision, kept_int8=emb.kept_int8,
-                          parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes,
-                          int8_bytes=emb.int8_bytes) if emb.gate is not None else
-                     dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine),
+            embedder=_embedder_quality(records),
             stages=(records.compress.rows if records.compress else []) + ([records.trim.row] if records.trim else [])
             + (records.quantize.rows if records.quantize is not None else []),
             adaptation=adaptation_rows(records),
@@ -127,6 +124,21 @@ def adaptation_rows(records: BuildRecords) -> list[dict[str, Any]]:
     if records.compress is not None and records.compress.heal:
         rows.append(records.compress.heal)
     return rows
+
+
+def _embedder_quality(records: BuildRecords) -> dict[str, Any]:
+    """``manifest.quality.embedder``: the int8 gate (when tried), the ONNX parity and, with
+    ``--adapt-embedder``, ``adaptation``: the domain-adaptation gate (MRR@10 base vs adapted on held-out
+    pseudo-queries, kept or not, training size and seconds)."""
+    emb = records.embedder.export
+    out = (dict(as_dict(emb.gate), precision=emb.precision, kept_int8=emb.kept_int8,
+                parity_min_cosine=emb.parity_min_cosine, fp32_bytes=emb.fp32_bytes, int8_bytes=emb.int8_bytes)
+           if emb.gate is not None else dict(precision=emb.precision, parity_min_cosine=emb.parity_min_cosine))
+    if records.embedder_adapt is not None:
+        r = records.embedder_adapt.result.to_dict()
+        r.pop("model_dir", None)
+        out["adaptation"] = r
+    return out
 
 
 def quantization_figures(records: BuildRecords, qtype: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ if [ "${1:-}" = "--broker" ]; then
   # real documentation the retrieval, compression and eval tests read (Debian's HTML docs)
   [ -d /usr/share/doc/postgresql-doc-15/html ] || need="$need postgresql-doc-15"
   [ -d /usr/share/doc/debian-handbook/html ] || need="$need debian-handbook"
+  [ -f /usr/share/doc/sqlite3/lang_vacuum.html ] || need="$need sqlite3-doc"
   if [ -n "$need" ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
     $SUDO apt-get update -qq

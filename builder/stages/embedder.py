@@ -1,4 +1,6 @@
-"""Stage ``embedder``: sentence-transformers checkpoint -> ONNX (fp32, int8 kept when it passes the quality gate).
+"""Stage ``embedder``: sentence-transformers checkpoint -> ONNX (fp32, int8 kept when it passes the quality gate);
+stage ``embedder-adapt`` (with ``--adapt-embedder``): the checkpoint fine-tuned on the build's documents, kept when it
+beats the base model on held-out pseudo-queries (:mod:`builder.embedder_adapt`), then exported like the base.
 
 Inputs: the checkpoint folder (content hash), the recorded name, whether to try int8. Depends on nothing the
 documents or the language model change, so a docs-only or model-only rebuild reuses it.
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fieldpack.builder.embedder_adapt import AdaptResult
 from fieldpack.builder.embedder_export import EmbedderExport
 from fieldpack.builder.stages.base import Input, Stage, StageInputs, StageRecord
 
@@ -47,3 +50,38 @@ def run_embedder(inputs: EmbedderInputs, out_dir: Path) -> EmbedderRecord:
 
 EMBEDDER = Stage("embedder", "1", EmbedderRecord, run_embedder, libraries=EMBEDDER_LIBRARIES,
                  code=("fieldpack.builder.embedder_export", "fieldpack.retrieval.embedder"))
+
+
+# --- embedder-adapt: fine-tune the embedder on the documents (optional) ---------------------------------------------------
+class EmbedderAdaptInputs(StageInputs):
+    checkpoint: Input  # the base sentence-transformers folder
+    chunks: Input  # the ingest stage's chunks.jsonl
+    steps: int = 200
+    batch_size: int = 32
+    seed: int = 0
+
+
+class EmbedderAdaptRecord(StageRecord):
+    """``result``: the gate figures and whether the adapted model (in ``out/model``) was kept."""
+
+    result: AdaptResult
+
+
+ADAPTED_DIR = "model"
+
+
+def run_embedder_adapt(inputs: EmbedderAdaptInputs, out_dir: Path) -> EmbedderAdaptRecord:
+    """Fine-tune on pairs mined from the chunks; keep ``out_dir/model`` only if it passes the gate.
+    Raises what :func:`builder.embedder_adapt.adapt_embedder` does."""
+    from fieldpack.builder.embedder_adapt import adapt_embedder
+    from fieldpack.builder.quiet import quiet_third_party
+    from fieldpack.builder.stages.docs import _read_chunks
+
+    quiet_third_party()
+    chunks = _read_chunks(inputs.chunks.path)
+    return EmbedderAdaptRecord(result=adapt_embedder(inputs.checkpoint.path, chunks, out_dir / ADAPTED_DIR,
+                                             steps=inputs.steps, batch_size=inputs.batch_size, seed=inputs.seed))
+
+
+EMBEDDER_ADAPT = Stage("embedder-adapt", "1", EmbedderAdaptRecord, run_embedder_adapt, libraries=("torch", "transformers", "sentence-transformers"),
+              code=("fieldpack.builder.embedder_adapt",))

@@ -47,7 +47,14 @@ from fieldpack.builder.stages.docs import (
     SmokeInputs,
     SmokeRecord,
 )
-from fieldpack.builder.stages.embedder import EMBEDDER, EmbedderInputs, EmbedderRecord
+from fieldpack.builder.stages.embedder import (
+    EMBEDDER,
+    EMBEDDER_ADAPT,
+    EmbedderAdaptInputs,
+    EmbedderAdaptRecord,
+    EmbedderInputs,
+    EmbedderRecord,
+)
 from fieldpack.builder.stages.gguf import GGUF_INPUT, GgufInputInputs, GgufInputRecord
 from fieldpack.builder.stages.trim import TRIM, TrimInputs, TrimRecord
 from fieldpack.builder.stages.model import CONVERT, PARITY, ConvertInputs, ConvertRecord, ParityInputs, ParityRecord
@@ -89,6 +96,7 @@ class BuildRecords:
     quality: QualityRecord
     trim: TrimRecord | None = None
     adapt: AdaptRecord | None = None
+    embedder_adapt: EmbedderAdaptRecord | None = None  # --adapt-embedder
 
     def all(self) -> dict[str, Any]:
         """Stage name -> record, in build order (skipped stages left out)."""
@@ -124,13 +132,22 @@ def run_stages(cfg: Any, model_dir: Path, run: Runner, prompt: Any = None) -> Bu
     ing = run(INGEST, IngestInputs(docs=Input.tree(Path(cfg.docs)), tokenizer=emb_files.tokenizer,
                                    chunk_tokens=cfg.chunk_tokens, overlap_tokens=cfg.overlap_tokens))
     chunks = ing.artefact(CHUNKS_NAME).as_input()
+    emb_adapt: EmbedderAdaptRecord | None = None
+    if getattr(cfg, "adapt_embedder", False):
+        base = EmbedderInputs.from_config(cfg.embedder, cfg.embedder_int8)
+        emb_adapt = run(EMBEDDER_ADAPT, EmbedderAdaptInputs(checkpoint=base.checkpoint, chunks=chunks,
+                                                             steps=cfg.embedder_adapt_steps, seed=cfg.seed))
+        if emb_adapt.result.kept and emb_adapt.result.model_dir is not None:  # same tokenizer: the chunks stay valid
+            emb = run(EMBEDDER, EmbedderInputs(checkpoint=Input.tree(emb_adapt.result.model_dir),
+                                               name=f"{e.name}+adapted", int8=cfg.embedder_int8))
+            e = emb.export
+            emb_files = EmbedderFiles(onnx=emb.input_for(e.onnx_path), tokenizer=emb.input_for(e.tokenizer_path),
+                                      max_tokens=e.max_tokens, name=e.name)
     idx = run(INDEX, IndexInputs(chunks=chunks, embedder=emb_files))
     smoke = run(SMOKE, SmokeInputs(chunks=chunks, index=idx.input_for(idx.stats.path), embedder=emb_files))
-    if is_gguf_path(model_dir):
-        return BuildRecords(embedder=emb, ingest=ing, index=idx, smoke=smoke,
-                            **_gguf_model_stages(cfg, Path(model_dir), chunks, run))
-    return BuildRecords(embedder=emb, ingest=ing, index=idx, smoke=smoke,
-                        **_hf_model_stages(cfg, Path(model_dir), chunks, run, prompt))
+    model_stages = (_gguf_model_stages(cfg, Path(model_dir), chunks, run) if is_gguf_path(model_dir)
+                    else _hf_model_stages(cfg, Path(model_dir), chunks, run, prompt))
+    return BuildRecords(embedder=emb, ingest=ing, index=idx, smoke=smoke, embedder_adapt=emb_adapt, **model_stages)
 
 
 def _adapt_stage(cfg: Any, checkpoint: Input, conv: ConvertRecord, split: SplitRecord, chunks: Input,

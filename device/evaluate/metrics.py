@@ -129,6 +129,21 @@ def recall_curve(ranks: Sequence[int | None], max_k: int) -> list[float]:
     return [sum(1 for r in ranks if r is not None and r <= k) / len(ranks) for k in range(1, max_k + 1)]
 
 
+def page_ranking(sources: Sequence[str]) -> list[str]:
+    """Distinct pages in order of first appearance: the page ranking a chunk ranking implies.
+
+    A page is ranked where its best chunk is (the chunk ranking is best first). Example:
+    ``["a", "b", "a", "c"] -> ["a", "b", "c"]``.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    for s in sources:
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
 def mean(values: Iterable[float]) -> float | None:
     """Arithmetic mean, or ``None`` for an empty population."""
     vals = list(values)

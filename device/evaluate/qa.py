@@ -5,13 +5,18 @@ Line format (the one of ``shared/qa/README.md``)::
     {"id": "dh-001", "question": "...", "expected_source": "apt.html",
      "expected_section": "6.1.6. Caching Proxy for Debian Packages",      (optional)
      "answer_contains": ["apt-cacher-ng", "approx"],                      (optional)
+     "also_ok": ["sect.apt-get.html"],                                    (optional)
+     "split": "dev",                                                       (optional: "dev" or "unseen")
      "unanswerable": false}                                               (optional, default false)
 
 ``expected_source`` is a document path relative to the docs folder the bundle was built from, optionally with
 a section after ``#`` (``"database.md#Connection pool exhausted"``): it is the item's :attr:`QAItem.target`,
 what the primary retrieval metrics judge. ``expected_section`` (or the ``#`` part) also makes a
 :attr:`QAItem.section_target`, judged by the section-level metrics only. Unanswerable items carry no
-``expected_source``. Blank lines and lines starting with ``//`` are skipped.
+``expected_source``. ``also_ok`` lists other documents that answer the question just as well: the page-level
+metrics (:meth:`QAItem.page_matches`) count them as correct, the chunk-level ones judge ``expected_source``
+only. ``split`` marks the item as part of a development set's tuning part (``"dev"``) or its held-out part
+(``"unseen"``); ``fieldpack eval --split`` selects one. Blank lines and lines starting with ``//`` are skipped.
 
 Relevance (what :meth:`Target.matches` decides for one retrieved chunk):
 
@@ -37,6 +42,8 @@ from fieldpack.shared.errors import InputNotFoundError, UsageError
 from fieldpack.device.evaluate.metrics import normalize_text
 
 SECTION_SEP = " > "
+#: Values of an item's ``split``: the part of a development set parameters may be tuned on, and the held-out one.
+SPLITS: tuple[str, ...] = ("dev", "unseen")
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,16 @@ class QAItem:
     answer_contains: tuple[str, ...] = ()
     unanswerable: bool = False
     line: int = 0
+    also_ok: tuple[str, ...] = ()
+    split: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def page_matches(self, source: str) -> bool:
+        """Page-level relevance of a hit's ``source``: the expected document or one of ``also_ok``
+        (each compared as :meth:`Target.source_matches`); always False for an unanswerable item."""
+        if self.target is None:
+            return False
+        return any(Target.parse(p).source_matches(source) for p in (self.target.source, *self.also_ok))
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,22 @@ class QASet:
     @property
     def unanswerable(self) -> list[QAItem]:
         return [i for i in self.items if i.unanswerable]
+
+    def only_split(self, split: str | None) -> "QASet":
+        """The items of one ``split`` (``"dev"`` or ``"unseen"``); ``None``: this set unchanged.
+
+        Raises:
+            UsageError: an unknown split, or no item of the set carries it.
+        """
+        if split is None:
+            return self
+        if split not in SPLITS:
+            raise UsageError(f"unknown split {split!r}", hint=f"use one of {', '.join(SPLITS)}")
+        items = tuple(i for i in self.items if i.split == split)
+        if not items:
+            raise UsageError(f"QA file {self.path} has no item with \"split\": \"{split}\"",
+                             hint="mark items with a split, or evaluate the whole set (no --split)")
+        return QASet(path=self.path, sha256=self.sha256, items=items)
 
 
 def _bad(path: Path, line: int, what: str, hint: str) -> UsageError:
@@ -159,10 +191,22 @@ def _parse_line(path: Path, n: int, obj: Any) -> QAItem:
         target = Target.parse(src)
         section = sec or target.section
         section_target = Target(target.source, " ".join(section.split())) if section else None
+    also = obj.get("also_ok", [])
+    if isinstance(also, str):
+        also = [also]
+    if not isinstance(also, list) or not all(isinstance(a, str) and a.strip() for a in also):
+        raise _bad(path, n, "\"also_ok\" must be a list of document paths", fmt_hint)
+    if unans and also:
+        raise _bad(path, n, "an unanswerable item has \"also_ok\" pages", "drop also_ok, or set unanswerable to false")
+    split = obj.get("split")
+    if split is not None and split not in SPLITS:
+        raise _bad(path, n, f"\"split\" is {split!r}", f"use one of {', '.join(SPLITS)}, or leave it out")
     item_id = obj.get("id")
-    known = {"id", "question", "expected_source", "expected_section", "answer_contains", "unanswerable"}
+    known = {"id", "question", "expected_source", "expected_section", "answer_contains", "unanswerable",
+             "also_ok", "split"}
     return QAItem(id=str(item_id) if item_id is not None else f"line-{n}", question=" ".join(q.split()),
                   target=target, section_target=section_target, answer_contains=tuple(contains), unanswerable=unans, line=n,
+                  also_ok=tuple(Target.parse(a).source for a in also), split=split,
                   extra={k: v for k, v in obj.items() if k not in known})
 
 

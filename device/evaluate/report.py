@@ -201,6 +201,10 @@ def _retrieval_tables(doc: dict[str, Any]) -> str:
     rows = []
     for key in metric_keys:
         rows.append([_e(key)] + [_fmt(b["retrieval"][m].get(key)) for b in bundles for m in modes])
+    for key in ("recall@1", "recall@5", "mrr"):
+        if any(key in b["retrieval"][m].get("page", {}) for b in bundles for m in modes):
+            rows.append([f"page {key}"] + [_fmt(b["retrieval"][m].get("page", {}).get(key))
+                                            for b in bundles for m in modes])
     for q in ("p50", "p95"):
         rows.append([f"latency {q} (ms)"] + [_fmt(b["retrieval"][m]["latency_ms"].get(q), 1)
                                              for b in bundles for m in modes])

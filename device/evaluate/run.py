@@ -16,8 +16,10 @@ Metrics (definitions in :mod:`device.evaluate.metrics`; relevance in :mod:`devic
 * retrieval, over answerable items, one target per question (repeat hits of the target collapsed):
   ``recall@1/5/10`` (target in the top k), ``mrr`` (reciprocal rank of the target within the top ``k``, 0 if
   absent), ``ndcg@10`` (binary gain, log2 discount); the target is what ``expected_source`` names (a document,
-  or ``path#section``). ``section`` holds the same figures at section level over the items that name a section
-  (``expected_section`` or ``#``), with ``section.document_level`` the document-level figures of those items;
+  or ``path#section``). ``page`` holds the page-level figures: the chunk ranking is turned into a page
+  ranking (distinct ``source`` values in order of their best chunk, :func:`metrics.page_ranking`), and a page
+  is relevant when it is the expected document or one of the item's ``also_ok`` pages. ``section`` holds
+  the same figures at section level over the items that name a section (``expected_section`` or ``#``), with ``section.document_level`` the document-level figures of those items;
 * ``citation_precision``: over answerable items that were *answered* (not abstained), the share whose answer
   cites, with an in-text marker ``[n]`` (also ``[n, m]``), at least one source ``n`` whose document is the
   expected one. An answer with no marker cites nothing. ``cited_marker_precision`` is the micro share of
@@ -89,6 +91,7 @@ class EvalOptions:
         workdir: where ``.fpk`` files are unpacked (a temp folder inside it, removed afterwards).
         strict_sources: refuse (UsageError, before any question is asked) a QA set whose ``expected_source``
             names a document the bundle does not hold; otherwise each such item is warned about and scores 0.
+        split: judge only the items of this ``split`` (``"dev"`` / ``"unseen"``); ``None``: all items.
     """
 
     k: int = 10
@@ -101,6 +104,7 @@ class EvalOptions:
     threads: int | None = None
     workdir: Path | None = None
     strict_sources: bool = False
+    split: str | None = None
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -268,6 +272,7 @@ def _retrieval_row(rt: Any, item: QAItem, mode: str, k: int) -> dict[str, Any]:
         doc = item.target.document()
         row["rank"] = M.first_relevant_rank([item.target.matches(h.source, h.section) for h in hits])
         row["doc_rank"] = M.first_relevant_rank([doc.matches(h.source, h.section) for h in hits])
+        row["page_rank"] = M.first_relevant_rank([item.page_matches(p) for p in M.page_ranking([h.source for h in hits])])
     if item.section_target is not None:
         row["section_rank"] = M.first_relevant_rank([item.section_target.matches(h.source, h.section)
                                                      for h in hits])
@@ -319,6 +324,9 @@ def aggregate_retrieval(results: Sequence[QuestionResult], mode: str, k: int) ->
     rows = [q.retrieval[mode] for q in results if mode in q.retrieval]
     judged = [(q, q.retrieval[mode]) for q in results if mode in q.retrieval and not q.unanswerable]
     out = _rank_metrics([r["rank"] for _, r in judged], k)
+    page = _rank_metrics([r.get("page_rank") for _, r in judged], k)
+    page.pop("recall_curve", None)
+    out["page"] = page
     sec = [r["section_rank"] for q, r in judged if q.has_section]
     if sec:
         s = _rank_metrics(sec, k)
@@ -457,7 +465,7 @@ def evaluate(bundles: Sequence[Path], qa_path: Path, opts: EvalOptions | None = 
     opts = opts or EvalOptions()
     if not bundles:
         raise UsageError("no bundle to evaluate", hint="pass one or more .fpk files or installed slot folders")
-    qa = load_qa(qa_path)
+    qa = load_qa(qa_path).only_split(opts.split)
     for b in bundles:  # fail before the slow part, naming the first missing one
         if not Path(b).exists():
             raise InputNotFoundError(f"bundle {b} does not exist", hint="check the path to the .fpk file")
@@ -469,7 +477,7 @@ def evaluate(bundles: Sequence[Path], qa_path: Path, opts: EvalOptions | None = 
             evals.append(evaluate_slot(slot, qa, opts, path=str(b), opened=how, on_progress=on_progress))
     options = {"k": opts.k, "modes": list(opts.modes), "generate": opts.generate, "answer_k": opts.answer_k,
                "max_tokens": opts.max_tokens, "n_ctx": opts.n_ctx, "threads": opts.threads,
-               "signature_checked": bool(opts.trusted_keys)}
+               "signature_checked": bool(opts.trusted_keys), "split": opts.split}
     return EvalReport(qa_path=str(qa.path), qa_sha256=qa.sha256, n_questions=len(qa.items),
                       n_unanswerable=len(qa.unanswerable), options=options, bundles=evals)
 

@@ -106,6 +106,9 @@ def build(
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="default context length on the device (tokens)"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="default answer length cap (tokens)"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="sentence-transformers folder (default all-MiniLM-L6-v2)"),
+    adapt_embedder: Optional[bool] = typer.Option(None, "--adapt-embedder/--no-adapt-embedder",
+                                                  help="fine-tune the embedder on the documents (CPU minutes); "
+                                                       "kept only if it beats the base one on held-out pseudo-queries"),
     prune: Optional[str] = typer.Option(None, "--prune", help="magnitude | wanda | sparsegpt | depth | width"),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured sparsity in (0, 1)"),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured pattern, e.g. 2:4"),
@@ -149,7 +152,8 @@ def build(
         lora_r=lora_r).items() if v is not None}
     opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
                 n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder, prompt_format=prompt_format,
-                embd_type=embd_type, output_type=output_type, trim_vocab=trim_vocab, keep_general=keep_general)
+                embd_type=embd_type, output_type=output_type, trim_vocab=trim_vocab, keep_general=keep_general,
+                adapt_embedder=adapt_embedder)
     if recipe:
         overrides = {k: v for k, v in opts.items() if v is not None}
         if compression:

@@ -46,10 +46,11 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
         t = Table(title=f"{b['label']}: retrieval, {n} answerable questions, k={k}, latency ms", box=box.SIMPLE_HEAD,
                   title_justify="left")
         for col in ["mode", *[x.replace("recall", "R") for x in cuts], "MRR", nd.replace("ndcg", "nDCG"),
-                    "sec R@5", "p50", "p95"]:
+                    "page R@5", "page MRR", "sec R@5", "p50", "p95"]:
             t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
         for mode, r in b["retrieval"].items():
             t.add_row(mode, *[_f(r.get(x)) for x in cuts], _f(r.get("mrr")), _f(r.get(nd)),
+                      _f(r.get("page", {}).get("recall@5")), _f(r.get("page", {}).get("mrr")),
                       _f(r.get("section", {}).get("recall@5")),
                       _f(r["latency_ms"]["p50"], 1), _f(r["latency_ms"]["p95"], 1))
         c.print(t)
@@ -93,10 +94,13 @@ def eval_cmd(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="answer length cap (tokens)"),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=128, help="context length (tokens)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="threads (default: physical cores)"),
+    split: Optional[str] = typer.Option(None, "--split", help="only the items of this split of a development set "
+                                                             "(dev or unseen)"),
     strict: bool = typer.Option(False, "--strict", help="fail (exit 2) when an expected_source names no document "
                                                         "of a bundle"),
 ) -> None:
-    """Evaluate bundle(s) on a QA set: recall@1/5/10, MRR, nDCG@10 per retrieval mode; citation precision,
+    """Evaluate bundle(s) on a QA set: recall@1/5/10, MRR, nDCG@10 per retrieval mode (chunk level, and page level
+    counting also_ok pages); citation precision,
     abstention, answer facts; latency p50/p95."""
     from fieldpack.device.evaluate.report import MATPLOTLIB_MISSING, report_json, write_html, write_json
     from fieldpack.device.evaluate.run import EvalOptions, evaluate
@@ -106,7 +110,7 @@ def eval_cmd(
     opts = EvalOptions(k=k, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                        generate=not no_generate, trusted_keys=tuple(trust), answer_k=answer_k,
                        max_tokens=max_tokens, n_ctx=n_ctx, threads=threads,
-                       strict_sources=strict)
+                       strict_sources=strict, split=split)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

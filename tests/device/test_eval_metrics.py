@@ -295,7 +295,7 @@ def test_html_report_is_self_contained_with_plots(tmp_path: Path) -> None:
     assert write_html(_report(), path) is True
     text = path.read_text()
     assert text.count("data:image/png;base64,") >= 3
-    assert "demo@1.0.0 · hybrid" in text and "0.750" in text
+    assert "demo@1.0.0 · hybrid" in text and "0.750" in text and "page mrr" in text
     assert "http://" not in text and "https://" not in text and "<script" not in text
 
 
@@ -324,3 +324,54 @@ def test_errors_are_one_line_fieldpack_errors(tmp_path: Path) -> None:
     empty_dir.mkdir()
     with pytest.raises(FieldpackError, match="neither an installed slot"):
         evaluate([empty_dir], qa, EvalOptions(generate=False))
+
+
+# --- page level and also_ok ---------------------------------------------------------------------------------
+def test_page_ranking_keeps_first_appearance() -> None:
+    assert M.page_ranking(["a", "b", "a", "c", "b"]) == ["a", "b", "c"]
+    assert M.page_ranking([]) == []
+
+
+def test_page_metrics_by_hand(tmp_path: Path) -> None:
+    """Chunk list a, a, b, c, b, d: pages a, b, c, d. Expected page c (chunk rank 4, page rank 3); also_ok d
+    does not change the first relevant rank; an item whose also_ok page b leads raises its page rank to 2."""
+    qa = load_qa(_write(tmp_path / "qa.jsonl",
+                        '{"id": "x", "question": "q", "expected_source": "c.html", "also_ok": ["d.html"]}',
+                        '{"id": "y", "question": "q", "expected_source": "c.html", "also_ok": "sub/b.html"}',
+                        '{"id": "z", "question": "q", "expected_source": "e.html"}'))
+    x, y, z = qa.items
+    chunks = ["a.html", "a.html", "sub/b.html", "c.html", "sub/b.html", "d.html"]
+    pages = M.page_ranking(chunks)
+    assert M.first_relevant_rank([x.target.source_matches(s) for s in chunks]) == 4  # chunk level: target only
+    assert M.first_relevant_rank([x.page_matches(p) for p in pages]) == 3
+    assert M.first_relevant_rank([y.page_matches(p) for p in pages]) == 2
+    assert M.first_relevant_rank([z.page_matches(p) for p in pages]) is None
+    assert x.also_ok == ("d.html",) and y.also_ok == ("sub/b.html",)
+    # page recall@2 / MRR over x, y, z: x at 3 (miss, 1/3), y at 2 (hit, 1/2), z absent (miss, 0)
+    qs = []
+    for qid, chunk_rank, page_rank in (("x", 4, 3), ("y", None, 2), ("z", None, None)):
+        q = _q(qid, {"hybrid": chunk_rank})
+        q.retrieval["hybrid"]["page_rank"] = page_rank
+        qs.append(q)
+    r = aggregate_retrieval(qs, "hybrid", 10)
+    assert r["page"]["recall@1"] == 0.0 and r["page"]["recall@5"] == pytest.approx(2 / 3)
+    assert r["page"]["mrr"] == pytest.approx((1 / 3 + 1 / 2 + 0) / 3)
+    assert r["recall@5"] == pytest.approx(1 / 3)  # chunk level: only x's target, at 4
+
+
+def test_split_selects_items_and_rejects_bad_values(tmp_path: Path) -> None:
+    p = _write(tmp_path / "qa.jsonl",
+               '{"id": "a", "question": "q", "expected_source": "a.md", "split": "dev"}',
+               '{"id": "b", "question": "q", "expected_source": "b.md", "split": "unseen"}',
+               '{"id": "c", "question": "q", "unanswerable": true, "split": "unseen"}')
+    qa = load_qa(p)
+    assert [i.id for i in qa.only_split("unseen").items] == ["b", "c"]
+    assert [i.id for i in qa.only_split("dev").items] == ["a"]
+    assert qa.only_split(None) is qa
+    with pytest.raises(UsageError, match="split"):
+        qa.only_split("test")
+    with pytest.raises(UsageError, match="line 1"):
+        load_qa(_write(tmp_path / "bad.jsonl", '{"question": "q", "expected_source": "a.md", "split": "train"}'))
+    with pytest.raises(UsageError, match="also_ok"):
+        load_qa(_write(tmp_path / "bad2.jsonl", '{"question": "q", "expected_source": "a.md", "also_ok": [1]}'))
+    assert not qa.items[2].page_matches("a.md")  # unanswerable: nothing is relevant

@@ -84,14 +84,21 @@ def test_pool_question_finds_database_md_first(retriever: Retriever, mode: str) 
     assert (top.line_start, top.line_end, top.page) == (7, 15, None)
     assert "historian-reports" in top.text
     assert top.citation() == "database.md § SCADA historian database > Connection pool exhausted, lines 7-15"
-    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    if mode == "hybrid":  # pages first: one chunk of each page before a second chunk of any (per_page=1)
+        sources = [h.source for h in hits]
+        firsts = [s for i, s in enumerate(sources) if s not in sources[:i]]
+        assert sources[: len(firsts)] == firsts
+    else:
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
 def test_hybrid_hits_carry_both_signals(retriever: Retriever) -> None:
     hits = retriever.search(POOL_QUESTION, k=5, mode="hybrid", candidates=3)
     top = hits[0]
     assert top.vector_rank is not None and top.bm25_rank is not None
-    assert top.score == pytest.approx(1 / (RRF_K + top.vector_rank) + 1 / (RRF_K + top.bm25_rank))
+    cfg = retriever.config
+    assert top.score == pytest.approx(cfg.vector_weight / (cfg.rrf_k + top.vector_rank)
+                                      + cfg.bm25_weight / (cfg.rrf_k + top.bm25_rank))
     assert top.bm25 is not None and top.bm25 < 0  # SQLite's bm25(): lower is better
     # With 3 candidates per list, 5 hits need chunks found by one list only; every hit still has a similarity.
     assert all(h.vector_similarity is not None and -1.0 <= h.vector_similarity <= 1.0 for h in hits)
@@ -211,3 +218,20 @@ def test_debian_handbook_recall_and_abstention(cache_dir: Path, embedder: Any, m
     assert recall["hybrid"] >= 0.9 and recall["vector"] >= 0.9 and recall["bm25"] >= 0.75, recall
     assert sum(passed) >= 38, sum(passed)
     assert all(refused), [q["id"] for q, ok in zip(unanswerable, refused) if not ok]
+
+
+def test_weighted_rrf_and_page_grouping_by_hand() -> None:
+    from fieldpack.retrieval.search import group_by_page, reciprocal_rank_fusion
+
+    fused = dict(reciprocal_rank_fusion([[1, 2, 3], [3, 1]], k=10, weights=[2.0, 1.0]))
+    assert fused[1] == pytest.approx(2 / 11 + 1 / 12) and fused[3] == pytest.approx(2 / 13 + 1 / 11)
+    assert fused[2] == pytest.approx(2 / 12)
+    with pytest.raises(UsageError):
+        reciprocal_rank_fusion([[1]], weights=[1.0, 1.0])
+    # page a: chunks 1 (0.5) and 4 (0.4) -> 0.5 + 0.5 * 0.4 = 0.7; page b: chunk 2 (0.6) -> 0.6; page c: 3 (0.1)
+    ranking = [(2, 0.6), (1, 0.5), (4, 0.4), (3, 0.1)]
+    pages = {1: "a", 4: "a", 2: "b", 3: "c"}
+    assert group_by_page(ranking, pages, decay=0.5, per_page=1) == [(1, 0.5), (2, 0.6), (3, 0.1), (4, 0.4)]
+    assert group_by_page(ranking, pages, decay=0.5, per_page=2) == [(1, 0.5), (4, 0.4), (2, 0.6), (3, 0.1)]
+    assert [c for c, _ in group_by_page(ranking, pages, decay=0.0, per_page=1)] == [2, 1, 3, 4]  # CombMAX
+    assert [c for c, _ in group_by_page(ranking, pages, decay=1.0, per_page=1, page_chunks=1)] == [2, 1, 3, 4]
