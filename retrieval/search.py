@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from fieldpack.retrieval import index as idx
+from fieldpack.retrieval.binary import BinaryCodes
 from fieldpack.shared import index_format
 from fieldpack.retrieval.embedder import OnnxEmbedder
 from fieldpack.retrieval.types import Hit
@@ -264,12 +265,18 @@ class Retriever:
             ) from exc
         self.meta: dict[str, str] = {str(k): str(v) for k, v in rows}
         fmt = self.meta.get(index_format.META_INDEX_FORMAT)
-        if fmt != str(index_format.INDEX_FORMAT):
+        readable = [str(f) for f in index_format.READABLE_FORMATS]
+        self.vector_layout = self.meta.get(index_format.META_VECTOR_LAYOUT, "float32")
+        if fmt not in readable or self.vector_layout not in index_format.VECTOR_LAYOUTS:
             conn.close()
             raise RuntimeLoadError(
-                f"index {self.db_path} has format {fmt!r}; this fieldpack reads format {index_format.INDEX_FORMAT}",
+                f"index {self.db_path} has format {fmt!r} (vector layout {self.vector_layout!r}); this fieldpack "
+                f"reads formats {', '.join(readable)} ({', '.join(index_format.VECTOR_LAYOUTS)})",
                 hint="rebuild the bundle with this fieldpack version, or upgrade fieldpack on the device",
             )
+        self._emb_table = "chunks_emb" if self.vector_layout == "binary" else "chunks_vec"
+        self._codes: BinaryCodes | None = None  # binary layout: loaded on the first vector search
+        self.oversample = int(self.meta.get(index_format.META_BINARY_OVERSAMPLE, index_format.BINARY_OVERSAMPLE))
         self.dimension = int(self.meta.get(index_format.META_DIMENSION, "0"))
         self.metric = self.meta.get(index_format.META_METRIC, "cosine")
         if self.dimension != embedder.dimension:
@@ -386,12 +393,42 @@ class Retriever:
             return 1.0 - distance * distance / 2.0
         return 1.0 - distance
 
-    def _vector(self, qvec: np.ndarray, n: int) -> list[tuple[int, float]]:
+    def vector_search(self, qvec: np.ndarray, n: int) -> list[tuple[int, float]]:
+        """The ``n`` chunks nearest to the query embedding ``qvec`` (``(dim,) float32``, unit norm):
+        ``(chunk id, cosine similarity)``, best first.
+
+        ``float32`` layout: exact KNN by sqlite-vec. ``binary`` layout: the ``n * oversample`` nearest codes by
+        Hamming distance (:class:`retrieval.binary.BinaryCodes`), rescored with their float32 vectors (exact
+        cosine), so the similarities are exact and only the candidate set is approximate."""
+        if self.vector_layout == "binary":
+            ids = self._binary_codes().candidates(qvec, n * self.oversample)
+            sims = self._similarities(qvec, ids)
+            return sorted(sims.items(), key=lambda item: (-item[1], item[0]))[:n]
         rows = self._query(
             "SELECT chunk_id, distance FROM chunks_vec WHERE embedding MATCH ? AND k = ? ORDER BY distance",
             (np.ascontiguousarray(qvec, dtype="<f4").tobytes(), n),
         )
         return [(int(i), self._similarity(float(d))) for i, d in rows]
+
+    _vector = vector_search
+
+    def _binary_codes(self) -> BinaryCodes:
+        """The binary layout's codes and projection, read once (``chunks_codes``, ``vec_projection``)."""
+        if self._codes is None:
+            ((rows, cols, matrix),) = self._query("SELECT rows, cols, matrix FROM vec_projection WHERE id = 1", ())
+            proj = np.frombuffer(matrix, dtype="<f4").reshape(int(rows), int(cols))
+            blocks = self._query("SELECT ids, codes FROM chunks_codes ORDER BY block", ())
+            width = int(cols) // 8
+            ids = np.concatenate([np.frombuffer(i, dtype="<i8") for i, _ in blocks] or [np.zeros(0, "<i8")])
+            codes = np.concatenate([np.frombuffer(c, dtype=np.uint8).reshape(-1, width) for _, c in blocks]
+                                   or [np.zeros((0, width), np.uint8)])
+            try:
+                self._codes = BinaryCodes(ids, codes, proj)
+            except ValueError as exc:
+                raise RuntimeLoadError(f"the index {self.db_path} is damaged (binary codes: {exc})",
+                                       hint="run `fieldpack verify --installed`, then reinstall the bundle") from exc
+            log.debug("loaded %d binary codes of %d bits (%d bytes)", ids.shape[0], int(cols), self._codes.nbytes)
+        return self._codes
 
     def _bm25(self, query: str, n: int) -> list[tuple[int, float]]:
         expr = fts5_query(query)
@@ -422,7 +459,7 @@ class Retriever:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        rows = self._query(f"SELECT chunk_id, embedding FROM chunks_vec WHERE chunk_id IN ({marks})", ids)
+        rows = self._query(f"SELECT chunk_id, embedding FROM {self._emb_table} WHERE chunk_id IN ({marks})", ids)
         out = {}
         for i, blob in rows:
             vec = np.frombuffer(blob, dtype="<f4")
@@ -450,7 +487,7 @@ class Retriever:
     # --- housekeeping --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """JSON-ready facts about the index: ``path``, ``size_bytes``, ``chunks``, ``documents``,
-        ``dimension``, ``metric``, ``embedder``, ``index_format``."""
+        ``dimension``, ``metric``, ``embedder``, ``index_format``, ``vector_layout``."""
         (chunks,), = self._query("SELECT count(*) FROM chunks", ())
         (documents,), = self._query("SELECT count(DISTINCT source) FROM chunks", ())
         return {
@@ -462,6 +499,7 @@ class Retriever:
             "metric": self.metric,
             "embedder": self.meta.get(index_format.META_EMBEDDER, ""),
             "index_format": int(self.meta.get(index_format.META_INDEX_FORMAT, "0")),
+            "vector_layout": self.vector_layout,
         }
 
     def close(self) -> None:
