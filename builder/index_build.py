@@ -2,7 +2,7 @@
 
 Layout: :func:`shared.index_format.index_schema` (``chunks``, ``chunks_vec`` vec0, ``chunks_fts`` FTS5,
 ``meta``), or from :data:`shared.index_format.BINARY_MIN_CHUNKS` chunks on the ``binary`` vector layout
-(:func:`shared.index_format.binary_schema`: float32 vectors in a plain table + sign-random-projection codes,
+(:func:`shared.index_format.binary_schema`: float16 vectors in a plain table + sign-random-projection codes,
 :mod:`retrieval.binary`), recorded in ``meta`` as ``vector_layout``.
 The file is built under a temporary name in the destination folder, VACUUMed, fsynced and renamed, so a crash
 never leaves a half-written index at ``out_path``.
@@ -187,9 +187,10 @@ def _write(path: Path, chunks: Sequence[Chunk], emb: np.ndarray, metric: str, em
                     for i, c in enumerate(chunks, start=1)
                 ),
             )
+            stored = emb.astype(index_format.BINARY_RESCORE_DTYPE) if binary else emb
             conn.executemany(
                 f"INSERT INTO {'chunks_emb' if binary else 'chunks_vec'} (chunk_id, embedding) VALUES (?, ?)",
-                ((i, emb[i - 1].tobytes()) for i in range(1, len(chunks) + 1)),
+                ((i, stored[i - 1].tobytes()) for i in range(1, len(chunks) + 1)),
             )
             conn.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild')")
             conn.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('optimize')")

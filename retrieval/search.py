@@ -274,7 +274,9 @@ class Retriever:
                 f"reads formats {', '.join(readable)} ({', '.join(index_format.VECTOR_LAYOUTS)})",
                 hint="rebuild the bundle with this fieldpack version, or upgrade fieldpack on the device",
             )
-        self._emb_table = "chunks_emb" if self.vector_layout == "binary" else "chunks_vec"
+        binary = self.vector_layout == "binary"
+        self._emb_table = "chunks_emb" if binary else "chunks_vec"
+        self._emb_dtype = index_format.BINARY_RESCORE_DTYPE if binary else "<f4"
         self._codes: BinaryCodes | None = None  # binary layout: loaded on the first vector search
         self.oversample = int(self.meta.get(index_format.META_BINARY_OVERSAMPLE, index_format.BINARY_OVERSAMPLE))
         self.dimension = int(self.meta.get(index_format.META_DIMENSION, "0"))
@@ -398,10 +400,10 @@ class Retriever:
         ``(chunk id, cosine similarity)``, best first.
 
         ``float32`` layout: exact KNN by sqlite-vec. ``binary`` layout: the ``n * oversample`` nearest codes by
-        Hamming distance (:class:`retrieval.binary.BinaryCodes`), rescored with their float32 vectors (exact
-        cosine), so the similarities are exact and only the candidate set is approximate."""
+        Hamming distance (:class:`retrieval.binary.BinaryCodes`), rescored with their float16 vectors (cosine
+        within about 1e-3 of float32), so only the candidate set is approximate."""
         if self.vector_layout == "binary":
-            ids = self._binary_codes().candidates(qvec, n * self.oversample)
+            ids = self.binary_codes().candidates(qvec, n * self.oversample)
             sims = self._similarities(qvec, ids)
             return sorted(sims.items(), key=lambda item: (-item[1], item[0]))[:n]
         rows = self._query(
@@ -412,7 +414,7 @@ class Retriever:
 
     _vector = vector_search
 
-    def _binary_codes(self) -> BinaryCodes:
+    def binary_codes(self) -> BinaryCodes:
         """The binary layout's codes and projection, read once (``chunks_codes``, ``vec_projection``)."""
         if self._codes is None:
             ((rows, cols, matrix),) = self._query("SELECT rows, cols, matrix FROM vec_projection WHERE id = 1", ())
@@ -429,6 +431,10 @@ class Retriever:
                                        hint="run `fieldpack verify --installed`, then reinstall the bundle") from exc
             log.debug("loaded %d binary codes of %d bits (%d bytes)", ids.shape[0], int(cols), self._codes.nbytes)
         return self._codes
+
+    def bm25_search(self, query: str, n: int) -> list[tuple[int, float]]:
+        """The ``n`` best FTS5 BM25 matches of ``query``: ``(chunk id, bm25)``, best (lowest) first."""
+        return self._bm25(query, n)
 
     def _bm25(self, query: str, n: int) -> list[tuple[int, float]]:
         expr = fts5_query(query)
@@ -460,11 +466,12 @@ class Retriever:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self._query(f"SELECT chunk_id, embedding FROM {self._emb_table} WHERE chunk_id IN ({marks})", ids)
-        out = {}
-        for i, blob in rows:
-            vec = np.frombuffer(blob, dtype="<f4")
-            out[int(i)] = float(np.dot(vec, qvec) / max(float(np.linalg.norm(vec)), 1e-12))
-        return out
+        if not rows:
+            return {}
+        mat = np.frombuffer(b"".join(blob for _, blob in rows), dtype=self._emb_dtype).reshape(len(rows), -1)
+        mat = mat.astype(np.float32)
+        sims = (mat @ np.asarray(qvec, dtype=np.float32)) / np.maximum(np.linalg.norm(mat, axis=1), 1e-12)
+        return {int(i): float(s) for (i, _), s in zip(rows, sims)}
 
     def _rows(self, ids: list[int]) -> dict[int, tuple[Any, ...]]:
         if not ids:

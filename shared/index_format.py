@@ -21,11 +21,13 @@ READABLE_FORMATS = (INDEX_FORMAT, BINARY_INDEX_FORMAT)
 #: Vector layouts (``meta`` key ``vector_layout``; absent = ``float32``):
 #: ``float32``: exact KNN by sqlite-vec over ``chunks_vec``;
 #: ``binary``: sign-random-projection codes (Charikar 2002) searched by Hamming distance, the best
-#: ``oversample`` x candidates rescored exactly with the float32 vectors of ``chunks_emb``.
+#: ``oversample`` x candidates rescored with the float16 vectors of ``chunks_emb``.
+#: dtype of the ``chunks_emb`` vectors of the binary layout.
+BINARY_RESCORE_DTYPE = "<f2"
 VECTOR_LAYOUTS = ("float32", "binary")
 #: ``build_index(vector_layout="auto")`` writes ``binary`` from this many chunks on (README "Retrieval at
 #: scale": below it float32 exact KNN is already within the latency budget and binary costs recall).
-BINARY_MIN_CHUNKS = 20_000
+BINARY_MIN_CHUNKS = 10_000
 #: Code bits per embedding dimension in the binary layout (384-d MiniLM: 1536 bits = 192 bytes per chunk).
 BINARY_BITS_PER_DIM = 4
 #: Candidates rescored with float vectors, as a multiple of the list length asked for.
@@ -74,8 +76,9 @@ def index_schema(dimension: int, metric: str) -> list[str]:
 def binary_schema(dimension: int, metric: str) -> list[str]:
     """DDL of a ``binary``-layout index (format 2), in order: :func:`index_schema` without ``chunks_vec``, plus
 
-    * ``chunks_emb (chunk_id, embedding)``: the float32 vector of each chunk (``dimension`` little-endian
-      floats, the bytes sqlite-vec takes), read by id to rescore candidates and to report similarities;
+    * ``chunks_emb (chunk_id, embedding)``: the vector of each chunk as ``dimension`` little-endian IEEE
+      half floats (float16: cosine within about 1e-3 of float32, half the bytes; 5 rows fit a 4 KiB page where
+      float32 rows fit 2), read by id to rescore candidates and to report similarities;
     * ``chunks_codes (block, ids, codes)``: binary codes in blocks of :data:`BINARY_BLOCK` chunks; ``ids`` is
       ``m`` little-endian int64 chunk ids, ``codes`` ``m x bits/8`` bytes, bit ``j`` of a code (LSB first,
       sqlite-vec's ``vec_quantize_binary`` order) = ``(projection.T @ v)[j] > 0``;
