@@ -401,7 +401,7 @@ class Retriever:
 
         ``float32`` layout: exact KNN by sqlite-vec. ``binary`` layout: the ``n * oversample`` nearest codes by
         Hamming distance (:class:`retrieval.binary.BinaryCodes`), rescored with their float16 vectors (cosine
-        within about 1e-3 of float32), so only the candidate set is approximate."""
+        within 1e-4 of float32), so only the candidate set is approximate."""
         if self.vector_layout == "binary":
             ids = self.binary_codes().candidates(qvec, n * self.oversample)
             sims = self._similarities(qvec, ids)

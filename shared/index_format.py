@@ -77,7 +77,7 @@ def binary_schema(dimension: int, metric: str) -> list[str]:
     """DDL of a ``binary``-layout index (format 2), in order: :func:`index_schema` without ``chunks_vec``, plus
 
     * ``chunks_emb (chunk_id, embedding)``: the vector of each chunk as ``dimension`` little-endian IEEE
-      half floats (float16: cosine within about 1e-3 of float32, half the bytes; 5 rows fit a 4 KiB page where
+      half floats (float16: cosine within 1e-4 of float32, half the bytes; 5 rows fit a 4 KiB page where
       float32 rows fit 2), read by id to rescore candidates and to report similarities;
     * ``chunks_codes (block, ids, codes)``: binary codes in blocks of :data:`BINARY_BLOCK` chunks; ``ids`` is
       ``m`` little-endian int64 chunk ids, ``codes`` ``m x bits/8`` bytes, bit ``j`` of a code (LSB first,
