@@ -39,7 +39,9 @@ def encode(vectors: np.ndarray, proj: np.ndarray) -> np.ndarray:
         (least significant first, the order of sqlite-vec's ``vec_quantize_binary``).
     """
     v = np.asarray(vectors, dtype=np.float32)
-    return np.packbits((v @ proj) > 0, axis=-1, bitorder="little")
+    # one query: einsum, not BLAS gemv, whose thread pool costs ~10 ms per call on a busy CPU (measured here)
+    z = np.einsum("i,ij->j", v, proj) if v.ndim == 1 else v @ proj
+    return np.packbits(z > 0, axis=-1, bitorder="little")
 
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -66,16 +68,29 @@ class BinaryCodes:
     """
 
     def __init__(self, ids: np.ndarray, codes: np.ndarray, proj: np.ndarray) -> None:
-        if codes.ndim != 2 or codes.shape[0] != ids.shape[0] or codes.shape[1] * 8 != proj.shape[1]:
+        if (codes.ndim != 2 or codes.shape[0] != ids.shape[0] or codes.shape[1] * 8 != proj.shape[1]
+                or proj.shape[1] % 64):
             raise ValueError(f"codes {codes.shape} do not fit {ids.shape[0]} ids and projection {proj.shape}")
         self.ids = ids
-        self.codes = np.ascontiguousarray(codes)
+        # word-major (bits/64, n) uint64: the distance is a sum of one contiguous popcount per word, 3-4x faster
+        # than popcounting (n, bits/64) rows and summing along the short axis
+        self.words = np.ascontiguousarray(np.ascontiguousarray(codes).view("<u8").T)
         self.proj = proj
 
     @property
     def nbytes(self) -> int:
         """Memory the codes, ids and projection hold (bytes)."""
-        return int(self.ids.nbytes + self.codes.nbytes + self.proj.nbytes)
+        return int(self.ids.nbytes + self.words.nbytes + self.proj.nbytes)
+
+    def distances(self, qvec: np.ndarray) -> np.ndarray:
+        """``(n,) uint16`` Hamming distance of every code to the code of ``qvec`` (``(dim,) float32``)."""
+        q = encode(qvec, self.proj).view("<u8")
+        if not hasattr(np, "bitwise_count"):  # numpy < 2
+            return hamming(np.ascontiguousarray(self.words.T).view(np.uint8), q.view(np.uint8))
+        acc = np.zeros(self.words.shape[1], dtype=np.uint16)
+        for word, qword in zip(self.words, q):
+            acc += np.bitwise_count(word ^ qword)
+        return acc
 
     def candidates(self, qvec: np.ndarray, m: int) -> list[int]:
         """The ``m`` chunk ids whose codes are nearest to ``qvec``'s code (Hamming), nearest first.
@@ -87,7 +102,7 @@ class BinaryCodes:
         n = self.ids.shape[0]
         if n == 0 or m < 1:
             return []
-        dist = hamming(self.codes, encode(qvec, self.proj))
+        dist = self.distances(qvec)
         if m < n:
             part = np.argpartition(dist, m - 1)[:m]
             order = part[np.argsort(dist[part], kind="stable")]

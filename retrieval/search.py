@@ -470,7 +470,9 @@ class Retriever:
             return {}
         mat = np.frombuffer(b"".join(blob for _, blob in rows), dtype=self._emb_dtype).reshape(len(rows), -1)
         mat = mat.astype(np.float32)
-        sims = (mat @ np.asarray(qvec, dtype=np.float32)) / np.maximum(np.linalg.norm(mat, axis=1), 1e-12)
+        # einsum, not BLAS gemv: a gemv's thread pool costs ~10 ms per call on a busy CPU (measured here)
+        dots = np.einsum("ij,j->i", mat, np.asarray(qvec, dtype=np.float32))
+        sims = dots / np.maximum(np.sqrt(np.einsum("ij,ij->i", mat, mat)), 1e-12)
         return {int(i): float(s) for (i, _), s in zip(rows, sims)}
 
     def _rows(self, ids: list[int]) -> dict[int, tuple[Any, ...]]:

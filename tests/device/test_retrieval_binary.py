@@ -147,6 +147,11 @@ def test_hamming_paths_agree() -> None:
     np.testing.assert_array_equal(B.hamming(codes[:, :20], q[:20]), np.unpackbits(codes[:, :20] ^ q[:20],
                                                                                   axis=1).sum(axis=1))  # table
     ids = np.arange(10, 60, dtype=np.int64)
+    vecs, qv = rng.normal(size=(50, 16)).astype(np.float32), rng.normal(size=16).astype(np.float32)
+    proj192 = B.projection(16, 192)
+    word_major = B.BinaryCodes(ids, B.encode(vecs, proj192), proj192)  # the device's path
+    np.testing.assert_array_equal(word_major.distances(qv), np.unpackbits(
+        B.encode(vecs, proj192) ^ B.encode(qv, proj192), axis=1).sum(axis=1))
     proj = B.projection(8, 64)
     bc = B.BinaryCodes(ids[:3], np.zeros((3, 8), np.uint8), proj)
     assert bc.candidates(np.ones(8, np.float32), 5) == [10, 11, 12]
