@@ -327,7 +327,7 @@ class Retriever:
         bm_list: list[tuple[int, float]] = []  # (chunk id, bm25), best (lowest) first
         if mode in ("hybrid", "vector"):
             qvec = self.embedder.embed([query])[0]  # (dim,) float32, unit norm
-            vec_list = self._vector(qvec, n)
+            vec_list = self.vector_search(qvec, n)
         if mode in ("hybrid", "bm25"):
             bm_list = self._bm25(query, n)
         fused = reciprocal_rank_fusion([[i for i, _ in vec_list], [i for i, _ in bm_list]], k=cfg.rrf_k,
@@ -411,8 +411,6 @@ class Retriever:
             (np.ascontiguousarray(qvec, dtype="<f4").tobytes(), n),
         )
         return [(int(i), self._similarity(float(d))) for i, d in rows]
-
-    _vector = vector_search
 
     def binary_codes(self) -> BinaryCodes:
         """The binary layout's codes and projection, read once (``chunks_codes``, ``vec_projection``)."""
