@@ -1,9 +1,9 @@
-"""Retrieval at scale: vector search over 1k / 10k / 100k chunks with float32, int8 and binary vectors.
+"""Retrieval at scale: vector search over 1k / 10k / 13.6k / 100k chunks with float32, int8 and binary vectors.
 
 Corpus. Real chunks of the installed Debian documentation packages, ingested as a build does (200/40 tokens)
 and embedded once with the bundle embedder (MiniLM-L6 int8 ONNX; embeddings cached under the bench cache):
 ``postgresql-doc-15`` (13.6k chunks), ``sqlite3-doc`` (14.0k) and the English Debian Administrator's Handbook
-(2.0k): 29.6k real chunks. Embedding more on this CPU costs about 10 minutes per 1k chunks per thread, so
+(2.0k): 29.6k real chunks. Embedding more on this shared CPU costs 2-3 minutes per 1k chunks (1 thread), so
 the 100k corpus is completed with **synthetic near-duplicates**: a real chunk's vector plus Gaussian noise of
 standard deviation :data:`NOISE_SIGMA` per dimension, renormalised (cosine to its parent about 0.88, closer to
 each other than most real neighbours, which makes the KNN harder, not easier, for quantized vectors), with the

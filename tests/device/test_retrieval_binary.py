@@ -157,3 +157,17 @@ def test_hamming_paths_agree() -> None:
     assert bc.candidates(np.ones(8, np.float32), 5) == [10, 11, 12]
     with pytest.raises(ValueError):
         B.BinaryCodes(ids, codes, proj)
+
+
+def test_auto_layout_switches_at_the_threshold(tmp_path: Path, embedder: Any) -> None:  # noqa: F811
+    """``build_index``'s default picks binary from ``BINARY_MIN_CHUNKS`` chunks on, float32 below, and the
+    retriever reads each (a build of that many chunks takes a few seconds)."""
+    n = index_format.BINARY_MIN_CHUNKS
+    vecs = clustered(n // 20, 20, seed=4)
+    for count, layout in ((n - 1, "float32"), (n, "binary")):
+        out = tmp_path / f"{count}.sqlite"
+        assert build_index(chunks_for(count), vecs[:count], out).vector_layout == layout
+        with Retriever(out, embedder) as r:
+            assert r.vector_layout == layout
+            top = r.vector_search(vecs[7], 5)
+            assert top[0][0] == 8 and top[0][1] == pytest.approx(1.0, abs=1e-3)
