@@ -301,7 +301,7 @@ def bench_size(size: int, chunks: Sequence[Any], vecs: np.ndarray, synthetic: in
 # --- the benchmark family -----------------------------------------------------------------------------------------
 LAYOUT_LABELS = {
     "float32": "float32 exact (sqlite-vec vec0 KNN)",
-    "binary": "binary 4x-dim SimHash codes, 8x rescored with float32 (fieldpack binary layout)",
+    "binary": "binary 4x-dim SimHash codes, 8x candidates rescored with float16 (fieldpack binary layout)",
     "vec0-int8": "sqlite-vec vec0 int8[384], KNN only",
     "vec0-bit": "sqlite-vec vec0 bit[384] sign codes, k=4x, rescored (KNN time only)",
 }
@@ -348,6 +348,7 @@ def table_lines(doc: dict[str, Any]) -> list[str]:
                 f"{r['recall@10']:.3f} | {r['recall@50']:.3f} | {r['index_bytes']:,} ({r['what']}) | "
                 f"{r['index_bytes'] / base['index_bytes']:.2f}x | "
                 + (f"{h['p50']:.1f} / {h['p95']:.1f}" if h else "–") + " |")
+    lines.append("")
     for s in doc["sizes"]:
         for name, r in s["rows"].items():
             if "hybrid_ms" in r:
