@@ -267,7 +267,8 @@ class Retriever:
         fmt = self.meta.get(index_format.META_INDEX_FORMAT)
         readable = [str(f) for f in index_format.READABLE_FORMATS]
         self.vector_layout = self.meta.get(index_format.META_VECTOR_LAYOUT, "float32")
-        if fmt not in readable or self.vector_layout not in index_format.VECTOR_LAYOUTS:
+        layout_of = {str(index_format.INDEX_FORMAT): "float32", str(index_format.BINARY_INDEX_FORMAT): "binary"}
+        if layout_of.get(fmt or "") != self.vector_layout:
             conn.close()
             raise RuntimeLoadError(
                 f"index {self.db_path} has format {fmt!r} (vector layout {self.vector_layout!r}); this fieldpack "

@@ -103,7 +103,8 @@ def test_float_only_index_still_loads(demo_index: Path, embedder: Any) -> None: 
 
 def test_unknown_layout_or_format_is_refused(tmp_path: Path, embedder: Any) -> None:  # noqa: F811
     vecs = clustered(2, 5)
-    for key, value, match in (("vector_layout", "pq", "vector layout 'pq'"), ("index_format", "3", "format '3'")):
+    for key, value, match in (("vector_layout", "pq", "vector layout 'pq'"), ("index_format", "3", "format '3'"),
+                              ("index_format", "1", "format '1' \\(vector layout 'binary'\\)")):
         out = tmp_path / f"{value}.sqlite"
         build_index(chunks_for(10), vecs, out, vector_layout="binary")
         conn = idx.connect(out, readonly=False)
