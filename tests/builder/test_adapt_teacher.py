@@ -45,8 +45,8 @@ def _chunk(text: str = CHUNK, source: str = "procedures/pumps.md") -> SimpleName
      [("How far is the discharge valve closed?", "halfway")]),
     ('{"pairs": [{"question": "What is\ncleaned?", "answer": "the strainer"}]}',  # raw newline in a string
      [("What is\ncleaned?", "the strainer")]),
-    ("Q1: What should I check when P-3 cavitates?\nA1: The suction strainer,\nfor debris.\n\n"
-     "2. Question: How often is the strainer cleaned?\nAnswer: Every 200 running hours.",
+    (("Q1: What should I check when P-3 cavitates?\nA1: The suction strainer,\nfor debris.\n\n"
+      "2. Question: How often is the strainer cleaned?\nAnswer: Every 200 running hours."),
      [("What should I check when P-3 cavitates?", "The suction strainer, for debris."),
       ("How often is the strainer cleaned?", "Every 200 running hours.")]),
     ('{"pairs": []}', []),
@@ -84,8 +84,8 @@ def test_generation_keeps_counts_dedupes_and_caps() -> None:
     """A scripted teacher (hand-written replies, one per chunk in the order asked): what is kept and why the rest
     is dropped; questions of --qa-train are not repeated; the cap stops the asking."""
     replies = iter([
-        '{"pairs": [{"question": "What do I check when P-3 cavitates?", "answer": "The suction strainer."},'
-        ' {"question": "How often is the strainer cleaned?", "answer": "every 200 running hours"}]}',
+        ('{"pairs": [{"question": "What do I check when P-3 cavitates?", "answer": "The suction strainer."},'
+         ' {"question": "How often is the strainer cleaned?", "answer": "every 200 running hours"}]}'),
         "garbage without structure",
         'Q: What do I check when P-3 cavitates?\nA: the suction strainer',  # duplicate of the first
         '{"pairs": [{"question": "How far do I close the discharge valve?", "answer": "halfway"}]}',
