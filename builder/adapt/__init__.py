@@ -7,6 +7,7 @@ Distillation").
 
     checkpoint ─▶ LoRA adapters (lora.py, PEFT) ─▶ train (train.py, transformers Trainer / accelerate)
                      data (data.py): DAPT blocks of the calibration chunks | RAFT examples from --qa-train
+                     and/or --qa-teacher questions (teacher.py: a GGUF or an OpenAI-compatible endpoint)
                      loss: next-token, or KD mixed with it (distill.py) given a teacher / the unpruned model
                 ─▶ held-out PPL/KLD before and after (train.evaluate) ─▶ merge into float32 weights
                 ─▶ a plain HF checkpoint folder (written atomically) for our converter and parity gate

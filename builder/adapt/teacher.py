@@ -434,10 +434,10 @@ def check_gguf_file(path: Path) -> Path:
 
 class GGUFTeacher:
     """A local GGUF through llama-cpp-python as a :data:`Complete`: greedy, schema-constrained (llama.cpp
-    grammar from the JSON schema), the GGUF's own chat template, ``threads`` CPU threads (0 GPU layers unless
-    ``n_gpu_layers``)."""
+    grammar from the JSON schema), the GGUF's own chat template, ``threads`` CPU threads; every layer on the GPU
+    when llama.cpp was built with a GPU backend (``n_gpu_layers`` -1; ignored by a CPU build)."""
 
-    def __init__(self, path: Path, *, n_ctx: int = 4096, threads: int = 2, seed: int = 0, n_gpu_layers: int = 0):
+    def __init__(self, path: Path, *, n_ctx: int = 4096, threads: int = 2, seed: int = 0, n_gpu_layers: int = -1):
         from llama_cpp import Llama
 
         self.path = check_gguf_file(path)

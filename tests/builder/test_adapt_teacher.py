@@ -265,14 +265,24 @@ def test_local_gguf_teacher_is_deterministic(tiny_gguf: Path) -> None:
 @pytest.mark.slow
 def test_build_with_an_endpoint_teacher_records_the_pairs(server: str, tiny_llama_dir: Path, keys: Path,
                                                           tmp_path: Path, build_cache: Path) -> None:
-    """``fieldpack build --adapt raft --qa-teacher URL``: the teacher's pairs sit in the adapt stage's cache, their
-    sha256 and counts in the adaptation row, and the recipe keeps the URL (not a path)."""
+    """``fieldpack build --adapt raft --qa-teacher URL`` (through a recipe, since one source per RAFT prompt,
+    ``top_k_chunks = 1``, is what keeps the tiny model's long garbage answers within its 512 positions): the
+    teacher's pairs sit in the adapt stage's cache, their sha256 and counts in the adaptation row, and the recipe
+    keeps the URL (not turned into a path)."""
+    import tomli_w
+
     from fieldpack.shared.bundle import hash_file, open_bundle
 
     out = tmp_path / "raft.fpk"
-    r = _build(tiny_llama_dir, keys, out, "--adapt", "raft", "--qa-teacher", server, "--qa-max", "4",
-               "--adapt-steps", "2", "--adapt-seq-len", "64", "--lora-r", "4")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(tomli_w.dumps({"build": {
+        "model": str(tiny_llama_dir), "docs": str(DEMO_DOCS), "name": "riverside", "sign": str(keys / "builder.key"),
+        "output": str(out), "n_ctx": 1024, "top_k_chunks": 1,
+        "adapt": {"method": "raft", "qa_teacher": server, "qa_max": 4, "steps": 2, "seq_len": 256, "lora_r": 4,
+                  "batch_size": 2}}}))
+    r = run_cli("build", "--recipe", str(recipe), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "adapt raft" in r.stderr
     with open_bundle(out) as b:
         m = b.manifest
     (row,) = m.quality.adaptation
