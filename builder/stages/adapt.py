@@ -136,4 +136,6 @@ ADAPT = Stage("adapt", "1", AdaptRecord, run_adapt, libraries=("torch", "transfo
               code=("fieldpack.builder.adapt", "fieldpack.builder.compress.structured",
                     "fieldpack.shared.prompt_format"),
               label=lambda i: "adapt " + "+".join(
-                  [str(i.options.get("method"))] * bool(i.options.get("method")) + ["kd"] * (i.teacher is not None)))
+                  [str(i.options.get("method"))] * bool(i.options.get("method")) + ["kd"] * (i.teacher is not None))
+              + (" (questions: --qa-train + --qa-teacher)"
+                 if i.qa_train is not None and (i.qa_teacher or i.qa_endpoint) else ""))

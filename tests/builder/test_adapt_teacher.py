@@ -143,6 +143,24 @@ def test_bad_teachers_are_refused_with_the_fix(tmp_path: Path) -> None:
     assert "start the OpenAI-compatible server" in str(e.value.hint)
 
 
+def test_silent_endpoint_times_out_in_one_line() -> None:
+    """A port that accepts the connection and never answers: the check gives up after its timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+        with pytest.raises(AdaptationError, match="did not answer in time"):
+            check_qa_teacher(url, timeout=1.0)
+
+
+def test_the_teacher_reads_calibration_chunks_only() -> None:
+    from fieldpack.builder.stages.adapt import calibration_chunks
+
+    chunks = [_chunk(t) for t in ("held out", "calib a", "calib b", "both")]
+    got = calibration_chunks(chunks, calib=["calib a", "calib b", "both"], held_out=["held out", "both"])
+    assert [c.text for c in got] == ["calib a", "calib b"]
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fieldpack.shared.signing import generate_keypair
@@ -265,31 +283,66 @@ def test_local_gguf_teacher_is_deterministic(tiny_gguf: Path) -> None:
 @pytest.mark.slow
 def test_build_with_an_endpoint_teacher_records_the_pairs(server: str, tiny_llama_dir: Path, keys: Path,
                                                           tmp_path: Path, build_cache: Path) -> None:
-    """``fieldpack build --adapt raft --qa-teacher URL`` (through a recipe, since one source per RAFT prompt,
-    ``top_k_chunks = 1``, is what keeps the tiny model's long garbage answers within its 512 positions): the
-    teacher's pairs sit in the adapt stage's cache, their sha256 and counts in the adaptation row, and the recipe
-    keeps the URL (not turned into a path)."""
+    """``fieldpack build --adapt raft --qa-train F --qa-teacher URL`` (through a recipe, since one source per RAFT
+    prompt, ``top_k_chunks = 1``, is what keeps the tiny model's long garbage answers within its 512 positions):
+    both question sets are used, the teacher's pairs sit in the adapt stage's cache, their sha256 and counts in
+    the adaptation row, the recipe keeps the URL (not turned into a path) and replays from the cache."""
     import tomli_w
 
     from fieldpack.shared.bundle import hash_file, open_bundle
 
     out = tmp_path / "raft.fpk"
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "When is the shift handover written?", "answer": "at the end of the shift",
+                              "source": "shift-handover.txt"}) + "\n")
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(tomli_w.dumps({"build": {
         "model": str(tiny_llama_dir), "docs": str(DEMO_DOCS), "name": "riverside", "sign": str(keys / "builder.key"),
         "output": str(out), "n_ctx": 1024, "top_k_chunks": 1,
-        "adapt": {"method": "raft", "qa_teacher": server, "qa_max": 4, "steps": 2, "seq_len": 256, "lora_r": 4,
+        "adapt": {"method": "raft", "qa_train": str(qa), "qa_teacher": server, "qa_max": 4, "steps": 2, "seq_len": 256, "lora_r": 4,
                   "batch_size": 2}}}))
     r = run_cli("build", "--recipe", str(recipe), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "adapt raft" in r.stderr
+    assert "adapt raft (questions: --qa-train + --qa-teacher)" in r.stderr
     with open_bundle(out) as b:
         m = b.manifest
     (row,) = m.quality.adaptation
     assert row["method"] == "raft" and row["qa_teacher"] == f"{server}#tiny"
     assert 1 <= row["qa_teacher_kept"] <= 4 and row["qa_teacher_chunks"] >= row["qa_teacher_kept"]
+    assert row["qa_train_pairs"] == 1 and row["train_sequences"] == 1 + row["qa_teacher_kept"]
     cached = [p for p in build_cache.rglob("teacher_qa.jsonl") if hash_file(p)[1] == row["qa_teacher_sha256"]]
     assert cached, "the teacher's pairs are not in the adapt stage's cache"
     pairs = [json.loads(x) for x in cached[0].read_text().splitlines()]
     assert len(pairs) == row["qa_teacher_kept"] and all((DEMO_DOCS / p["source"]).is_file() for p in pairs)
     assert m.recipe["build"]["adapt"]["qa_teacher"] == server and m.recipe["build"]["adapt"]["qa_max"] == 4
+
+    # the bundle's own recipe replays: the stage key (URL + served model) finds the cached pairs, same model bytes
+    replay, again = tmp_path / "replay.toml", tmp_path / "replay.fpk"
+    replay.write_text(tomli_w.dumps(m.recipe))
+    r = run_cli("build", "--recipe", str(replay), "-o", str(again), timeout=900)
+    assert r.returncode == 0 and "--qa-teacher) (cached)" in r.stderr, r.stderr[-3000:]
+    with open_bundle(again) as b:
+        m2 = b.manifest
+    assert m2.quality.adaptation[0]["qa_teacher_sha256"] == row["qa_teacher_sha256"]
+    assert {x.name: x.sha256 for x in m2.members}["model.gguf"] == {x.name: x.sha256 for x in m.members}["model.gguf"]
+
+
+@pytest.mark.slow
+def test_build_refuses_a_teacher_with_no_usable_pair(server: str, tiny_llama_dir: Path, keys: Path,
+                                                     tmp_path: Path) -> None:
+    """Documents in a script the tiny teacher never writes: every pair is ungrounded, so the build stops in the adapt
+    stage before any training, with one line and no bundle."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    para = ("Насос номер {n} кавитирует при низком уровне в резервуаре. Прикройте напорную задвижку наполовину, "
+            "проверьте сетчатый фильтр на всасывании и запишите давление в журнал смены. ")
+    for d in range(3):
+        (docs / f"nasos-{d}.md").write_text(f"# Насос {d}\n\n" + "\n\n".join(para.format(n=10 * d + i)
+                                                                             for i in range(12)), encoding="utf-8")
+    out = tmp_path / "b.fpk"
+    r = _build(tiny_llama_dir, keys, out, "--adapt", "raft", "--qa-teacher", server, "--qa-max", "2",
+               "--adapt-steps", "2", docs=docs)
+    assert r.returncode == 5, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "gave no usable question from" in last and "not grounded" in last and "Fix:" in last, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not out.exists()
