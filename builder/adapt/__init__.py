@@ -51,6 +51,7 @@ class AdaptReport:
         train_sha256 / held_out_sha256 / qa_sha256: what was trained and measured on (qa: every RAFT pair).
         qa_train_pairs: pairs from ``--qa-train``; qa_teacher: the question teacher (:func:`.teacher.teacher_label`);
         qa_teacher_sha256: sha256 of the JSONL of its kept pairs (in the adapt stage's cache);
+        qa_teacher_gguf_sha256: a local GGUF teacher's file digest;
         qa_teacher_chunks / qa_teacher_kept / qa_teacher_dropped: chunks asked, pairs kept, pairs dropped;
         qa_teacher_dropped_why: ``"2 malformed, 1 duplicate"``.
     """
@@ -79,6 +80,7 @@ class AdaptReport:
     qa_train_pairs: int | None = None
     qa_teacher: str | None = None
     qa_teacher_sha256: str | None = None
+    qa_teacher_gguf_sha256: str | None = None
     qa_teacher_chunks: int | None = None
     qa_teacher_kept: int | None = None
     qa_teacher_dropped: int | None = None
@@ -227,6 +229,7 @@ def adapt_checkpoint(model_dir: Path, out_dir: Path, opts: AdaptOptions, *, trai
                      teacher_qa.teacher)
             pairs = pairs + list(teacher_qa.pairs)
             extra.update(qa_teacher=teacher_qa.teacher, qa_teacher_sha256=teacher_qa_sha256,
+                         qa_teacher_gguf_sha256=teacher_qa.gguf_sha256,
                          qa_teacher_chunks=teacher_qa.chunks_asked, qa_teacher_kept=teacher_qa.kept,
                          qa_teacher_dropped=teacher_qa.n_dropped,
                          qa_teacher_dropped_why=", ".join(f"{n} {k}" for k, n in teacher_qa.dropped.items()) or None)

@@ -55,6 +55,8 @@ SYSTEM_PROMPT = (
 
 _WORD = re.compile(r"[^\W_]{3,}", re.UNICODE)
 _QA_LINE = re.compile(r"^\s*(?:[-*\d.)\s]*)(q|question|a|answer)\s*\d*\s*[:.)-]\s*(.*)$", re.IGNORECASE)
+#: An HTTP 400 about the request's length (llama.cpp, OpenAI, vLLM wording): that chunk alone is refused.
+_TOO_LONG = re.compile(r"context (window|length)|maximum context|too long|exceeds?\b.*\btokens", re.IGNORECASE)
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 _UNANSWERABLE = re.compile(
     r"\b(not (stated|mentioned|specified|given|provided|answered|covered)|does not (say|state|mention|answer)|"
@@ -217,8 +219,10 @@ class TeacherQA:
     Attributes:
         pairs: the kept pairs (source = the chunk's document), in generation order.
         teacher: :func:`teacher_label`.
-        chunks_asked / replies: chunks sent / replies received (equal unless the teacher failed mid-way).
-        kept: ``len(pairs)``; dropped: reason -> count (``malformed reply``, ``malformed``, ``unanswerable``,
+        chunks_asked / replies: chunks sent / replies received (fewer when the teacher refused a request).
+        gguf_sha256: a local GGUF teacher's file digest (None for an endpoint); set by the caller.
+        kept: ``len(pairs)``; dropped: reason -> count (``refused (HTTP 400)``: a request the teacher refused,
+            ``malformed reply``, ``malformed``, ``unanswerable``,
             ``not grounded``, ``duplicate``, ``over the cap``, ``no question``: the reply said the chunk answers
             nothing).
     """
@@ -228,6 +232,7 @@ class TeacherQA:
     chunks_asked: int = 0
     replies: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    gguf_sha256: str | None = None
 
     @property
     def kept(self) -> int:
@@ -276,7 +281,11 @@ def generate_qa(complete: Complete, chunks: Sequence[Any], *, per_chunk: int, ma
             break
         chunk = chunks[idx]
         out.chunks_asked += 1
-        reply = complete(teacher_messages(chunk, per_chunk), schema, reply_tokens(per_chunk))
+        try:
+            reply = complete(teacher_messages(chunk, per_chunk), schema, reply_tokens(per_chunk))
+        except TeacherRefused as exc:
+            dropped[f"refused ({exc})"] += 1
+            continue
         out.replies += 1
         raw = parse_reply(reply)
         if raw is None:
@@ -366,8 +375,11 @@ class EndpointTeacher:
     """An OpenAI-compatible chat completions endpoint as a :data:`Complete` (temperature 0, fixed seed).
 
     The reply is constrained by the JSON schema where the server supports it: llama.cpp's servers take
-    ``{"type": "json_object", "schema": ...}``, OpenAI and vLLM ``{"type": "json_schema", ...}``; the first a
-    server accepts (HTTP 400/422 otherwise) is kept, and plain text is the last resort.
+    ``{"type": "json_object", "schema": ...}``, OpenAI and vLLM ``{"type": "json_schema", ...}``; plain text is
+    the last resort. A request refused (HTTP 400/422; 500 from a format not yet accepted) is sent again with the
+    next format, and the first format a server accepts is kept for the next chunks. A 400 about the request's
+    length (a chunk over the server's context), or a refusal in every format: :class:`TeacherRefused` for that
+    chunk alone.
     """
 
     def __init__(self, url: str, model: str, *, timeout: float = 120.0, seed: int = 0):
@@ -385,29 +397,34 @@ class EndpointTeacher:
         import openai
 
         formats = self._formats(schema)
-        while True:
-            fmt = formats[self._format]
+        status: int | str = "?"
+        for i in range(self._format, len(formats)):
+            fmt = formats[i]
             extra = {"response_format": fmt} if fmt is not None else {}
             try:
                 r = self._client.chat.completions.create(model=self.model, messages=messages, temperature=0.0,
                                                          max_tokens=max_tokens, seed=self.seed, **extra)
-            except openai.BadRequestError as exc:
-                if fmt is not None:
-                    log.info("teacher %s refused response_format %s (%s); trying the next", self.url, fmt["type"],
-                             exc.status_code)
-                    self._format += 1
-                    continue
-                raise _endpoint_error(self.url, exc) from exc
-            except openai.UnprocessableEntityError as exc:
-                if fmt is not None:
-                    self._format += 1
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                log.info("teacher %s refused a request with response_format %s (HTTP %s): %.200s", self.url,
+                         fmt["type"] if fmt else "none", exc.status_code, exc.message)
+                status = exc.status_code
+                if _TOO_LONG.search(str(exc.message)):
+                    raise TeacherRefused(f"HTTP {status}, over its context") from exc
+                continue
+            except openai.InternalServerError as exc:
+                if i > self._format:  # a format this server never took (llama-cpp-python answers 500 to a
+                    status = exc.status_code  # request body it does not validate)
                     continue
                 raise _endpoint_error(self.url, exc) from exc
             except openai.OpenAIError as exc:
                 raise _endpoint_error(self.url, exc) from exc
-            if not r.choices:
-                return ""
-            return r.choices[0].message.content or ""
+            self._format = i
+            return (r.choices[0].message.content or "") if r.choices else ""
+        raise TeacherRefused(f"HTTP {status}")
+
+
+class TeacherRefused(Exception):
+    """The teacher refused one chunk's request (HTTP 400/422 in every format, or a prompt over its n_ctx)."""
 
 
 def check_gguf_file(path: Path) -> Path:
@@ -455,7 +472,7 @@ class GGUFTeacher:
                                                  response_format={"type": "json_object", "schema": schema})
         except ValueError as exc:  # prompt longer than n_ctx: this chunk is skipped
             log.debug("teacher %s: %s", self.path.name, exc)
-            return ""
+            raise TeacherRefused("over n_ctx") from exc
         return r["choices"][0]["message"]["content"] or ""
 
     def close(self) -> None:

@@ -99,6 +99,7 @@ def run_adapt(inputs: AdaptInputs, out_dir: Path) -> AdaptRecord:
         assert chunks is not None
         teacher_qa, qa_sha = _teacher_pairs(opts, chunks, calib, held_out, out_dir / TEACHER_QA_NAME,
                                             seed=inputs.seed)
+        teacher_qa.gguf_sha256 = inputs.qa_teacher.sha256 if inputs.qa_teacher else None
     out, rep = adapt_checkpoint(inputs.checkpoint.path, out_dir / ADAPTED_NAME, opts, train_texts=calib,
                                 held_out_texts=held_out, seed=inputs.seed, chunks=chunks, render=render,
                                 raft_k=inputs.raft_k, stop_id=inputs.stop_id, teacher_qa=teacher_qa,

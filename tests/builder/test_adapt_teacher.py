@@ -260,6 +260,19 @@ def test_endpoint_teacher_round_trip(server: str) -> None:
 
 
 @pytest.mark.slow
+def test_a_refused_request_drops_that_chunk_only(server: str) -> None:
+    """A chunk longer than the server's n_ctx (2048) is refused with HTTP 400 in every response format: that
+    chunk is counted as refused and the next one is still asked with the JSON schema."""
+    from fieldpack.builder.adapt.teacher import EndpointTeacher
+
+    long = _chunk(" ".join(["The strainer of pump P-3 is cleaned every 200 running hours."] * 400))
+    teacher = EndpointTeacher(server, "tiny")
+    got = generate_qa(teacher, [long, *_demo_chunks(1)], per_chunk=1, max_pairs=2, seed=1, teacher="t")
+    assert got.dropped.get("refused (HTTP 400, over its context)") == 1, got.dropped
+    assert got.replies == 1 and got.kept == 1 and teacher._format == 0
+
+
+@pytest.mark.slow
 def test_endpoint_with_no_usable_pair_is_refused(server: str) -> None:
     """Chunks in a script the tiny model never writes: every answer is ungrounded, so the build is refused in one
     line naming the teacher, the counts and the fix."""
@@ -278,6 +291,15 @@ def test_local_gguf_teacher_is_deterministic(tiny_gguf: Path) -> None:
     b = teacher_questions(tiny_gguf, chunks, per_chunk=1, max_pairs=2, seed=0, threads=1)
     assert a.teacher == tiny_gguf.name and a.kept >= 1
     assert a.to_jsonl() == b.to_jsonl()
+
+    from fieldpack.builder.adapt.teacher import GGUFTeacher
+
+    small = GGUFTeacher(tiny_gguf, n_ctx=128, threads=1)  # the prompt does not fit: that chunk is refused
+    try:
+        got = generate_qa(small, chunks[:1], per_chunk=1, max_pairs=1, seed=0, teacher="t")
+    finally:
+        small.close()
+    assert got.dropped == {"refused (over n_ctx)": 1} and got.kept == 0
 
 
 @pytest.mark.slow
