@@ -100,24 +100,22 @@ def teacher_messages(chunk: Any, per_chunk: int) -> list[dict[str, str]]:
 
 
 # --- parsing and screening ---------------------------------------------------------------------------------------
-def _json_candidates(text: str) -> list[Any]:
-    """JSON values found in ``text``: the whole text, fenced blocks, then the first ``{`` / ``[`` onwards."""
-    found: list[Any] = []
+def _first_json(text: str) -> tuple[bool, Any]:
+    """``(found, value)``: the first JSON value in ``text``: the whole text, a fenced block, or what follows the
+    first ``{`` / ``[`` that starts a valid value (trailing prose ignored)."""
     decoder = json.JSONDecoder(strict=False)  # raw newlines inside strings, as small models write them
     for cand in [text.strip(), *(m.strip() for m in _FENCE.findall(text))]:
         try:
-            found.append(decoder.decode(cand))
-            return found
+            return True, decoder.decode(cand)
         except ValueError:
             pass
     for i, ch in enumerate(text):
         if ch in "{[":
             try:
-                found.append(decoder.raw_decode(text[i:])[0])
-                return found
+                return True, decoder.raw_decode(text[i:])[0]
             except ValueError:
                 continue
-    return found
+    return False, None
 
 
 def _pairs_of(value: Any) -> list[tuple[str, str]] | None:
@@ -129,12 +127,11 @@ def _pairs_of(value: Any) -> list[tuple[str, str]] | None:
         q = value.get("question", value.get("q"))
         a = value.get("answer", value.get("a"))
         return [(q, a)] if isinstance(q, str) and isinstance(a, str) else None
-    if isinstance(value, list):
+    if isinstance(value, list):  # an item that is not a pair stays, as ("", ""), for screening to count
         out: list[tuple[str, str]] = []
         for item in value:
             got = _pairs_of(item) if isinstance(item, dict) else None
-            if got:
-                out.extend(got)
+            out.extend(got or [("", "")])
         return out
     return None
 
@@ -175,10 +172,10 @@ def parse_reply(text: str) -> list[tuple[str, str]] | None:
         the pairs (possibly ``[]``: the teacher said the chunk answers nothing), or None when the reply is
         malformed (neither shape).
     """
-    for value in _json_candidates(text):
-        pairs = _pairs_of(value)
-        if pairs is not None:
-            return pairs
+    found, value = _first_json(text)
+    pairs = _pairs_of(value) if found else None
+    if pairs is not None:
+        return pairs
     lines = _qa_lines(text)
     return lines or None
 

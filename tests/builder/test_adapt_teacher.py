@@ -50,6 +50,8 @@ def _chunk(text: str = CHUNK, source: str = "procedures/pumps.md") -> SimpleName
      [("What should I check when P-3 cavitates?", "The suction strainer, for debris."),
       ("How often is the strainer cleaned?", "Every 200 running hours.")]),
     ('{"pairs": []}', []),
+    ('{"pairs": [{"question": "Is it ok?"}, "text", {"question": "What is cleaned?", "answer": "the strainer"}]}',
+     [("", ""), ("", ""), ("What is cleaned?", "the strainer")]),  # broken items are kept for screening to count
 ])
 def test_parser_reads_json_fences_and_qa_lines(reply: str, expected: list[tuple[str, str]]) -> None:
     assert parse_reply(reply) == expected
