@@ -55,8 +55,10 @@ def run_trim(inputs: TrimInputs, out_dir: Path) -> TrimRecord:
     from fieldpack.builder.trim.gate import check_trim
 
     texts = [c.text for c in _read_chunks(inputs.chunks.path)]
-    _, held_out = load_split(inputs.split.path)
-    res = trim_gguf(inputs.source.path, out_dir / "trimmed.gguf", texts, keep_general=inputs.keep_general)
+    calib, held_out = load_split(inputs.split.path)
+    # general tokens by the model's own predictions on calibration chunks (the gate's held-out ones stay unseen)
+    res = trim_gguf(inputs.source.path, out_dir / "trimmed.gguf", texts, keep_general=inputs.keep_general,
+                    general_texts=calib)
     gate = check_trim(inputs.source.path, res.file.path, res.keep, held_out, n_ctx=inputs.n_ctx)
     f = res.file
     row: dict[str, Any] = dict(stage=ROW_STAGE, keep_general=inputs.keep_general, vocab_before=f.vocab_before,

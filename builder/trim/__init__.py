@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fieldpack.builder.trim.gguf_trim import TrimmedFile, read_gguf_vocab, write_trimmed_gguf
 from fieldpack.builder.trim.vocab import MIN_DOC_TOKENS, Selection, check_trimmable, select_tokens
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 #: the measurement behind it).
 DEFAULT_KEEP_GENERAL = 8192
 
-__all__ = ["DEFAULT_KEEP_GENERAL", "MIN_DOC_TOKENS", "TrimResult", "domain_counts", "prompt_texts", "trim_gguf"]
+__all__ = ["DEFAULT_KEEP_GENERAL", "MIN_DOC_TOKENS", "TrimResult", "domain_counts", "predicted_order", "prompt_texts",
+           "trim_gguf"]
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,55 @@ def domain_counts(gguf_path: Path, texts: Iterable[str], special_texts: Iterable
     return counts
 
 
+def predicted_order(gguf_path: Path, texts: list[str], *, n_ctx: int = 256, max_windows: int = 6) -> list[int]:
+    """Every token id, from the highest to the lowest mean probability the model itself predicts for it on
+    windows of ``texts`` (the general tokens a trim should keep: the removed ones' probability mass is what the
+    trim's KLD is made of).
+
+    Args:
+        gguf_path: the untrimmed GGUF (its weights are loaded).
+        texts: document chunks to predict on (the build passes its calibration chunks, never the held-out ones).
+        n_ctx / max_windows: at most ``max_windows`` windows of ``n_ctx`` tokens (each costs one forward pass and a
+            ``(n_ctx, n_vocab)`` float64 softmax).
+
+    Returns:
+        ``n_vocab`` ids (ties by id). Measured on Gemma 3 270M / PostgreSQL (README "Vocabulary trimming"): with
+        this order instead of the merge order, 4,096 general tokens give KLD 0.011 instead of ~0.02.
+    """
+    import numpy as np
+
+    from fieldpack.builder.llama_eval import _log_softmax, logits_for, open_gguf
+
+    tok = _vocab_only_tokenizer(gguf_path)
+    stream: list[int] = []
+    for text in texts:
+        stream += tok.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        if len(stream) >= n_ctx * max_windows:
+            break
+    windows = [stream[i:i + n_ctx - 1] for i in range(0, len(stream), n_ctx - 1)][:max_windows]
+    with open_gguf(gguf_path, n_ctx=n_ctx) as llm:
+        bos = [llm.token_bos()] if llm.token_bos() >= 0 else []
+        mass = np.zeros(llm.n_vocab(), dtype=np.float64)
+        for w in windows:
+            if w:
+                mass += np.exp(_log_softmax(logits_for(llm, bos + w))).sum(axis=0)
+    order = np.lexsort((np.arange(mass.size), -mass))
+    return [int(i) for i in order]
+
+
+def _vocab_only_tokenizer(path: Path) -> Any:
+    from fieldpack.builder.trim.gate import _vocab_only
+
+    return _vocab_only(path)
+
+
 def trim_gguf(src: Path, dst: Path, texts: list[str], *, keep_general: int = DEFAULT_KEEP_GENERAL,
-              extra_texts: Iterable[str] | None = None, min_doc_tokens: int = MIN_DOC_TOKENS) -> TrimResult:
+              extra_texts: Iterable[str] | None = None, min_doc_tokens: int = MIN_DOC_TOKENS,
+              general_texts: list[str] | None = None) -> TrimResult:
     """Trim ``src``'s vocabulary to the domain of ``texts`` (documents) plus ``extra_texts`` (prompt format;
     default :func:`prompt_texts`) and write ``dst``. ``min_doc_tokens``: fewest document tokens accepted.
+    ``general_texts``: choose the ``keep_general`` general tokens by the model's predicted probability on these
+    texts (:func:`predicted_order`); None: by the tokenizer's merge order.
 
     Raises:
         UnsupportedTokenizerError: the tokenizer is not byte-level BPE or byte-fallback SentencePiece.
@@ -82,7 +129,9 @@ def trim_gguf(src: Path, dst: Path, texts: list[str], *, keep_general: int = DEF
     prompt_counts = domain_counts(src, (), prompt_texts() if extra_texts is None else extra_texts)
     if sum(counts.values()) < min_doc_tokens:  # the documents alone, prompt texts not counted
         select_tokens(vocab, counts, keep_general=keep_general, min_doc_tokens=min_doc_tokens)  # raises TrimError
-    sel: Selection = select_tokens(vocab, counts + prompt_counts, keep_general=keep_general, min_doc_tokens=0)
+    general = predicted_order(src, general_texts) if general_texts and keep_general > 0 else None
+    sel: Selection = select_tokens(vocab, counts + prompt_counts, keep_general=keep_general, min_doc_tokens=0,
+                                   general=general)
     written = write_trimmed_gguf(src, dst, sel.keep)
     return TrimResult(file=written, keep=sel.keep, reasons=sel.reasons, domain_tokens=sel.domain_tokens,
                       keep_general=keep_general)

@@ -184,14 +184,17 @@ class Selection:
 
 
 def select_tokens(vocab: GgufVocab, domain_counts: Counter[int], *, keep_general: int,
-                  min_doc_tokens: int = MIN_DOC_TOKENS) -> Selection:
+                  min_doc_tokens: int = MIN_DOC_TOKENS, general: list[int] | None = None) -> Selection:
     """Choose the kept token ids.
 
     Args:
         vocab: the untrimmed tokenizer.
         domain_counts: token id -> occurrences in the documents and prompt texts (llama.cpp tokenization).
-        keep_general: how many of the most frequent general tokens (:func:`general_order`) to keep besides.
+        keep_general: how many general tokens to keep besides (the first of ``general``).
         min_doc_tokens: fewest domain tokens accepted (the build uses :data:`MIN_DOC_TOKENS`).
+        general: token ids, most wanted first (the build: the model's own predicted probability on the documents,
+            :func:`builder.trim.predicted_order`); None: :func:`general_order` (the tokenizer's merge order).
+            Only NORMAL tokens are taken from it.
 
     Raises:
         TrimError: fewer than ``min_doc_tokens`` domain tokens.
@@ -216,7 +219,11 @@ def select_tokens(vocab: GgufVocab, domain_counts: Counter[int], *, keep_general
     else:
         add("bytes", (i for i, t in enumerate(vocab.types) if t == BYTE))
     add("domain", domain_counts)
-    add("general", general_order(vocab)[:max(0, keep_general)])
+    if general is None:
+        ranked = general_order(vocab)
+    else:
+        ranked = [i for i in general if 0 <= i < len(vocab.types) and vocab.types[i] == NORMAL]
+    add("general", ranked[:max(0, keep_general)])
     closure: set[int] = set()
     for i in list(kept):
         if vocab.types[i] != NORMAL:

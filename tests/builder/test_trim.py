@@ -239,3 +239,31 @@ def test_gemma3_270m_q4_k_m_trimmed_to_postgresql_docs_passes_the_gate(gemma_ggu
     assert gate.top1_agreement >= 0.99, gate
     assert gate.passed == (gate.kld_mean <= gate.max_kld)
     assert gate.passed or gate.failed.startswith("KLD: ")
+
+
+def test_general_tokens_chosen_by_the_models_own_predictions(trimmed, demo_corpus: list[str], tmp_path: Path) -> None:
+    """``predicted_order`` ranks every id by the mean probability the model predicts on the texts (checked against
+    a direct computation), and a trim with ``general_texts`` keeps the top of that order as its general tokens."""
+    from fieldpack.builder.llama_eval import _log_softmax, logits_for, open_gguf
+    from fieldpack.builder.trim import predicted_order
+
+    src, _ = trimmed("llama")
+    texts = demo_corpus[2:4]
+    order = predicted_order(src, texts, n_ctx=64, max_windows=1)
+    tok = _vocab_only(src)
+    stream = tok.tokenize(texts[0].encode("utf-8"), add_bos=False, special=False)
+    with open_gguf(src, n_ctx=64) as llm:
+        assert sorted(order) == list(range(llm.n_vocab()))
+        bos = [llm.token_bos()] if llm.token_bos() >= 0 else []
+        mass = np.exp(_log_softmax(logits_for(llm, bos + stream[:63]))).sum(axis=0)
+    assert np.all(np.diff(mass[order]) <= 1e-9)  # non-increasing: the order is the model's, not the merge order
+    res = trim_gguf(src, tmp_path / "t.gguf", demo_corpus[:2], keep_general=50, min_doc_tokens=0,
+                    general_texts=texts)
+    vocab = read_gguf_vocab(src)
+    from fieldpack.builder.trim.vocab import NORMAL
+
+    top_normal = [i for i in predicted_order(src, texts) if vocab.types[i] == NORMAL][:50]  # trim_gguf's defaults
+    assert set(top_normal) <= set(res.keep)
+    # and it is a different choice than the merge order would make (else the test proves nothing)
+    merge_order = trim_gguf(src, tmp_path / "m.gguf", demo_corpus[:2], keep_general=50, min_doc_tokens=0)
+    assert set(res.keep) != set(merge_order.keep)
