@@ -1,0 +1,176 @@
+"""Second-stage reranking on held-out technician questions: page recall@5 / MRR@10 of the hybrid first stage
+against the same ranking reranked by a cross-encoder trained at build time on the corpus's own documents
+(:mod:`builder.reranker_train`), and the reranker's cost per question on this machine, in the same run.
+
+Corpora and QA sets are :mod:`benchmarks.retrieval_quality`'s (cached chunks and indexes are shared with it).
+For each corpus a reranker is trained once on its documents (pseudo-queries + hard negatives from the hybrid
+search; never the QA questions) and cached; the QA questions' first-stage top ``max(n)`` are scored once and
+every (n, weight) setting is judged from those scores. Settings are chosen on the dev parts; ``--split unseen``
+reports the chosen one.
+
+Run: ``.venv/bin/python -m benchmarks.rerank [--split dev|unseen] [--corpus NAME ...] [--n 10 20 30]
+[--weight 0.5 1 2 inf]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pickle
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common as C
+from benchmarks import retrieval_quality as RQ
+
+log = logging.getLogger(__name__)
+
+FAMILY = "rerank"
+#: Training settings of the benchmark's rerankers (the build's defaults, fewer steps on this shared host).
+TRAIN = dict(steps=100, batch_queries=4, negatives=3, train_max_tokens=128, max_tokens=256, max_train=500,
+             max_gate=60, candidates=20, threads=2)
+
+
+def trained_reranker(spec: RQ.CorpusSpec, emb: dict[str, Any], chunks: Sequence[Any]) -> Path:
+    """A cross-encoder trained on ``spec``'s documents (cached folder with ``reranker.onnx``,
+    ``tokenizer.json`` and ``result.json``; kept whatever its gate says, so the benchmark can judge it)."""
+    from fieldpack.builder import reranker_train as RT
+    from fieldpack.builder.embedder_export import default_model_dir
+    from fieldpack.retrieval.embedder import OnnxEmbedder
+    from fieldpack.retrieval.search import Retriever
+
+    index = RQ.corpus_index(spec, emb, chunks, "base")
+    key = C.content_key(str(index), Path(RT.__file__), json.dumps(TRAIN, sort_keys=True))
+
+    def build(tmp: Path) -> None:
+        with OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]), max_tokens=int(emb["max_tokens"]),
+                          threads=1) as e, Retriever(index, e) as r:
+            res = RT.build_reranker(default_model_dir(), chunks,
+                                    lambda q: r.search(q, k=20), tmp, min_gain=-1.0, **TRAIN)
+        (tmp / "result.json").write_text(json.dumps(res.to_dict(), indent=1))
+
+    return C.cached_dir(f"reranker-{spec.name}", key, build)
+
+
+def candidate_scores(spec: RQ.CorpusSpec, emb: dict[str, Any], index: Path, rr_dir: Path, items: Sequence[Any],
+                     n: int) -> list[dict[str, Any]]:
+    """Per answerable item: first-stage top-``n`` sources, cross-encoder logits and the scoring time (ms,
+    one thread), cached per reranker and question set."""
+    from fieldpack.retrieval.embedder import OnnxEmbedder
+    from fieldpack.retrieval.rerank import OnnxReranker, passage_text
+    from fieldpack.retrieval.search import Retriever
+
+    qs = [it.question for it in items]
+    key = C.content_key(str(index), rr_dir / "reranker.onnx", json.dumps(qs), str(n))
+
+    def build(tmp: Path) -> None:
+        rows = []
+        with OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]), max_tokens=int(emb["max_tokens"]),
+                          threads=1) as e, Retriever(index, e) as r, \
+                OnnxReranker(rr_dir / "reranker.onnx", rr_dir / "tokenizer.json", threads=1) as rr:
+            for q in qs:
+                hits = r.search(q, k=n)
+                t = time.perf_counter()
+                s = rr.score(q, [passage_text(h.section, h.text) for h in hits])
+                rows.append({"question": q, "sources": [h.source for h in hits], "scores": s.tolist(),
+                             "ms": (time.perf_counter() - t) * 1e3})
+        (tmp / "scores.pkl").write_bytes(pickle.dumps(rows))
+
+    return pickle.loads((C.cached_dir(f"rerank-scores-{spec.name}", key, build) / "scores.pkl").read_bytes())
+
+
+def judge(items: Sequence[Any], rows: Sequence[dict[str, Any]], n: int | None, weight: float) -> dict[str, float]:
+    """Page recall@1/@5 and MRR@10 over ``items`` with the first ``n`` candidates reranked (``None``: the first
+    stage as is)."""
+    from fieldpack.device.evaluate import metrics as M
+    from fieldpack.retrieval.rerank import fuse_ranks
+
+    ranks = []
+    for it, row in zip(items, rows):
+        src = list(row["sources"])
+        if n is not None:
+            head = src[:n]
+            order = fuse_ranks(len(head), np.asarray(row["scores"][:len(head)], dtype=np.float32), weight=weight)
+            src = [head[i] for i in order] + src[n:]
+        ranks.append(M.first_relevant_rank([it.page_matches(p) for p in M.page_ranking(src)]))
+    cnt = max(1, len(ranks))
+    return {"page_recall@1": sum(r is not None and r <= 1 for r in ranks) / cnt,
+            "page_recall@5": sum(r is not None and r <= 5 for r in ranks) / cnt,
+            "page_mrr@10": sum(1.0 / r for r in ranks if r is not None and r <= 10) / cnt}
+
+
+def run_corpus(name: str, split: str, ns: Sequence[int], weights: Sequence[float]) -> dict[str, Any]:
+    """Train (cached), score and judge one corpus: rows of (n, weight) -> figures, plus cost."""
+    spec = RQ.CORPORA[name]
+    emb = RQ.base_export()
+    chunks = RQ.corpus_chunks(spec, emb)
+    index = RQ.corpus_index(spec, emb, chunks, "base")
+    rr_dir = trained_reranker(spec, emb, chunks)
+    items = [it for it in RQ.load_items(spec, split) if it.target is not None]
+    rows = candidate_scores(spec, emb, index, rr_dir, items, max(ns))
+    out_rows = [{"n": 0, "weight": 0.0, **judge(items, rows, None, 0.0)}]
+    for n in ns:
+        for w in weights:
+            out_rows.append({"n": n, "weight": w, **judge(items, rows, n, w)})
+    per_cand = [r["ms"] / max(1, len(r["scores"])) for r in rows]
+    return {"questions": len(items), "chunks": len(chunks), "train": json.loads((rr_dir / "result.json").read_text()),
+            "rows": out_rows, "ms_per_candidate_p50": float(np.median(per_cand)),
+            "ms_per_question_p50": {n: float(np.median(per_cand)) * n for n in ns},
+            "onnx_bytes": (rr_dir / "reranker.onnx").stat().st_size}
+
+
+def table_lines(doc: dict[str, Any]) -> list[str]:
+    """Markdown: per corpus, first stage vs each (n, weight) setting."""
+    lines: list[str] = []
+    for name, c in doc["corpora"].items():
+        t = c["train"]
+        lines += ["", f"{name} ({doc['split']} part, {c['questions']} answerable questions, {c['chunks']} chunks); "
+                  f"reranker {t['precision']} {c['onnx_bytes'] / 2**20:.1f} MiB, gate page MRR@10 "
+                  f"{t['first_stage_mrr']:.3f} -> {t['reranked_mrr']:.3f}, {t['steps']} steps in "
+                  f"{t['seconds']:.0f} s, loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}; scoring "
+                  f"{c['ms_per_candidate_p50']:.1f} ms per candidate (p50, 1 thread)", "",
+                  "| rerank top n | CE weight | page R@1 | page R@5 | page MRR@10 |", "|---|---|---|---|---|"]
+        for r in c["rows"]:
+            label = ("first stage", "-") if r["n"] == 0 else (str(r["n"]), str(r["weight"]))
+            lines.append(f"| {label[0]} | {label[1]} | {r['page_recall@1']:.2f} | {r['page_recall@5']:.2f} | "
+                         f"{r['page_mrr@10']:.2f} |")
+    return lines
+
+
+def run(out: Path, *, quick: bool = False) -> dict[str, Any]:
+    """``python -m benchmarks rerank``: the unseen parts (``--quick``: SQLite only) at the dev-chosen setting."""
+    corpora = ["sqlite"] if quick else ["postgresql", "sqlite"]
+    doc = {"split": "unseen", "corpora": {c: run_corpus(c, "unseen", [20], [1.0]) for c in corpora}}
+    doc.update(family=FAMILY, quick=quick, machine=C.machine_info())
+    C.write_result(out, FAMILY, doc, None)
+    return doc
+
+
+def summarize(doc: dict[str, Any]) -> list[str]:
+    """Markdown for ``summary.md``."""
+    return ["## Cross-encoder reranking on held-out questions", *table_lines(doc), ""]
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--split", default="dev", choices=["dev", "unseen"])
+    ap.add_argument("--corpus", action="append", choices=["postgresql", "sqlite", "debian-handbook"])
+    ap.add_argument("--n", type=int, nargs="+", default=[10, 20, 30])
+    ap.add_argument("--weight", type=float, nargs="+", default=[0.5, 1.0, 2.0, float("inf")])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    doc = {"split": args.split, "corpora": {c: run_corpus(c, args.split, args.n, args.weight)
+                                            for c in args.corpus or ["postgresql", "sqlite"]}}
+    print("\n".join(table_lines(doc)))
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    _main()
