@@ -161,49 +161,52 @@ def judge(items: Sequence[Any], rows: Sequence[dict[str, Any]], n: int | None, w
 
 
 def run_corpus(name: str, split: str, ns: Sequence[int], weights: Sequence[float], *,
-               llm_questions: int = 0, llm_n: int = 10) -> dict[str, Any]:
+               llm_questions: int = 0, llm_n: int = 10, cross_encoder: bool = True) -> dict[str, Any]:
     """Train (cached), score and judge one corpus: rows of (n, weight) -> figures, plus cost; with
     ``llm_questions``, option (b) (:func:`llm_scores`) on the first that many items, top ``llm_n``, beside the
-    first stage and the cross-encoder on the same items."""
+    first stage and the cross-encoder on the same items (``cross_encoder=False``: no cross-encoder at all)."""
     spec = RQ.CORPORA[name]
     emb = RQ.base_export()
     chunks = RQ.corpus_chunks(spec, emb)
     index = RQ.corpus_index(spec, emb, chunks, "base")
-    rr_dir = trained_reranker(spec, emb, chunks)
     items = [it for it in RQ.load_items(spec, split) if it.target is not None]
-    rows = candidate_scores(spec, emb, index, rr_dir, items, max(ns))
-    out_rows = [{"n": 0, "weight": 0.0, **judge(items, rows, None, 0.0)}]
-    for n in ns:
-        for w in weights:
-            out_rows.append({"n": n, "weight": w, **judge(items, rows, n, w)})
-    per_cand = [r["ms"] / max(1, len(r["scores"])) for r in rows]
-    llm: dict[str, Any] | None = None
+    out: dict[str, Any] = {"questions": len(items), "chunks": len(chunks), "rows": [], "llm": None}
+    rows: list[dict[str, Any]] = []
+    if cross_encoder:
+        rr_dir = trained_reranker(spec, emb, chunks)
+        rows = candidate_scores(spec, emb, index, rr_dir, items, max(ns))
+        out["rows"] = [{"n": 0, "weight": 0.0, **judge(items, rows, None, 0.0)}]
+        out["rows"] += [{"n": n, "weight": w, **judge(items, rows, n, w)} for n in ns for w in weights]
+        per_cand = [r["ms"] / max(1, len(r["scores"])) for r in rows]
+        out.update(train=json.loads((rr_dir / "result.json").read_text()),
+                   ms_per_candidate_p50=float(np.median(per_cand)),
+                   ms_per_question_p50={n: float(np.median(per_cand)) * n for n in ns},
+                   onnx_bytes=(rr_dir / "reranker.onnx").stat().st_size)
     if llm_questions:
         sub = items[:llm_questions]
         lrows = llm_scores(spec, emb, index, sub, llm_n)
-        llm = {"questions": len(sub), "n": llm_n,
-               "ms_per_question_p50": float(np.median([r["ms"] for r in lrows])),
-               "rows": [{"scorer": "first stage", "weight": 0.0, **judge(sub, rows[:len(sub)], None, 0.0)}]
-               + [{"scorer": "cross-encoder", "weight": w, **judge(sub, rows[:len(sub)], llm_n, w)} for w in weights]
-               + [{"scorer": "Gemma 3 270M log P(yes)", "weight": w, **judge(sub, lrows, llm_n, w)}
-                  for w in weights]}
-    return {"llm": llm, "questions": len(items), "chunks": len(chunks), "train": json.loads((rr_dir / "result.json").read_text()),
-            "rows": out_rows, "ms_per_candidate_p50": float(np.median(per_cand)),
-            "ms_per_question_p50": {n: float(np.median(per_cand)) * n for n in ns},
-            "onnx_bytes": (rr_dir / "reranker.onnx").stat().st_size}
+        ce = [{"scorer": "cross-encoder", "weight": w, **judge(sub, rows[:len(sub)], llm_n, w)}
+              for w in weights] if cross_encoder else []
+        out["llm"] = {"questions": len(sub), "n": llm_n,
+                      "ms_per_question_p50": float(np.median([r["ms"] for r in lrows])),
+                      "rows": [{"scorer": "first stage", "weight": 0.0, **judge(sub, lrows, None, 0.0)}, *ce,
+                               *({"scorer": "Gemma 3 270M log P(yes)", "weight": w, **judge(sub, lrows, llm_n, w)}
+                                 for w in weights)]}
+    return out
 
 
 def table_lines(doc: dict[str, Any]) -> list[str]:
     """Markdown: per corpus, first stage vs each (n, weight) setting."""
     lines: list[str] = []
     for name, c in doc["corpora"].items():
-        t = c["train"]
-        lines += ["", f"{name} ({doc['split']} part, {c['questions']} answerable questions, {c['chunks']} chunks); "
-                  f"reranker {t['precision']} {c['onnx_bytes'] / 2**20:.1f} MiB, gate page MRR@10 "
-                  f"{t['first_stage_mrr']:.3f} -> {t['reranked_mrr']:.3f}, {t['steps']} steps in "
-                  f"{t['seconds']:.0f} s, loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}; scoring "
-                  f"{c['ms_per_candidate_p50']:.1f} ms per candidate (p50, 1 thread)", "",
-                  "| rerank top n | CE weight | page R@1 | page R@5 | page MRR@10 |", "|---|---|---|---|---|"]
+        t = c.get("train")
+        lines += ["", f"{name} ({doc['split']} part, {c['questions']} answerable questions, {c['chunks']} chunks)"]
+        if t is not None:
+            lines += ["", f"cross-encoder {t['precision']} {c['onnx_bytes'] / 2**20:.1f} MiB, {t['steps']} steps in "
+                      f"{t['seconds']:.0f} s, LCE loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}, gate page "
+                      f"MRR@10 {t['first_stage_mrr']:.3f} -> {t['reranked_mrr']:.3f}; scoring "
+                      f"{c['ms_per_candidate_p50']:.1f} ms per candidate (p50, 1 thread)", "",
+                      "| rerank top n | CE weight | page R@1 | page R@5 | page MRR@10 |", "|---|---|---|---|---|"]
         for r in c["rows"]:
             label = ("first stage", "-") if r["n"] == 0 else (str(r["n"]), str(r["weight"]))
             lines.append(f"| {label[0]} | {label[1]} | {r['page_recall@1']:.2f} | {r['page_recall@5']:.2f} | "
@@ -242,11 +245,13 @@ def _main() -> None:
     ap.add_argument("--llm", type=int, default=0, metavar="Q",
                     help="also judge option (b), Gemma 3 270M scoring relevance, on the first Q questions")
     ap.add_argument("--llm-n", type=int, default=10, help="candidates the LLM scores per question")
+    ap.add_argument("--no-cross-encoder", action="store_true", help="judge only the LLM (with --llm)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     doc = {"split": args.split, "corpora": {c: run_corpus(c, args.split, args.n, args.weight,
-                                                                llm_questions=args.llm, llm_n=args.llm_n)
+                                                                llm_questions=args.llm, llm_n=args.llm_n,
+                                                                cross_encoder=not args.no_cross_encoder)
                                             for c in args.corpus or ["postgresql", "sqlite"]}}
     print("\n".join(table_lines(doc)))
     if args.json:
