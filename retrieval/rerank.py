@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fieldpack.retrieval.embedder import load_tokenizer
+from fieldpack.retrieval.embedder import cpu_session, load_tokenizer
 from fieldpack.retrieval.search import reciprocal_rank_fusion
 from fieldpack.retrieval.types import Hit
 from fieldpack.shared.errors import RuntimeLoadError, UsageError
@@ -89,27 +89,11 @@ class OnnxReranker:
         self.onnx_path = onnx_path
         self.max_tokens = max_tokens
         self._tokenizer = load_tokenizer(tokenizer_path, max_tokens=max_tokens)
-        self._session: onnxruntime.InferenceSession | None = self._load(onnx_path, threads)
+        self._session: onnxruntime.InferenceSession | None = cpu_session(onnx_path, threads, what="reranker")
         self._inputs = [i.name for i in self._session.get_inputs()]
         if "input_ids" not in self._inputs:
             raise RuntimeLoadError(f"ONNX reranker {onnx_path} has no input_ids input (it has {self._inputs})",
                                    hint="export the reranker with fieldpack (builder.reranker_train)")
-
-    @staticmethod
-    def _load(path: Path, threads: int | None) -> onnxruntime.InferenceSession:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.inter_op_num_threads = 1
-        if threads is not None:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        try:
-            return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime's exception types share no base
-            raise RuntimeLoadError(f"ONNX Runtime cannot load reranker {path}: {exc}",
-                                   hint="the file is damaged; rebuild or reinstall the bundle") from exc
 
     def score(self, query: str, passages: Sequence[str], batch_size: int = 16) -> np.ndarray:
         """Relevance logits of ``passages`` for ``query``.
