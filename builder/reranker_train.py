@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from fieldpack.builder.embedder_adapt import held_out, mine_pairs
+from fieldpack.builder.embedder_adapt import held_out, mine_pairs, warmup_linear_decay
 from fieldpack.retrieval.rerank import OnnxReranker, fuse_ranks, passage_text
 from fieldpack.retrieval.types import Hit
 from fieldpack.shared.atomic import fsync_dir, fsync_file
@@ -258,9 +258,7 @@ def train_cross_encoder(model_dir: Path, examples: Sequence[RerankExample], *, s
     # near ln(1 + negatives) for tens of steps)
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": lr},
                              {"params": model.head.parameters(), "lr": lr * head_lr_scale}])
-    warm = max(1, n_steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (n_steps - s) / max(1, n_steps - warm)))
+    sched = warmup_linear_decay(opt, n_steps)
     size = 1 + len(groups[0].negatives)
     losses: list[float] = []
     for step in range(n_steps):
