@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fieldpack.builder.adapt.teacher import is_endpoint
 from fieldpack.shared.errors import UsageError, first_validation_error
 from fieldpack.shared.manifest import BundleName, BundleVersion
 
@@ -79,7 +80,7 @@ class BuildConfig(BaseModel):
     def _adapt_paths(cls, v: dict[str, Any]) -> dict[str, Any]:
         out = dict(v)
         for key in _ADAPT_PATH_KEYS:  # files the adaptation reads: absolute, so a recipe replays from anywhere
-            if isinstance(out.get(key), (str, Path)) and str(out[key]):
+            if isinstance(out.get(key), (str, Path)) and str(out[key]) and not is_endpoint(out[key]):
                 out[key] = str(Path(out[key]).expanduser().absolute())
         return out
 
@@ -146,7 +147,7 @@ class BuildConfig(BaseModel):
 _OPTIONS = {"model", "docs", "quant", "embd_type", "output_type", "keep_general", "name", "version", "sign", "n_ctx",
             "max_tokens", "embedder", "adapt_embedder"}
 _PATH_KEYS = ("docs", "sign", "output", "embedder", "model")
-_ADAPT_PATH_KEYS = ("qa_train", "teacher")
+_ADAPT_PATH_KEYS = ("qa_train", "teacher", "qa_teacher")
 
 
 def _relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -161,6 +162,6 @@ def _relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
                 out[key] = str(cand)
     adapt = out.get("adapt")
     if isinstance(adapt, dict):
-        out["adapt"] = {k: (str(base / v) if k in _ADAPT_PATH_KEYS and isinstance(v, str) and v
+        out["adapt"] = {k: (str(base / v) if k in _ADAPT_PATH_KEYS and isinstance(v, str) and v and not is_endpoint(v)
                             and not Path(v).expanduser().is_absolute() else v) for k, v in adapt.items()}
     return out

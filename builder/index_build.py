@@ -1,6 +1,9 @@
 """Chunks + embeddings -> the bundle's retrieval index: one SQLite file with sqlite-vec and FTS5.
 
-Layout: :func:`retrieval.index.index_schema` (``chunks``, ``chunks_vec`` vec0, ``chunks_fts`` FTS5, ``meta``).
+Layout: :func:`shared.index_format.index_schema` (``chunks``, ``chunks_vec`` vec0, ``chunks_fts`` FTS5,
+``meta``), or from :data:`shared.index_format.BINARY_MIN_CHUNKS` chunks on the ``binary`` vector layout
+(:func:`shared.index_format.binary_schema`: float16 vectors in a plain table + sign-random-projection codes,
+:mod:`retrieval.binary`), recorded in ``meta`` as ``vector_layout``.
 The file is built under a temporary name in the destination folder, VACUUMed, fsynced and renamed, so a crash
 never leaves a half-written index at ``out_path``.
 """
@@ -40,6 +43,7 @@ class IndexStats:
         metric: ``"cosine"`` or ``"l2"``.
         size_bytes: file size after VACUUM.
         sha256: hex digest of the file.
+        vector_layout: ``"float32"`` or ``"binary"`` (:data:`shared.index_format.VECTOR_LAYOUTS`).
     """
 
     path: Path
@@ -49,6 +53,7 @@ class IndexStats:
     metric: str
     size_bytes: int
     sha256: str
+    vector_layout: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,6 +91,7 @@ def build_index(
     *,
     metric: str = "cosine",
     embedder_name: str = "",
+    vector_layout: str = "auto",
 ) -> IndexStats:
     """Write the retrieval index for ``chunks``.
 
@@ -95,6 +101,9 @@ def build_index(
         out_path: destination file; replaced atomically if it exists. Its folder must exist.
         metric: ``"cosine"`` (default) or ``"l2"``.
         embedder_name: recorded in ``meta`` so the device can check it embeds queries with the same model.
+        vector_layout: ``"float32"`` (exact sqlite-vec KNN, index format 1), ``"binary"`` (codes + float
+            rescoring, format 2, cosine only) or ``"auto"``: binary from
+            :data:`~shared.index_format.BINARY_MIN_CHUNKS` chunks on when the metric is cosine.
 
     Raises:
         IngestError: no chunks.
@@ -106,6 +115,7 @@ def build_index(
         raise IngestError(f"no chunks to index into {out_path}", hint="ingest a docs folder with documents first")
     if metric not in index_format.METRICS:
         raise UsageError(f"unknown index metric {metric!r}", hint=f"use one of {', '.join(index_format.METRICS)}")
+    layout = choose_layout(len(chunks), metric, vector_layout)
     emb = np.asarray(embeddings)
     if emb.ndim != 2 or emb.shape[0] != len(chunks) or emb.shape[1] < 1:
         raise UsageError(
@@ -122,7 +132,7 @@ def build_index(
         )
     with atomic_path(out_path) as tmp:  # SQLite creates the file itself
         try:
-            _write(tmp, chunks, emb, metric, embedder_name)
+            _write(tmp, chunks, emb, metric, embedder_name, layout)
         finally:
             tmp.with_name(tmp.name + "-journal").unlink(missing_ok=True)
     sha256 = sha256_file(out_path)
@@ -134,18 +144,40 @@ def build_index(
         metric=metric,
         size_bytes=out_path.stat().st_size,
         sha256=sha256,
+        vector_layout=layout,
     )
-    log.info("index %s: %d chunks of %d documents, dim %d, %d bytes", out_path, stats.chunks, stats.documents,
-             dim, stats.size_bytes)
+    log.info("index %s: %d chunks of %d documents, dim %d, %s vectors, %d bytes", out_path, stats.chunks,
+             stats.documents, dim, layout, stats.size_bytes)
     return stats
 
 
-def _write(path: Path, chunks: Sequence[Chunk], emb: np.ndarray, metric: str, embedder_name: str) -> None:
+def choose_layout(n_chunks: int, metric: str, requested: str = "auto") -> str:
+    """The vector layout :func:`build_index` writes for ``n_chunks`` chunks (see its ``vector_layout``).
+
+    Raises:
+        UsageError: an unknown layout, or ``"binary"`` with a metric other than cosine (the rescoring and the
+            codes measure angles).
+    """
+    if requested == "auto":
+        return "binary" if metric == "cosine" and n_chunks >= index_format.BINARY_MIN_CHUNKS else "float32"
+    if requested not in index_format.VECTOR_LAYOUTS:
+        raise UsageError(f"unknown vector layout {requested!r}",
+                         hint=f"use auto or one of {', '.join(index_format.VECTOR_LAYOUTS)}")
+    if requested == "binary" and metric != "cosine":
+        raise UsageError(f"the binary vector layout needs the cosine metric, not {metric!r}",
+                         hint="use metric cosine, or vector_layout float32")
+    return requested
+
+
+def _write(path: Path, chunks: Sequence[Chunk], emb: np.ndarray, metric: str, embedder_name: str,
+           layout: str) -> None:
+    binary = layout == "binary"
     conn = idx.connect(path, readonly=False)
     try:
         conn.execute("PRAGMA journal_mode=MEMORY")
         with conn:  # one transaction
-            for ddl in index_format.index_schema(emb.shape[1], metric):
+            schema = index_format.binary_schema if binary else index_format.index_schema
+            for ddl in schema(emb.shape[1], metric):
                 conn.execute(ddl)
             conn.executemany(
                 "INSERT INTO chunks (id, source, section, page, line_start, line_end, text, n_tokens, doc_sha256)"
@@ -155,20 +187,24 @@ def _write(path: Path, chunks: Sequence[Chunk], emb: np.ndarray, metric: str, em
                     for i, c in enumerate(chunks, start=1)
                 ),
             )
+            stored = emb.astype(index_format.BINARY_RESCORE_DTYPE) if binary else emb
             conn.executemany(
-                "INSERT INTO chunks_vec (chunk_id, embedding) VALUES (?, ?)",
-                ((i, emb[i - 1].tobytes()) for i in range(1, len(chunks) + 1)),
+                f"INSERT INTO {'chunks_emb' if binary else 'chunks_vec'} (chunk_id, embedding) VALUES (?, ?)",
+                ((i, stored[i - 1].tobytes()) for i in range(1, len(chunks) + 1)),
             )
             conn.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild')")
             conn.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('optimize')")
             meta = {
-                index_format.META_INDEX_FORMAT: str(index_format.INDEX_FORMAT),
+                index_format.META_INDEX_FORMAT: str(index_format.BINARY_INDEX_FORMAT if binary
+                                                    else index_format.INDEX_FORMAT),
                 index_format.META_DIMENSION: str(emb.shape[1]),
                 index_format.META_METRIC: metric,
                 index_format.META_EMBEDDER: embedder_name,
                 index_format.META_CHUNKS: str(len(chunks)),
                 index_format.META_DOCUMENTS: str(len({c.source for c in chunks})),
             }
+            if binary:
+                meta.update(_write_codes(conn, emb))
             conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
         conn.execute("VACUUM")
         conn.execute("PRAGMA journal_mode=DELETE")
@@ -178,3 +214,22 @@ def _write(path: Path, chunks: Sequence[Chunk], emb: np.ndarray, metric: str, em
         ) from exc
     finally:
         conn.close()
+
+
+def _write_codes(conn: Any, emb: np.ndarray) -> dict[str, str]:
+    """Write ``vec_projection`` and ``chunks_codes`` for chunk ids ``1..n``; the ``meta`` entries they need."""
+    from fieldpack.retrieval import binary as B
+
+    bits = index_format.BINARY_BITS_PER_DIM * emb.shape[1]
+    bits += -bits % 64
+    proj = B.projection(emb.shape[1], bits)
+    conn.execute("INSERT INTO vec_projection (id, rows, cols, matrix) VALUES (1, ?, ?, ?)",
+                 (proj.shape[0], proj.shape[1], proj.tobytes()))
+    step = index_format.BINARY_BLOCK
+    for block, start in enumerate(range(0, emb.shape[0], step)):
+        part = emb[start:start + step]
+        ids = np.arange(start + 1, start + 1 + part.shape[0], dtype="<i8")
+        conn.execute("INSERT INTO chunks_codes (block, ids, codes) VALUES (?, ?, ?)",
+                     (block, ids.tobytes(), B.encode(part, proj).tobytes()))
+    return {index_format.META_VECTOR_LAYOUT: "binary", index_format.META_BINARY_BITS: str(bits),
+            index_format.META_BINARY_OVERSAMPLE: str(index_format.BINARY_OVERSAMPLE)}

@@ -125,7 +125,8 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
 
 def check_adaptation(cfg: BuildConfig, *, gguf_input: bool = False) -> None:
     """Cheap checks of ``cfg.adapt`` before any heavy work: the options, the QA file (every line's fields, every
-    source a document under ``--docs``) and the teacher's tokenizer against the student's.
+    source a document under ``--docs``), the teacher's tokenizer against the student's, and the question
+    teacher (``--qa-teacher``: a GGUF file, or an endpoint that answers and serves the model).
 
     Raises:
         AdaptationError: naming the input and the fix.
@@ -141,6 +142,10 @@ def check_adaptation(cfg: BuildConfig, *, gguf_input: bool = False) -> None:
                               hint="pass --model the checkpoint folder the GGUF was made from")
     if opts.qa_train is not None:
         read_qa_file(opts.qa_train, cfg.docs)
+    if opts.qa_teacher is not None:
+        from fieldpack.builder.adapt.teacher import check_qa_teacher
+
+        check_qa_teacher(opts.qa_teacher, opts.qa_teacher_model)
     if opts.teacher is not None:
         if not Path(opts.teacher).is_dir():
             raise AdaptationError(f"--distill-from {opts.teacher} is not a folder",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from fieldpack.retrieval import index as idx
+from fieldpack.retrieval.binary import BinaryCodes
 from fieldpack.shared import index_format
 from fieldpack.retrieval.embedder import OnnxEmbedder
 from fieldpack.retrieval.types import Hit
@@ -264,12 +265,21 @@ class Retriever:
             ) from exc
         self.meta: dict[str, str] = {str(k): str(v) for k, v in rows}
         fmt = self.meta.get(index_format.META_INDEX_FORMAT)
-        if fmt != str(index_format.INDEX_FORMAT):
+        readable = [str(f) for f in index_format.READABLE_FORMATS]
+        self.vector_layout = self.meta.get(index_format.META_VECTOR_LAYOUT, "float32")
+        layout_of = {str(index_format.INDEX_FORMAT): "float32", str(index_format.BINARY_INDEX_FORMAT): "binary"}
+        if layout_of.get(fmt or "") != self.vector_layout:
             conn.close()
             raise RuntimeLoadError(
-                f"index {self.db_path} has format {fmt!r}; this fieldpack reads format {index_format.INDEX_FORMAT}",
+                f"index {self.db_path} has format {fmt!r} (vector layout {self.vector_layout!r}); this fieldpack "
+                f"reads formats {', '.join(readable)} ({', '.join(index_format.VECTOR_LAYOUTS)})",
                 hint="rebuild the bundle with this fieldpack version, or upgrade fieldpack on the device",
             )
+        binary = self.vector_layout == "binary"
+        self._emb_table = "chunks_emb" if binary else "chunks_vec"
+        self._emb_dtype = index_format.BINARY_RESCORE_DTYPE if binary else "<f4"
+        self._codes: BinaryCodes | None = None  # binary layout: loaded on the first vector search
+        self.oversample = int(self.meta.get(index_format.META_BINARY_OVERSAMPLE, index_format.BINARY_OVERSAMPLE))
         self.dimension = int(self.meta.get(index_format.META_DIMENSION, "0"))
         self.metric = self.meta.get(index_format.META_METRIC, "cosine")
         if self.dimension != embedder.dimension:
@@ -318,7 +328,7 @@ class Retriever:
         bm_list: list[tuple[int, float]] = []  # (chunk id, bm25), best (lowest) first
         if mode in ("hybrid", "vector"):
             qvec = self.embedder.embed([query])[0]  # (dim,) float32, unit norm
-            vec_list = self._vector(qvec, n)
+            vec_list = self.vector_search(qvec, n)
         if mode in ("hybrid", "bm25"):
             bm_list = self._bm25(query, n)
         fused = reciprocal_rank_fusion([[i for i, _ in vec_list], [i for i, _ in bm_list]], k=cfg.rrf_k,
@@ -386,12 +396,44 @@ class Retriever:
             return 1.0 - distance * distance / 2.0
         return 1.0 - distance
 
-    def _vector(self, qvec: np.ndarray, n: int) -> list[tuple[int, float]]:
+    def vector_search(self, qvec: np.ndarray, n: int) -> list[tuple[int, float]]:
+        """The ``n`` chunks nearest to the query embedding ``qvec`` (``(dim,) float32``, unit norm):
+        ``(chunk id, cosine similarity)``, best first.
+
+        ``float32`` layout: exact KNN by sqlite-vec. ``binary`` layout: the ``n * oversample`` nearest codes by
+        Hamming distance (:class:`retrieval.binary.BinaryCodes`), rescored with their float16 vectors (cosine
+        within 1e-4 of float32), so only the candidate set is approximate."""
+        if self.vector_layout == "binary":
+            ids = self.binary_codes().candidates(qvec, n * self.oversample)
+            sims = self._similarities(qvec, ids)
+            return sorted(sims.items(), key=lambda item: (-item[1], item[0]))[:n]
         rows = self._query(
             "SELECT chunk_id, distance FROM chunks_vec WHERE embedding MATCH ? AND k = ? ORDER BY distance",
             (np.ascontiguousarray(qvec, dtype="<f4").tobytes(), n),
         )
         return [(int(i), self._similarity(float(d))) for i, d in rows]
+
+    def binary_codes(self) -> BinaryCodes:
+        """The binary layout's codes and projection, read once (``chunks_codes``, ``vec_projection``)."""
+        if self._codes is None:
+            ((rows, cols, matrix),) = self._query("SELECT rows, cols, matrix FROM vec_projection WHERE id = 1", ())
+            proj = np.frombuffer(matrix, dtype="<f4").reshape(int(rows), int(cols))
+            blocks = self._query("SELECT ids, codes FROM chunks_codes ORDER BY block", ())
+            width = int(cols) // 8
+            ids = np.concatenate([np.frombuffer(i, dtype="<i8") for i, _ in blocks] or [np.zeros(0, "<i8")])
+            codes = np.concatenate([np.frombuffer(c, dtype=np.uint8).reshape(-1, width) for _, c in blocks]
+                                   or [np.zeros((0, width), np.uint8)])
+            try:
+                self._codes = BinaryCodes(ids, codes, proj)
+            except ValueError as exc:
+                raise RuntimeLoadError(f"the index {self.db_path} is damaged (binary codes: {exc})",
+                                       hint="run `fieldpack verify --installed`, then reinstall the bundle") from exc
+            log.debug("loaded %d binary codes of %d bits (%d bytes)", ids.shape[0], int(cols), self._codes.nbytes)
+        return self._codes
+
+    def bm25_search(self, query: str, n: int) -> list[tuple[int, float]]:
+        """The ``n`` best FTS5 BM25 matches of ``query``: ``(chunk id, bm25)``, best (lowest) first."""
+        return self._bm25(query, n)
 
     def _bm25(self, query: str, n: int) -> list[tuple[int, float]]:
         expr = fts5_query(query)
@@ -422,12 +464,15 @@ class Retriever:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        rows = self._query(f"SELECT chunk_id, embedding FROM chunks_vec WHERE chunk_id IN ({marks})", ids)
-        out = {}
-        for i, blob in rows:
-            vec = np.frombuffer(blob, dtype="<f4")
-            out[int(i)] = float(np.dot(vec, qvec) / max(float(np.linalg.norm(vec)), 1e-12))
-        return out
+        rows = self._query(f"SELECT chunk_id, embedding FROM {self._emb_table} WHERE chunk_id IN ({marks})", ids)
+        if not rows:
+            return {}
+        mat = np.frombuffer(b"".join(blob for _, blob in rows), dtype=self._emb_dtype).reshape(len(rows), -1)
+        mat = mat.astype(np.float32)
+        # einsum, not BLAS gemv: a gemv's thread pool costs ~10 ms per call on a busy CPU (measured here)
+        dots = np.einsum("ij,j->i", mat, np.asarray(qvec, dtype=np.float32))
+        sims = dots / np.maximum(np.sqrt(np.einsum("ij,ij->i", mat, mat)), 1e-12)
+        return {int(i): float(s) for (i, _), s in zip(rows, sims)}
 
     def _rows(self, ids: list[int]) -> dict[int, tuple[Any, ...]]:
         if not ids:
@@ -450,7 +495,7 @@ class Retriever:
     # --- housekeeping --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """JSON-ready facts about the index: ``path``, ``size_bytes``, ``chunks``, ``documents``,
-        ``dimension``, ``metric``, ``embedder``, ``index_format``."""
+        ``dimension``, ``metric``, ``embedder``, ``index_format``, ``vector_layout``."""
         (chunks,), = self._query("SELECT count(*) FROM chunks", ())
         (documents,), = self._query("SELECT count(DISTINCT source) FROM chunks", ())
         return {
@@ -462,6 +507,7 @@ class Retriever:
             "metric": self.metric,
             "embedder": self.meta.get(index_format.META_EMBEDDER, ""),
             "index_format": int(self.meta.get(index_format.META_INDEX_FORMAT, "0")),
+            "vector_layout": self.vector_layout,
         }
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ Distillation").
 
     checkpoint ─▶ LoRA adapters (lora.py, PEFT) ─▶ train (train.py, transformers Trainer / accelerate)
                      data (data.py): DAPT blocks of the calibration chunks | RAFT examples from --qa-train
+                     and/or --qa-teacher questions (teacher.py: a GGUF or an OpenAI-compatible endpoint)
                      loss: next-token, or KD mixed with it (distill.py) given a teacher / the unpruned model
                 ─▶ held-out PPL/KLD before and after (train.evaluate) ─▶ merge into float32 weights
                 ─▶ a plain HF checkpoint folder (written atomically) for our converter and parity gate
@@ -47,7 +48,12 @@ class AdaptReport:
         kld_after: mean KL(unadapted || adapted) on the held-out tokens (nats/token): how far the model moved.
         teacher_ppl / teacher_kld_before / teacher_kld_after: with a teacher, its PPL and KL(teacher || student).
         eval_tokens / train_sequences / n_abstain: counts (RAFT: examples without oracle).
-        train_sha256 / held_out_sha256 / qa_sha256: what was trained and measured on.
+        train_sha256 / held_out_sha256 / qa_sha256: what was trained and measured on (qa: every RAFT pair).
+        qa_train_pairs: pairs from ``--qa-train``; qa_teacher: the question teacher (:func:`.teacher.teacher_label`);
+        qa_teacher_sha256: sha256 of the JSONL of its kept pairs (in the adapt stage's cache);
+        qa_teacher_gguf_sha256: a local GGUF teacher's file digest;
+        qa_teacher_chunks / qa_teacher_kept / qa_teacher_dropped: chunks asked, pairs kept, pairs dropped;
+        qa_teacher_dropped_why: ``"2 malformed, 1 duplicate"``.
     """
 
     method: str
@@ -71,6 +77,14 @@ class AdaptReport:
     teacher_ppl: float | None = None
     teacher_kld_before: float | None = None
     teacher_kld_after: float | None = None
+    qa_train_pairs: int | None = None
+    qa_teacher: str | None = None
+    qa_teacher_sha256: str | None = None
+    qa_teacher_gguf_sha256: str | None = None
+    qa_teacher_chunks: int | None = None
+    qa_teacher_kept: int | None = None
+    qa_teacher_dropped: int | None = None
+    qa_teacher_dropped_why: str | None = None
 
     @property
     def recovered(self) -> float | None:
@@ -173,7 +187,8 @@ def adapt_model(model: Any, tokenizer: Any, examples: Sequence[Any], held_out: S
 def adapt_checkpoint(model_dir: Path, out_dir: Path, opts: AdaptOptions, *, train_texts: Sequence[str],
                      held_out_texts: Sequence[str], seed: int = 0, chunks: Sequence[Any] | None = None,
                      render: Callable[[str, list[Any], list[Any]], str] | None = None, raft_k: int = 4,
-                     stop_id: int | None = None, device: str | None = None) -> tuple[Path, AdaptReport]:
+                     stop_id: int | None = None, device: str | None = None, teacher_qa: Any = None,
+                     teacher_qa_sha256: str | None = None) -> tuple[Path, AdaptReport]:
     """Adapt a checkpoint folder as ``opts`` says and write the merged float32 checkpoint to ``out_dir``.
 
     Args:
@@ -184,6 +199,8 @@ def adapt_checkpoint(model_dir: Path, out_dir: Path, opts: AdaptOptions, *, trai
         chunks: the build's chunks (RAFT oracle and distractors); render: the bundle's prompt renderer (RAFT);
         raft_k: sources per RAFT prompt (``opts.raft_k`` wins when set); stop_id: the token ending an answer
         (RAFT; default the tokenizer's EOS).
+        teacher_qa: RAFT pairs a teacher wrote (:class:`.teacher.TeacherQA`, from ``--qa-teacher``), used with
+        the ``--qa-train`` pairs when both are given; teacher_qa_sha256: the sha256 of their JSONL file.
 
     Returns:
         ``(out_dir, report)``.
@@ -200,10 +217,22 @@ def adapt_checkpoint(model_dir: Path, out_dir: Path, opts: AdaptOptions, *, trai
     model, tok = _load(model_dir)
     extra: dict[str, Any] = {"teacher": Path(opts.teacher).name if opts.teacher else None}
     if opts.method == "raft":
-        if chunks is None or render is None or opts.qa_train is None:
-            raise AdaptationError("RAFT needs the document chunks, the prompt renderer and --qa-train",
+        if chunks is None or render is None or (opts.qa_train is None and teacher_qa is None):
+            raise AdaptationError("RAFT needs the document chunks, the prompt renderer and --qa-train or "
+                                  "--qa-teacher questions",
                                   hint="run it through `fieldpack build --adapt raft --qa-train FILE`")
-        pairs = data.read_qa_file(opts.qa_train)
+        pairs = data.read_qa_file(opts.qa_train) if opts.qa_train is not None else []
+        if opts.qa_train is not None:
+            extra["qa_train_pairs"] = len(pairs)
+        if teacher_qa is not None:
+            log.info("RAFT questions: %d from --qa-train, %d from --qa-teacher %s", len(pairs), teacher_qa.kept,
+                     teacher_qa.teacher)
+            pairs = pairs + list(teacher_qa.pairs)
+            extra.update(qa_teacher=teacher_qa.teacher, qa_teacher_sha256=teacher_qa_sha256,
+                         qa_teacher_gguf_sha256=teacher_qa.gguf_sha256,
+                         qa_teacher_chunks=teacher_qa.chunks_asked, qa_teacher_kept=teacher_qa.kept,
+                         qa_teacher_dropped=teacher_qa.n_dropped,
+                         qa_teacher_dropped_why=", ".join(f"{n} {k}" for k, n in teacher_qa.dropped.items()) or None)
         examples, n_abstain = data.raft_examples(
             pairs, chunks, render, tok, stop_id=stop_id if stop_id is not None else tok.eos_token_id,
             k=opts.raft_k or raft_k, abstain_share=opts.raft_abstain, seed=seed, max_len=2 * opts.seq_len)

@@ -5,6 +5,12 @@ The options dict (as the CLI and ``recipe.toml`` spell it)::
 
     method         dapt | raft     continued pretraining on the document chunks | RAFT fine-tuning on Q/A + sources
     qa_train       raft: JSONL of {"question", "answer", "source"} (source: a document path under --docs)
+    qa_teacher     raft: a local .gguf or an OpenAI-compatible http(s)://host:port/v1 endpoint that writes
+                   questions with answers from the calibration chunks (builder.adapt.teacher); with qa_train,
+                   both sets are used
+    qa_teacher_model  the endpoint's model name (default: the first model it serves)
+    qa_per_chunk   questions asked per chunk (default 1)
+    qa_max         cap on the questions kept from the teacher (default 200)
     teacher        a checkpoint folder to distil from (forward KL on softened logits mixed with next-token loss);
                    its tokenizer must be the student's
     steps          optimizer steps (default 100)
@@ -29,12 +35,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from fieldpack.builder.adapt.teacher import is_endpoint
 from fieldpack.shared.errors import AdaptationError, first_validation_error
 
 METHODS = ("dapt", "raft")
 #: option key -> the ``fieldpack build`` flag that sets it (for error messages)
 FLAGS = {"method": "--adapt", "qa_train": "--qa-train", "teacher": "--distill-from", "steps": "--adapt-steps",
-         "lora_r": "--lora-r", "seq_len": "--adapt-seq-len", "lr": "--adapt-lr", "batch_size": "--adapt-batch"}
+         "lora_r": "--lora-r", "seq_len": "--adapt-seq-len", "lr": "--adapt-lr", "batch_size": "--adapt-batch",
+         "qa_teacher": "--qa-teacher", "qa_teacher_model": "--qa-teacher-model", "qa_per_chunk": "--qa-per-chunk",
+         "qa_max": "--qa-max"}
 
 
 class AdaptOptions(BaseModel):
@@ -44,6 +53,10 @@ class AdaptOptions(BaseModel):
 
     method: Literal["dapt", "raft"] | None = None
     qa_train: Path | None = None
+    qa_teacher: str | None = None
+    qa_teacher_model: str | None = None
+    qa_per_chunk: int = 1
+    qa_max: int = 200
     teacher: Path | None = None
     steps: int = 100
     batch_size: int = 4
@@ -79,7 +92,16 @@ class AdaptOptions(BaseModel):
                                   hint="use --adapt dapt (continued pretraining) or --adapt raft (Q/A fine-tuning)")
         return m
 
-    @field_validator("steps", "batch_size", "lora_r", "threads", mode="before")
+    @field_validator("qa_teacher", "qa_teacher_model", mode="before")
+    @classmethod
+    def _text(cls, v: Any, info: Any) -> str:
+        if not isinstance(v, (str, Path)) or not str(v).strip():
+            raise AdaptationError(f"{_flag(info.field_name)} {v!r} is empty",
+                                  hint="give a .gguf file or an http(s)://host:port/v1 URL" if info.field_name ==
+                                  "qa_teacher" else "give the name of a model the endpoint serves")
+        return str(v).strip()
+
+    @field_validator("steps", "batch_size", "lora_r", "threads", "qa_per_chunk", "qa_max", mode="before")
     @classmethod
     def _positive_int(cls, v: Any, info: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -115,11 +137,17 @@ class AdaptOptions(BaseModel):
         if self.method is None and self.teacher is None:
             raise AdaptationError("adaptation options without --adapt or --distill-from",
                                   hint="add --adapt dapt|raft or --distill-from TEACHER, or drop the options")
-        if self.method == "raft" and self.qa_train is None:
+        if self.method == "raft" and self.qa_train is None and self.qa_teacher is None:
             raise AdaptationError("--adapt raft needs training questions, and none were given",
-                                  hint="pass --qa-train pairs.jsonl (lines of question, answer, source)")
-        if self.qa_train is not None and self.method != "raft":
-            raise AdaptationError("--qa-train applies to --adapt raft only", hint="add --adapt raft or drop --qa-train")
+                                  hint="pass --qa-train pairs.jsonl (lines of question, answer, source) or "
+                                       "--qa-teacher MODEL.gguf|http://host:port/v1")
+        for key in ("qa_train", "qa_teacher"):
+            if getattr(self, key) is not None and self.method != "raft":
+                raise AdaptationError(f"{_flag(key)} applies to --adapt raft only",
+                                      hint=f"add --adapt raft or drop {_flag(key)}")
+        if self.qa_teacher_model is not None and not is_endpoint(self.qa_teacher or ""):
+            raise AdaptationError("--qa-teacher-model names a model of an endpoint, and --qa-teacher is not one",
+                                  hint="drop --qa-teacher-model, or give --qa-teacher http(s)://host:port/v1")
         return self
 
     @property

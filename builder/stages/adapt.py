@@ -7,7 +7,11 @@ measures stay untouched); its record's checkpoint replaces the source checkpoint
 
     convert (source) ─▶ eval split ─▶ adapt ─▶ convert (adapted) ─▶ parity ─▶ [compress] ─▶ quantize ─▶ quality
 
-Paths (``qa_train``, ``teacher``) enter the key by content hash, never by name.
+Paths (``qa_train``, ``teacher``, a GGUF ``qa_teacher``) enter the key by content hash, never by name; an
+endpoint ``qa_teacher`` enters as its URL and the model it serves (resolved when the key is made). With a
+question teacher the stage first writes the teacher's pairs to ``teacher_qa.jsonl`` in its own output folder
+(atomically), then trains on them: a cached stage replays the same pairs; a fresh run against a remote teacher
+may get others (an endpoint is not deterministic).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 from fieldpack.builder.stages.base import Input, Stage, StageInputs, StageRecord, hash_tree
 
 ADAPTED_NAME = "adapted"
-_PATH_OPTIONS = ("qa_train", "teacher")
+TEACHER_QA_NAME = "teacher_qa.jsonl"
+_PATH_OPTIONS = ("qa_train", "teacher", "qa_teacher", "qa_teacher_model")
 
 
 class AdaptInputs(StageInputs):
@@ -29,6 +34,8 @@ class AdaptInputs(StageInputs):
     chunks: Input | None = None  # RAFT: the ingest chunks (oracle and distractors)
     qa_train: Input | None = None
     teacher: Input | None = None
+    qa_teacher: Input | None = None  # --qa-teacher GGUF (by content hash)
+    qa_endpoint: dict[str, str] | None = None  # --qa-teacher endpoint: {"url", "model"}
     prompt: dict[str, Any] | None = None  # RAFT: the PromptPlan fields (the bundle's own prompt)
     raft_k: int = 4
     stop_id: int | None = None  # RAFT: the token that ends an answer
@@ -38,11 +45,20 @@ class AdaptInputs(StageInputs):
                     **extra: Any) -> "AdaptInputs":
         """Inputs from ``BuildConfig.adapt``: path options hashed as Inputs, the rest kept as options."""
         plain = {k: v for k, v in options.items() if k not in _PATH_OPTIONS}
+        from fieldpack.builder.adapt.teacher import is_endpoint, resolve_endpoint_model
+
         qa = options.get("qa_train")
         teacher = options.get("teacher")
+        qa_teacher = options.get("qa_teacher")
+        endpoint = None
+        if qa_teacher and is_endpoint(qa_teacher):
+            url = str(qa_teacher).rstrip("/")
+            endpoint = {"url": url, "model": resolve_endpoint_model(url, options.get("qa_teacher_model"))}
         return cls(checkpoint=checkpoint, split=split, options=plain, seed=seed,
                    qa_train=Input.file(Path(qa)) if qa else None,
-                   teacher=Input.tree(Path(teacher)) if teacher else None, **extra)
+                   teacher=Input.tree(Path(teacher)) if teacher else None,
+                   qa_teacher=Input.file(Path(qa_teacher)) if qa_teacher and endpoint is None else None,
+                   qa_endpoint=endpoint, **extra)
 
 
 class AdaptRecord(StageRecord):
@@ -63,9 +79,12 @@ def run_adapt(inputs: AdaptInputs, out_dir: Path) -> AdaptRecord:
     from fieldpack.builder.stages.quant import load_split
 
     quiet_third_party()
+    ep = inputs.qa_endpoint or {}
     opts = parse_adapt_options({**inputs.options,
                                 "qa_train": inputs.qa_train.path if inputs.qa_train else None,
-                                "teacher": inputs.teacher.path if inputs.teacher else None})
+                                "teacher": inputs.teacher.path if inputs.teacher else None,
+                                "qa_teacher": str(inputs.qa_teacher.path) if inputs.qa_teacher else ep.get("url"),
+                                "qa_teacher_model": ep.get("model")})
     calib, held_out = load_split(inputs.split.path)
     chunks = render = None
     if opts.method == "raft":
@@ -75,15 +94,49 @@ def run_adapt(inputs: AdaptInputs, out_dir: Path) -> AdaptRecord:
         assert inputs.chunks is not None and inputs.prompt is not None
         chunks = _read_chunks(inputs.chunks.path)
         render = PromptPlan(**inputs.prompt).renderer()
+    teacher_qa = qa_sha = None
+    if opts.qa_teacher is not None:
+        assert chunks is not None
+        teacher_qa, qa_sha = _teacher_pairs(opts, chunks, calib, held_out, out_dir / TEACHER_QA_NAME,
+                                            seed=inputs.seed)
+        teacher_qa.gguf_sha256 = inputs.qa_teacher.sha256 if inputs.qa_teacher else None
     out, rep = adapt_checkpoint(inputs.checkpoint.path, out_dir / ADAPTED_NAME, opts, train_texts=calib,
                                 held_out_texts=held_out, seed=inputs.seed, chunks=chunks, render=render,
-                                raft_k=inputs.raft_k, stop_id=inputs.stop_id)
+                                raft_k=inputs.raft_k, stop_id=inputs.stop_id, teacher_qa=teacher_qa,
+                                teacher_qa_sha256=qa_sha)
     return AdaptRecord(checkpoint=out, row=rep.row())
 
 
+def calibration_chunks(chunks: list[Any], calib: list[str], held_out: list[str]) -> list[Any]:
+    """The chunks whose text is a calibration text and no held-out one (what a teacher may read)."""
+    cal, held = set(calib), set(held_out)
+    return [c for c in chunks if c.text in cal and c.text not in held]
+
+
+def _teacher_pairs(opts: Any, chunks: list[Any], calib: list[str], held_out: list[str], path: Path, *,
+                   seed: int) -> tuple[Any, str]:
+    """Ask ``opts.qa_teacher`` about the calibration chunks, write the kept pairs to ``path`` (JSONL, atomic).
+    Returns ``(TeacherQA, sha256 of the file)``. Raises AdaptationError (unreachable, no usable pair)."""
+    import hashlib
+
+    from fieldpack.builder.adapt.data import read_qa_file
+    from fieldpack.builder.adapt.teacher import teacher_questions
+    from fieldpack.shared.atomic import atomic_write_bytes
+
+    known = [p.question for p in read_qa_file(opts.qa_train)] if opts.qa_train is not None else []
+    got = teacher_questions(opts.qa_teacher, calibration_chunks(chunks, calib, held_out),
+                            model=opts.qa_teacher_model, per_chunk=opts.qa_per_chunk, max_pairs=opts.qa_max,
+                            seed=seed, threads=opts.threads, known_questions=known)
+    data = got.to_jsonl().encode("utf-8")
+    atomic_write_bytes(path, data)
+    return got, hashlib.sha256(data).hexdigest()
+
+
 ADAPT = Stage("adapt", "1", AdaptRecord, run_adapt, libraries=("torch", "transformers", "peft", "accelerate",
-                                                               "tokenizers", "safetensors"),
+                                                               "tokenizers", "safetensors", "llama_cpp_python"),
               code=("fieldpack.builder.adapt", "fieldpack.builder.compress.structured",
                     "fieldpack.shared.prompt_format"),
               label=lambda i: "adapt " + "+".join(
-                  [str(i.options.get("method"))] * bool(i.options.get("method")) + ["kd"] * (i.teacher is not None)))
+                  [str(i.options.get("method"))] * bool(i.options.get("method")) + ["kd"] * (i.teacher is not None))
+              + (" (questions: --qa-train + --qa-teacher)"
+                 if i.qa_train is not None and (i.qa_teacher or i.qa_endpoint) else ""))

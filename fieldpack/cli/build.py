@@ -122,9 +122,17 @@ def build(
                                                           "from the unpruned one (LoRA)"),
     heal_steps: Optional[int] = typer.Option(None, "--heal-steps", help="optimizer steps of --heal (default 100)"),
     adapt: Optional[str] = typer.Option(None, "--adapt", help="dapt: LoRA continued pretraining on the documents; "
-                                                            "raft: LoRA fine-tuning on --qa-train questions"),
+                                                            "raft: LoRA fine-tuning on --qa-train / --qa-teacher questions"),
     qa_train: Optional[Path] = typer.Option(None, "--qa-train", help="raft: JSONL of question, answer, source "
                                                                    "(a document path under --docs)"),
+    qa_teacher: Optional[str] = typer.Option(None, "--qa-teacher", help="raft: a .gguf or an OpenAI-compatible "
+                                             "http(s)://host:port/v1 endpoint that writes questions with answers "
+                                             "from the calibration chunks (with --qa-train: both are used)"),
+    qa_teacher_model: Optional[str] = typer.Option(None, "--qa-teacher-model", help="the endpoint's model (default: "
+                                                   "the first it serves); API key from $FIELDPACK_TEACHER_API_KEY"),
+    qa_per_chunk: Optional[int] = typer.Option(None, "--qa-per-chunk", help="--qa-teacher questions per chunk "
+                                               "(default 1)"),
+    qa_max: Optional[int] = typer.Option(None, "--qa-max", help="cap on the --qa-teacher questions kept (default 200)"),
     distill_from: Optional[Path] = typer.Option(None, "--distill-from", help="teacher checkpoint folder (same "
                                                 "tokenizer): KD on its softened logits, mixed with next-token loss"),
     adapt_steps: Optional[int] = typer.Option(None, "--adapt-steps", help="optimizer steps (default 100)"),
@@ -148,7 +156,8 @@ def build(
                                    quantizer=quantizer, calib_chunks=calib_chunks, heal=heal,
                                    heal_steps=heal_steps).items() if v is not None}
     adapt_opts: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(
-        method=adapt, qa_train=qa_train, teacher=distill_from, steps=adapt_steps, seq_len=adapt_seq_len,
+        method=adapt, qa_train=qa_train, qa_teacher=qa_teacher, qa_teacher_model=qa_teacher_model,
+        qa_per_chunk=qa_per_chunk, qa_max=qa_max, teacher=distill_from, steps=adapt_steps, seq_len=adapt_seq_len,
         lora_r=lora_r).items() if v is not None}
     opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
                 n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder, prompt_format=prompt_format,

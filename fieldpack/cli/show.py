@@ -90,7 +90,8 @@ def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Co
     if q.adaptation:
         cols = ["method", "steps", "tokens", "seconds", "tokens_per_s", "device", "loss_first", "loss_last",
                 "ppl_before", "ppl_after", "kld_after", "teacher_ppl", "teacher_kld_before", "teacher_kld_after",
-                "recovered", "train_sha256", "held_out_sha256", "qa_sha256"]
+                "recovered", "train_sha256", "held_out_sha256", "qa_sha256", "qa_teacher", "qa_teacher_kept",
+                "qa_teacher_dropped", "qa_teacher_sha256"]
         cols = [k for k in cols if any(k in row for row in q.adaptation)]
         t = Table(*cols, title="adaptation (LoRA merged into float32; held-out document chunks, measured in torch)")
         for row in q.adaptation:

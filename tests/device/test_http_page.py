@@ -72,15 +72,18 @@ def test_page_streams_an_answer_with_sources_and_opens_one(served: tuple[object,
         _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".turn .q"))
         assert browser.find_element(By.CSS_SELECTOR, ".turn .q").text == QUESTION
         assert not browser.find_elements(By.CSS_SELECTOR, ".turn .source")
-    seen: set[str] = set()
-
-    def streamed_then_done(d: object) -> bool:  # record every partial text the page shows on the way
-        seen.add(d.find_element(By.CSS_SELECTOR, ".turn .a").text)
-        return bool(d.find_elements(By.CSS_SELECTOR, ".turn .source"))
-
-    _wait(browser, streamed_then_done)
+        # every text the answer element takes on the way, recorded by the page itself (a MutationObserver), so a
+        # fast stream on a busy machine cannot slip between two WebDriver polls
+        browser.execute_script("""
+            window.__seen = [];
+            new MutationObserver(() => {
+                const a = document.querySelector('.turn .a');
+                if (a) window.__seen.push(a.innerText);
+            }).observe(document.body, {subtree: true, childList: true, characterData: true});""")
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".turn .source"))
     answer = browser.find_element(By.CSS_SELECTOR, ".turn .a").text
-    assert answer and len({s for s in seen if s and s != answer}) >= 1  # partial answers were shown first
+    seen = set(browser.execute_script("return window.__seen;"))
+    assert answer and len({s.strip() for s in seen if s.strip() and s.strip() != answer.strip()}) >= 1  # partials first
     sources = browser.find_elements(By.CSS_SELECTOR, ".turn .source")
     assert any("database.md" in s.text for s in sources)
     target = next(s for s in sources if "database.md" in s.text)
