@@ -17,10 +17,12 @@ Families (one module each):
 * :mod:`benchmarks.retrieval_quality` — chunk and page recall@5 / MRR@10 on the unseen parts of the dev QA sets (benchmarks/qa), former vs default ranking, base vs adapted embedder.
 * :mod:`benchmarks.retrieval_scale` — vector KNN over 1k / 10k / 13.6k / 100k chunks: float32 exact vs the binary
   layout vs sqlite-vec int8 / bit: latency, recall vs exact search, index bytes; hybrid p50 at 13.6k and 100k.
+* :mod:`benchmarks.rerank` — second-stage reranking (a cross-encoder trained on each corpus's own documents, and
+  Gemma 3 270M scoring relevance) against the hybrid first stage: page recall@5 / MRR@10 and ms per question.
 
 The MQTT benchmark needs a Mosquitto binary and runs on its own: ``python -m benchmarks.mqtt_bench``.
 
 These are build-host tools (they import builder, torch, chromadb); the ``bench`` extra installs what they need.
 """
 
-FAMILIES = ("quality", "embedder", "retrieval", "retrieval_quality", "retrieval_scale", "generation", "install", "compress_bench", "build_cache", "http_api")
+FAMILIES = ("quality", "embedder", "retrieval", "retrieval_quality", "retrieval_scale", "rerank", "generation", "install", "compress_bench", "build_cache", "http_api")

@@ -199,6 +199,16 @@ def _encode(model: Any, texts: list[str]) -> np.ndarray:
 
 
 # --- training --------------------------------------------------------------------------------------------------
+def warmup_linear_decay(opt: Any, n_steps: int) -> Any:
+    """``torch.optim.lr_scheduler.LambdaLR`` over ``opt``: linear warm-up over the first 10 % of ``n_steps``
+    (at least one step), then linear decay to 0 at ``n_steps`` (step once per optimizer step)."""
+    import torch
+
+    warm = max(1, n_steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (n_steps - s) / max(1, n_steps - warm)))
+
+
 def adapt_embedder(
     model_dir: Path,
     chunks: Sequence[Any],
@@ -281,9 +291,7 @@ def adapt_embedder(
     loss_fn = MultipleNegativesRankingLoss(model)
     n_steps = min(steps, len(batches))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    warm = max(1, n_steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (n_steps - s) / max(1, n_steps - warm)))
+    sched = warmup_linear_decay(opt, n_steps)
     model.train()
     loss_log: list[float] = []
     for step, batch in enumerate(batches[:n_steps]):

@@ -81,6 +81,30 @@ def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> dict[str, np.ndarray
     }
 
 
+def cpu_session(path: Path, threads: int | None, *, what: str) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime CPU session for ``path`` with every graph optimisation, one inter-op thread and
+    ``threads`` intra-op threads (``None``: every core); errors-only logging.
+
+    Raises:
+        RuntimeLoadError: ONNX Runtime cannot load the file (``what`` names it in the message).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.inter_op_num_threads = 1
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # errors only
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... without a common base
+        raise RuntimeLoadError(
+            f"ONNX Runtime cannot load {what} {path}: {exc}",
+            hint="the file is damaged or from an incompatible exporter; rebuild or reinstall the bundle",
+        ) from exc
+
+
 class OnnxEmbedder:
     """Embeds text with an ONNX sentence-embedding model.
 
@@ -130,21 +154,7 @@ class OnnxEmbedder:
     # --- loading -------------------------------------------------------------------------------------------
     @staticmethod
     def _load_session(path: Path, threads: int | None) -> onnxruntime.InferenceSession:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.inter_op_num_threads = 1
-        if threads is not None:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3  # errors only
-        try:
-            return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... without a common base
-            raise RuntimeLoadError(
-                f"ONNX Runtime cannot load embedder {path}: {exc}",
-                hint="the file is damaged or from an incompatible exporter; rebuild or reinstall the bundle",
-            ) from exc
+        return cpu_session(path, threads, what="embedder")
 
     def _probe_dimension(self) -> int:
         shape = self._require_session().get_outputs()[0].shape
