@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = dict(model=src.name, docs=str(args.docs), files=len(files), held_out_files=len(held_names),
                                chars=sum(map(len, all_texts)), threads_all=default_threads())
     t0 = time.perf_counter()
-    res = trim_gguf(src, args.out / "gemma-3-270m-Q4_K_M-trimmed.gguf", all_texts, keep_general=keep_general)
+    # as the build does: vocabulary from every chunk, general tokens by the model's predictions on non-held-out text
+    res = trim_gguf(src, args.out / "gemma-3-270m-Q4_K_M-trimmed.gguf", all_texts, keep_general=keep_general,
+                    general_texts=train)
     doc["trim_seconds"] = round(time.perf_counter() - t0, 1)
     gate = check_trim(src, res.file.path, res.keep, held, n_ctx=256, max_windows=args.windows, raise_on_fail=False)
     doc["build_regime"] = dict(keep_general=keep_general, vocab_before=res.file.vocab_before,
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("speed at %d threads: %s", threads, sp)
     doc["sweep"] = []
     for n in [int(x) for x in args.sweep.split(",") if x.strip()]:
-        r = trim_gguf(src, args.out / f"sweep-{n}.gguf", train, keep_general=n)
+        r = trim_gguf(src, args.out / f"sweep-{n}.gguf", train, keep_general=n, general_texts=train)
         g = check_trim(src, r.file.path, r.keep, held, n_ctx=256, max_windows=args.windows, raise_on_fail=False)
         doc["sweep"].append(dict(keep_general=n, vocab_after=r.file.vocab_after, bytes_after=r.file.size_bytes,
                                  bytes_ratio=r.file.size_bytes / r.file.source_bytes, gate=g.__dict__))
