@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 #: Default ``--keep-general``: general tokens kept besides the domain's (see README "Vocabulary trimming" for
 #: the measurement behind it).
-DEFAULT_KEEP_GENERAL = 8192
+DEFAULT_KEEP_GENERAL = 32768
 
 __all__ = ["DEFAULT_KEEP_GENERAL", "MIN_DOC_TOKENS", "TrimResult", "domain_counts", "predicted_order", "prompt_texts",
            "trim_gguf"]

@@ -97,7 +97,7 @@ def build(
     trim_vocab: Optional[bool] = typer.Option(None, "--trim-vocab", help="trim the vocabulary to the documents' "
                                               "tokens (smaller, faster model; gated against the untrimmed one)"),
     keep_general: Optional[int] = typer.Option(None, "--keep-general", min=0, help="with --trim-vocab: general "
-                                               "tokens kept besides the domain's (default 8192)"),
+                                               "tokens kept besides the domain's (default 32768)"),
     name: Optional[str] = typer.Option(None, "--name", help="bundle name"),
     version: Optional[str] = typer.Option(None, "--version", help="bundle version"),
     sign: Optional[Path] = typer.Option(None, "--sign", help="ed25519 private key from `fieldpack keygen`"),
