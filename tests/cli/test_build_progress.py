@@ -41,7 +41,9 @@ def test_ctrl_c_names_the_interrupted_stage(tmp_path: Path, tiny_llama_dir: Path
     generate_keypair(tmp_path / "keys")
     out = tmp_path / "b.fpk"
     proc = subprocess.Popen([fieldpack_exe(), "build", "--model", str(tiny_llama_dir), "--docs", str(DEMO_DOCS),
-                             "--name", "t", "--sign", str(tmp_path / "keys" / "builder.key"), "-o", str(out)],
+                             "--name", "t", "--sign", str(tmp_path / "keys" / "builder.key"), "-o", str(out),
+                             # every stage does real work (a warm build cache finishes in ~1 s, before the signal)
+                             "--no-cache"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     lines = []
