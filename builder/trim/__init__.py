@@ -20,7 +20,6 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fieldpack.builder.trim.gguf_trim import TrimmedFile, read_gguf_vocab, write_trimmed_gguf
 from fieldpack.builder.trim.vocab import MIN_DOC_TOKENS, Selection, check_trimmable, select_tokens
@@ -86,8 +85,9 @@ def predicted_order(gguf_path: Path, texts: list[str], *, n_ctx: int = 256, max_
     import numpy as np
 
     from fieldpack.builder.llama_eval import _log_softmax, logits_for, open_gguf
+    from fieldpack.builder.trim.gate import _vocab_only
 
-    tok = _vocab_only_tokenizer(gguf_path)
+    tok = _vocab_only(gguf_path)
     stream: list[int] = []
     for text in texts:
         stream += tok.tokenize(text.encode("utf-8"), add_bos=False, special=False)
@@ -102,12 +102,6 @@ def predicted_order(gguf_path: Path, texts: list[str], *, n_ctx: int = 256, max_
                 mass += np.exp(_log_softmax(logits_for(llm, bos + w))).sum(axis=0)
     order = np.lexsort((np.arange(mass.size), -mass))
     return [int(i) for i in order]
-
-
-def _vocab_only_tokenizer(path: Path) -> Any:
-    from fieldpack.builder.trim.gate import _vocab_only
-
-    return _vocab_only(path)
 
 
 def trim_gguf(src: Path, dst: Path, texts: list[str], *, keep_general: int = DEFAULT_KEEP_GENERAL,
