@@ -36,22 +36,51 @@ def kd_loss(student_logits: Any, teacher_logits: Any, labels: Any, *, alpha: flo
     Returns:
         scalar float32 tensor (nats per labelled position).
     """
+    t = None if teacher_logits is None else teacher_logits[:, :-1]
+    return kd_loss_aligned(student_logits[:, :-1], t, labels[:, 1:], alpha=alpha, temperature=temperature)
+
+
+def kd_loss_aligned(student_logits: Any, teacher_logits: Any, targets: Any, *, alpha: float,
+                    temperature: float) -> Any:
+    """:func:`kd_loss` on logits already aligned with their targets: ``student_logits[:, i]`` predicts
+    ``targets[:, i]`` (``(batch, n, vocab)`` and ``(batch, n)``; ``-100``: no target). What the trainer uses when
+    it computes logits only at the positions that carry a target (:func:`target_positions`)."""
     import torch.nn.functional as F
 
     vocab = student_logits.shape[-1]
-    s = student_logits[:, :-1, :].float()
-    y = labels[:, 1:]
-    mask = y != IGNORE_INDEX
+    s = student_logits.float()
+    mask = targets != IGNORE_INDEX
     n = mask.sum().clamp(min=1)
-    ce = F.cross_entropy(s.reshape(-1, vocab), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum") / n
+    ce = F.cross_entropy(s.reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum") / n
     if alpha == 0.0 or teacher_logits is None:
         return ce
-    t = teacher_logits[:, :-1, :vocab].float()
+    t = teacher_logits[..., :vocab].float()
     log_ps = F.log_softmax(s / temperature, dim=-1)
     log_pt = F.log_softmax(t / temperature, dim=-1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # (batch, seq-1), KL(teacher || student)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # (batch, n), KL(teacher || student)
     kl = (kl * mask).sum() / n
     return alpha * temperature ** 2 * kl + (1.0 - alpha) * ce
+
+
+def target_positions(labels: Any) -> Any:
+    """The input positions whose next token carries a target in any row of the batch, or None when that is
+    (nearly) every position.
+
+    RAFT examples label only the answer (a few dozen tokens after a prompt of ~1,000): projecting only those
+    positions onto the vocabulary (transformers' ``logits_to_keep``) skips almost all of the ``(seq, vocab)``
+    logits, which on a 262,144-token vocabulary (Gemma 3) is most of a training step's time and memory.
+
+    Args:
+        labels: ``(batch, seq)`` int64, ``-100`` where there is no target (aligned with the input).
+
+    Returns:
+        ``(n,)`` int64 positions ``t`` (position ``t`` predicts ``labels[:, t+1]``), ascending; None when more
+        than half of the positions carry a target (no saving worth a gather).
+    """
+    has = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    if int(has.sum()) * 2 > has.numel():
+        return None
+    return has.nonzero().squeeze(-1)
 
 
 def tokenizer_fingerprint(model_dir: Path) -> dict[str, int]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fieldpack.builder.adapt.data import Example
-from fieldpack.builder.adapt.distill import IGNORE_INDEX, kd_loss
+from fieldpack.builder.adapt.distill import IGNORE_INDEX, kd_loss, kd_loss_aligned, target_positions
 from fieldpack.shared.errors import AdaptationError
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,14 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether a causal LM's forward takes transformers' ``logits_to_keep`` (a PEFT wrapper is looked through)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
 
 
 def _collate(pad_id: int):  # -> Callable[[list[Example]], dict[str, Tensor]]
@@ -162,19 +170,28 @@ def train(model: Any, examples: Sequence[Example], *, steps: int, batch_size: in
     device = pick_device(device)
     use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     stats = TrainStats(steps=0, tokens=0, seconds=0.0, device=device)
+    keep_logits = accepts_logits_to_keep(model) and (teacher is None or accepts_logits_to_keep(teacher))
     state: dict[str, float] = {"tokens": 0, "t0": 0.0}
 
     class AdaptTrainer(Trainer):
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             labels = inputs["labels"]
-            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            fwd = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+            pos = target_positions(labels) if keep_logits else None
+            if pos is not None:  # logits only where a target is (the answer of a RAFT example)
+                fwd["logits_to_keep"] = pos
+            out = model(**fwd)
             t_logits = None
             if teacher is not None:
                 with torch.no_grad():
-                    t_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            loss = kd_loss(out.logits, t_logits, labels, alpha=kd_alpha if teacher is not None else 0.0,
-                           temperature=kd_temperature)
+                    t_logits = teacher(**fwd).logits
+            alpha = kd_alpha if teacher is not None else 0.0
+            if pos is None:
+                loss = kd_loss(out.logits, t_logits, labels, alpha=alpha, temperature=kd_temperature)
+            else:
+                loss = kd_loss_aligned(out.logits, t_logits, labels[:, 1:][:, pos], alpha=alpha,
+                                       temperature=kd_temperature)
             state["tokens"] += int(inputs["attention_mask"].sum())
             stats.losses.append(float(loss.detach()))
             return (loss, out) if return_outputs else loss

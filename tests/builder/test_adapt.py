@@ -48,6 +48,42 @@ def test_kd_loss_is_ce_without_teacher_and_zero_kl_against_itself() -> None:
     assert torch.allclose(mixed, 0.25 * far + 0.75 * ce, atol=1e-6)
 
 
+def test_loss_on_target_positions_only_equals_the_full_logits_loss(tiny_gemma_dir: Path) -> None:
+    """RAFT labels only the answer: the trainer projects only those positions onto the vocabulary
+    (logits_to_keep); loss and LoRA gradients must be those of the full logits, with and without a teacher."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fieldpack.builder.adapt.distill import kd_loss_aligned, target_positions
+    from fieldpack.builder.adapt.train import accepts_logits_to_keep
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32).eval()
+    assert accepts_logits_to_keep(model) and accepts_logits_to_keep(teacher)
+    ids = torch.randint(3, 200, (2, 40))
+    labels = torch.full_like(ids, -100)
+    labels[0, 30:36], labels[1, 33:40] = ids[0, 30:36], ids[1, 33:40]  # "answers" at different offsets
+    pos = target_positions(labels)
+    assert pos.tolist() == list(range(29, 39))
+    assert target_positions(ids) is None  # DAPT blocks: every position has a target, nothing to skip
+    for alpha, t_model in ((0.0, None), (0.5, teacher)):
+        grads = []
+        for sel in (False, True):
+            model.zero_grad()
+            kw = {"logits_to_keep": pos} if sel else {}
+            out = model(input_ids=ids, **kw).logits
+            t = None if t_model is None else t_model(input_ids=ids, **kw).logits.detach()
+            loss = (kd_loss_aligned(out, t, labels[:, 1:][:, pos], alpha=alpha, temperature=2.0) if sel else
+                    kd_loss(out, t, labels, alpha=alpha, temperature=2.0))
+            loss.backward()
+            grads.append((float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        assert abs(grads[0][0] - grads[1][0]) < 1e-5 and grads[0][0] > 0
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
 @pytest.mark.parametrize("option,value,needle", [
     ("method", "lora", "--adapt 'lora'"), ("steps", 0, "--adapt-steps"), ("kd_alpha", 1.5, "outside [0, 1]"),
     ("bogus", 1, "unknown adaptation option"),
