@@ -15,6 +15,7 @@ from fieldpack.retrieval.search import (
     RRF_K,
     Retriever,
     fts5_query,
+    group_by_page,
     identifiers,
     is_relevant,
     reciprocal_rank_fusion,
@@ -110,6 +111,37 @@ def test_hybrid_hits_carry_both_signals(retriever: Retriever) -> None:
     bm_only = retriever.search(POOL_QUESTION, k=5, mode="bm25")
     assert all(h.vector_similarity is None and h.vector_rank is None for h in bm_only)
     assert [h.bm25 for h in bm_only] == sorted(h.bm25 for h in bm_only)  # type: ignore[type-var]
+
+
+def test_hybrid_runs_bm25_on_its_own_connection_and_close_ends_it(demo_index: Path, embedder: Any) -> None:  # noqa: F811
+    """Hybrid search runs BM25 in a worker thread on a second read-only connection: the fused hits equal RRF of
+    the two lists computed one after the other; concurrent callers get the same hits; the page map equals the
+    chunks table; close() ends the worker thread and both connections."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    r = Retriever(demo_index, embedder)
+    cfg = r.config
+    qvec = embedder.embed([POOL_QUESTION])[0]
+    vec = [i for i, _ in r.vector_search(qvec, cfg.candidates)]
+    bm = [i for i, _ in r.bm25_search(POOL_QUESTION, cfg.candidates)]
+    fused = reciprocal_rank_fusion([vec, bm], k=cfg.rrf_k, weights=(cfg.vector_weight, cfg.bm25_weight))
+    fused = group_by_page(fused, r._sources([i for i, _ in fused]), decay=cfg.page_decay, per_page=cfg.per_page,
+                          page_chunks=cfg.page_chunks)
+    hits = r.search(POOL_QUESTION, k=5)
+    assert [h.chunk_id for h in hits] == [i for i, _ in fused[:5]]
+    assert any(t.name.startswith("fieldpack-bm25") for t in threading.enumerate())
+    questions = [POOL_QUESTION, "pump seal leaks", "how do I rotate the logs", "V-31 alarm"] * 3
+    alone = [[h.chunk_id for h in r.search(q, k=5)] for q in questions]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda q: [h.chunk_id for h in r.search(q, k=5)], questions))
+    assert together == alone
+    rows = r._query("SELECT id, source FROM chunks", ())
+    assert r._sources([int(i) for i, _ in rows] + [10**9]) == {int(i): s for i, s in rows}  # unknown id: left out
+    r.close()
+    assert not any(t.name.startswith("fieldpack-bm25") for t in threading.enumerate())
+    with pytest.raises(RuntimeLoadError, match="closed"):
+        r.search(POOL_QUESTION, k=5)
 
 
 NASTY = [
