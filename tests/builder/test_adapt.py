@@ -272,3 +272,20 @@ def test_raft_teaches_the_model_to_end_its_answer(tiny_llama_dir: Path, tmp_path
     tuned = gen(out)
     assert tok.eos_token_id in tuned, tok.decode(tuned)
     assert "[1]" in tok.decode(tuned[:tuned.index(tok.eos_token_id)])
+
+
+def test_raft_benchmark_training_file_is_valid_and_keeps_unseen_questions_out() -> None:
+    """benchmarks/qa/postgresql-15.raft-train.jsonl: every line reads as --qa-train input against the installed
+    PostgreSQL pages (fields, sources), and no line is a question of the QA set's unseen split."""
+    from benchmarks.raft import QA_FILE, TRAIN_FILE, disjoint_pairs, unseen_items
+
+    docs = Path("/usr/share/doc/postgresql-doc-15/html")
+    if not docs.is_dir():
+        pytest.skip("postgresql-doc-15 is not installed (scripts/setup.sh installs it)")
+    pairs = read_qa_file(TRAIN_FILE, docs)
+    answerable, unanswerable = unseen_items(QA_FILE)
+    assert len(pairs) >= 90 and len(answerable) >= 20 and unanswerable
+    kept = disjoint_pairs(pairs, answerable)
+    unseen_pages = {p for r in answerable for p in [r["expected_source"], *r.get("also_ok", [])]}
+    assert kept and all(p.source not in unseen_pages for p in kept) and len(kept) < len(pairs)
+    assert not {p.question for p in pairs} & {r["question"] for r in answerable + unanswerable}
