@@ -140,6 +140,11 @@ def test_hybrid_runs_bm25_on_its_own_connection_and_close_ends_it(demo_index: Pa
     assert r._sources([int(i) for i, _ in rows] + [10**9]) == {int(i): s for i, s in rows}  # unknown id: left out
     r.close()
     assert not any(t.name.startswith("fieldpack-bm25") for t in threading.enumerate())
+    import dataclasses
+
+    with Retriever(demo_index, embedder, dataclasses.replace(cfg, concurrent_bm25=False)) as seq:
+        assert [[h.chunk_id for h in seq.search(q, k=5)] for q in questions] == alone
+        assert seq._pool is None  # one thread: no worker, no second connection
     with pytest.raises(RuntimeLoadError, match="closed"):
         r.search(POOL_QUESTION, k=5)
 
