@@ -158,7 +158,7 @@ def adapt_model(model: Any, tokenizer: Any, examples: Sequence[Any], held_out: S
 
     teacher = teacher_model
     check_enough_data(len(examples), steps=opts.steps, batch_size=opts.batch_size, max_epochs=opts.max_epochs,
-                      what=method)
+                      what=method, steps_flag="--heal-steps" if method == "heal-kd" else "--adapt-steps")
     device = pick_device(device)
     set_seed(seed)
     peft_model = attach_lora(model, r=opts.lora_r, alpha=opts.alpha)

@@ -124,7 +124,8 @@ class _ListDataset:
         return self.examples[i]
 
 
-def check_enough_data(n_examples: int, *, steps: int, batch_size: int, max_epochs: float, what: str) -> None:
+def check_enough_data(n_examples: int, *, steps: int, batch_size: int, max_epochs: float, what: str,
+                      steps_flag: str = "--adapt-steps") -> None:
     """Refuse a run that would pass over the training data more than ``max_epochs`` times.
 
     Raises:
@@ -136,7 +137,7 @@ def check_enough_data(n_examples: int, *, steps: int, batch_size: int, max_epoch
         raise AdaptationError(
             f"{what}: {n_examples} training sequences are too few for {steps} steps of {batch_size} "
             f"({need / max(n_examples, 1):.0f} passes over the data, more than max_epochs={max_epochs:g})",
-            hint=(f"lower --adapt-steps to at most {fits}" if fits >= 1 else "lower --adapt-seq-len") +
+            hint=(f"lower {steps_flag} to at most {fits}" if fits >= 1 else "lower --adapt-seq-len") +
                  " or add documents / questions")
 
 

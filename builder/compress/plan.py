@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 #: Quant types `fieldpack plan` tries by default (a subset of :data:`builder.quantize.QUANT_NAMES`).
 DEFAULT_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 DEFAULT_PRUNES = ("none", "depth", "width")
+#: Every prune candidate ``--prunes`` accepts: ``+heal`` distils the pruned model from the unpruned one
+#: (``--heal kd``, Minitron) before it is quantized and measured like the others.
+PRUNE_CANDIDATES = ("none", "depth", "width", "depth+heal", "width+heal")
 IMATRIX_QUANTS = ("Q4_K_M",)
 #: (quant mix, GGML type for token_embd and output) candidates: ``--quant Q4_K_M --embd-type Q4_K --output-type Q4_K``.
 EMBD_QUANTS: tuple[tuple[str, str], ...] = (("Q4_K_M", "Q4_K"),)
@@ -188,7 +191,7 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
               quants: tuple[str, ...] = DEFAULT_QUANTS, prunes: tuple[str, ...] = DEFAULT_PRUNES,
               imatrix_quants: tuple[str, ...] = IMATRIX_QUANTS, work_dir: Path | None = None,
               seed: int = 0, embd_quants: tuple[tuple[str, str], ...] = EMBD_QUANTS,
-              quantizers: tuple[str, ...] = QUANTIZER_CANDIDATES) -> Plan:
+              quantizers: tuple[str, ...] = QUANTIZER_CANDIDATES, heal_steps: int | None = None) -> Plan:
     """Build and measure every candidate; propose the best quality that fits the device.
 
     Args:
@@ -201,6 +204,8 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
         out_png: where to draw quality vs size (``None``: no plot).
         quants / prunes / imatrix_quants: the grid; ``embd_quants``: (mix, token_embd/output type) pairs.
         quantizers: ``TYPE+gptq`` / ``TYPE+awq`` candidates, built on the unpruned model.
+        heal_steps: optimizer steps of the ``+heal`` prune candidates (default: the build's ``--heal-steps``
+            default); healing trains on the calibration chunks and is measured on the held-out ones.
         work_dir: scratch folder (default: a temp folder, removed afterwards).
 
     Raises:
@@ -237,11 +242,14 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
 
     for qt, qz in calibrated:
         check_quantizer(qz.lower(), qt.upper(), model=model_dir)
+    heal = {"heal": "kd", **({"heal_steps": heal_steps} if heal_steps is not None else {})}
     prune_opts: dict[str, dict[str, Any]] = {"none": {}, "depth": {"prune": "depth"},
-                                             "width": {"prune": "width", "ffn_keep": 0.75}}
+                                             "width": {"prune": "width", "ffn_keep": 0.75},
+                                             "depth+heal": {"prune": "depth", **heal},
+                                             "width+heal": {"prune": "width", "ffn_keep": 0.75, **heal}}
     unknown = [p for p in prunes if p not in prune_opts]
     if unknown:
-        raise UsageError(f"unknown plan prune(s) {', '.join(unknown)}", hint="use none, depth, width")
+        raise UsageError(f"unknown plan prune(s) {', '.join(unknown)}", hint=f"use {', '.join(PRUNE_CANDIDATES)}")
     threads = int(threads or default_threads())
     own_work = work_dir is None
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fieldpack-plan-"))
@@ -257,8 +265,10 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
             if p == "none":
                 continue
             opts = validate_compression(prune_opts[p], model_dir=model_dir)
-            _, conv, _, resolved = prune_checkpoint(model_dir, opts, calib, work / p, seed=seed)
-            prune_opts[p] = {k: v for k, v in resolved.items() if k in ("prune", "drop_layers", "ffn_keep")}
+            _, conv, _, resolved = prune_checkpoint(model_dir, opts, calib, work / p, seed=seed,
+                                                    held_out_texts=held if opts.heal else None)
+            prune_opts[p] = {k: v for k, v in resolved.items()
+                             if k in ("prune", "drop_layers", "ffn_keep", "heal", "heal_steps") and v is not None}
             bases[p] = (conv.path, conv.n_layer)
         cands: list[Candidate] = []
 

@@ -17,7 +17,10 @@ def plan(
     n_ctx: int = typer.Option(2048, "--n-ctx", min=128, help="context length on the device (tokens), for the KV cache"),
     out: Path = typer.Option(Path("plan.png"), "--out", help="PNG of quality vs size with the Pareto front"),
     quants: str = typer.Option("F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0", "--quants", help="comma-separated quant types"),
-    prunes: str = typer.Option("none,depth,width", "--prunes", help="structured pruning candidates: none,depth,width"),
+    prunes: str = typer.Option("none,depth,width", "--prunes", help="structured pruning candidates: none, depth, "
+                               "width, depth+heal, width+heal (+heal: KD from the unpruned model, as --heal kd)"),
+    heal_steps: Optional[int] = typer.Option(None, "--heal-steps", min=1,
+                                             help="optimizer steps of the +heal candidates (default: the build's)"),
     imatrix_quants: str = typer.Option("Q4_K_M", "--imatrix-quants", help="quant types also tried with a domain imatrix ('' for none)"),
     embd_quants: str = typer.Option("Q4_K_M:Q4_K", "--embd-quants", help="MIX:TYPE pairs also tried with token_embd "
                                     "and output in TYPE (--embd-type/--output-type; '' for none)"),
@@ -39,7 +42,7 @@ def plan(
     result = make_plan(model, docs, device_ram_bytes=parse_size(device_ram), min_tokens_per_s=min_tokens_per_s,
                        threads=threads, n_ctx=n_ctx, out_png=out, quants=split(quants), prunes=split(prunes),
                        imatrix_quants=split(imatrix_quants), embd_quants=_pairs(split(embd_quants)),
-                       quantizers=split(quantizers))
+                       quantizers=split(quantizers), heal_steps=heal_steps)
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -130,3 +130,28 @@ def test_plan_command_writes_a_png_and_proposes_what_fits(tiny_llama_dir, tmp_pa
     text = format_plan(Plan(candidates=cands, chosen=choose(cands), device_ram_bytes=64 * 2**20,
                             min_tokens_per_s=1, n_ctx=512, threads=2, png=None))
     assert "no candidate fits" in text and "raise --device-ram" in text
+
+
+@pytest.mark.slow
+def test_plan_heal_candidates_are_pruned_healed_and_proposed_with_their_flags(tiny_llama_dir, tmp_path) -> None:
+    """``--prunes depth,depth+heal``: the healed candidate drops the same blocks, is distilled from the unpruned
+    model (closer to it: lower KLD than the unhealed one), and its build flags replay the healing."""
+    from fieldpack.builder.compress.plan import make_plan
+
+    plan = make_plan(tiny_llama_dir, Path(__file__).resolve().parents[2] / "demo" / "docs", device_ram_bytes=4 * 2**30,
+                     min_tokens_per_s=1, threads=2, n_ctx=512, quants=("Q8_0",), prunes=("depth", "depth+heal"),
+                     imatrix_quants=(), embd_quants=(), quantizers=(), heal_steps=8, work_dir=tmp_path / "w")
+    by = {c.label: c for c in plan.candidates}
+    assert list(by) == ["depth/Q8_0", "depth+heal/Q8_0"]
+    depth, healed = by["depth/Q8_0"], by["depth+heal/Q8_0"]
+    assert healed.n_layer == depth.n_layer and healed.gguf_bytes == depth.gguf_bytes
+    assert healed.kld_mean < depth.kld_mean
+    opts = plan.prune_options["depth+heal"]
+    assert opts["heal"] == "kd" and opts["heal_steps"] == 8
+    assert opts["drop_layers"] == plan.prune_options["depth"]["drop_layers"]
+    pick = Plan(candidates=plan.candidates, chosen=1, device_ram_bytes=plan.device_ram_bytes, min_tokens_per_s=1,
+                n_ctx=512, threads=2, png=None, prune_options=plan.prune_options)
+    flags = pick.build_flags() or ""
+    assert "--prune depth" in flags and "--heal kd" in flags and "--heal-steps 8" in flags
+    with pytest.raises(UsageError, match="depth\\+heal"):
+        make_plan(tiny_llama_dir, tmp_path, device_ram_bytes=2**30, min_tokens_per_s=1, prunes=("heal",), quantizers=())
