@@ -269,12 +269,11 @@ def write_imatrix_gguf(
         counts: weight name -> number of tokens summed.
         dataset / chunk_count / chunk_size: provenance stored as ``imatrix.*`` keys.
     """
-    import gguf
+    from fieldpack.builder.gguf_write import write_gguf_atomic
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(tmp, arch="")
-    try:
+
+    def fill(w: Any) -> None:
         w.add_type("imatrix")
         w.add_array("imatrix.datasets", [dataset])
         w.add_uint32("imatrix.chunk_count", chunk_count)
@@ -282,17 +281,8 @@ def write_imatrix_gguf(
         for name in sorted(sums):
             w.add_tensor(f"{name}.in_sum2", np.asarray(sums[name], dtype=np.float32).reshape(1, -1))
             w.add_tensor(f"{name}.counts", np.array([[counts[name]]], dtype=np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        w.close()
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return write_gguf_atomic(path, "", fill)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ instead of being paged in from the file; the adapter's extra matmuls run on ever
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,29 +112,22 @@ def export_lora_gguf(peft_model: Any, model_dir: Path, out_path: Path, *, outtyp
         raise AdaptationError("the model has no LoRA adapters to export", hint="attach LoRA (--adapt) first")
     if len(ranks) != 1:
         raise AdaptationError(f"LoRA ranks differ across modules ({sorted(ranks)})", hint="use one rank")
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(tmp, hp.gguf_arch)
-    try:
+    from fieldpack.builder.gguf_write import write_gguf_atomic
+
+    def fill(writer: Any) -> None:
         writer.add_string("general.type", "adapter")
         writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", alpha)
         for base, a, b in pairs:
             writer.add_tensor(f"{base}.lora_a", np.ascontiguousarray(a.astype(dt)))
             writer.add_tensor(f"{base}.lora_b", np.ascontiguousarray(b.astype(dt)))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
+
+    out_path = Path(out_path)
+    try:
+        write_gguf_atomic(out_path, hp.gguf_arch, fill)
     except OSError as exc:
         raise OutputNotWritableError(f"cannot write LoRA adapter {out_path}: {exc}",
                                      hint="check free disk space and permissions") from exc
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
     size = out_path.stat().st_size
     log.info("LoRA adapter %s: %d tensors, r=%d, alpha=%g, %d bytes", out_path.name, 2 * len(pairs), ranks.pop(),
              alpha, size)
