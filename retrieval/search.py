@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,6 +290,7 @@ class Retriever:
         # GIL inside SQLite, onnxruntime and numpy's kernels release it too): opened on the first hybrid search
         self._fts_conn: apsw.Connection | None = None
         self._pool: Any = None  # concurrent.futures.ThreadPoolExecutor(1)
+        self._pool_lock = threading.Lock()  # first hybrid searches from several threads open one worker
         self._page_of: tuple[np.ndarray, np.ndarray, list[str]] | None = None  # ids, source index, sources
         self.oversample = int(self.meta.get(index_format.META_BINARY_OVERSAMPLE, index_format.BINARY_OVERSAMPLE))
         self.dimension = int(self.meta.get(index_format.META_DIMENSION, "0"))
@@ -404,12 +406,13 @@ class Retriever:
         """Start :meth:`_bm25` on the BM25 connection in the worker thread; returns its future."""
         if self._conn is None:
             raise RuntimeLoadError(f"retriever for {self.db_path} is closed", hint="open a new Retriever")
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+        with self._pool_lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            self._fts_conn = idx.connect(self.db_path, readonly=True)
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldpack-bm25")
-        return self._pool.submit(self._bm25, query, n, self._fts_conn)
+                self._fts_conn = idx.connect(self.db_path, readonly=True)
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldpack-bm25")
+            return self._pool.submit(self._bm25, query, n, self._fts_conn)
 
     def chunk_texts(self, ids: list[int]) -> dict[int, str]:
         """The stored text of each chunk id (ids the index does not hold are left out)."""
@@ -548,9 +551,10 @@ class Retriever:
 
     def close(self) -> None:
         """Close the database connections and the BM25 worker thread (idempotent). The embedder stays open."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
         if self._fts_conn is not None:
             self._fts_conn.close()
             self._fts_conn = None
