@@ -75,6 +75,10 @@ def raw_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     llama.cpp perf counters (ms)."""
     import llama_cpp
 
+    from fieldpack.shared.llama_backend import llama_cpp_module
+
+    llama_cpp_module(llama_cpp)
+
     llm = llama_cpp.Llama(model_path=spec["gguf"], n_ctx=spec["n_ctx"], n_threads=spec["threads"],
                           n_threads_batch=spec["threads"], n_batch=min(512, spec["n_ctx"]), verbose=False, seed=0)
     out = []

@@ -31,6 +31,7 @@ import time
 from typing import Any, Callable
 
 from benchmarks import common as C
+from fieldpack.shared.llama_backend import llama_server_command
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,9 @@ def measure(slot: Path, *, reps: int, max_tokens: int, threads: int) -> dict[str
                                     "serve_slot(__import__('pathlib').Path(sys.argv[1]), int(sys.argv[2]), "
                                     "int(sys.argv[3]))", str(slot), str(port), str(threads)], port)
     port = _free_port()
-    theirs, theirs_url = _start_server([sys.executable, "-m", "llama_cpp.server", "--model", str(slot / fmt.MODEL_NAME),
-                                        "--n_ctx", str(rt.n_ctx), "--n_threads", str(threads), "--n_threads_batch",
-                                        str(threads), "--port", str(port), "--host", "127.0.0.1"], port)
+    theirs, theirs_url = _start_server(llama_server_command(
+        sys.executable, "--model", str(slot / fmt.MODEL_NAME), "--n_ctx", str(rt.n_ctx), "--n_threads", str(threads),
+        "--n_threads_batch", str(threads), "--port", str(port), "--host", "127.0.0.1"), port)
     rows: dict[str, list[tuple[float, float, int]]] = {k: [] for k in
                                                         ("runtime", "fieldpack_http", "llama_cpp_server",
                                                          "runtime_answer", "fieldpack_ask")}

@@ -33,7 +33,10 @@ QUESTION = "The connection pool is exhausted. What should I do?"
 
 _RAW_SCRIPT = r"""
 import sys
-from llama_cpp import Llama
+import llama_cpp
+from fieldpack.shared.llama_backend import llama_cpp_module
+
+Llama = llama_cpp_module(llama_cpp).Llama
 llm = Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]),
             n_threads_batch=int(sys.argv[3]), n_batch=512, verbose=False, seed=0)
 for chunk in llm.create_completion(sys.argv[4], max_tokens=16, temperature=0.0, stream=True):

@@ -39,7 +39,11 @@ def _rss() -> dict[str, int]:
 
 def _measure(model: str, lora: str | None, threads: int, q: Any) -> None:
     """Child process: load, then time a prompt and a greedy decode; put a dict on ``q``."""
-    from llama_cpp import Llama
+    import llama_cpp
+
+    from fieldpack.shared.llama_backend import llama_cpp_module
+
+    Llama = llama_cpp_module(llama_cpp).Llama
 
     rss0 = _rss()
     t0 = time.perf_counter()

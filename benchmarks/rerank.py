@@ -114,7 +114,9 @@ def llm_scores(spec: RQ.CorpusSpec, emb: dict[str, Any], index: Path, items: Seq
     def build(tmp: Path) -> None:
         import llama_cpp
 
-        llm = llama_cpp.Llama(str(gguf), n_ctx=512, n_threads=threads, verbose=False)
+        from fieldpack.shared.llama_backend import llama_cpp_module
+
+        llm = llama_cpp_module(llama_cpp).Llama(str(gguf), n_ctx=512, n_threads=threads, verbose=False)
         yes = llm.tokenize(b" yes", add_bos=False)[0]
         rows = []
         with OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]), max_tokens=int(emb["max_tokens"]),

@@ -63,6 +63,8 @@ class BuildConfig(BaseModel):
     compression: dict[str, Any] = Field(default_factory=dict, description="pruning / imatrix options (see builder.compress)")
     adapt: dict[str, Any] = Field(default_factory=dict, description="LoRA DAPT / RAFT / distillation options "
                                                                     "(see builder.adapt.options)")
+    ship_adapter: bool = Field(default=False, description="ship the LoRA as a llama.cpp adapter GGUF beside the "
+                                                          "unadapted base model (bundle format 2) instead of merging it")
 
     @field_validator("docs", "sign", "output", "embedder")
     @classmethod
@@ -102,6 +104,24 @@ class BuildConfig(BaseModel):
         if qz != "rtn" and mixed:
             raise ValueError(f"--quantizer {qz} is not combined with {', '.join(mixed)} yet: build with --quantizer "
                              f"rtn, or without {', '.join(mixed)}")
+        return self
+
+    @model_validator(mode="after")
+    def _ship_adapter(self) -> "BuildConfig":
+        """``--ship-adapter`` ships the unadapted base model: it needs ``--adapt`` / ``--distill-from`` and no stage
+        that changes the base model's tensors (pruning, vocabulary trimming, a calibrated quantizer)."""
+        if not self.ship_adapter:
+            return self
+        if not self.adapt:
+            raise ValueError("--ship-adapter needs a LoRA to ship: add --adapt dapt|raft or --distill-from")
+        mixed = [o for o, on in (("--prune", self.compression.get("prune")), ("--heal", self.compression.get("heal")),
+                                 ("--trim-vocab", self.trim_vocab),
+                                 ("--quantizer", str(self.compression.get("quantizer") or "rtn").lower() != "rtn"))
+                 if on]
+        if mixed:
+            raise ValueError(f"--ship-adapter is not combined with {', '.join(mixed)}: the adapter is trained on the "
+                             f"unpruned, untrimmed model; build without {', '.join(mixed)}, or without --ship-adapter "
+                             "(the merged model then ships)")
         return self
 
     @classmethod
@@ -145,7 +165,7 @@ class BuildConfig(BaseModel):
 
 #: Fields that are also ``fieldpack build`` options (``--name``, ``--n-ctx``, ...), for error hints.
 _OPTIONS = {"model", "docs", "quant", "embd_type", "output_type", "keep_general", "name", "version", "sign", "n_ctx",
-            "max_tokens", "embedder", "adapt_embedder"}
+            "max_tokens", "embedder", "adapt_embedder", "ship_adapter"}
 _PATH_KEYS = ("docs", "sign", "output", "embedder", "model")
 _ADAPT_PATH_KEYS = ("qa_train", "teacher", "qa_teacher")
 

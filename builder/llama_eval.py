@@ -63,7 +63,8 @@ def default_threads() -> int:
 
 
 @contextlib.contextmanager
-def open_gguf(path: Path, *, n_ctx: int, logits_all: bool = True, f32_kv: bool = False) -> Iterator[Any]:
+def open_gguf(path: Path, *, n_ctx: int, logits_all: bool = True, f32_kv: bool = False,
+              lora_path: Path | None = None) -> Iterator[Any]:
     """Load a GGUF with llama-cpp-python for evaluation and close it afterwards.
 
     Args:
@@ -71,6 +72,7 @@ def open_gguf(path: Path, *, n_ctx: int, logits_all: bool = True, f32_kv: bool =
         n_ctx: context length (tokens) of the llama.cpp context.
         logits_all: keep the logits of every position (needed for scoring), ``(n_tokens, n_vocab)`` float32.
         f32_kv: store the KV cache in F32 instead of F16 (isolates conversion error from cache rounding).
+        lora_path: a llama.cpp LoRA adapter GGUF applied at scale 1.0 on top of ``path`` (mmap is then off).
 
     Yields:
         a ``llama_cpp.Llama``.
@@ -82,9 +84,17 @@ def open_gguf(path: Path, *, n_ctx: int, logits_all: bool = True, f32_kv: bool =
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"GGUF file {path} does not exist", hint="convert or quantize the model first")
-    from llama_cpp import GGML_TYPE_F32, Llama
+    if lora_path is not None and not Path(lora_path).is_file():
+        raise InputNotFoundError(f"LoRA adapter {lora_path} does not exist", hint="rebuild with --ship-adapter")
+    import llama_cpp
 
-    kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv else {}
+    from fieldpack.shared.llama_backend import llama_cpp_module
+
+    Llama = llama_cpp_module(llama_cpp).Llama
+    GGML_TYPE_F32 = llama_cpp.GGML_TYPE_F32
+    kv: dict[str, Any] = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv else {}
+    if lora_path is not None:
+        kv["lora_path"] = str(lora_path)
     try:
         llm = Llama(
             model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
@@ -92,7 +102,7 @@ def open_gguf(path: Path, *, n_ctx: int, logits_all: bool = True, f32_kv: bool =
         )
     except (ValueError, RuntimeError, OSError) as exc:
         raise ModelLoadError(
-            f"llama.cpp cannot load {path}: {exc}",
+            f"llama.cpp cannot load {path}{f' with adapter {lora_path}' if lora_path else ''}: {exc}",
             hint="the file is not a GGUF this llama.cpp build supports; re-convert it with fieldpack",
         ) from exc
     try:
@@ -184,6 +194,7 @@ def perplexity_kld(
     *,
     n_ctx: int = 256,
     max_chunks: int | None = None,
+    test_lora: Path | None = None,
 ) -> EvalFigures:
     """Perplexity of both models and KL divergence of ``test_gguf`` from ``ref_gguf`` on the same windows.
 
@@ -195,6 +206,8 @@ def perplexity_kld(
         texts: held-out text; joined with blank lines.
         n_ctx: window length in tokens (even, >= 8).
         max_chunks: evaluate at most this many windows.
+        test_lora: a llama.cpp LoRA adapter GGUF applied to ``test_gguf`` (a bundle built with
+            ``--ship-adapter``: base model + adapter against the merged adapted model).
 
     Raises:
         UsageError: bad n_ctx, too little text, or the two models have different vocabulary sizes.
@@ -204,7 +217,7 @@ def perplexity_kld(
         windows, _ = _windows(ref, texts, n_ctx, max_chunks)
         nll_ref, logp_ref = _nll_and_logprobs(ref, windows, keep=True)
         n_vocab_ref = ref.n_vocab()
-    with open_gguf(Path(test_gguf), n_ctx=n_ctx) as test:
+    with open_gguf(Path(test_gguf), n_ctx=n_ctx, lora_path=test_lora) as test:
         if test.n_vocab() != n_vocab_ref:
             raise UsageError(
                 f"{test_gguf} has {test.n_vocab()} tokens but {ref_gguf} has {n_vocab_ref}",

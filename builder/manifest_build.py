@@ -23,6 +23,7 @@ from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.bundle import describe_members
 from fieldpack.shared.kv_cache import kv_cache_bytes
 from fieldpack.shared.manifest import (
+    AdapterInfo,
     EmbedderInfo,
     IndexInfo,
     Manifest,
@@ -46,15 +47,20 @@ def builder_version() -> str:
 
 
 def bundle_files(records: BuildRecords, recipe_path: Path) -> dict[str, Path]:
-    """Bundle member name -> file: the quantized model, the embedder and its tokenizer, the index, the recipe."""
+    """Bundle member name -> file: the quantized model, the embedder and its tokenizer, the index, the recipe, and
+    with ``--ship-adapter`` the LoRA adapter GGUF."""
     e = records.embedder.export
-    return {
+    files = {
         fmt.MODEL_NAME: records.shipped_model().path,
         fmt.EMBEDDER_NAME: e.onnx_path,
         fmt.EMBEDDER_TOKENIZER_NAME: e.tokenizer_path,
         fmt.INDEX_NAME: records.index.stats.path,
         fmt.RECIPE_NAME: recipe_path,
     }
+    adapter = records.shipped_adapter()
+    if adapter is not None:  # --ship-adapter
+        files[fmt.ADAPTER_NAME] = adapter.path
+    return files
 
 
 def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path], prompt: Any = None) -> Manifest:
@@ -69,14 +75,17 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
     idx = records.index.stats
     qtype = cfg.quant.upper()
     n_ctx = min(cfg.n_ctx, f16.n_ctx_train)
-    shipped_bytes = records.shipped_model().path.stat().st_size
+    adapter = adapter_info(records)
+    # with an adapter llama-cpp-python reads the whole model into anonymous memory (mmap off): both files count
+    shipped_bytes = records.shipped_model().path.stat().st_size + (adapter.size_bytes if adapter else 0)
     mem = dict(weights_bytes=shipped_bytes,
                kv_cache_bytes=kv_cache_bytes(n_ctx, n_layer=shipped.n_layer, n_head_kv=shipped.n_head_kv,
                                              head_dim=shipped.head_dim or shipped.n_embd // shipped.n_head),
                embedder_bytes=2 * emb.size_bytes, index_bytes=idx.size_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES)
     mem["total_bytes"] = sum(mem.values())
     return Manifest(
-        format_version=fmt.FORMAT_VERSION,
+        format_version=fmt.ADAPTER_FORMAT_VERSION if adapter is not None else fmt.FORMAT_VERSION,
+        adapter=adapter,
         name=cfg.name,
         version=cfg.version,
         builder_version=builder_version(),
@@ -118,6 +127,18 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
     )
 
 
+def adapter_info(records: BuildRecords) -> AdapterInfo | None:
+    """``manifest.adapter`` for a ``--ship-adapter`` build (the adapt stage's adapter and the adapter check's
+    figures), else None."""
+    check, adapt = records.adapter_check, records.adapt
+    if check is None or adapt is None or adapt.adapter_info is None:
+        return None
+    a = adapt.adapter_info
+    return AdapterInfo(member=fmt.ADAPTER_NAME, method=str(adapt.row.get("method", "lora")), rank=a["rank"],
+                       alpha=a["alpha"], scale=1.0, tensors=a["tensors"], size_bytes=a["size_bytes"],
+                       check_kld_mean=round(check.kld_mean, 9), check_top1_agreement=check.top1_agreement)
+
+
 def adaptation_rows(records: BuildRecords) -> list[dict[str, Any]]:
     """``manifest.quality.adaptation``: the adapt stage's row and the heal row of compress, in build order."""
     rows = [records.adapt.row] if records.adapt is not None else []
@@ -152,6 +173,8 @@ def quantization_figures(records: BuildRecords, qtype: str) -> dict[str, Any]:
         assert quant is not None  # a checkpoint build always quantizes
         q = quant.quant
         measured = as_dict(fig.figures) if fig.figures is not None else {"note": fig.note}
+        if records.adapter_check is not None:  # --ship-adapter: what the device runs against what was trained
+            measured["reference"] = "merged adapted model (F16/F32); measured: quantized base + LoRA adapter"
         return dict(measured, qtype=qtype, **embd_output_types(q), size_bytes=q.size_bytes,
                     ratio_to_f16=q.size_bytes / max(1, src.size_bytes), fallbacks=len(q.fallbacks),
                     held_out_chunks=records.split.held_out_chunks, window_tokens=records.split.n_ctx_eval)

@@ -105,7 +105,10 @@ class Runtime:
                 raise
             raise RuntimeLoadError(f"cannot open the embedder or index in {self.slot_dir}: {exc}",
                                    hint="reinstall the bundle") from exc
-        self._llm = load_llama(self.slot_dir / fmt.MODEL_NAME, n_ctx=self.n_ctx, threads=self.threads, verbose=verbose)
+        ad = self.manifest.adapter  # format 2 (--ship-adapter): the LoRA applied on top of the base model
+        self._llm = load_llama(self.slot_dir / fmt.MODEL_NAME, n_ctx=self.n_ctx, threads=self.threads, verbose=verbose,
+                               lora_path=self.slot_dir / ad.member if ad is not None else None,
+                               lora_scale=ad.scale if ad is not None else 1.0)
         m, rt = self.manifest.model, self.manifest.runtime
         self._bos_text = self._token_text(m.bos_id) if m.bos_id is not None else ""
         self._chat: Any = None
@@ -379,19 +382,32 @@ class Runtime:
         self._llm.create_completion(built.tokens, max_tokens=1, temperature=0.0)
 
 
-def load_llama(gguf_path: Path, *, n_ctx: int, threads: int, verbose: bool = False) -> Any:
-    """Open a GGUF with llama-cpp-python (CPU). Raises RuntimeLoadError naming the file."""
+def load_llama(gguf_path: Path, *, n_ctx: int, threads: int, verbose: bool = False, lora_path: Path | None = None,
+               lora_scale: float = 1.0) -> Any:
+    """Open a GGUF with llama-cpp-python (CPU), with a LoRA adapter GGUF applied at ``lora_scale`` when
+    ``lora_path`` is given (llama-cpp-python then turns mmap off: the model is read into anonymous memory).
+    ``n_ctx`` in tokens. Raises RuntimeLoadError naming the file."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp
+
+        from fieldpack.shared.llama_backend import llama_cpp_module
+
+        Llama = llama_cpp_module(llama_cpp).Llama
     except ImportError as exc:
         raise RuntimeLoadError("llama-cpp-python is not installed", hint="pip install 'fieldpack[device]'") from exc
     if not Path(gguf_path).is_file():
         raise RuntimeLoadError(f"model file {gguf_path} is missing", hint="reinstall the bundle")
+    lora: dict[str, Any] = {}
+    if lora_path is not None:
+        if not Path(lora_path).is_file():
+            raise RuntimeLoadError(f"LoRA adapter file {lora_path} is missing", hint="reinstall the bundle")
+        lora = dict(lora_path=str(lora_path), lora_scale=lora_scale)
     try:
         return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                     n_batch=min(512, n_ctx), verbose=verbose, seed=0)
+                     n_batch=min(512, n_ctx), verbose=verbose, seed=0, **lora)
     except (ValueError, RuntimeError, OSError) as exc:
-        raise RuntimeLoadError(f"llama.cpp cannot load {gguf_path}: {exc}", hint="reinstall or rebuild the bundle") from exc
+        what = f"{gguf_path} with adapter {lora_path}" if lora_path is not None else str(gguf_path)
+        raise RuntimeLoadError(f"llama.cpp cannot load {what}: {exc}", hint="reinstall or rebuild the bundle") from exc
 
 
 def check_slot(slot_dir: Path, manifest: Manifest) -> None:

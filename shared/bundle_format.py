@@ -16,13 +16,18 @@ Member order is fixed and checked by the reader::
     embedder/tokenizer.json EMBEDDER_TOKENIZER_NAME  HF tokenizers file for the embedder
     index.sqlite           INDEX_NAME      chunks + sqlite-vec vec0 + FTS5
     recipe.toml            RECIPE_NAME     the exact build recipe (replayable with ``fieldpack build --recipe``)
+    adapter.gguf           ADAPTER_NAME    optional (format 2 only): a llama.cpp LoRA adapter GGUF that the device
+                                           applies on top of ``model.gguf`` at load (``manifest.adapter``)
 
 Every member after the signature is listed in the manifest with its size (bytes) and sha256 (hex); nothing else
 may be in the archive. Members are regular files with relative POSIX paths: no absolute paths, no ``..``, no
 links, devices or FIFOs.
 
 Versioning: :data:`FORMAT_VERSION` is an integer bumped on any incompatible change; a reader accepts exactly
-the versions in :data:`SUPPORTED_FORMAT_VERSIONS`.
+the versions in :data:`SUPPORTED_FORMAT_VERSIONS`. A bundle that ships its LoRA adapter apart from the base model
+(``fieldpack build --ship-adapter``) is written as :data:`ADAPTER_FORMAT_VERSION` (2), so a device whose fieldpack
+reads only format 1 refuses it by version instead of running the base model without the adapter; every other
+bundle is still written as format 1, which every device reads.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from typing import Final
 
 FORMAT_NAME: Final = "fieldpack-bundle"
 FORMAT_VERSION: Final = 1
-SUPPORTED_FORMAT_VERSIONS: Final = frozenset({1})
+#: The format of a bundle whose model is a base GGUF plus a LoRA adapter member (:data:`ADAPTER_NAME`).
+ADAPTER_FORMAT_VERSION: Final = 2
+SUPPORTED_FORMAT_VERSIONS: Final = frozenset({1, 2})
 EXTENSION: Final = ".fpk"
 
 MANIFEST_NAME: Final = "manifest.json"
@@ -41,6 +48,7 @@ EMBEDDER_NAME: Final = "embedder/model.onnx"
 EMBEDDER_TOKENIZER_NAME: Final = "embedder/tokenizer.json"
 INDEX_NAME: Final = "index.sqlite"
 RECIPE_NAME: Final = "recipe.toml"
+ADAPTER_NAME: Final = "adapter.gguf"
 
 #: Members every bundle must carry, in archive order after the manifest and signature.
 REQUIRED_MEMBERS: Final = (MODEL_NAME, EMBEDDER_NAME, EMBEDDER_TOKENIZER_NAME, INDEX_NAME, RECIPE_NAME)

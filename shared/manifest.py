@@ -96,6 +96,28 @@ class ModelInfo(_Strict):
     source: str = Field(description="checkpoint folder name or hub id the model came from")
 
 
+class AdapterInfo(_Strict):
+    """A LoRA adapter shipped beside the base model (``fieldpack build --ship-adapter``, bundle format 2).
+
+    ``member`` is the archive member holding it (a llama.cpp adapter GGUF: ``general.type = "adapter"``, per adapted
+    tensor ``<name>.lora_a`` (r x in) and ``<name>.lora_b`` (out x r)); the device passes it to llama.cpp as
+    ``lora_path`` with ``scale``, which adds ``scale * (alpha / rank) * B @ (A @ x)`` to each adapted layer's
+    output (Hu et al. 2021, "LoRA", eq. 3). ``check_kld_mean`` (nats/token) and ``check_top1_agreement`` come from
+    the build's adapter check: the F16/F32 base GGUF + this adapter against the merged adapted GGUF on held-out
+    windows. ``size_bytes``: the member's size.
+    """
+
+    member: str
+    method: str
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    scale: float = Field(gt=0)
+    tensors: int = Field(ge=2)
+    size_bytes: int = Field(ge=1)
+    check_kld_mean: float = Field(ge=0)
+    check_top1_agreement: float = Field(ge=0, le=1)
+
+
 class EmbedderInfo(_Strict):
     """The sentence embedder shipped as ONNX: output (batch, dimension) float32."""
 
@@ -208,6 +230,7 @@ class Manifest(_Strict):
     smoke: SmokeTest
     recipe: dict[str, Any]
     quality: Quality
+    adapter: AdapterInfo | None = None  # format 2: a LoRA adapter the device applies on top of model.gguf
 
     @model_validator(mode="after")
     def _members(self) -> "Manifest":
@@ -220,6 +243,14 @@ class Manifest(_Strict):
         for n in names:
             if n in (fmt.MANIFEST_NAME, fmt.SIGNATURE_NAME):
                 raise ValueError(f"member {n} may not list itself")
+        if self.adapter is not None:
+            if self.format_version < fmt.ADAPTER_FORMAT_VERSION:
+                raise ValueError(f"adapter needs format_version {fmt.ADAPTER_FORMAT_VERSION}, not "
+                                 f"{self.format_version}")
+            if self.adapter.member not in names:
+                raise ValueError(f"adapter member {self.adapter.member!r} is not among the members")
+        elif fmt.ADAPTER_NAME in names:
+            raise ValueError(f"member {fmt.ADAPTER_NAME} is present but the manifest has no adapter entry")
         return self
 
     @property
@@ -237,6 +268,8 @@ class Manifest(_Strict):
     def to_bytes(self) -> bytes:
         """Canonical UTF-8 JSON (sorted keys, 2-space indent): the exact bytes that get signed."""
         data = self.model_dump(mode="json")
+        if data.get("adapter") is None:  # format 1 manifests stay byte-identical to what format-1 readers accept
+            data.pop("adapter", None)
         return (json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 

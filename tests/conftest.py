@@ -49,6 +49,20 @@ def build_cache(cache_dir: Path) -> Path:
     return d
 
 
+@pytest.fixture(scope="session", autouse=True)
+def llama_cpu_buffers() -> None:
+    """Tests that open a GGUF with llama_cpp themselves get the guard fieldpack's own loads get
+    (:mod:`fieldpack.shared.llama_backend`: llama.cpp's AMX buffers crash on AMX CPUs)."""
+    try:
+        import llama_cpp
+
+        from fieldpack.shared.llama_backend import llama_cpp_module
+
+        llama_cpp_module(llama_cpp)
+    except ImportError:  # an install without llama-cpp-python: the tests that need it skip or fail on their own
+        pass
+
+
 #: Bump to retrain the cached tiny models even though no input changed.
 TINY_CACHE_VERSION = "tiny-1"
 TINY_STEPS = 300

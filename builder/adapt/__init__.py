@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class AdaptReport:
         qa_teacher_gguf_sha256: a local GGUF teacher's file digest;
         qa_teacher_chunks / qa_teacher_kept / qa_teacher_dropped: chunks asked, pairs kept, pairs dropped;
         qa_teacher_dropped_why: ``"2 malformed, 1 duplicate"``.
+        adapter: the unmerged LoRA written as a llama.cpp adapter GGUF (:class:`.lora_gguf.LoraGGUF`), or None.
     """
 
     method: str
@@ -85,6 +86,7 @@ class AdaptReport:
     qa_teacher_kept: int | None = None
     qa_teacher_dropped: int | None = None
     qa_teacher_dropped_why: str | None = None
+    adapter: Any = field(default=None, repr=False, compare=False)  # LoraGGUF when the adapter was exported
 
     @property
     def recovered(self) -> float | None:
@@ -96,6 +98,7 @@ class AdaptReport:
     def row(self) -> dict[str, Any]:
         """Flat JSON-ready dict for ``manifest.quality.adaptation`` (floats rounded, None dropped)."""
         d = asdict(self)
+        d.pop("adapter", None)  # the file itself is the adapt stage's record, not a quality figure
         d["ppl_ratio"] = self.ppl_after / self.ppl_before
         if self.recovered is not None:
             d["recovered"] = self.recovered
@@ -134,7 +137,8 @@ def load_teacher(student_dir: Path, teacher_dir: Path) -> Any:
 
 def adapt_model(model: Any, tokenizer: Any, examples: Sequence[Any], held_out: Sequence[Any], opts: AdaptOptions, *,
                 seed: int, method: str, train_sha256: str, held_out_sha256: str, teacher_model: Any = None,
-                device: str | None = None, **report_extra: Any) -> tuple[Any, AdaptReport]:
+                device: str | None = None, adapter_out: tuple[Path, Path] | None = None,
+                **report_extra: Any) -> tuple[Any, AdaptReport]:
     """Attach LoRA to ``model``, train it on ``examples``, measure on ``held_out`` blocks, merge.
 
     Args:
@@ -144,6 +148,9 @@ def adapt_model(model: Any, tokenizer: Any, examples: Sequence[Any], held_out: S
         opts: steps, batch size, learning rate, LoRA rank, KD weights, threads.
         teacher_model: a frozen causal LM sharing the tokenizer (KD), or None.
         report_extra: fields of :class:`AdaptReport` known to the caller (qa_sha256, n_abstain, teacher name).
+        adapter_out: ``(base checkpoint folder, adapter .gguf path)``: also write the trained LoRA, unmerged, as a
+            llama.cpp adapter GGUF (F16, :func:`.lora_gguf.export_lora_gguf`) before merging; its
+            :class:`~.lora_gguf.LoraGGUF` goes into ``report.adapter``.
 
     Returns:
         ``(merged model, report)``; the merged model has no PEFT layers.
@@ -171,6 +178,11 @@ def adapt_model(model: Any, tokenizer: Any, examples: Sequence[Any], held_out: S
     after = evaluate(peft_model, held_out, reference="base", **ev)
     t_after = evaluate(peft_model, held_out, reference=teacher, **ev) if teacher is not None else None
     t_ppl = evaluate(teacher, held_out, **ev).ppl if teacher is not None else None
+    adapter = None
+    if adapter_out is not None:
+        from fieldpack.builder.adapt.lora_gguf import export_lora_gguf
+
+        adapter = export_lora_gguf(peft_model, adapter_out[0], adapter_out[1], outtype="f16")
     merged = merge_lora(peft_model).to("cpu")
     rep = AdaptReport(method=method, steps=stats.steps, tokens=stats.tokens, seconds=stats.seconds,
                       tokens_per_s=stats.tokens_per_s, device=device, loss_first=stats.mean_loss(True),
@@ -179,6 +191,7 @@ def adapt_model(model: Any, tokenizer: Any, examples: Sequence[Any], held_out: S
                       train_sha256=train_sha256, held_out_sha256=held_out_sha256, teacher_ppl=t_ppl,
                       teacher_kld_before=before.kld if teacher is not None else None,
                       teacher_kld_after=t_after.kld if t_after is not None else None, **report_extra)
+    rep.adapter = adapter
     log.info("%s: held-out PPL %.3f -> %.3f (%d steps, %d tokens, %.0f s)", method, rep.ppl_before, rep.ppl_after,
              rep.steps, rep.tokens, rep.seconds)
     return merged, rep
@@ -188,7 +201,8 @@ def adapt_checkpoint(model_dir: Path, out_dir: Path, opts: AdaptOptions, *, trai
                      held_out_texts: Sequence[str], seed: int = 0, chunks: Sequence[Any] | None = None,
                      render: Callable[[str, list[Any], list[Any]], str] | None = None, raft_k: int = 4,
                      stop_id: int | None = None, device: str | None = None, teacher_qa: Any = None,
-                     teacher_qa_sha256: str | None = None) -> tuple[Path, AdaptReport]:
+                     teacher_qa_sha256: str | None = None,
+                     adapter_path: Path | None = None) -> tuple[Path, AdaptReport]:
     """Adapt a checkpoint folder as ``opts`` says and write the merged float32 checkpoint to ``out_dir``.
 
     Args:
@@ -201,6 +215,7 @@ def adapt_checkpoint(model_dir: Path, out_dir: Path, opts: AdaptOptions, *, trai
         (RAFT; default the tokenizer's EOS).
         teacher_qa: RAFT pairs a teacher wrote (:class:`.teacher.TeacherQA`, from ``--qa-teacher``), used with
         the ``--qa-train`` pairs when both are given; teacher_qa_sha256: the sha256 of their JSONL file.
+        adapter_path: also write the LoRA, unmerged, as a llama.cpp adapter GGUF here (``report.adapter``).
 
     Returns:
         ``(out_dir, report)``.
@@ -245,7 +260,8 @@ def adapt_checkpoint(model_dir: Path, out_dir: Path, opts: AdaptOptions, *, trai
     held = data.eval_blocks(held_out_texts, tok, opts.seq_len)
     merged, rep = adapt_model(model, tok, examples, held, opts, seed=seed, method=opts.label, teacher_model=teacher,
                               train_sha256=train_hash, held_out_sha256=data.texts_sha256(held_out_texts),
-                              device=device, **extra)
+                              device=device, adapter_out=(model_dir, Path(adapter_path)) if adapter_path else None,
+                              **extra)
     import torch
 
     save_checkpoint(merged, model_dir, Path(out_dir),

@@ -452,8 +452,11 @@ class GGUFTeacher:
     when llama.cpp was built with a GPU backend (``n_gpu_layers`` -1; ignored by a CPU build)."""
 
     def __init__(self, path: Path, *, n_ctx: int = 4096, threads: int = 2, seed: int = 0, n_gpu_layers: int = -1):
-        from llama_cpp import Llama
+        import llama_cpp
 
+        from fieldpack.shared.llama_backend import llama_cpp_module
+
+        Llama = llama_cpp_module(llama_cpp).Llama
         self.path = check_gguf_file(path)
         try:
             self._llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, seed=seed,

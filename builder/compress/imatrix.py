@@ -201,6 +201,9 @@ def compute_imatrix_gguf(gguf_path: Path, texts: list[str], out_path: Path, *, n
 
     from fieldpack.builder.llama_eval import default_threads
     from fieldpack.builder.quantize import write_imatrix_gguf
+    from fieldpack.shared.llama_backend import llama_cpp_module
+
+    llama_cpp_module(llama_cpp)
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():

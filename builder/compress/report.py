@@ -129,10 +129,12 @@ def measure_speed(gguf_path: Path, *, n_prompt: int = 128, n_decode: int = 32, t
     """
     import llama_cpp
     import numpy as np
-    from llama_cpp import Llama
 
     from fieldpack.builder.llama_eval import default_threads
     from fieldpack.shared.errors import InputNotFoundError, ModelLoadError
+    from fieldpack.shared.llama_backend import llama_cpp_module
+
+    Llama = llama_cpp_module(llama_cpp).Llama
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():

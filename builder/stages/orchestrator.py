@@ -15,6 +15,13 @@ With ``--adapt`` / ``--distill-from`` (:mod:`.adapt`), the adapted checkpoint ta
 
     convert (source) ─▶ eval split ─▶ adapt ─▶ convert (adapted) ─▶ parity ─▶ [compress] ─▶ quantize ─▶ quality
 
+With ``--ship-adapter`` the source ships and the LoRA travels beside it as a llama.cpp adapter GGUF::
+
+    convert (source) ─▶ parity (source) ─▶ quantize (source) ─────────────────────┐
+         └▶ eval split ─▶ adapt (+ adapter.gguf) ─▶ convert (adapted) ─▶ adapter check ─▶ quality
+                                                                         (F16 base + adapter vs merged;
+                                                                          quality: quantized base + adapter vs merged)
+
 A GGUF input (``--model x.gguf``, :mod:`.gguf`) takes the place of ``convert`` and has no parity stage::
 
     gguf input ─┬─▶ (ships as is) ───────────────▶ quality (PPL of the input on held-out chunks)
@@ -31,7 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from fieldpack.builder.gguf_input import is_gguf_path
-from fieldpack.builder.stages.adapt import ADAPT, AdaptInputs, AdaptRecord
+from fieldpack.builder.stages.adapt import (
+    ADAPT,
+    ADAPTER_CHECK,
+    AdaptInputs,
+    AdapterCheckInputs,
+    AdapterCheckRecord,
+    AdaptRecord,
+)
 from fieldpack.builder.stages.base import Input
 from fieldpack.builder.stages.cache import Runner
 from fieldpack.builder.stages.docs import (
@@ -97,6 +111,11 @@ class BuildRecords:
     trim: TrimRecord | None = None
     adapt: AdaptRecord | None = None
     embedder_adapt: EmbedderAdaptRecord | None = None  # --adapt-embedder
+    adapter_check: AdapterCheckRecord | None = None  # --ship-adapter
+
+    def shipped_adapter(self) -> Input | None:
+        """The LoRA adapter GGUF that ships beside the model (``--ship-adapter``), else None."""
+        return self.adapt.adapter_input() if self.adapter_check is not None and self.adapt is not None else None
 
     def all(self) -> dict[str, Any]:
         """Stage name -> record, in build order (skipped stages left out)."""
@@ -162,7 +181,7 @@ def _adapt_stage(cfg: Any, checkpoint: Input, conv: ConvertRecord, split: SplitR
     return run(ADAPT, AdaptInputs.from_config(
         cfg.adapt, checkpoint=checkpoint, split=split.split(), seed=cfg.seed, chunks=chunks if raft else None,
         prompt=dataclasses.asdict(prompt) if raft and prompt is not None else None, raft_k=cfg.top_k_chunks,
-        stop_id=stop if raft else None))
+        stop_id=stop if raft else None, export_adapter=bool(getattr(cfg, "ship_adapter", False))))
 
 
 def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner, prompt: Any = None) -> dict[str, Any]:
@@ -178,6 +197,8 @@ def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner, prom
     adapted: AdaptRecord | None = None
     if getattr(cfg, "adapt", None):
         adapted = _adapt_stage(cfg, checkpoint, conv, split, chunks, prompt, run)
+        if getattr(cfg, "ship_adapter", False):
+            return _adapter_stages(cfg, checkpoint, conv, split, adapted, run)
         checkpoint, model_dir = adapted.checkpoint_input(), adapted.checkpoint
         conv = run(CONVERT, ConvertInputs(checkpoint=checkpoint, outtype=cfg.parity_outtype))
     parity = run(PARITY, ParityInputs(checkpoint=checkpoint, gguf=conv.gguf()))
@@ -211,6 +232,29 @@ def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner, prom
                                          split=split.split(), n_ctx=split.n_ctx_eval))
     return dict(convert=conv, parity=parity, split=split, compress=comp, quantize=quant, quality=quality, trim=trim,
                 adapt=adapted)
+
+
+def _adapter_stages(cfg: Any, checkpoint: Input, conv: ConvertRecord, split: SplitRecord, adapted: AdaptRecord,
+                    run: Runner) -> dict[str, Any]:
+    """``--ship-adapter``: the source checkpoint is gated, quantized and shipped; the adapted (merged) checkpoint
+    is converted only as the reference that the adapter check and the quality stage measure against. (No
+    pruning, trimming or calibrated quantizer: :meth:`BuildConfig` refuses those with ``--ship-adapter``.)"""
+    if cfg.compression:  # --imatrix only (BuildConfig refuses pruning and calibrated quantizers here)
+        from fieldpack.builder.compress import validate_compression
+
+        cfg.compression.update(validate_compression(cfg.compression, model_dir=checkpoint.path,
+                                                    qtype=cfg.quant).to_dict())
+    merged = run(CONVERT, ConvertInputs(checkpoint=adapted.checkpoint_input(), outtype=cfg.parity_outtype))
+    check = run(ADAPTER_CHECK, AdapterCheckInputs(base=conv.gguf(), adapter=adapted.adapter_input(),
+                                                  merged=merged.gguf(), split=split.split(), n_ctx=split.n_ctx_eval))
+    parity = run(PARITY, ParityInputs(checkpoint=checkpoint, gguf=conv.gguf()))
+    quant = run(QUANTIZE, QuantizeInputs(source=conv.gguf(), qtype=cfg.quant.upper(),
+                                         imatrix_from=split.split() if cfg.compression.get("imatrix") else None,
+                                         **tensor_type_options(cfg)))
+    quality = run(QUALITY, QualityInputs(reference=merged.gguf(), model=quant.model(), split=split.split(),
+                                         n_ctx=split.n_ctx_eval, adapter=adapted.adapter_input()))
+    return dict(convert=conv, parity=parity, split=split, compress=None, quantize=quant, quality=quality, trim=None,
+                adapt=adapted, adapter_check=check)
 
 
 def _trim(cfg: Any, dense: Input, chunks: Input, split: SplitRecord, run: Runner) -> TrimRecord | None:

@@ -278,6 +278,7 @@ class QualityInputs(StageInputs):
     model: Input
     split: Input
     n_ctx: int
+    adapter: Input | None = None  # --ship-adapter: the LoRA adapter GGUF applied to ``model`` (reference: merged)
 
 
 class QualityRecord(StageRecord):
@@ -292,7 +293,8 @@ class QualityRecord(StageRecord):
 
 def run_quality(inputs: QualityInputs, out_dir: Path) -> QualityRecord:
     """PPL of both models and KLD on the held-out texts, or the model's PPL alone without a reference; with too
-    little text for one window, no figures and a ``note``."""
+    little text for one window, no figures and a ``note``. With ``adapter`` the model is scored as the device runs
+    it: the quantized base with the LoRA adapter applied."""
     from fieldpack.builder.llama_eval import TooLittleEvalTextError, perplexity, perplexity_kld
 
     _, held_out = load_split(inputs.split.path)
@@ -300,7 +302,8 @@ def run_quality(inputs: QualityInputs, out_dir: Path) -> QualityRecord:
         if inputs.reference is None:
             return QualityRecord(ppl=perplexity(inputs.model.path, held_out, n_ctx=inputs.n_ctx))
         return QualityRecord(figures=perplexity_kld(inputs.reference.path, inputs.model.path, held_out,
-                                                    n_ctx=inputs.n_ctx))
+                                                    n_ctx=inputs.n_ctx,
+                                                    test_lora=inputs.adapter.path if inputs.adapter else None))
     except TooLittleEvalTextError as exc:
         note = f"PPL/KLD not measured: {exc.message}"
         log.warning("%s", note)

@@ -139,6 +139,10 @@ def build(
     adapt_seq_len: Optional[int] = typer.Option(None, "--adapt-seq-len", help="training block length in model tokens "
                                                 "(default 256)"),
     lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (default 16)"),
+    ship_adapter: Optional[bool] = typer.Option(None, "--ship-adapter/--merge-adapter",
+                                                help="ship the LoRA as a llama.cpp adapter GGUF beside the unadapted "
+                                                     "base model (small updates; the device reads the model into RAM, "
+                                                     "mmap off) instead of merging it (default: merge)"),
     prompt_format: Optional[str] = typer.Option(
         None, "--prompt-format", help="chat | completion (default: from the model's chat template; completion "
                                        "for base models without one)"),
@@ -162,7 +166,7 @@ def build(
     opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
                 n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder, prompt_format=prompt_format,
                 embd_type=embd_type, output_type=output_type, trim_vocab=trim_vocab, keep_general=keep_general,
-                adapt_embedder=adapt_embedder)
+                adapt_embedder=adapt_embedder, ship_adapter=ship_adapter)
     if recipe:
         overrides = {k: v for k, v in opts.items() if v is not None}
         if compression:

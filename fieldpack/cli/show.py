@@ -41,6 +41,12 @@ def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Co
                  ("chat template", "yes" if mo.chat_template_present else "no"),
                  ("BOS / EOS / EOT ids", f"{mo.bos_id} / {mo.eos_id} / {mo.eot_id}")]:
         t.add_row(k, str(v))
+    if m.adapter is not None:
+        a = m.adapter
+        t.add_row("LoRA adapter", f"{a.member} ({a.method}, r {a.rank}, alpha {a.alpha:g}, scale {a.scale:g}, "
+                                  f"{a.tensors} tensors, {_mib(a.size_bytes)}); check vs merged: KLD "
+                                  f"{a.check_kld_mean:.2g} nats/token, top-1 {a.check_top1_agreement:.3f}; "
+                                  "loaded with mmap off")
     c.print(t)
     e, i, r = m.embedder, m.index, m.runtime
     t = Table(title="retrieval", show_header=False)

@@ -25,6 +25,7 @@ import pytest
 from fieldpack.builder.adapt.teacher import (check_qa_teacher, generate_qa, parse_reply, reply_schema,
                                              screen_pair, teacher_questions)
 from fieldpack.shared.errors import AdaptationError
+from fieldpack.shared.llama_backend import llama_server_command
 from tests.conftest import DEMO_DOCS, run_cli
 
 CHUNK = ("If pump P-3 cavitates, close the discharge valve halfway and check the suction strainer for debris. "
@@ -211,10 +212,10 @@ def server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf),
-                                 "--model_alias", "tiny", "--host", "127.0.0.1", "--port", str(port),
-                                 "--n_ctx", "2048", "--n_threads", "1", "--seed", "0"],
-                                stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        proc = subprocess.Popen(llama_server_command(
+            sys.executable, "--model", str(tiny_gguf), "--model_alias", "tiny", "--host", "127.0.0.1", "--port",
+            str(port), "--n_ctx", "2048", "--n_threads", "1", "--seed", "0"),
+            stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 120

@@ -192,10 +192,10 @@ def test_manifest_that_is_not_json(bundle: Path, tmp_path: Path) -> None:
 
 def test_wrong_format_version_even_when_signed(bundle: Path, tmp_path: Path, keys: Keys) -> None:
     def bump(doc: dict) -> dict:
-        return {**doc, "format_version": 2}
+        return {**doc, "format_version": 3}
 
-    v2 = rebuild_bundle(bundle, tmp_path / "v2.fpk", keys, edit_manifest=bump)
-    with pytest.raises(UnsupportedFormatVersion, match="format_version 2") as ei:
+    v2 = rebuild_bundle(bundle, tmp_path / "v3.fpk", keys, edit_manifest=bump)
+    with pytest.raises(UnsupportedFormatVersion, match="format_version 3") as ei:
         BundleReader(v2)
     _one_line(ei)
 

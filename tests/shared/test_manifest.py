@@ -76,7 +76,7 @@ def test_rejects_other_format(manifest: Manifest) -> None:
         parse_manifest(_bytes(doc))
 
 
-@pytest.mark.parametrize("version", [0, 2, 999, "1", None])
+@pytest.mark.parametrize("version", [0, 3, 999, "1", None])
 def test_rejects_unsupported_version(manifest: Manifest, version: object) -> None:
     doc = _doc(manifest)
     doc["format_version"] = version
@@ -190,3 +190,39 @@ def test_completion_format_needs_a_template_with_its_placeholders(manifest: Mani
     raw["runtime"]["prompt_format"] = "json"
     with pytest.raises(ManifestError, match="prompt_format"):
         parse_manifest(json.dumps(raw).encode())
+
+
+_ADAPTER = {"member": fmt.ADAPTER_NAME, "method": "dapt", "rank": 16, "alpha": 32.0, "scale": 1.0, "tensors": 252,
+            "size_bytes": 100, "check_kld_mean": 1e-5, "check_top1_agreement": 1.0}
+
+
+def _with_adapter(manifest: Manifest, *, version: int = fmt.ADAPTER_FORMAT_VERSION, member: bool = True,
+                  entry: bool = True) -> dict:
+    doc = _doc(manifest)
+    doc["format_version"] = version
+    if member:
+        doc["members"].append({"name": fmt.ADAPTER_NAME, "size": 100, "sha256": "0" * 64})
+    if entry:
+        doc["adapter"] = dict(_ADAPTER)
+    return doc
+
+
+def test_format_1_manifest_carries_no_adapter_key(manifest: Manifest) -> None:
+    """Bundles without an adapter stay byte-for-byte what a format-1 reader (extra keys forbidden) accepts."""
+    assert manifest.adapter is None and "adapter" not in _doc(manifest)
+
+
+def test_adapter_manifest_round_trips_as_format_2(manifest: Manifest) -> None:
+    m = parse_manifest(_bytes(_with_adapter(manifest)))
+    assert m.adapter is not None and m.adapter.rank == 16 and m.format_version == 2
+    assert parse_manifest(m.to_bytes()) == m
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(version=1), "adapter needs format_version 2"),
+    (dict(member=False), "adapter member 'adapter.gguf' is not among the members"),
+    (dict(entry=False), "no adapter entry"),
+])
+def test_adapter_entry_and_member_go_together_in_format_2(manifest: Manifest, kw: dict, needle: str) -> None:
+    with pytest.raises(ManifestError, match=needle):
+        parse_manifest(_bytes(_with_adapter(manifest, **kw)))
