@@ -2,7 +2,11 @@
 against the RAFT-tuned one, both converted by our converter and quantized to Q4_K_M as a bundle ships them,
 answering the *unseen* questions of ``benchmarks/qa/postgresql-15.jsonl`` (never trained or tuned on).
 
-``python -m benchmarks.raft --out DIR --index PG_INDEX.sqlite --embedder EXPORT_DIR [--steps 178] [--k-train 4] [--lr 5e-4]``
+``python -m benchmarks.raft --out DIR [--index PG_INDEX.sqlite --embedder EXPORT_DIR] [--steps 178 | --epochs 2]
+[--k-train 4] [--lr 5e-4] [--raft-hard N] [--raft-paired] [--abstain-share 0.2] [--valid N] [--skip-base]``
+
+``--valid N`` chooses a recipe without the unseen questions: N answerable *dev* questions are held out of training
+and the run scores on them (and the dev unanswerable ones) instead.
 
 Training (:func:`fieldpack.builder.adapt.adapt_model`, what ``fieldpack build --adapt raft`` runs): the questions
 of ``--qa-train`` (default ``benchmarks/qa/postgresql-15.raft-train.jsonl``: the 36 answerable *dev* questions of
@@ -65,6 +69,22 @@ def disjoint_pairs(train_pairs: list[Any], answerable: list[dict[str, Any]]) -> 
     log.info("training pairs: %d of %d kept (%d target a page of an unseen question)", len(kept), len(train_pairs),
              len(train_pairs) - len(kept))
     return kept
+
+
+def validation_split(qa_file: Path, pairs: list[Any], n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                                     list[Any]]:
+    """Hold out ``n`` training pairs that are answerable *dev* questions of the QA file (seeded): returns (those
+    QA rows, the dev unanswerable rows, the remaining training pairs). Exits when fewer than ``n`` exist."""
+    rows = [json.loads(line) for line in qa_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    dev = {r["question"]: r for r in rows if r.get("split") == "dev" and not r.get("unanswerable")}
+    candidates = [p for p in pairs if p.question in dev]
+    if len(candidates) < n:
+        sys.exit(f"--valid {n}: only {len(candidates)} training questions are answerable dev questions")
+    held = random.Random(0).sample(candidates, n)
+    held_q = {p.question for p in held}
+    unanswerable = [r for r in rows if r.get("split") == "dev" and r.get("unanswerable")]
+    log.info("validation: %d dev questions held out of training, %d dev unanswerable", n, len(unanswerable))
+    return [dev[p.question] for p in held], unanswerable, [p for p in pairs if p.question not in held_q]
 
 
 def to_gguf(model_dir: Path, work: Path, name: str, threads: int) -> Path:
@@ -182,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model", type=Path, default=None, help="Gemma 3 270M HF checkpoint (default: the tests' cache)")
     p.add_argument("--qa-train", type=Path, default=TRAIN_FILE)
-    p.add_argument("--index", type=Path, required=True, help="index.sqlite of the PostgreSQL docs (200/40 chunks)")
-    p.add_argument("--embedder", type=Path, required=True, help="its ONNX embedder export folder")
+    p.add_argument("--index", type=Path, default=None, help="index.sqlite of the PostgreSQL docs (200/40 chunks; "
+                   "default: the retrieval benchmark's cached index with the base MiniLM)")
+    p.add_argument("--embedder", type=Path, default=None, help="its ONNX embedder export folder (with --index)")
     p.add_argument("--steps", type=int, default=178)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--lora-r", type=int, default=16)
@@ -192,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N unseen questions (smoke run)")
+    p.add_argument("--abstain-share", type=float, default=0.2, help="share of questions with a no-oracle example")
+    p.add_argument("--raft-hard", type=int, default=0, help="hard distractors per prompt (adapt option raft_hard)")
+    p.add_argument("--raft-paired", action="store_true", help="abstaining questions keep their oracle example too")
+    p.add_argument("--epochs", type=float, default=None, help="steps = epochs x examples (overrides --steps)")
+    p.add_argument("--valid", type=int, default=0, help="hold out N answerable dev questions of the training file "
+                   "(seeded) and evaluate on them (plus the dev unanswerable ones) instead of the unseen questions: "
+                   "how a recipe is chosen without looking at the unseen questions")
+    p.add_argument("--skip-base", action="store_true", help="do not answer with the base model (a second recipe)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
@@ -213,7 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     answerable, unanswerable = unseen_items(QA_FILE)
     pairs = read_qa_file(a.qa_train, POSTGRES_DOCS)
     pairs = disjoint_pairs(pairs, answerable)
+    if a.valid:
+        answerable, unanswerable, pairs = validation_split(QA_FILE, pairs, a.valid)
     chunks = corpus_chunks(CORPORA["postgresql"], {"tokenizer_path": str(minilm_dir() / "tokenizer.json")})
+    if a.index is None:
+        from benchmarks.retrieval_quality import base_export, corpus_index
+
+        emb = base_export()
+        a.index = corpus_index(CORPORA["postgresql"], emb, corpus_chunks(CORPORA["postgresql"], emb), "base")
+        a.embedder = Path(emb["onnx_path"]).parent
     log.info("%d training questions, %d unseen answerable + %d unanswerable, %d chunks", len(pairs),
              len(answerable), len(unanswerable), len(chunks))
 
@@ -223,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     stop_id = tok.convert_tokens_to_ids("<end_of_turn>") if plan.prompt_format != "completion" else tok.eos_token_id
     examples, n_abstain = raft_examples(pairs, chunks, render, tok, stop_id=stop_id, k=a.k_train,
-                                        abstain_share=0.2, seed=0, max_len=1536)
+                                        abstain_share=a.abstain_share, seed=0, max_len=1536, hard=a.raft_hard,
+                                        paired=a.raft_paired)
+    if a.epochs is not None:
+        a.steps = max(1, round(a.epochs * len(examples)))
     log.info("RAFT: %d examples (%d abstain), %d-%d tokens, prompt format %s, stop id %d", len(examples), n_abstain,
              min(len(e.input_ids) for e in examples), max(len(e.input_ids) for e in examples), plan.prompt_format,
              stop_id)
@@ -251,13 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     items = prompts(answerable, unanswerable, chunks, retrieved, k=a.k_eval, seed=1)
     res: dict[str, Any] = {"train": train_row, "train_seconds": round(t_train, 1), "examples": len(examples),
                            "args": {k: str(v) for k, v in vars(a).items()}}
-    for name, gguf in (("base", base_gguf), ("raft", raft_gguf)):
+    for name, gguf in (() if a.skip_base else (("base", base_gguf),)) + (("raft", raft_gguf),):
         rows = answer_all(gguf, items, render, max_tokens=a.max_tokens, threads=a.threads, bos_text=plan.bos_token,
                           stop=list(plan.extra_stop))
         res[name] = {"summary": summarize(rows), "rows": rows}
         print(name, json.dumps(res[name]["summary"]), flush=True)
     atomic_write_text(a.out / "raft.json", json.dumps(res, indent=2, default=str) + "\n")
-    print(json.dumps({k: res[k]["summary"] for k in ("base", "raft")}, indent=2))
+    print(json.dumps({k: res[k]["summary"] for k in ("base", "raft") if k in res}, indent=2))
     return 0
 
 

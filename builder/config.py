@@ -102,8 +102,8 @@ class BuildConfig(BaseModel):
         mixed = [o for o, on in (("--trim-vocab", self.trim_vocab), ("--embd-type", self.embd_type),
                                  ("--output-type", self.output_type)) if on]
         if qz != "rtn" and mixed:
-            raise ValueError(f"--quantizer {qz} is not combined with {', '.join(mixed)} yet: build with --quantizer "
-                             f"rtn, or without {', '.join(mixed)}")
+            raise ValueError(f"--quantizer {qz} is not combined with {', '.join(mixed)} yet. Fix: build with "
+                             f"--quantizer rtn, or without {', '.join(mixed)}")
         return self
 
     @model_validator(mode="after")
@@ -113,15 +113,16 @@ class BuildConfig(BaseModel):
         if not self.ship_adapter:
             return self
         if not self.adapt:
-            raise ValueError("--ship-adapter needs a LoRA to ship: add --adapt dapt|raft or --distill-from")
+            raise ValueError("--ship-adapter needs a LoRA to ship. Fix: add --adapt dapt|raft or --distill-from, or "
+                             "drop --ship-adapter")
         mixed = [o for o, on in (("--prune", self.compression.get("prune")), ("--heal", self.compression.get("heal")),
                                  ("--trim-vocab", self.trim_vocab),
                                  ("--quantizer", str(self.compression.get("quantizer") or "rtn").lower() != "rtn"))
                  if on]
         if mixed:
-            raise ValueError(f"--ship-adapter is not combined with {', '.join(mixed)}: the adapter is trained on the "
-                             f"unpruned, untrimmed model; build without {', '.join(mixed)}, or without --ship-adapter "
-                             "(the merged model then ships)")
+            raise ValueError(f"--ship-adapter is not combined with {', '.join(mixed)} (the adapter is trained on the "
+                             f"unpruned, untrimmed base model). Fix: build without {', '.join(mixed)}, or without "
+                             "--ship-adapter (the merged model then ships)")
         return self
 
     @classmethod
@@ -146,6 +147,10 @@ class BuildConfig(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             errs = exc.errors()
+            if errs and not errs[0]["loc"]:  # a rule across options (a model validator): "problem. Fix: fix"
+                problem, _, fix = str(errs[0]["msg"]).replace("Value error, ", "").partition(" Fix: ")
+                raise UsageError(problem if origin == "options" else f"{origin}: {problem}",
+                                 hint=fix or "see `fieldpack build --help`") from exc
             where = ".".join(str(p) for p in errs[0]["loc"]) if errs else ""
             opt = f"--{where.replace('_', '-')}" if where in _OPTIONS else None
             hint = f"give {opt} a valid value (see `fieldpack build --help`)" if opt else "see `fieldpack build --help`"

@@ -250,7 +250,8 @@ def adapt_checkpoint(model_dir: Path, out_dir: Path, opts: AdaptOptions, *, trai
                          qa_teacher_dropped_why=", ".join(f"{n} {k}" for k, n in teacher_qa.dropped.items()) or None)
         examples, n_abstain = data.raft_examples(
             pairs, chunks, render, tok, stop_id=stop_id if stop_id is not None else tok.eos_token_id,
-            k=opts.raft_k or raft_k, abstain_share=opts.raft_abstain, seed=seed, max_len=2 * opts.seq_len)
+            k=opts.raft_k or raft_k, abstain_share=opts.raft_abstain, seed=seed, max_len=2 * opts.seq_len,
+            hard=opts.raft_hard, paired=opts.raft_paired)
         extra.update(qa_sha256=data.texts_sha256([f"{p.question}\0{p.answer}\0{p.source}" for p in pairs]),
                      n_abstain=n_abstain)
         train_hash = data.texts_sha256([p.question for p in pairs])

@@ -12,6 +12,14 @@ Adapting Language Model to Domain Specific RAG").
   other documents, in a seeded random order; the answer is ``"<answer> [n]"`` citing the oracle's number, then
   the model's EOS/EOT token. A share of examples (``raft_abstain``) carries ``k`` distractors and no oracle; its
   answer is :data:`~fieldpack.shared.prompt_format.ABSTAIN_ANSWER`. Loss only on the answer tokens.
+
+  Two options (off by default) make the examples look like what the device's retrieval puts in the prompt:
+  ``hard`` distractors are the chunks of *other* documents that share the most question words (idf-weighted
+  word overlap, one per document: the related-but-wrong sources a retriever returns, hard negatives as in dense
+  retrieval training) instead of random ones; ``paired`` gives each abstaining question its oracle example too,
+  so that the same question is seen with its answer among the sources and without it (same distractors, the
+  oracle's place taken by one more distractor), and only the oracle's presence decides between answering and
+  abstaining.
 """
 
 from __future__ import annotations
@@ -179,9 +187,38 @@ def as_source(chunk: Any, chunk_id: int) -> Any:
                line_start=chunk.line_start, line_end=chunk.line_end, text=chunk.text, score=0.0)
 
 
+def hard_distractor_ranker(chunks: Sequence[Any]) -> Callable[[str, str], list[int]]:
+    """``(question, source) -> chunk indices`` of documents other than ``source``, best first: the chunks sharing
+    the most question words, each word weighted by its idf over ``chunks`` (log N/df), one chunk per document.
+    Builds the word sets once (``O(total words)``); a query costs one pass over the chunks."""
+    import math
+
+    words = [frozenset(_WORD.findall(c.text.lower())) for c in chunks]
+    df: dict[str, int] = {}
+    for ws in words:
+        for w in ws:
+            df[w] = df.get(w, 0) + 1
+    n = len(chunks)
+
+    def rank(question: str, source: str) -> list[int]:
+        q = {w: math.log(n / df[w]) for w in set(_WORD.findall(question.lower())) if w in df}
+        scored = sorted(((sum(q.get(w, 0.0) for w in q.keys() & ws), -j) for j, ws in enumerate(words)
+                         if chunks[j].source != source and q.keys() & ws), reverse=True)
+        seen: set[str] = set()
+        out = []
+        for _, neg_j in scored:
+            j = -neg_j
+            if chunks[j].source not in seen:
+                seen.add(chunks[j].source)
+                out.append(j)
+        return out
+
+    return rank
+
+
 def raft_examples(pairs: Sequence[QAPair], chunks: Sequence[Any], render: Callable[[str, list[Any], list[Any]], str],
                   tokenizer: Any, *, stop_id: int, k: int, abstain_share: float, seed: int,
-                  max_len: int) -> tuple[list[Example], int]:
+                  max_len: int, hard: int = 0, paired: bool = False) -> tuple[list[Example], int]:
     """RAFT training examples (see the module docstring).
 
     Args:
@@ -194,6 +231,9 @@ def raft_examples(pairs: Sequence[QAPair], chunks: Sequence[Any], render: Callab
         abstain_share: share of examples without the oracle (answered with the abstention phrase).
         seed: fixes distractors, order and which examples abstain.
         max_len: longest example in tokens; longer ones are left out (logged).
+        hard: how many of each prompt's distractors are hard ones (:func:`hard_distractor_ranker`; the rest
+            random); 0: all random (RAFT's own recipe).
+        paired: abstaining questions also get their oracle example (module docstring).
 
     Returns:
         ``(examples, n_abstain)``.
@@ -204,30 +244,54 @@ def raft_examples(pairs: Sequence[QAPair], chunks: Sequence[Any], render: Callab
     rng = random.Random(seed)
     n_abstain = round(abstain_share * len(pairs))
     abstain = set(rng.sample(range(len(pairs)), n_abstain))
+    ranker = hard_distractor_ranker(chunks) if hard > 0 else None
     out: list[Example] = []
     too_long = kept_abstain = 0
-    for i, pair in enumerate(pairs):
-        oracle = pick_oracle(pair, chunks)
-        others = [j for j, c in enumerate(chunks) if c.source != pair.source] or \
-                 [j for j in range(len(chunks)) if j != oracle]
-        if i in abstain:
-            picked = rng.sample(others, min(k, len(others)))
-            answer = ABSTAIN_ANSWER
-        else:
-            picked = rng.sample(others, min(k - 1, len(others))) + [oracle]
-            rng.shuffle(picked)
-            answer = f"{_CITATION.sub('', pair.answer).strip()} [{picked.index(oracle) + 1}]"
+
+    def add(pair: QAPair, picked: list[int], answer: str) -> bool:
         prompt = render(pair.question, [as_source(chunks[j], j) for j in picked], [])
         prefix = " " if prompt.endswith(":") else ""
         p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         a_ids = tokenizer(prefix + answer, add_special_tokens=False)["input_ids"] + [stop_id]
         if len(p_ids) + len(a_ids) > max_len:
-            too_long += 1
-            continue
+            return False
         out.append(Example(input_ids=p_ids + a_ids, labels=[IGNORE_INDEX] * len(p_ids) + a_ids))
-        kept_abstain += i in abstain
+        return True
+
+    for i, pair in enumerate(pairs):
+        oracle = pick_oracle(pair, chunks)
+        others = [j for j, c in enumerate(chunks) if c.source != pair.source] or \
+                 [j for j in range(len(chunks)) if j != oracle]
+        answer = f"{_CITATION.sub('', pair.answer).strip()}"
+        if ranker is None and not paired:  # RAFT's own recipe: random distractors, one example per question
+            if i in abstain:
+                picked, reply = rng.sample(others, min(k, len(others))), ABSTAIN_ANSWER
+            else:
+                picked = rng.sample(others, min(k - 1, len(others))) + [oracle]
+                rng.shuffle(picked)
+                reply = f"{answer} [{picked.index(oracle) + 1}]"
+            if add(pair, picked, reply):
+                kept_abstain += i in abstain
+            else:
+                too_long += 1
+            continue
+        hard_ids = ranker(pair.question, pair.source)[:min(hard, k)] if ranker is not None else []
+        pool = [j for j in others if j not in set(hard_ids)]
+        distractors = hard_ids + rng.sample(pool, min(k - len(hard_ids), len(pool)))  # the k-th: abstention only
+        if i not in abstain or paired:
+            picked = distractors[:k - 1] + [oracle]
+            rng.shuffle(picked)
+            if not add(pair, picked, f"{answer} [{picked.index(oracle) + 1}]"):
+                too_long += 1
+        if i in abstain:
+            picked = list(distractors)
+            rng.shuffle(picked)
+            if add(pair, picked, ABSTAIN_ANSWER):
+                kept_abstain += 1
+            else:
+                too_long += 1
     if too_long:
-        log.warning("RAFT: %d of %d examples longer than %d tokens left out", too_long, len(pairs), max_len)
+        log.warning("RAFT: %d examples longer than %d tokens left out", too_long, max_len)
     if not out:
         raise AdaptationError(f"every RAFT example is longer than {max_len} tokens",
                               hint="raise --adapt-seq-len or lower --top-k-chunks (fewer sources per prompt)")

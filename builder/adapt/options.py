@@ -22,6 +22,9 @@ The options dict (as the CLI and ``recipe.toml`` spell it)::
     kd_temperature softening temperature T > 0 (default 2.0)
     raft_k         sources per RAFT prompt, oracle + distractors (default: the bundle's top_k_chunks)
     raft_abstain   share of RAFT examples without the oracle, answered with the abstention phrase (default 0.2)
+    raft_hard      how many distractors per RAFT prompt are hard ones (other documents sharing the most question
+                   words; default 0: all random, RAFT's own recipe)
+    raft_paired    abstaining questions also get their oracle example (default false)
     max_epochs     refuse when the steps would pass over the training text more often than this (default 10)
     threads        CPU threads while training (default 2; results are reproducible for a fixed count)
 
@@ -43,7 +46,8 @@ METHODS = ("dapt", "raft")
 FLAGS = {"method": "--adapt", "qa_train": "--qa-train", "teacher": "--distill-from", "steps": "--adapt-steps",
          "lora_r": "--lora-r", "seq_len": "--adapt-seq-len", "lr": "--adapt-lr", "batch_size": "--adapt-batch",
          "qa_teacher": "--qa-teacher", "qa_teacher_model": "--qa-teacher-model", "qa_per_chunk": "--qa-per-chunk",
-         "qa_max": "--qa-max"}
+         "qa_max": "--qa-max", "raft_hard": "--raft-hard", "raft_paired": "--raft-paired",
+         "raft_abstain": "--raft-abstain"}
 
 
 class AdaptOptions(BaseModel):
@@ -68,6 +72,8 @@ class AdaptOptions(BaseModel):
     kd_temperature: float = 2.0
     raft_k: int | None = None
     raft_abstain: float = 0.2
+    raft_hard: int = 0
+    raft_paired: bool = False
     max_epochs: float = 10.0
     threads: int = 2
 
@@ -123,6 +129,21 @@ class AdaptOptions(BaseModel):
             raise AdaptationError(f"{_flag(info.field_name)} {v!r} must be a number > 0",
                                   hint=f"give {_flag(info.field_name)} a positive number")
         return float(v)
+
+    @field_validator("raft_hard", mode="before")
+    @classmethod
+    def _count(cls, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise AdaptationError(f"--raft-hard {v!r} must be a whole number >= 0",
+                                  hint="give --raft-hard 0 (random distractors) up to the sources per prompt")
+        return v
+
+    @field_validator("raft_paired", mode="before")
+    @classmethod
+    def _flag_bool(cls, v: Any) -> bool:
+        if not isinstance(v, bool):
+            raise AdaptationError(f"--raft-paired {v!r} is not true or false", hint="give true or false")
+        return v
 
     @field_validator("kd_alpha", "raft_abstain", mode="before")
     @classmethod

@@ -139,6 +139,13 @@ def build(
     adapt_seq_len: Optional[int] = typer.Option(None, "--adapt-seq-len", help="training block length in model tokens "
                                                 "(default 256)"),
     lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (default 16)"),
+    raft_hard: Optional[int] = typer.Option(None, "--raft-hard", help="raft: distractors per prompt taken from the "
+                                            "documents closest to the question instead of at random (default 0)"),
+    raft_paired: Optional[bool] = typer.Option(None, "--raft-paired/--no-raft-paired",
+                                               help="raft: questions with a no-answer example also keep their "
+                                                    "answered example (default off)"),
+    raft_abstain: Optional[float] = typer.Option(None, "--raft-abstain", help="raft: share of questions with a "
+                                                 "no-answer example (default 0.2)"),
     ship_adapter: Optional[bool] = typer.Option(None, "--ship-adapter/--merge-adapter",
                                                 help="ship the LoRA as a llama.cpp adapter GGUF beside the unadapted "
                                                      "base model (small updates; the device reads the model into RAM, "
@@ -162,7 +169,8 @@ def build(
     adapt_opts: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(
         method=adapt, qa_train=qa_train, qa_teacher=qa_teacher, qa_teacher_model=qa_teacher_model,
         qa_per_chunk=qa_per_chunk, qa_max=qa_max, teacher=distill_from, steps=adapt_steps, seq_len=adapt_seq_len,
-        lora_r=lora_r).items() if v is not None}
+        lora_r=lora_r, raft_hard=raft_hard, raft_paired=raft_paired, raft_abstain=raft_abstain).items()
+        if v is not None}
     opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
                 n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder, prompt_format=prompt_format,
                 embd_type=embd_type, output_type=output_type, trim_vocab=trim_vocab, keep_general=keep_general,
@@ -179,7 +187,9 @@ def build(
         if missing:
             from fieldpack.shared.errors import UsageError
 
-            raise UsageError(f"missing {', '.join(missing)}", hint="give them, or replay a build with --recipe recipe.toml")
+            raise UsageError(f"missing {', '.join(missing)}",
+                             hint=f"give {'them' if len(missing) > 1 else 'it'}, or replay a build with --recipe "
+                                  "recipe.toml")
         data = {k: v for k, v in opts.items() if v is not None}
         if compression:
             data["compression"] = compression

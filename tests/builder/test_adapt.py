@@ -239,6 +239,43 @@ def test_raft_examples_cite_the_oracle_and_abstain(tiny_llama_dir: Path, tmp_pat
     assert "Sources:" in prompt and prompt.rstrip().endswith("Answer:")
 
 
+def test_hard_distractors_are_the_other_documents_closest_to_the_question() -> None:
+    from fieldpack.builder.adapt.data import hard_distractor_ranker
+
+    chunks = _chunks()
+    ranked = hard_distractor_ranker(chunks)("What should I check before restarting a pump after cavitation?",
+                                            "database.md")
+    assert ranked and all(chunks[j].source != "database.md" for j in ranked)
+    assert len({chunks[j].source for j in ranked}) == len(ranked)  # one chunk per document
+    assert chunks[ranked[0]].source == "procedures/pumps.md"  # the pump page shares the rare words
+
+
+def test_paired_raft_shows_abstaining_questions_with_and_without_their_oracle(tiny_llama_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from fieldpack.builder.prompt_plan import plan_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    pairs = read_qa_file(_qa_file(tmp_path), DEMO_DOCS)
+    render = plan_prompt(None, "completion").renderer()
+    ex, n_abstain = raft_examples(pairs, _chunks(), render, tok, stop_id=tok.eos_token_id, k=3, abstain_share=0.25,
+                                  seed=0, max_len=4096, hard=1, paired=True)
+    assert n_abstain == 2 and len(ex) == len(pairs) + 2  # every question answered once, two also abstain
+    prompts = [tok.decode([t for t, l in zip(e.input_ids, e.labels) if l == -100]) for e in ex]
+    answers = [tok.decode([t for t, l in zip(e.input_ids, e.labels) if l != -100]) for e in ex]
+    abstaining = [i for i, a in enumerate(answers) if ABSTAIN_ANSWER in a]
+    assert len(abstaining) == 2
+    for i in abstaining:  # its twin (same question) answers and cites; the sources differ only by the oracle
+        q = prompts[i].split("Question:")[-1]
+        twins = [j for j in range(len(ex)) if j != i and prompts[j].split("Question:")[-1] == q
+                 and ABSTAIN_ANSWER not in answers[j]]
+        assert twins, prompts[i][-200:]
+    default, _ = raft_examples(pairs, _chunks(), render, tok, stop_id=tok.eos_token_id, k=3, abstain_share=0.25,
+                               seed=0, max_len=4096)
+    assert len(default) == len(pairs)  # off by default: RAFT's own recipe
+
+
 @pytest.mark.slow
 def test_raft_teaches_the_model_to_end_its_answer(tiny_llama_dir: Path, tmp_path: Path, split) -> None:
     """After RAFT the tiny model ends its answer with EOS within the answer's length (before: it runs on)."""
