@@ -50,6 +50,12 @@ PRUNE_METHODS = MASK_METHODS + STRUCTURED_METHODS
 #: Hugging Face architectures whose decoder blocks we know how to prune (Llama layout: q/k/v/o + gate/up/down).
 PRUNABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
+#: Architectures whose blocks can be dropped (depth) or whose MLPs can be narrowed (width), but not masked: Gemma 3
+#: (text). Its per-layer sliding/global attention pattern follows the kept blocks (``layer_types``, written by our
+#: converter as ``gemma3.attention.sliding_window_pattern``); the mask methods' block-by-block driver does not
+#: know its decoder layer's call signature (two RoPE tables).
+STRUCTURED_ONLY_ARCHITECTURES = ("Gemma3ForCausalLM",)
+
 #: Architectures whose llama.cpp graph accepts ``n_head * head_dim != hidden_size`` (llama.cpp's qwen2 loader
 #: requires a square ``attn_q``), so whole GQA groups can be removed.
 HEAD_PRUNABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -335,9 +341,10 @@ def read_model_shape(model_dir: Path) -> ModelShape:
                                      hint="pass a local Hugging Face checkpoint folder") from exc
     archs = cfg.get("architectures") or [cfg.get("model_type", "unknown")]
     arch = str(archs[0])
-    if arch not in PRUNABLE_ARCHITECTURES:
+    if arch not in PRUNABLE_ARCHITECTURES + STRUCTURED_ONLY_ARCHITECTURES:
         raise CompressionConfigError(f"cannot prune architecture {arch} ({path})",
-                                     hint=f"pruning supports {', '.join(PRUNABLE_ARCHITECTURES)}; "
+                                     hint=f"pruning supports {', '.join(PRUNABLE_ARCHITECTURES)} (and --prune "
+                                          f"depth|width on {', '.join(STRUCTURED_ONLY_ARCHITECTURES)}); "
                                           "build without --prune (quantization and --imatrix still work)")
     try:
         n_head = int(cfg["num_attention_heads"])
@@ -394,6 +401,9 @@ def check_against_model(opts: CompressionOptions, shape: ModelShape) -> None:
         CompressionConfigError: dropping >= the number of blocks; an MLP width or a KV-head count that would
             leave a layer empty or prune nothing.
     """
+    if opts.prune in MASK_METHODS and shape.architecture in STRUCTURED_ONLY_ARCHITECTURES:
+        raise CompressionConfigError(f"--prune {opts.prune} does not support {shape.architecture} yet",
+                                     hint="use --prune depth or --prune width for it")
     if opts.prune == "depth":
         n = resolve_drop_layers(opts, shape)
         if n >= shape.n_layer:

@@ -108,3 +108,33 @@ def test_pruned_checkpoint_converts_loads_and_generates(arch, options, tiny_dirs
         finally:
             llm.close()
         assert out["usage"]["completion_tokens"] >= 1
+
+
+def test_gemma3_depth_pruning_keeps_each_blocks_attention_kind_through_llama_cpp(tiny_gemma_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Dropping block 0 of the tiny Gemma 3 (sliding, sliding, full, sliding) moves the global-attention block from
+    index 2 to 1: the saved ``layer_types``, our converter's per-layer sliding-window pattern and llama.cpp must
+    agree, which the parity gate (HF logits vs llama.cpp logits) checks; and the mask methods are refused by name."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from fieldpack.builder.compress import validate_compression
+    from fieldpack.builder.compress.structured import drop_blocks, save_checkpoint
+    from fieldpack.builder.convert import convert_hf_to_gguf
+    from fieldpack.builder.parity import check_parity
+    from fieldpack.shared.errors import CompressionConfigError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32)
+    types = list(model.config.layer_types)
+    assert types.index("full_attention") == 2
+    drop_blocks(model, [0])
+    out = save_checkpoint(model, tiny_gemma_dir, tmp_path / "pruned", dtype=torch.float32)
+    saved = json.loads((Path(out) / "config.json").read_text())
+    assert saved["num_hidden_layers"] == len(types) - 1 and saved["layer_types"] == types[1:]
+    gguf = convert_hf_to_gguf(Path(out), tmp_path / "pruned.gguf", outtype="f32").path
+    report = check_parity(Path(out), gguf)
+    assert report.passed, report
+    validate_compression({"prune": "depth", "drop_layers": 1}, model_dir=tiny_gemma_dir)
+    with pytest.raises(CompressionConfigError, match="--prune wanda does not support Gemma3ForCausalLM"):
+        validate_compression({"prune": "wanda", "sparsity": 0.5}, model_dir=tiny_gemma_dir)
