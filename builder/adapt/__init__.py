@@ -190,8 +190,8 @@ def adapt_model(model: Any, tokenizer: Any, examples: Sequence[Any], held_out: S
                       kld_after=after.kld, eval_tokens=after.tokens, train_sequences=len(examples),
                       train_sha256=train_sha256, held_out_sha256=held_out_sha256, teacher_ppl=t_ppl,
                       teacher_kld_before=before.kld if teacher is not None else None,
-                      teacher_kld_after=t_after.kld if t_after is not None else None, **report_extra)
-    rep.adapter = adapter
+                      teacher_kld_after=t_after.kld if t_after is not None else None, adapter=adapter,
+                      **report_extra)
     log.info("%s: held-out PPL %.3f -> %.3f (%d steps, %d tokens, %.0f s)", method, rep.ppl_before, rep.ppl_after,
              rep.steps, rep.tokens, rep.seconds)
     return merged, rep

@@ -43,11 +43,7 @@ class LoraGGUF:
 
 def _hf_name(peft_name: str) -> str:
     """``base_model.model.model.layers.0.self_attn.q_proj`` -> ``model.layers.0.self_attn.q_proj.weight``."""
-    name = peft_name
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    return f"{name}.weight"
+    return f"{peft_name.removeprefix('base_model.model.')}.weight"
 
 
 def export_lora_gguf(peft_model: Any, model_dir: Path, out_path: Path, *, outtype: str = "f32") -> LoraGGUF:
@@ -128,8 +124,8 @@ def export_lora_gguf(peft_model: Any, model_dir: Path, out_path: Path, *, outtyp
     except OSError as exc:
         raise OutputNotWritableError(f"cannot write LoRA adapter {out_path}: {exc}",
                                      hint="check free disk space and permissions") from exc
-    size = out_path.stat().st_size
-    log.info("LoRA adapter %s: %d tensors, r=%d, alpha=%g, %d bytes", out_path.name, 2 * len(pairs), ranks.pop(),
-             alpha, size)
-    return LoraGGUF(path=out_path, size_bytes=size, rank=a.shape[0], alpha=alpha, tensors=2 * len(pairs),
+    size, (rank,) = out_path.stat().st_size, ranks
+    log.info("LoRA adapter %s: %d tensors, r=%d, alpha=%g, %d bytes", out_path.name, 2 * len(pairs), rank, alpha,
+             size)
+    return LoraGGUF(path=out_path, size_bytes=size, rank=rank, alpha=alpha, tensors=2 * len(pairs),
                     sha256=sha256_file(out_path))

@@ -205,12 +205,8 @@ def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner, prom
 
     comp: CompressRecord | None = None
     if cfg.compression:
-        from fieldpack.builder.compress import validate_compression
-
-        opts = validate_compression(cfg.compression, model_dir=model_dir, qtype=cfg.quant)
-        if opts.prune is None:
-            cfg.compression.update(opts.to_dict())
-        else:
+        opts = _resolve_compression(cfg, model_dir)
+        if opts.prune is not None:
             comp = run(COMPRESS, CompressInputs(
                 checkpoint=checkpoint, reference=conv.gguf(), architecture=conv.conversion.architecture,
                 n_ctx_train=conv.conversion.n_ctx_train, options=dict(cfg.compression), seed=cfg.seed,
@@ -234,25 +230,35 @@ def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner, prom
                 adapt=adapted)
 
 
+def _resolve_compression(cfg: Any, model_dir: Path) -> Any:
+    """Validate ``cfg.compression`` against the checkpoint; without pruning, fill in its defaults in place (what the
+    recipe stores; with pruning the compress stage resolves them). Returns the CompressionOptions.
+    Raises CompressionConfigError."""
+    from fieldpack.builder.compress import validate_compression
+
+    opts = validate_compression(cfg.compression, model_dir=model_dir, qtype=cfg.quant)
+    if opts.prune is None:
+        cfg.compression.update(opts.to_dict())
+    return opts
+
+
 def _adapter_stages(cfg: Any, checkpoint: Input, conv: ConvertRecord, split: SplitRecord, adapted: AdaptRecord,
                     run: Runner) -> dict[str, Any]:
     """``--ship-adapter``: the source checkpoint is gated, quantized and shipped; the adapted (merged) checkpoint
     is converted only as the reference that the adapter check and the quality stage measure against. (No
     pruning, trimming or calibrated quantizer: :meth:`BuildConfig` refuses those with ``--ship-adapter``.)"""
     if cfg.compression:  # --imatrix only (BuildConfig refuses pruning and calibrated quantizers here)
-        from fieldpack.builder.compress import validate_compression
-
-        cfg.compression.update(validate_compression(cfg.compression, model_dir=checkpoint.path,
-                                                    qtype=cfg.quant).to_dict())
+        _resolve_compression(cfg, checkpoint.path)
     merged = run(CONVERT, ConvertInputs(checkpoint=adapted.checkpoint_input(), outtype=cfg.parity_outtype))
-    check = run(ADAPTER_CHECK, AdapterCheckInputs(base=conv.gguf(), adapter=adapted.adapter_input(),
+    adapter = adapted.adapter_input()
+    check = run(ADAPTER_CHECK, AdapterCheckInputs(base=conv.gguf(), adapter=adapter,
                                                   merged=merged.gguf(), split=split.split(), n_ctx=split.n_ctx_eval))
     parity = run(PARITY, ParityInputs(checkpoint=checkpoint, gguf=conv.gguf()))
     quant = run(QUANTIZE, QuantizeInputs(source=conv.gguf(), qtype=cfg.quant.upper(),
                                          imatrix_from=split.split() if cfg.compression.get("imatrix") else None,
                                          **tensor_type_options(cfg)))
     quality = run(QUALITY, QualityInputs(reference=merged.gguf(), model=quant.model(), split=split.split(),
-                                         n_ctx=split.n_ctx_eval, adapter=adapted.adapter_input()))
+                                         n_ctx=split.n_ctx_eval, adapter=adapter))
     return dict(convert=conv, parity=parity, split=split, compress=None, quantize=quant, quality=quality, trim=None,
                 adapt=adapted, adapter_check=check)
 
