@@ -35,6 +35,8 @@ def quiet_third_party(*, heavy: bool = True) -> None:
     for name in ("torch.onnx", "torch._dynamo", "onnxscript", "onnx_ir", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
+    # PEFT (0.21) reads transformers' deprecated `is_gradient_checkpointing` alias when it wraps a model
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if heavy or "transformers" in sys.modules:
         try:
             from transformers.utils import logging as hf_logging

@@ -25,6 +25,8 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
+from fieldpack.shared.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 ENV = "FIELDPACK_LLAMA_EXTRA_BUFTS"
@@ -48,10 +50,15 @@ def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 def extra_buffer_types_off(env: str | None = None, *, amx: bool | None = None) -> bool:
     """Whether to turn llama.cpp's extra CPU buffer types off: ``env`` (default ``$FIELDPACK_LLAMA_EXTRA_BUFTS``)
-    ``off`` -> True, ``on`` -> False, ``auto``/unset -> :func:`cpu_has_amx`. Raises ValueError on another value."""
+    ``off`` -> True, ``on`` -> False, ``auto``/unset -> :func:`cpu_has_amx`.
+
+    Raises:
+        UsageError: the variable holds another value (one line naming it and the three it takes).
+    """
     value = (os.environ.get(ENV, "auto") if env is None else env).strip().lower() or "auto"
     if value not in ("auto", "on", "off"):
-        raise ValueError(f"{ENV}={value!r} is not auto, on or off")
+        raise UsageError(f"environment variable {ENV}={value!r} is not auto, on or off",
+                         hint=f"unset {ENV} (auto: off exactly on CPUs with Intel AMX) or set it to on or off")
     if value != "auto":
         return value == "off"
     return cpu_has_amx() if amx is None else amx
@@ -63,7 +70,7 @@ def llama_cpp_module(module: ModuleType) -> ModuleType:
     through ``module.Llama`` or the low-level API). Usage: ``import llama_cpp; Llama = llama_cpp_module(llama_cpp).Llama``.
 
     Raises:
-        ValueError: ``$FIELDPACK_LLAMA_EXTRA_BUFTS`` holds another value than auto, on or off.
+        UsageError: ``$FIELDPACK_LLAMA_EXTRA_BUFTS`` holds another value than auto, on or off.
     """
     global _applied
     if _applied is not None:

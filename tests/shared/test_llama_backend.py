@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fieldpack.shared.errors import UsageError
 from fieldpack.shared.llama_backend import ENV, cpu_has_amx, extra_buffer_types_off, llama_cpp_module
 
 
@@ -34,8 +35,9 @@ def test_override_variable(env: str, amx: bool, want: bool) -> None:
 
 
 def test_override_variable_rejects_other_values() -> None:
-    with pytest.raises(ValueError, match=ENV):
+    with pytest.raises(UsageError, match=ENV) as e:
         extra_buffer_types_off("maybe")
+    assert "Fix: unset" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_model_loads_get_the_decided_buffer_setting() -> None:
