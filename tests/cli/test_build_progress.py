@@ -54,8 +54,8 @@ def test_ctrl_c_names_the_interrupted_stage(tmp_path: Path, tiny_llama_dir: Path
             proc.send_signal(signal.SIGINT)
             break
     # Once in CI (2026-12-01) the first SIGINT, sent 0.5 s into the embedder stage, was lost without a trace and
-    # the build ran to the end (rc 0); 18 tries by hand, under load too, never lost one. A user presses Ctrl-C again when the
-    # first press does not take: so does the test, while the build is still running 3 s later.
+    # the build ran to the end (rc 0); 18 tries by hand, under load too, never lost one. A user presses Ctrl-C
+    # again when the first press does not take: so does the test, while the build is still running 3 s later.
     for _ in range(3):
         try:
             proc.wait(timeout=3)
