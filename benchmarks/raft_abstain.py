@@ -57,7 +57,8 @@ def abstain_logprobs(gguf: Path, items: list[dict[str, Any]]) -> list[dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("gguf", type=Path, nargs="+", help="models to score (e.g. base and RAFT Q4_K_M from benchmarks.raft)")
+    ap.add_argument("gguf", type=Path, nargs="+",
+                    help="models to score (e.g. base and RAFT Q4_K_M from benchmarks.raft)")
     ap.add_argument("--k", type=int, default=4, help="sources per prompt (as benchmarks.raft --k-eval)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
