@@ -74,9 +74,9 @@ def kd_loss_aligned(student_logits: Any, teacher_logits: Any, targets: Any, *, a
     t = teacher_logits[..., :vocab].reshape(-1, vocab) if use_teacher else None
     rows = max(1, KD_CHUNK_ELEMENTS // vocab)
     ce = kl = torch.zeros((), dtype=torch.float32, device=s.device)
-    for i, s_part in enumerate(s.split(rows)):  # one SplitBackward: the chunk gradients are joined once
-        t_part = t[i * rows:(i + 1) * rows] if t is not None else None
-        y_part = y[i * rows:(i + 1) * rows]
+    s_parts = s.split(rows)  # one SplitBackward: the chunk gradients are joined once
+    t_parts = t.split(rows) if t is not None else (None,) * len(s_parts)
+    for s_part, t_part, y_part in zip(s_parts, t_parts, y.split(rows), strict=True):
         if s_part.requires_grad:
             c, k = checkpoint(_chunk_terms, s_part, t_part, y_part, temperature, use_reentrant=False)
         else:
