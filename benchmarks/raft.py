@@ -124,6 +124,12 @@ def prompts(answerable: list[dict[str, Any]], unanswerable: list[dict[str, Any]]
     return out
 
 
+def prompt_tokens(llm: Any, text: str, bos_text: str) -> list[int]:
+    """A rendered prompt's token ids as the device feeds them: special tokens parsed, and BOS added unless the
+    prompt format already writes it (``bos_text``: the format's BOS string, ``""`` when it writes none)."""
+    return llm.tokenize(text.encode("utf-8"), add_bos=not (bos_text and text.startswith(bos_text)), special=True)
+
+
 def answer_all(gguf: Path, items: list[dict[str, Any]], render: Any, *, max_tokens: int, threads: int,
                bos_text: str, stop: list[str]) -> list[dict[str, Any]]:
     """Greedy answers (the device's decoding) for every prompt, scored as ``fieldpack eval`` scores them.
@@ -139,7 +145,7 @@ def answer_all(gguf: Path, items: list[dict[str, Any]], render: Any, *, max_toke
     rows = []
     for it in items:
         text = render(it["question"], it["sources"], [])
-        toks = llm.tokenize(text.encode("utf-8"), add_bos=not (bos_text and text.startswith(bos_text)), special=True)
+        toks = prompt_tokens(llm, text, bos_text)
         t0 = time.perf_counter()
         out = llm.create_completion(toks, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
                                     repeat_penalty=1.0)

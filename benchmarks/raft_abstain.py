@@ -26,7 +26,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 def auroc(pos: list[float], neg: list[float]) -> float:
     """P(score of a positive > score of a negative), ties counted 1/2 (scikit-learn's ``roc_auc_score``)."""
@@ -37,7 +36,8 @@ def auroc(pos: list[float], neg: list[float]) -> float:
 
 def abstain_logprobs(gguf: Path, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per prompt: summed and first-token log-probability (nats) of the abstention phrase after the prompt."""
-    from fieldpack.builder.llama_eval import _log_softmax, logits_for, open_gguf
+    from benchmarks.raft import prompt_tokens
+    from fieldpack.builder.llama_eval import continuation_logprobs, open_gguf
     from fieldpack.builder.prompt_plan import plan_prompt_for_gguf
     from fieldpack.shared.prompt_format import ABSTAIN_ANSWER
 
@@ -47,13 +47,10 @@ def abstain_logprobs(gguf: Path, items: list[dict[str, Any]]) -> list[dict[str, 
     with open_gguf(gguf, n_ctx=2048) as llm:
         for it in items:
             text = render(it["question"], it["sources"], [])
-            p = llm.tokenize(text.encode("utf-8"), add_bos=not (plan.bos_token and text.startswith(plan.bos_token)),
-                             special=True)
             prefix = " " if text.endswith(":") else ""
             a = llm.tokenize((prefix + ABSTAIN_ANSWER).encode("utf-8"), add_bos=False, special=False)
-            lp = _log_softmax(logits_for(llm, p + a)[len(p) - 1: len(p) + len(a) - 1])
-            rows.append({"id": it["id"], "kind": it["kind"], "logp": float(lp[np.arange(len(a)), a].sum()),
-                         "logp_first": float(lp[0, a[0]])})
+            lp = continuation_logprobs(llm, prompt_tokens(llm, text, plan.bos_token), a)
+            rows.append({"id": it["id"], "kind": it["kind"], "logp": float(lp.sum()), "logp_first": float(lp[0])})
     return rows
 
 

@@ -125,10 +125,45 @@ def logits_for(llm: Any, tokens: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(tokens)], dtype=np.float32, copy=True)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Natural-log softmax over the last axis, in float64 (max-shifted, so large logits do not overflow).
+
+    Args:
+        logits: ``(..., n_vocab)`` logits of any float dtype.
+
+    Returns:
+        ``(..., n_vocab)`` float64 log-probabilities (nats); each row's ``exp`` sums to 1.
+    """
     x = logits.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def continuation_logprobs(llm: Any, prompt: list[int], continuation: list[int]) -> np.ndarray:
+    """Teacher-forced log-probability of each token of ``continuation`` after ``prompt``.
+
+    ``prompt + continuation`` runs through a fresh KV cache in one pass (``llm`` must have been opened with
+    ``logits_all=True``, as :func:`open_gguf` does by default); the logits at position ``i`` predict token
+    ``i + 1``.
+
+    Args:
+        llm: a ``llama_cpp.Llama`` (from :func:`open_gguf`) whose context holds both token lists.
+        prompt: token ids already in the context before the continuation (BOS included if the model wants one);
+            at least one token.
+        continuation: token ids to score, at least one.
+
+    Returns:
+        ``(len(continuation),)`` float64 log-probabilities (nats); their sum is ``log P(continuation | prompt)``.
+
+    Raises:
+        UsageError: ``prompt`` or ``continuation`` is empty.
+    """
+    if not prompt or not continuation:
+        raise UsageError("continuation scoring needs a non-empty prompt and continuation",
+                         hint="pass at least one token in each (a BOS token for an empty prompt)")
+    n = len(prompt)
+    logp = log_softmax(logits_for(llm, list(prompt) + list(continuation))[n - 1 : n - 1 + len(continuation)])
+    return logp[np.arange(len(continuation)), np.asarray(continuation)]
 
 
 class TooLittleEvalTextError(UsageError):
@@ -165,7 +200,7 @@ def _scored_logprobs(llm: Any, w: list[int]) -> tuple[np.ndarray, np.ndarray]:
     (tokens ``n/2 + 1 .. n - 1``)."""
     n = len(w)
     first = n // 2
-    return _log_softmax(logits_for(llm, w)[first : n - 1]), np.asarray(w[first + 1 : n])
+    return log_softmax(logits_for(llm, w)[first : n - 1]), np.asarray(w[first + 1 : n])
 
 
 def _window_nll(llm: Any, windows: list[list[int]]) -> np.ndarray:

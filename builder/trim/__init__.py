@@ -84,7 +84,7 @@ def predicted_order(gguf_path: Path, texts: list[str], *, n_ctx: int = 256, max_
     """
     import numpy as np
 
-    from fieldpack.builder.llama_eval import _log_softmax, logits_for, open_gguf
+    from fieldpack.builder.llama_eval import log_softmax, logits_for, open_gguf
     from fieldpack.builder.trim.gate import _vocab_only
 
     tok = _vocab_only(gguf_path)
@@ -99,7 +99,7 @@ def predicted_order(gguf_path: Path, texts: list[str], *, n_ctx: int = 256, max_
         mass = np.zeros(llm.n_vocab(), dtype=np.float64)
         for w in windows:
             if w:
-                mass += np.exp(_log_softmax(logits_for(llm, bos + w))).sum(axis=0)
+                mass += np.exp(log_softmax(logits_for(llm, bos + w))).sum(axis=0)
     order = np.lexsort((np.arange(mass.size), -mass))
     return [int(i) for i in order]
 

@@ -88,10 +88,10 @@ def compare_logits(full: np.ndarray, trimmed: np.ndarray, keep: np.ndarray) -> t
         full: ``(n, n_vocab_full)`` untrimmed logits. trimmed: ``(n, n_kept)`` trimmed logits.
         keep: ``(n_kept,)`` untrimmed id of each trimmed id.
     """
-    from fieldpack.builder.llama_eval import _log_softmax
+    from fieldpack.builder.llama_eval import log_softmax
 
-    logp = _log_softmax(full)
-    logq = _log_softmax(trimmed)
+    logp = log_softmax(full)
+    logq = log_softmax(trimmed)
     logp_kept = logp[:, keep]
     q = np.exp(logq)
     kld = (q * (logq - logp_kept)).sum(axis=-1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fieldpack.builder.convert import convert_hf_to_gguf
-from fieldpack.builder.llama_eval import perplexity, perplexity_kld
+from fieldpack.builder.llama_eval import continuation_logprobs, open_gguf, perplexity, perplexity_kld
 from fieldpack.builder.parity import gguf_file_type
 from fieldpack.builder.quantize import (
     NOMINAL_TENSOR_TYPE,
@@ -165,6 +165,30 @@ def test_ppl_and_kld_rank_the_quant_types(converted, quantized, heldout_texts) -
     assert perplexity(ref, heldout_texts, 128) == pytest.approx(q8.ppl_ref, rel=1e-9)
     same = perplexity_kld(ref, ref, heldout_texts, n_ctx=128, max_chunks=2)
     assert same.chunks == 2 and same.kld_mean == pytest.approx(0.0, abs=1e-9) and same.top1_agreement == 1.0
+
+
+def test_continuation_logprobs_agree_with_perplexity_and_with_token_by_token_decoding(converted,
+                                                                                     heldout_texts) -> None:
+    ref = converted("llama", "f16").path
+    with open_gguf(ref, n_ctx=128) as llm:
+        stream = llm.tokenize("\n\n".join(heldout_texts).encode("utf-8"), add_bos=False, special=False)
+        window = [llm.token_bos()] + list(stream[1:128])  # perplexity's first window
+        lp = continuation_logprobs(llm, window[:65], window[65:])
+        assert lp.shape == (63,) and lp.dtype == np.float64 and (lp < 0).all()
+        # the same scored half as llama-perplexity's method
+        assert float(np.exp(-lp.mean())) == pytest.approx(perplexity(ref, heldout_texts, 128, max_chunks=1),
+                                                            rel=1e-9)
+        # an independent path: feed the continuation one token at a time through the KV cache
+        llm.reset()
+        llm.eval(window[:65])
+        steps = []
+        for tok in window[65:75]:
+            row = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+            steps.append(row[tok] - row.max() - np.log(np.exp(row - row.max()).sum()))
+            llm.eval([tok])
+        np.testing.assert_allclose(lp[:10], steps, atol=2e-3)
+        with pytest.raises(UsageError, match="non-empty prompt"):
+            continuation_logprobs(llm, [], window[:3])
 
 
 def test_eval_refuses_too_little_text_and_other_vocabularies(converted, spm_llama_dir: Path, tmp_path: Path) -> None:

@@ -244,7 +244,7 @@ def test_gemma3_270m_q4_k_m_trimmed_to_postgresql_docs_passes_the_gate(gemma_ggu
 def test_general_tokens_chosen_by_the_models_own_predictions(trimmed, demo_corpus: list[str], tmp_path: Path) -> None:
     """``predicted_order`` ranks every id by the mean probability the model predicts on the texts (checked against
     a direct computation), and a trim with ``general_texts`` keeps the top of that order as its general tokens."""
-    from fieldpack.builder.llama_eval import _log_softmax, logits_for, open_gguf
+    from fieldpack.builder.llama_eval import log_softmax, logits_for, open_gguf
     from fieldpack.builder.trim import predicted_order
 
     src, _ = trimmed("llama")
@@ -255,7 +255,7 @@ def test_general_tokens_chosen_by_the_models_own_predictions(trimmed, demo_corpu
     with open_gguf(src, n_ctx=64) as llm:
         assert sorted(order) == list(range(llm.n_vocab()))
         bos = [llm.token_bos()] if llm.token_bos() >= 0 else []
-        mass = np.exp(_log_softmax(logits_for(llm, bos + stream[:63]))).sum(axis=0)
+        mass = np.exp(log_softmax(logits_for(llm, bos + stream[:63]))).sum(axis=0)
     assert np.all(np.diff(mass[order]) <= 1e-9)  # non-increasing: the order is the model's, not the merge order
     res = trim_gguf(src, tmp_path / "t.gguf", demo_corpus[:2], keep_general=50, min_doc_tokens=0,
                     general_texts=texts)
