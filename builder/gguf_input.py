@@ -210,15 +210,15 @@ def check_gguf_build(path: Path, requested_quant: str | None, *, compression: bo
         ``path``.
 
     Raises:
-        CompressionConfigError: compression options (they need a Hugging Face checkpoint).
+        CompressionOptionError: compression options (they need a Hugging Face checkpoint).
         UnknownQuantTypeError: ``requested_quant`` is neither the file's own type nor one fieldpack offers.
         InputNotFoundError / ModelLoadError / UnsupportedArchitectureError: from :func:`inspect_gguf`.
     """
     from fieldpack.builder.quantize import QUANT_TYPES
-    from fieldpack.shared.errors import CompressionConfigError, UnknownQuantTypeError
+    from fieldpack.shared.errors import CompressionOptionError, UnknownQuantTypeError
 
     if compression:
-        raise CompressionConfigError(
+        raise CompressionOptionError(
             f"pruning and --imatrix need a Hugging Face checkpoint, and {path} is a GGUF file",
             hint="build from the checkpoint to compress, or drop the compression options to ship the GGUF")
     info = inspect_gguf(path)

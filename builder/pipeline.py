@@ -134,12 +134,13 @@ def check_adaptation(cfg: BuildConfig, *, gguf_input: bool = False) -> None:
     from fieldpack.builder.adapt import parse_adapt_options
     from fieldpack.builder.adapt.data import read_qa_file
     from fieldpack.builder.adapt.distill import check_same_tokenizer
-    from fieldpack.shared.errors import AdaptationError
+    from fieldpack.shared.errors import AdaptationOptionError
 
     opts = parse_adapt_options(cfg.adapt)
     if gguf_input:
-        raise AdaptationError(f"--adapt / --distill-from train a Hugging Face checkpoint, and {cfg.model} is a GGUF",
-                              hint="pass --model the checkpoint folder the GGUF was made from")
+        raise AdaptationOptionError(
+            f"--adapt / --distill-from train a Hugging Face checkpoint, and {cfg.model} is a GGUF",
+            hint="pass --model the checkpoint folder the GGUF was made from")
     if opts.qa_train is not None:
         read_qa_file(opts.qa_train, cfg.docs)
     if opts.qa_teacher is not None:
@@ -148,8 +149,8 @@ def check_adaptation(cfg: BuildConfig, *, gguf_input: bool = False) -> None:
         check_qa_teacher(opts.qa_teacher, opts.qa_teacher_model)
     if opts.teacher is not None:
         if not Path(opts.teacher).is_dir():
-            raise AdaptationError(f"--distill-from {opts.teacher} is not a folder",
-                                  hint="give a local Hugging Face checkpoint folder of the teacher")
+            raise AdaptationOptionError(f"--distill-from {opts.teacher} is not a folder",
+                                        hint="give a local Hugging Face checkpoint folder of the teacher")
         if Path(cfg.model).is_dir():
             check_same_tokenizer(Path(cfg.model), Path(opts.teacher))
 

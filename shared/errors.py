@@ -23,15 +23,18 @@ they are caught, with ``raise ... from exc``. The CLI and the daemon turn a ``Fi
     │   ├── ModelLoadError
     │   ├── UnsupportedArchitectureError
     │   ├── UnsupportedTokenizerError
-    │   ├── UnknownQuantTypeError
     │   ├── ParityError                 HF and GGUF disagree beyond tolerance
     │   ├── TrimError                   too few documents to trim the vocabulary, or the trim gate failed
     │   ├── QuantizationError
     │   ├── IngestError / NoDocumentsError
     │   ├── EmbedderError
-    │   ├── CompressionConfigError      pruning/sparsity/calibration options that cannot work
+    │   ├── CompressionConfigError      pruning/sparsity/calibration that cannot work on this model or data
     │   ├── AdaptationError             LoRA/DAPT/RAFT/distillation inputs that cannot work
-    │   └── ChatTemplateError           the prompt format cannot be decided / the chat template fails
+    │   ├── ChatTemplateError           the prompt format cannot be decided / the chat template fails
+    │   └── BuildOptionError            a build option as given is wrong: also a UsageError  (exit 2)
+    │       ├── UnknownQuantTypeError
+    │       ├── CompressionOptionError  (also a CompressionConfigError)
+    │       └── AdaptationOptionError   (also an AdaptationError)
     ├── DeviceError                     the device cannot install or serve              (exit 6)
     │   ├── NotInitializedError
     │   ├── InstallInProgressError
@@ -147,7 +150,16 @@ class UnsupportedTokenizerError(BuildError):
     code = "unsupported_tokenizer"
 
 
-class UnknownQuantTypeError(BuildError):
+class BuildOptionError(BuildError, UsageError):
+    """A build option, or a combination of options, that is wrong as given: an unknown name, a value out of
+    range, an option that needs another, or one the input model cannot take (dropping more blocks than it has).
+    A usage mistake, so it exits 2 like every other one (README: one exit code per family) and is raised before
+    any work; it is still a :class:`BuildError` for code that catches the builder's family."""
+
+    exit_code = 2
+
+
+class UnknownQuantTypeError(BuildOptionError):
     code = "unknown_quant_type"
 
 
@@ -181,12 +193,22 @@ class CompressionConfigError(BuildError):
     code = "compression_config"
 
 
+class CompressionOptionError(CompressionConfigError, BuildOptionError):
+    """A pruning/sparsity/calibration/quantizer option that is wrong as given (exit 2, see
+    :class:`BuildOptionError`)."""
+
+
 class AdaptationError(BuildError):
     """Domain adaptation (LoRA continued pretraining, RAFT fine-tuning, distillation, healing) cannot run as
     asked: a QA file with missing fields, a source not among the documents, too little text for the steps, a
     teacher with another tokenizer, an architecture without the LoRA target modules."""
 
     code = "adaptation"
+
+
+class AdaptationOptionError(AdaptationError, BuildOptionError):
+    """An ``--adapt`` / ``--distill-from`` / RAFT option that is wrong as given (exit 2, see
+    :class:`BuildOptionError`)."""
 
 
 class ChatTemplateError(BuildError):

@@ -28,7 +28,7 @@ The options dict (as the CLI and ``recipe.toml`` spell it)::
     max_epochs     refuse when the steps would pass over the training text more often than this (default 10)
     threads        CPU threads while training (default 2; results are reproducible for a fixed count)
 
-Everything is a :class:`~fieldpack.shared.errors.AdaptationError` naming the option and the fix.
+Everything is a :class:`~fieldpack.shared.errors.AdaptationOptionError` naming the option and the fix.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from fieldpack.builder.adapt.teacher import is_endpoint
-from fieldpack.shared.errors import AdaptationError, first_validation_error
+from fieldpack.shared.errors import AdaptationOptionError, first_validation_error
 
 METHODS = ("dapt", "raft")
 #: option key -> the ``fieldpack build`` flag that sets it (for error messages)
@@ -81,11 +81,11 @@ class AdaptOptions(BaseModel):
     @classmethod
     def _keys(cls, data: Any) -> Any:
         if not isinstance(data, dict):
-            raise AdaptationError(f"adaptation options must be a table, not {type(data).__name__}",
+            raise AdaptationOptionError(f"adaptation options must be a table, not {type(data).__name__}",
                                   hint='give options such as method = "dapt"')
         unknown = sorted(set(data) - set(cls.model_fields))
         if unknown:
-            raise AdaptationError(f"unknown adaptation option(s) {', '.join(unknown)}",
+            raise AdaptationOptionError(f"unknown adaptation option(s) {', '.join(unknown)}",
                                   hint=f"use only {', '.join(cls.model_fields)}")
         return {k: v for k, v in data.items() if v is not None}
 
@@ -94,7 +94,7 @@ class AdaptOptions(BaseModel):
     def _method(cls, v: Any) -> str:
         m = str(v).strip().lower()
         if m not in METHODS:
-            raise AdaptationError(f"--adapt {v!r} is not an adaptation method",
+            raise AdaptationOptionError(f"--adapt {v!r} is not an adaptation method",
                                   hint="use --adapt dapt (continued pretraining) or --adapt raft (Q/A fine-tuning)")
         return m
 
@@ -102,7 +102,7 @@ class AdaptOptions(BaseModel):
     @classmethod
     def _text(cls, v: Any, info: Any) -> str:
         if not isinstance(v, (str, Path)) or not str(v).strip():
-            raise AdaptationError(f"{_flag(info.field_name)} {v!r} is empty",
+            raise AdaptationOptionError(f"{_flag(info.field_name)} {v!r} is empty",
                                   hint="give a .gguf file or an http(s)://host:port/v1 URL" if info.field_name ==
                                   "qa_teacher" else "give the name of a model the endpoint serves")
         return str(v).strip()
@@ -111,7 +111,7 @@ class AdaptOptions(BaseModel):
     @classmethod
     def _positive_int(cls, v: Any, info: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise AdaptationError(f"{_flag(info.field_name)} {v!r} must be a whole number >= 1",
+            raise AdaptationOptionError(f"{_flag(info.field_name)} {v!r} must be a whole number >= 1",
                                   hint=f"give {_flag(info.field_name)} a positive whole number")
         return v
 
@@ -119,14 +119,14 @@ class AdaptOptions(BaseModel):
     @classmethod
     def _seq_len(cls, v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or v < 16:
-            raise AdaptationError(f"--adapt-seq-len {v!r} is too short", hint="use at least 16 tokens, e.g. 256")
+            raise AdaptationOptionError(f"--adapt-seq-len {v!r} is too short", hint="use at least 16 tokens, e.g. 256")
         return v
 
     @field_validator("lr", "kd_temperature", "max_epochs", mode="before")
     @classmethod
     def _positive(cls, v: Any, info: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise AdaptationError(f"{_flag(info.field_name)} {v!r} must be a number > 0",
+            raise AdaptationOptionError(f"{_flag(info.field_name)} {v!r} must be a number > 0",
                                   hint=f"give {_flag(info.field_name)} a positive number")
         return float(v)
 
@@ -134,7 +134,7 @@ class AdaptOptions(BaseModel):
     @classmethod
     def _count(cls, v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise AdaptationError(f"--raft-hard {v!r} must be a whole number >= 0",
+            raise AdaptationOptionError(f"--raft-hard {v!r} must be a whole number >= 0",
                                   hint="give --raft-hard 0 (random distractors) up to the sources per prompt")
         return v
 
@@ -142,32 +142,32 @@ class AdaptOptions(BaseModel):
     @classmethod
     def _flag_bool(cls, v: Any) -> bool:
         if not isinstance(v, bool):
-            raise AdaptationError(f"--raft-paired {v!r} is not true or false", hint="give true or false")
+            raise AdaptationOptionError(f"--raft-paired {v!r} is not true or false", hint="give true or false")
         return v
 
     @field_validator("kd_alpha", "raft_abstain", mode="before")
     @classmethod
     def _share(cls, v: Any, info: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-            raise AdaptationError(f"{_flag(info.field_name)} {v!r} is outside [0, 1]",
+            raise AdaptationOptionError(f"{_flag(info.field_name)} {v!r} is outside [0, 1]",
                                   hint=f"give {_flag(info.field_name)} a share such as 0.2")
         return float(v)
 
     @model_validator(mode="after")
     def _combinations(self) -> "AdaptOptions":
         if self.method is None and self.teacher is None:
-            raise AdaptationError("adaptation options without --adapt or --distill-from",
+            raise AdaptationOptionError("adaptation options without --adapt or --distill-from",
                                   hint="add --adapt dapt|raft or --distill-from TEACHER, or drop the options")
         if self.method == "raft" and self.qa_train is None and self.qa_teacher is None:
-            raise AdaptationError("--adapt raft needs training questions, and none were given",
+            raise AdaptationOptionError("--adapt raft needs training questions, and none were given",
                                   hint="pass --qa-train pairs.jsonl (lines of question, answer, source) or "
                                        "--qa-teacher MODEL.gguf|http://host:port/v1")
         for key in ("qa_train", "qa_teacher"):
             if getattr(self, key) is not None and self.method != "raft":
-                raise AdaptationError(f"{_flag(key)} applies to --adapt raft only",
+                raise AdaptationOptionError(f"{_flag(key)} applies to --adapt raft only",
                                       hint=f"add --adapt raft or drop {_flag(key)}")
         if self.qa_teacher_model is not None and not is_endpoint(self.qa_teacher or ""):
-            raise AdaptationError("--qa-teacher-model names a model of an endpoint, and --qa-teacher is not one",
+            raise AdaptationOptionError("--qa-teacher-model names a model of an endpoint, and --qa-teacher is not one",
                                   hint="drop --qa-teacher-model, or give --qa-teacher http(s)://host:port/v1")
         return self
 
@@ -197,11 +197,11 @@ def parse_adapt_options(options: dict[str, Any]) -> AdaptOptions:
     """Validate the ``adapt`` options dict (no file or model is read).
 
     Raises:
-        AdaptationError: an unknown key or method, a value out of range, ``--adapt raft`` without
+        AdaptationOptionError: an unknown key or method, a value out of range, ``--adapt raft`` without
             ``--qa-train``, ``--qa-train`` without ``--adapt raft``.
     """
     try:
         return AdaptOptions.model_validate(options)
     except ValidationError as exc:
-        raise AdaptationError(f"adaptation options: {first_validation_error(exc)}",
+        raise AdaptationOptionError(f"adaptation options: {first_validation_error(exc)}",
                               hint="see `fieldpack build --help`") from exc

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fieldpack.shared.errors import CompressionConfigError
+from fieldpack.shared.errors import CompressionConfigError, CompressionOptionError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def grid_of(qtype: str) -> str:
 
     t = NOMINAL_TENSOR_TYPE.get(qtype.upper())
     if t is None or t.name not in set(_PROXY) | {"Q4_0", "Q8_0"}:
-        raise CompressionConfigError(f"--quantizer awq needs a quantized --quant type, not {qtype}",
+        raise CompressionOptionError(f"--quantizer awq needs a quantized --quant type, not {qtype}",
                                      hint="use --quant Q4_K_M (or Q4_0, Q5_K_M, Q8_0 ...) with awq, or drop --quantizer")
     return t.name
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fieldpack.shared.errors import CompressionConfigError
+from fieldpack.shared.errors import CompressionConfigError, CompressionOptionError
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,10 @@ DEFAULT_BLOCKSIZE = 128
 
 
 def check_grid(qtype: str) -> str:
-    """The upper-case grid name; raises CompressionConfigError for a type GPTQ cannot write exactly."""
+    """The upper-case grid name; raises CompressionOptionError for a type GPTQ cannot write exactly."""
     key = qtype.upper()
     if key not in GPTQ_TYPES:
-        raise CompressionConfigError(
+        raise CompressionOptionError(
             f"--quantizer gptq writes {' or '.join(GPTQ_TYPES)} (symmetric groups of 32), not {qtype}",
             hint="use --quant Q4_0 or --quant Q8_0 with gptq, or --quantizer awq for K-quants such as Q4_K_M")
     return key

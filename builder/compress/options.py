@@ -41,7 +41,7 @@ from pydantic import (
     model_validator,
 )
 
-from fieldpack.shared.errors import CompressionConfigError, first_validation_error
+from fieldpack.shared.errors import CompressionConfigError, CompressionOptionError, first_validation_error
 
 MASK_METHODS = ("magnitude", "wanda", "sparsegpt")
 STRUCTURED_METHODS = ("depth", "width")
@@ -84,7 +84,7 @@ class CompressionOptions(BaseModel):
     """Validated compression options (see the module docstring for each field's meaning and default).
 
     A frozen pydantic model: :func:`parse_options` (``model_validate``) checks keys, types and ranges with the
-    one-line :class:`CompressionConfigError` messages the CLI shows, and fills the defaults that depend on the
+    one-line :class:`CompressionOptionError` messages the CLI shows, and fills the defaults that depend on the
     method. ``pattern`` is ``(n, m)``: at most ``n`` non-zeros kept in every ``m`` consecutive weights of a
     row. ``sparsity`` is the share of weights zeroed in the pruned matrices; for a pattern it is ``(m - n) / m``.
     """
@@ -104,17 +104,17 @@ class CompressionOptions(BaseModel):
     heal: str | None = None
     heal_steps: int | None = None
 
-    # validators raise CompressionConfigError (not a ValueError), which pydantic lets through unchanged: the
+    # validators raise CompressionOptionError (not a ValueError), which pydantic lets through unchanged: the
     # first problem is reported in the CLI's words, in the order below (keys, then fields, then combinations)
     @model_validator(mode="before")
     @classmethod
     def _known_keys_and_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
-            raise CompressionConfigError(f"compression options must be a table, not {type(data).__name__}",
+            raise CompressionOptionError(f"compression options must be a table, not {type(data).__name__}",
                                          hint="give options such as prune = \"wanda\"")
         unknown = sorted(set(data) - _KNOWN_KEYS)
         if unknown:
-            raise CompressionConfigError(f"unknown compression option(s) {', '.join(unknown)}",
+            raise CompressionOptionError(f"unknown compression option(s) {', '.join(unknown)}",
                                          hint=f"use only {', '.join(sorted(_KNOWN_KEYS))}")
         data = {k: v for k, v in data.items() if v is not None}
         prune = str(data.get("prune", "")).strip().lower()
@@ -131,7 +131,7 @@ class CompressionOptions(BaseModel):
     def _prune(cls, v: Any) -> str | None:
         method = str(v).strip().lower()
         if method not in PRUNE_METHODS:
-            raise CompressionConfigError(f"--prune {v!r} is not a pruning method",
+            raise CompressionOptionError(f"--prune {v!r} is not a pruning method",
                                          hint=f"use one of {', '.join(PRUNE_METHODS)}")
         return method
 
@@ -141,7 +141,7 @@ class CompressionOptions(BaseModel):
         v = _number(info.field_name, v, float)
         if not 0.0 < v < 1.0:
             flag, hint = _SHARE_HINTS[info.field_name]
-            raise CompressionConfigError(f"{flag} {v} is outside (0, 1)", hint=hint)
+            raise CompressionOptionError(f"{flag} {v} is outside (0, 1)", hint=hint)
         return v
 
     @field_validator("pattern", mode="before")
@@ -170,7 +170,7 @@ class CompressionOptions(BaseModel):
             return None
         if v is True or str(v).lower() == "domain":
             return "domain"
-        raise CompressionConfigError(f"--imatrix {v!r} is not supported",
+        raise CompressionOptionError(f"--imatrix {v!r} is not supported",
                                      hint="use --imatrix domain (importance matrix from your documents)")
 
     @field_validator("quantizer", mode="before")
@@ -178,7 +178,7 @@ class CompressionOptions(BaseModel):
     def _quantizer(cls, v: Any) -> str | None:
         name = str(v).strip().lower()
         if name not in QUANTIZERS:
-            raise CompressionConfigError(f"--quantizer {v!r} is not a quantizer", hint=f"use one of {', '.join(QUANTIZERS)}")
+            raise CompressionOptionError(f"--quantizer {v!r} is not a quantizer", hint=f"use one of {', '.join(QUANTIZERS)}")
         return None if name == "rtn" else name
 
     @field_validator("heal", mode="before")
@@ -188,7 +188,7 @@ class CompressionOptions(BaseModel):
             return None
         if str(v).lower() == "kd":
             return "kd"
-        raise CompressionConfigError(f"--heal {v!r} is not a healing method",
+        raise CompressionOptionError(f"--heal {v!r} is not a healing method",
                                      hint="use --heal kd (distil the pruned model from the unpruned one)")
 
     @field_validator("heal_steps", mode="before")
@@ -213,28 +213,28 @@ class CompressionOptions(BaseModel):
     @model_validator(mode="after")
     def _combinations(self) -> "CompressionOptions":
         if self.sparsity is not None and self.pattern is not None:
-            raise CompressionConfigError("--sparsity and --pattern were both given",
+            raise CompressionOptionError("--sparsity and --pattern were both given",
                                          hint="an N:M pattern fixes the sparsity ((M-N)/M); give one of them")
         if self.prune not in MASK_METHODS:
             for k in ("sparsity", "pattern"):
                 if getattr(self, k) is not None:
-                    raise CompressionConfigError(
+                    raise CompressionOptionError(
                         f"--{k} applies to --prune magnitude|wanda|sparsegpt, not to "
                         f"{'no pruning' if self.prune is None else '--prune ' + self.prune}",
                         hint=f"drop --{k} or choose a mask method")
         if self.prune != "depth" and self.drop_layers is not None:
-            raise CompressionConfigError("--drop-layers applies to --prune depth only",
+            raise CompressionOptionError("--drop-layers applies to --prune depth only",
                                          hint="add --prune depth or drop it")
         if self.quantizer is not None and self.prune is not None:
-            raise CompressionConfigError(f"--quantizer {self.quantizer} is not combined with --prune yet",
+            raise CompressionOptionError(f"--quantizer {self.quantizer} is not combined with --prune yet",
                                          hint="build without --prune, or with --quantizer rtn")
         if self.heal is not None and self.prune not in STRUCTURED_METHODS:
-            raise CompressionConfigError("--heal applies to --prune depth|width (structured pruning)",
+            raise CompressionOptionError("--heal applies to --prune depth|width (structured pruning)",
                                          hint="add --prune depth or --prune width, or drop --heal")
         if self.heal_steps is not None and self.heal is None:
-            raise CompressionConfigError("--heal-steps needs --heal kd", hint="add --heal kd or drop --heal-steps")
+            raise CompressionOptionError("--heal-steps needs --heal kd", hint="add --heal kd or drop --heal-steps")
         if self.prune != "width" and (self.ffn_keep is not None or self.kv_heads_keep is not None):
-            raise CompressionConfigError("--ffn-keep / kv_heads_keep apply to --prune width only",
+            raise CompressionOptionError("--ffn-keep / kv_heads_keep apply to --prune width only",
                                          hint="add --prune width or drop them")
         return self
 
@@ -272,26 +272,26 @@ def _number(key: str, v: Any, kind: type) -> Any:
     if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
         if kind is int and isinstance(v, float) and v.is_integer():
             return int(v)
-        raise CompressionConfigError(f"compression option {key}={v!r} is not {'a number' if kind is float else 'an integer'}",
+        raise CompressionOptionError(f"compression option {key}={v!r} is not {'a number' if kind is float else 'an integer'}",
                                      hint=f"give --{key.replace('_', '-')} a {'number' if kind is float else 'whole number'}")
     return kind(v)
 
 
 def _at_least(key: str, v: int, low: int, message: str, hint: str) -> int:
     if v < low:
-        raise CompressionConfigError(message, hint=hint)
+        raise CompressionOptionError(message, hint=hint)
     return v
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
-    """Parse ``"N:M"`` (N non-zeros kept in every M weights). Raises CompressionConfigError unless 0 < N < M."""
+    """Parse ``"N:M"`` (N non-zeros kept in every M weights). Raises CompressionOptionError unless 0 < N < M."""
     m = _PATTERN_RE.match(str(text))
     if not m:
-        raise CompressionConfigError(f"--pattern {text!r} is not of the form N:M",
+        raise CompressionOptionError(f"--pattern {text!r} is not of the form N:M",
                                      hint="use a semi-structured pattern such as 2:4 or 4:8")
     n, mm = int(m.group(1)), int(m.group(2))
     if not 0 < n < mm:
-        raise CompressionConfigError(f"--pattern {text!r} needs 0 < N < M (N weights kept in every M)",
+        raise CompressionOptionError(f"--pattern {text!r} needs 0 < N < M (N weights kept in every M)",
                                      hint="use 2:4 (50% sparse) or 4:8")
     return n, mm
 
@@ -300,7 +300,7 @@ def parse_options(options: dict[str, Any]) -> CompressionOptions:
     """Validate the compression options dict without touching the model.
 
     Raises:
-        CompressionConfigError: an unknown key or method; sparsity outside (0, 1); a pattern that is not N:M
+        CompressionOptionError: an unknown key or method; sparsity outside (0, 1); a pattern that is not N:M
             with 0 < N < M; sparsity and pattern together; an option that does not apply to the method
             (e.g. ``--sparsity`` with ``--prune depth``); ``drop_layers`` < 1; ``ffn_keep`` outside (0, 1);
             ``calib_chunks`` < 1; ``imatrix`` other than ``"domain"``; a quantizer other than rtn/gptq/awq, or
@@ -309,7 +309,7 @@ def parse_options(options: dict[str, Any]) -> CompressionOptions:
     try:
         return CompressionOptions.model_validate(options)
     except ValidationError as exc:  # a shape the field validators do not cover
-        raise CompressionConfigError(f"compression option {first_validation_error(exc)}",
+        raise CompressionOptionError(f"compression option {first_validation_error(exc)}",
                                      hint="see the compression options in `fieldpack build --help`") from exc
 
 
@@ -376,7 +376,7 @@ def resolve_ffn_width(ffn_keep: float, intermediate: int) -> int:
     0 or to the full width, to the nearest multiple of 32 (Q8_0/Q4_0 blocks) instead.
 
     Raises:
-        CompressionConfigError: the width rounds to 0 (empty MLP) or to the full width (nothing pruned) at
+        CompressionOptionError: the width rounds to 0 (empty MLP) or to the full width (nothing pruned) at
             both granularities.
     """
     for block in (K_QUANT_BLOCK, LEGACY_QUANT_BLOCK):
@@ -384,11 +384,11 @@ def resolve_ffn_width(ffn_keep: float, intermediate: int) -> int:
         if 0 < width < intermediate:
             return width
     if width <= 0:
-        raise CompressionConfigError(
+        raise CompressionOptionError(
             f"--ffn-keep {ffn_keep:g} of {intermediate} MLP channels rounds to 0 (widths are kept multiples of "
             f"{LEGACY_QUANT_BLOCK} so quantization blocks fit) and would leave each MLP empty",
             hint=f"keep at least {LEGACY_QUANT_BLOCK / intermediate:.3g} of the channels")
-    raise CompressionConfigError(
+    raise CompressionOptionError(
         f"--ffn-keep {ffn_keep:g} of {intermediate} MLP channels rounds back to {intermediate} (multiples of "
         f"{LEGACY_QUANT_BLOCK}): nothing would be pruned",
         hint=f"keep at most {(intermediate - LEGACY_QUANT_BLOCK) / intermediate:.3g} of the channels")
@@ -398,28 +398,28 @@ def check_against_model(opts: CompressionOptions, shape: ModelShape) -> None:
     """Checks that need the model's shape.
 
     Raises:
-        CompressionConfigError: dropping >= the number of blocks; an MLP width or a KV-head count that would
+        CompressionOptionError: dropping >= the number of blocks; an MLP width or a KV-head count that would
             leave a layer empty or prune nothing.
     """
     if opts.prune in MASK_METHODS and shape.architecture in STRUCTURED_ONLY_ARCHITECTURES:
-        raise CompressionConfigError(f"--prune {opts.prune} does not support {shape.architecture} yet",
+        raise CompressionOptionError(f"--prune {opts.prune} does not support {shape.architecture} yet",
                                      hint="use --prune depth or --prune width for it")
     if opts.prune == "depth":
         n = resolve_drop_layers(opts, shape)
         if n >= shape.n_layer:
-            raise CompressionConfigError(
+            raise CompressionOptionError(
                 f"--drop-layers {n} would drop every decoder block of this {shape.n_layer}-block model",
                 hint=f"drop at most {shape.n_layer - 1}")
     if opts.prune == "width":
         resolve_ffn_width(opts.ffn_keep or DEFAULT_FFN_KEEP, shape.intermediate)
         if (opts.kv_heads_keep is not None and opts.kv_heads_keep < shape.n_head_kv
                 and shape.architecture not in HEAD_PRUNABLE_ARCHITECTURES):
-            raise CompressionConfigError(
+            raise CompressionOptionError(
                 f"cannot remove attention heads of {shape.architecture}: llama.cpp's graph for it needs "
                 "n_head * head_dim == hidden_size",
                 hint=f"drop kv_heads_keep (MLP width pruning still works); head pruning supports "
                      f"{', '.join(HEAD_PRUNABLE_ARCHITECTURES)}")
         if opts.kv_heads_keep is not None and opts.kv_heads_keep > shape.n_head_kv:
-            raise CompressionConfigError(
+            raise CompressionOptionError(
                 f"kv_heads_keep={opts.kv_heads_keep} exceeds the model's {shape.n_head_kv} KV heads",
                 hint=f"keep between 1 and {shape.n_head_kv}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fieldpack.shared.errors import CompressionConfigError
+from fieldpack.shared.errors import CompressionConfigError, CompressionOptionError
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,17 @@ def check_quantizer(quantizer: str, qtype: str, *, prune: str | None = None, mod
     from fieldpack.builder.compress.gptq import check_grid
 
     if quantizer not in QUANTIZERS:
-        raise CompressionConfigError(f"--quantizer {quantizer!r} is not a quantizer",
+        raise CompressionOptionError(f"--quantizer {quantizer!r} is not a quantizer",
                                      hint=f"use one of {', '.join(QUANTIZERS)}")
     if quantizer == "gptq":
         check_grid(qtype)
     elif quantizer == "awq":
         grid_of(qtype)
     if quantizer != "rtn" and prune is not None:
-        raise CompressionConfigError(f"--quantizer {quantizer} is not combined with --prune yet",
+        raise CompressionOptionError(f"--quantizer {quantizer} is not combined with --prune yet",
                                      hint="build without --prune, or with --quantizer rtn")
     if quantizer != "rtn" and model is not None and Path(model).is_file():
-        raise CompressionConfigError(f"--quantizer {quantizer} calibrates the float model; {model} is a GGUF file",
+        raise CompressionOptionError(f"--quantizer {quantizer} calibrates the float model; {model} is a GGUF file",
                                      hint="pass the Hugging Face checkpoint folder, or drop --quantizer")
     if quantizer == "gptq" and model is not None and (Path(model) / "config.json").is_file():
         from fieldpack.builder.compress.gptq import check_row_length

@@ -28,22 +28,26 @@ def _build(tiny_llama_dir: Path, keys: Path, out: Path, *extra: str):
                    "--sign", str(keys / "builder.key"), "-o", str(out), "--n-ctx", "1024", *extra, timeout=900)
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (("--adapt", "raft"), "--adapt raft needs training questions"),
-    (("--adapt", "lora"), "--adapt 'lora' is not an adaptation method"),
-    (("--adapt", "dapt", "--distill-from", "GEMMA"), "another tokenizer"),
-    (("--adapt", "raft", "--qa-train", "QA"), "is not among the documents"),
-    (("--adapt", "dapt", "--adapt-steps", "100000"), "too few for 100000 steps"),
-    (("--heal", "kd"), "--heal applies to --prune depth|width"),
+@pytest.mark.parametrize("flags,needle,code", [
+    # a wrong option (value or combination) is a usage mistake: exit 2, as README promises for every command
+    (("--adapt", "raft"), "--adapt raft needs training questions", 2),
+    (("--adapt", "lora"), "--adapt 'lora' is not an adaptation method", 2),
+    (("--heal", "kd"), "--heal applies to --prune depth|width", 2),
+    (("--adapt-steps", "3"), "adaptation options without --adapt or --distill-from", 2),
+    # inputs that cannot work for the build (a teacher, a QA file, too little text): the build family, exit 5
+    (("--adapt", "dapt", "--distill-from", "GEMMA"), "another tokenizer", 5),
+    (("--adapt", "raft", "--qa-train", "QA"), "is not among the documents", 5),
+    (("--adapt", "dapt", "--adapt-steps", "100000"), "too few for 100000 steps", 5),
 ])
 def test_bad_adaptation_input_is_one_line_and_no_bundle(tiny_llama_dir: Path, tiny_gemma_dir: Path, keys: Path,
-                                                        tmp_path: Path, flags: tuple[str, ...], needle: str) -> None:
+                                                        tmp_path: Path, flags: tuple[str, ...], needle: str,
+                                                        code: int) -> None:
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"question": "q?", "answer": "a", "source": "not-a-doc.md"}) + "\n")
     flags = tuple(str(tiny_gemma_dir) if f == "GEMMA" else str(qa) if f == "QA" else f for f in flags)
     out = tmp_path / "b.fpk"
     r = _build(tiny_llama_dir, keys, out, *flags)
-    assert r.returncode in (2, 5), r.stderr[-2000:]
+    assert r.returncode == code, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert needle in last and "Fix:" in last, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not out.exists()

@@ -80,10 +80,19 @@ def test_unknown_tokenizer(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) 
     _refused(r, out, 5, "tokenizer")
 
 
-def test_unknown_quant_type(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize("flags,needles", [
+    (("--quant", "Q4_X"), ("Q4_X", "Q4_K_M")),
+    (("--embd-type", "Q9"), ("--embd-type", "Q8_0")),
+    (("--prune", "wanda", "--sparsity", "2"), ("--sparsity 2.0 is outside (0, 1)",)),
+    (("--sparsity", "0.5"), ("--sparsity applies to --prune",)),
+    (("--prune", "depth", "--drop-layers", "9"), ("--drop-layers 9 would drop every decoder block",)),
+])
+def test_a_wrong_build_option_is_a_usage_error(tmp_path: Path, keypair: Path, tiny_llama_dir: Path,
+                                              flags: tuple[str, ...], needles: tuple[str, ...]) -> None:
+    """Exit 2 like every usage mistake (README), whether typer or our own validation catches it."""
     out = _out(tmp_path)
-    r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.key", out, "--quant", "Q4_X")
-    _refused(r, out, 5, "Q4_X", "Q4_K_M")
+    r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.key", out, *flags)
+    _refused(r, out, 2, *needles)
 
 
 def test_docs_with_nothing_indexable(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
