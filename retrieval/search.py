@@ -10,6 +10,7 @@ quoted terms joined by ``OR`` (:func:`fts5_query`).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from collections.abc import Sequence
@@ -132,6 +133,12 @@ class SearchConfig:
         bm25_columns: FTS5 ``bm25()`` weights of the columns ``text``, ``section`` (heading path) and ``source``
             (file path); a term found in a heading counts ``bm25_columns[1]`` times one in the body.
         candidates: length of each retriever's list before fusion (raised to ``k`` if smaller).
+        candidate_share: at most this share of the index's chunks in each list (rounded up; never below ``k``).
+            A candidate list should be a selection: where it holds most of a small corpus (the demo's 16 chunks,
+            50 candidates), every chunk of every page enters the page score, so with RRF's flat scores (k = 60) a
+            page's score measures its length and three middling chunks of a long page outrank the one chunk of a
+            short page that both retrievers rank first (a new-user trial: "What does alarm A-202 mean?" abstained
+            at top_k_chunks 1). From 4 / share chunks on (200 at the defaults) the cap does not bind.
         page_decay: ``None``: return the fused chunk ranking. A float in [0, 1]: rank pages first: a page's
             score is ``sum_j page_decay**j * s_j`` over its fused chunk scores ``s_0 >= s_1 >= ...`` (0 =
             its best chunk only, CombMAX; 1 = CombSUM, Fox & Shaw 1994), and the hits are the best chunks of
@@ -151,6 +158,7 @@ class SearchConfig:
     bm25_weight: float = 1.0
     bm25_columns: tuple[float, float, float] = BM25_WEIGHTS
     candidates: int = 20
+    candidate_share: float = 0.25
     page_decay: float | None = None
     per_page: int = 1
     page_chunks: int = 3
@@ -159,6 +167,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.rrf_k < 0 or self.candidates < 1 or self.per_page < 1 or self.page_chunks < 1:
             raise UsageError(f"bad search settings {self}", hint="rrf_k >= 0, candidates >= 1, per_page >= 1")
+        if not 0.0 < self.candidate_share <= 1.0:
+            raise UsageError(f"candidate_share {self.candidate_share} is outside (0, 1]", hint="use e.g. 0.25")
         if self.vector_weight < 0 or self.bm25_weight < 0 or any(w < 0 for w in self.bm25_columns):
             raise UsageError(f"negative weight in {self}", hint="weights are >= 0")
         if self.page_decay is not None and not 0.0 <= self.page_decay <= 1.0:
@@ -311,8 +321,9 @@ class Retriever:
             query: the user's question, free text (any punctuation is safe).
             k: hits returned (at most; fewer when the index is small or BM25 matches little).
             mode: ``"hybrid"`` (vector + BM25, RRF-fused), ``"vector"`` or ``"bm25"``.
-            candidates: list length taken from each retriever before fusion (raised to ``k`` if smaller);
-                ``None``: the config's.
+            candidates: list length taken from each retriever before fusion (capped at
+                :attr:`SearchConfig.candidate_share` of the chunks, then raised to ``k`` if smaller); ``None``: the
+                config's.
 
         Returns:
             Hits best first: the fused chunk ranking, or in hybrid mode with :attr:`SearchConfig.page_decay`
@@ -335,7 +346,8 @@ class Retriever:
         if mode not in MODES:
             raise UsageError(f"unknown retrieval mode {mode!r}", hint=f"use one of {', '.join(MODES)}")
         cfg = self.config
-        n = max(cfg.candidates if candidates is None else candidates, k)
+        n = max(min(cfg.candidates if candidates is None else candidates,
+                    math.ceil(cfg.candidate_share * self.chunk_count())), k)
         qvec: np.ndarray | None = None
         vec_list: list[tuple[int, float]] = []  # (chunk id, similarity), best first
         bm_list: list[tuple[int, float]] = []  # (chunk id, bm25), best (lowest) first
@@ -401,6 +413,12 @@ class Retriever:
         pos = np.minimum(np.searchsorted(all_ids, want), max(len(all_ids) - 1, 0))
         return {int(i): names_list[int(src[p])] for i, p in zip(want, pos)
                 if len(all_ids) and all_ids[p] == i}
+
+    def chunk_count(self) -> int:
+        """Chunks in the index (from the in-memory page map, read on first use)."""
+        self._sources([])
+        assert self._page_of is not None
+        return int(self._page_of[0].shape[0])
 
     def _bm25_async(self, query: str, n: int) -> Any:
         """Start :meth:`_bm25` on the BM25 connection in the worker thread; returns its future."""

@@ -4,6 +4,7 @@ RRF as defined, relevance/abstention, and (slow) recall@5 on the Debian Administ
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,10 @@ def test_hybrid_runs_bm25_on_its_own_connection_and_close_ends_it(demo_index: Pa
     assert workers() == before + 1
     cfg = r.config
     qvec = embedder.embed([POOL_QUESTION])[0]
-    vec = [i for i, _ in r.vector_search(qvec, cfg.candidates)]
-    bm = [i for i, _ in r.bm25_search(POOL_QUESTION, cfg.candidates)]
+    n = max(min(cfg.candidates, -(-r.chunk_count() // 4)), 5)  # a quarter of the chunks at most (candidate_share)
+    assert cfg.candidate_share == 0.25 and n == 5
+    vec = [i for i, _ in r.vector_search(qvec, n)]
+    bm = [i for i, _ in r.bm25_search(POOL_QUESTION, n)]
     fused = reciprocal_rank_fusion([vec, bm], k=cfg.rrf_k, weights=(cfg.vector_weight, cfg.bm25_weight))
     fused = group_by_page(fused, r._sources([i for i, _ in fused]), decay=cfg.page_decay, per_page=cfg.per_page,
                           page_chunks=cfg.page_chunks)
@@ -262,6 +265,32 @@ def test_debian_handbook_recall_and_abstention(cache_dir: Path, embedder: Any, m
     assert recall["hybrid"] >= 0.9 and recall["vector"] >= 0.9 and recall["bm25"] >= 0.75, recall
     assert sum(passed) >= 38, sum(passed)
     assert all(refused), [q["id"] for q, ok in zip(unanswerable, refused) if not ok]
+
+
+def test_a_chunk_both_retrievers_rank_first_keeps_its_page_first(retriever: Retriever) -> None:
+    """The demo's one-chunk pages (alarms.csv, filters.html's Backwash, the handover checklist) against pages with
+    more chunks. With 50 candidates the lists held all 16 chunks, every chunk of every page entered the page
+    score, and RRF's flat scores let three middling chunks of a long page outrank the page both retrievers put
+    first (a new-user trial: the device abstained on "What does alarm A-202 mean?" at top_k_chunks 1). The
+    candidate lists now hold at most a quarter of the chunks."""
+    assert retriever.chunk_count() == 16
+    for question, page in [("What does alarm A-202 mean?", "alarms.csv"),
+                           ("What does alarm A-101 mean?", "alarms.csv"),
+                           ("After how many hours of running is a sand filter backwashed?", "filters.html"),
+                           ("How long must a shift handover take?", "shift-handover.txt"),
+                           (POOL_QUESTION, "database.md")]:
+        hits = retriever.search(question, k=1)
+        assert hits[0].source == page and hits[0].vector_rank == hits[0].bm25_rank == 1, \
+            (question, [(h.source, h.vector_rank, h.bm25_rank) for h in hits])
+        assert is_relevant(hits, query=question), question  # the device's gate at top_k_chunks 1 passes it
+        assert [h.source for h in retriever.search(question, k=4)][0] == page  # k does not change the order
+    wide = Retriever(retriever.db_path, retriever.embedder, replace(retriever.config, candidate_share=1.0))
+    try:  # the former behaviour, for contrast: the lists hold the whole corpus and a longer page wins
+        assert wide.search("What does alarm A-202 mean?", k=1)[0].source != "alarms.csv"
+    finally:
+        wide.close()
+    with pytest.raises(UsageError, match="candidate_share"):
+        replace(retriever.config, candidate_share=0.0)
 
 
 def test_weighted_rrf_and_page_grouping_by_hand() -> None:
