@@ -105,6 +105,9 @@ def build(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="replay a recipe.toml (options given here override it)"),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="default context length on the device (tokens)"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="default answer length cap (tokens)"),
+    top_k_chunks: Optional[int] = typer.Option(None, "--top-k-chunks",
+                                               help="passages put in the prompt on the device (default 4; 1 suits "
+                                                    "a small base model, see README)"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="sentence-transformers folder (default all-MiniLM-L6-v2)"),
     adapt_embedder: Optional[bool] = typer.Option(None, "--adapt-embedder/--no-adapt-embedder",
                                                   help="fine-tune the embedder on the documents (CPU minutes); "
@@ -172,7 +175,8 @@ def build(
         lora_r=lora_r, raft_hard=raft_hard, raft_paired=raft_paired, raft_abstain=raft_abstain).items()
         if v is not None}
     opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
-                n_ctx=n_ctx, max_tokens=max_tokens, embedder=embedder, prompt_format=prompt_format,
+                n_ctx=n_ctx, max_tokens=max_tokens, top_k_chunks=top_k_chunks, embedder=embedder,
+                prompt_format=prompt_format,
                 embd_type=embd_type, output_type=output_type, trim_vocab=trim_vocab, keep_general=keep_general,
                 adapt_embedder=adapt_embedder, ship_adapter=ship_adapter)
     if recipe:

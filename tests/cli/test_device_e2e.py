@@ -73,10 +73,11 @@ def test_one_short_document_builds_with_ppl_skipped(tmp_path: Path, tiny_llama: 
     (docs / "note.md").write_text("# Pump three\n\nClose valve V-31 before opening the pump casing.\n")
     out = tmp_path / "note.fpk"
     r = run_cli("build", "--model", str(tiny_llama), "--docs", str(docs), "--name", "note", "--sign",
-                str(e2e_keys / "builder.key"), "-o", str(out), "--n-ctx", "256", "--max-tokens", "32", "--json",
-                timeout=900)
+                str(e2e_keys / "builder.key"), "-o", str(out), "--n-ctx", "256", "--max-tokens", "32",
+                "--top-k-chunks", "2", "--json", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout[r.stdout.index("{"):])
+    assert (m["runtime"]["n_ctx"], m["runtime"]["max_tokens"], m["runtime"]["top_k_chunks"]) == (256, 32, 2)
     q = m["quality"]["quantization"]
     assert "not measured" in q["note"] and "kld_mean" not in q
     assert m["index"]["documents"] == 1
