@@ -153,5 +153,8 @@ def print_answer(ans: Answer, *, streamed: bool = False, console: Console | None
         for i, h in enumerate(ans.sources, start=1):
             c.print(f"  [{i}] {h.citation()}  (score {h.score:.3f})", markup=False, highlight=False)
     tm = ans.timings
+    if ans.abstained:  # no generation ran: only retrieval has a time
+        c.print(f"[dim]retrieval {tm.retrieval_ms:.0f} ms, abstained without running the model, {ans.bundle}[/]")
+        return
     c.print(f"[dim]retrieval {tm.retrieval_ms:.0f} ms, first token {tm.time_to_first_token_ms:.0f} ms, "
             f"{tm.completion_tokens} tokens at {tm.tokens_per_s:.1f} tok/s, {ans.bundle}[/]")

@@ -50,6 +50,9 @@ def test_off_topic_question_abstains(device_dir: Path) -> None:
     a = json.loads(r.stdout)
     assert a["abstained"] is True and a["sources"] == []
     assert "cannot answer" in a["answer"]
+    plain = run_cli("ask", "Who won the football world cup in 1954?", "--data-dir", str(device_dir))
+    assert plain.returncode == 0 and "cannot answer" in plain.stdout, plain.stderr
+    assert "abstained without running the model" in plain.stdout and "tok/s" not in plain.stdout  # no 0.0 tok/s
 
 
 def test_bad_questions_get_one_line_errors(device_dir: Path, tmp_path: Path) -> None:
