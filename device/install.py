@@ -19,6 +19,14 @@ new copy is complete and checked, and the switch is one atomic rename of ``state
 
 A failure or a power cut at any step leaves the previously active bundle active and intact.
 
+Repair: installing the active bundle again when its slot no longer matches its manifest (a member's size or
+sha256, or its ``manifest.json``/``slot.json``) rewrites it. With a rollback target in the other slot, the
+repair goes into the damaged slot itself so that target survives: after step 4 the state is first written
+with no active slot (active=None, previous kept), then steps 5-7 run on the damaged slot as on any inactive
+one. A failure or a power cut from there on leaves no active bundle and the rollback target intact (rerun the
+install, or ``fieldpack rollback``); the next install keeps that target. Without a rollback target the repair
+goes to the empty slot like an upgrade, and the damaged copy is emptied after the switch.
+
 Named steps: the installer reports each durable point it passes — ``after-verify``, ``mid-unpack`` (after the
 first member), ``after-unpack``, ``after-check``, ``before-switch``, ``after-switch`` — to an optional
 ``on_step(name)`` observer (:data:`INSTALL_STEPS`). Callers may log or show them; the crash tests pass an
@@ -125,7 +133,7 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
                    n_ctx: int | None = None, on_progress: InstallProgress | None = None,
                    probe: ResourceProbe | None = None, on_step: InstallStep | None = None,
                    allow_downgrade: bool = False) -> InstallResult:
-    """Install ``bundle`` into the inactive slot and make it active (steps in the module doc).
+    """Install ``bundle`` into the inactive slot and make it active, or repair the active slot (module doc).
 
     Args:
         bundle: the ``.fpk`` file.
@@ -152,7 +160,9 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
         SlotCheckError: the unpacked bundle failed ``check``; the slot is emptied.
         DowngradeError: an older version or another bundle name than the active one, without ``allow_downgrade``.
         OutputNotWritableError: the data dir cannot be written (disk full, permissions).
-        In every case the previously active bundle stays active and intact.
+        In every case the previously active bundle stays active and intact, except in a repair in place (module
+        doc): a failure while it writes leaves no bundle active and the rollback target intact (the message
+        says so).
     """
     t0 = time.monotonic()
     dd = _as_data_dir(data_dir)
@@ -176,9 +186,10 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
             active = state.active
             old = state.slots[active] if active else None
             damage: str | None = None
-            if old is not None and old.manifest_sha256 == manifest_sha and dd.slot_complete(active, state):
+            if old is not None and old.manifest_sha256 == manifest_sha:
                 key = reader.verify_signature(trusted)
-                damage = slot_damage(dd, active)
+                damage = (slot_damage(dd, active) if dd.slot_complete(active, state)
+                          else "its manifest.json or slot.json no longer matches the state")
                 if damage is None:
                     msg = f"{label} is already active in slot {active}; nothing to do"
                     log.info(msg)
@@ -195,13 +206,25 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
                      len(manifest.members))
             step("after-verify")
 
-            target = dd.inactive_slot(state)
+            # A repair writes into the damaged slot itself when the other slot holds the rollback target, so
+            # that bundle survives; with no rollback target it goes to the empty slot like any install.
+            in_place = damage is not None and state.previous is not None
+            target = active if in_place else dd.inactive_slot(state)
+            kept = state.slots[state.previous].label if in_place and state.previous else None
             check_feasibility(manifest, total, dd.root, reclaimable_bytes=dd.slot_size(target), n_ctx=n_ctx,
                               probe=probe)
 
-            if state.slots[target] is not None:  # the rollback target is about to be overwritten
-                state = state.forget(target)
+            if in_place:  # the damaged copy stops being active before it is overwritten (see the module doc)
+                state = State(active=None, previous=state.previous, slots={**state.slots, target: None},
+                              updated_at=utc_now())
                 dd.write_state(state)
+                outcome = (f"no bundle is active now and {kept} is kept for rollback: retry the install, or "
+                           f"`fieldpack rollback --data-dir {dd.root}` to run {kept}")
+            else:
+                if state.slots[target] is not None:  # the rollback target is about to be overwritten
+                    state = state.forget(target)
+                    dd.write_state(state)
+                outcome = f"{old.label} stays active" if old else "no bundle is active yet"
             dd.clear_slot(target, state)
             path = dd.slot_path(target)
             try:
@@ -210,14 +233,16 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
                 atomic_write_bytes(path / fmt.MANIFEST_NAME, reader.manifest_bytes)
                 if reader.signature_bytes is not None:
                     atomic_write_bytes(path / fmt.SIGNATURE_NAME, reader.signature_bytes)
-            except FieldpackError:  # disk full, bundle changed since verify: free the space now
+            except FieldpackError as exc:  # disk full, bundle changed since verify: free the space now
                 _clear_quietly(dd, target)
+                if in_place:  # the active bundle is gone: say so
+                    exc.message = f"{' '.join(exc.message.split()).rstrip('.')}; {outcome}"
                 raise
             fsync_dir(path)
             step("after-unpack")
 
         if check is not None:
-            _run_check(check, dd, target, manifest, old.label if old else None)
+            _run_check(check, dd, target, manifest, outcome)
         step("after-check")
 
         info = SlotInfo(label=label, manifest_sha256=manifest_sha, installed_at=utc_now(), payload_bytes=total,
@@ -226,22 +251,25 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
         fsync_dir(path)
         step("before-switch")
 
-        new_state = State(active=target, previous=active if old is not None and damage is None else None,
+        new_state = State(active=target, previous=active if old is not None and damage is None else state.previous,
                           slots={**state.slots, target: info}, updated_at=utc_now())
         dd.write_state(new_state)
         step("after-switch")
-        if damage is not None and active is not None:  # the damaged copy is no rollback target
+        if damage is not None and not in_place and active is not None:  # the damaged copy is no rollback target
             new_state = new_state.forget(active)
             dd.write_state(new_state)
             _clear_quietly(dd, active)
 
     seconds = time.monotonic() - t0
-    if damage is not None:
+    if in_place:
+        msg = f"repaired {label} in slot {target}: it was damaged ({damage}); {kept} kept for rollback"
+    elif damage is not None:
         msg = f"repaired {label}: slot {active} was damaged ({damage}); reinstalled into slot {target}"
     else:
         msg = f"installed {label} into slot {target}" + (f" (replaced {old.label}, kept for rollback)" if old else "")
     log.info("%s: %d bytes in %.2f s", msg, total, seconds)
-    return InstallResult(label, target, path, old.label if old else None, True, msg, payload_bytes=total,
+    previous = new_state.slots[new_state.previous].label if new_state.previous else None
+    return InstallResult(label, target, path, previous, True, msg, payload_bytes=total,
                          seconds=seconds, key_id=key.key_id)
 
 
@@ -328,8 +356,9 @@ def _clear_quietly(dd: DataDir, slot: str) -> None:
         log.exception("could not empty slot %s; the next install will", slot)
 
 
-def _run_check(check: SlotCheck, dd: DataDir, slot: str, manifest: Manifest, active_label: str | None) -> None:
-    keeps = f"{active_label} stays active" if active_label else "no bundle is active yet"
+def _run_check(check: SlotCheck, dd: DataDir, slot: str, manifest: Manifest, outcome: str) -> None:
+    """Run ``check`` on ``slot``; on failure empty the slot and raise SlotCheckError ending with ``outcome``
+    (what is active now, e.g. ``"demo@1.0.0 stays active"``)."""
     try:
         check(dd.slot_path(slot), manifest)
     except Exception as exc:
@@ -338,7 +367,7 @@ def _run_check(check: SlotCheck, dd: DataDir, slot: str, manifest: Manifest, act
             reason, hint = " ".join(exc.message.split()).rstrip("."), exc.hint
         else:
             reason, hint = f"{type(exc).__name__}: {exc}", None
-        raise SlotCheckError(f"{manifest.label} failed its post-install check in slot {slot} ({reason}); {keeps}",
+        raise SlotCheckError(f"{manifest.label} failed its post-install check in slot {slot} ({reason}); {outcome}",
                              hint=hint or "rebuild the bundle, or free RAM/disk on the device, then retry") from exc
 
 

@@ -15,7 +15,7 @@ Truth is ``state.json``: a slot is *active* only because the state says so, and 
 only when the state's record of it (label, manifest sha256) matches the ``slot.json`` inside the slot, which
 the installer writes last. ``state.json`` is replaced with temp file + fsync + rename
 (:mod:`shared.atomic`), so after a power cut it is either the old or the new one, never a mixture. The
-installer never writes into the active slot. The scheme is the one of A/B OTA updaters (Mender, RAUC, Android
+installer never writes into the active slot (a repair in place first records that no slot is active). The scheme is the one of A/B OTA updaters (Mender, RAUC, Android
 A/B): write the inactive copy, check it, then flip one pointer.
 """
 
@@ -218,18 +218,25 @@ class DataDir:
         eval, daemon).
 
         Raises:
-            NoActiveBundleError: nothing has been installed into this data dir yet.
+            NoActiveBundleError: nothing has been installed into this data dir yet, or no slot is active (an
+                interrupted repair; the message then names the previous bundle and the hint `fieldpack rollback`).
         """
-        slot = self.active_slot_path()
-        if slot is None:
-            raise NoActiveBundleError(f"no bundle is installed in data dir {self.root}",
-                                      hint=f"run `fieldpack install BUNDLE.fpk --data-dir {self.root}`")
-        return slot
+        state = self.state()
+        if state.active is None:
+            hint = f"run `fieldpack install BUNDLE.fpk --data-dir {self.root}`"
+            if state.previous is None:
+                raise NoActiveBundleError(f"no bundle is installed in data dir {self.root}", hint=hint)
+            raise NoActiveBundleError(
+                f"no bundle is active in data dir {self.root} ({state.slots[state.previous].label} is kept as the "
+                f"previous bundle)", hint=f"{hint}, or `fieldpack rollback --data-dir {self.root}` to run the previous one")
+        return self.slot_path(state.active)
 
     def inactive_slot(self, state: State | None = None) -> str:
-        """The slot an install writes to: the one that is not active (``"a"`` on a fresh device)."""
-        active = (state or self.state()).active
-        return next(s for s in SLOT_NAMES if s != active)
+        """The slot an install writes to: the one that is not active (``"a"`` on a fresh device). With no
+        active slot but a rollback target (an interrupted repair, see :mod:`device.install`), the other one."""
+        state = state or self.state()
+        taken = state.active if state.active is not None else state.previous
+        return next(s for s in SLOT_NAMES if s != taken)
 
     # -- slots -----------------------------------------------------------------------------------------------
     def read_slot_record(self, slot: str) -> SlotInfo | None:

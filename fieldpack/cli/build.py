@@ -337,12 +337,10 @@ def verify(bundle: Optional[Path] = typer.Argument(None, help="the .fpk"),
 def _verify_installed(data_dir: Optional[Path]) -> None:
     """Re-hash every member of the active slot against its manifest; exit 4 (IntegrityError) on damage."""
     from fieldpack.device.slots import default_data_dir, open_data_dir
-    from fieldpack.shared.errors import IntegrityError, NoActiveBundleError
+    from fieldpack.shared.errors import IntegrityError
 
     dd = open_data_dir(data_dir or default_data_dir())
-    slot = dd.active_slot()
-    if slot is None:
-        raise NoActiveBundleError(f"no bundle is installed in {dd.root}", hint="run `fieldpack install BUNDLE.fpk`")
+    slot = dd.require_active_slot_path().name  # NoActiveBundleError when none is active
     try:
         m = dd.verify_slot(slot)
     except IntegrityError as exc:

@@ -99,6 +99,34 @@ def test_crash_at_each_point(point: str, small: tuple[Keys, Path, Path, Path], t
     assert assert_next_install_works(dd.root, [v1, v3]) in {"demo@1", "demo@3"}
 
 
+@pytest.mark.parametrize("point", INSTALL_STEPS)
+def test_crash_during_a_repair_in_place(point: str, small: tuple[Keys, Path, Path, Path], tmp_path: Path) -> None:
+    """Repairing a damaged active slot while the other slot holds the rollback target: a crash at any point
+    leaves that target intact and still the rollback target, never a half-written slot marked active, and the
+    same install run again completes the repair."""
+    keys, v1, v2, _ = small
+    dd = init_data_dir(tmp_path / "device", [keys.public])
+    install_bundle(v1, dd, check=None)
+    install_bundle(v2, dd, check=None)
+    rollback(dd)  # demo@1 active in a (about to be damaged), demo@2 previous in b
+    model = dd.slot_path("a") / "model.gguf"
+    data = bytearray(model.read_bytes())
+    data[100] ^= 0xFF
+    model.write_bytes(bytes(data))
+    proc = subprocess.run(install_cmd(dd, v1, kill_at=point), env=child_env(), capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
+    state = open_data_dir(dd.root).state()
+    assert state.previous == "b" and dd.slot_complete("b", state) and dd.verify_slot("b").label == "demo@2"
+    expected_active = {"after-verify": "a", "after-switch": "a"}.get(point)  # in between: none is active
+    assert state.active == expected_active
+    if point == "after-switch":
+        assert dd.verify_slot("a").label == "demo@1"
+    res = install_bundle(v1, dd, check=None)
+    assert (res.slot, res.previous) == ("a", "demo@2") and res.changed == (point != "after-switch")
+    assert dd.verify_slot("a").label == "demo@1" and not [p for p in dd.root.rglob("*.tmp")]
+    assert rollback(dd).label == "demo@2"
+
+
 def test_every_step_is_reported_in_order(small: tuple[Keys, Path, Path, Path], tmp_path: Path) -> None:
     """The observer sees each named step once, in the documented order (so a kill at each really lands)."""
     keys, v1, v2, _ = small

@@ -5,16 +5,21 @@ Library calls and the installed ``fieldpack`` command (tests.cli.conftest.run_cl
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from fieldpack.device.install import check_upgrade, install_bundle, remove_slot
+from fieldpack.device.install import check_upgrade, install_bundle, remove_slot, rollback
 from fieldpack.device.install import status as device_status
 from fieldpack.device.slots import DataDir, init_data_dir
-from fieldpack.shared.errors import DowngradeError, UsageError
+from fieldpack.shared.errors import DowngradeError, NoActiveBundleError, SlotCheckError, UsageError
 from tests.cli.conftest import assert_one_line_error, run_cli
 from tests.shared.factories import Keys, make_bundle, make_keys
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +96,76 @@ def test_damaged_active_slot_is_shown_verified_and_repaired(dd: DataDir, bundles
     assert device_status(dd)["active"]["damage"] is None
     noop = install_bundle(bundles["v2"], dd, check=None)
     assert not noop.changed and "nothing to do" in noop.message
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``folder`` -> (inode, bytes): detects any write or rename."""
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.read_bytes()) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def run_module_install(bundle: Path, dd: DataDir) -> subprocess.CompletedProcess[str]:
+    """``python -m fieldpack.device.install --no-check BUNDLE --data-dir D`` in a child process (synthetic models
+    cannot pass the runtime's check, which ``fieldpack install`` always runs)."""
+    return subprocess.run([sys.executable, "-m", "fieldpack.device.install", "--no-check", str(bundle),
+                           "--data-dir", str(dd.root)], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _active_damaged_with_previous(dd: DataDir, bundles: dict[str, Path]) -> None:
+    """The trial's device: slot a = demo@1.9.0 active (damaged), slot b = demo@1.10.0 previous (healthy)."""
+    install_bundle(bundles["v1"], dd, check=None)
+    install_bundle(bundles["v2"], dd, check=None)
+    rollback(dd)
+    assert dd.active_slot() == "a" and dd.state().previous == "b"
+    _damage(dd)
+
+
+def test_repair_keeps_the_previous_bundle_for_rollback(dd: DataDir, bundles: dict[str, Path]) -> None:
+    """Repairing the damaged active slot rewrites that slot; the healthy previous bundle stays untouched."""
+    _active_damaged_with_previous(dd, bundles)
+    before_b = _snapshot(dd.slot_path("b"))
+    r = run_module_install(bundles["v1"], dd)  # the install entry point, as a technician runs it
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("repaired demo@1.9.0 in slot a") and "demo@1.10.0 kept for rollback" in r.stdout
+    state = dd.state()
+    assert (state.active, state.previous) == ("a", "b")
+    assert dd.verify_slot("a").label == "demo@1.9.0"
+    assert _snapshot(dd.slot_path("b")) == before_b  # the rollback target was never written
+    assert rollback(dd).label == "demo@1.10.0"
+    dd.verify_slot("b")
+
+
+def test_repair_without_previous_uses_the_empty_slot(dd: DataDir, bundles: dict[str, Path]) -> None:
+    install_bundle(bundles["v1"], dd, check=None)
+    _damage(dd)
+    res = install_bundle(bundles["v1"], dd, check=None)
+    assert (res.slot, res.previous) == ("b", None) and "reinstalled into slot b" in res.message
+    assert dd.verify_slot("b").label == "demo@1.9.0" and dd.state().slots["a"] is None
+
+
+def test_failed_repair_keeps_the_previous_bundle_and_says_so(dd: DataDir, bundles: dict[str, Path]) -> None:
+    _active_damaged_with_previous(dd, bundles)
+    before_b = _snapshot(dd.slot_path("b"))
+
+    def check(slot: Path, manifest) -> None:
+        raise RuntimeError("llama_load_model_from_file failed")
+
+    with pytest.raises(SlotCheckError) as ei:
+        install_bundle(bundles["v1"], dd, check=check)
+    text = str(ei.value)
+    assert "\n" not in text and "Fix:" in text and "no bundle is active now" in text
+    assert "demo@1.10.0 is kept for rollback" in text and "fieldpack rollback --data-dir" in text
+    state = dd.state()
+    assert (state.active, state.previous, state.slots["a"]) == (None, "b", None)
+    assert list(dd.slot_path("a").iterdir()) == [] and _snapshot(dd.slot_path("b")) == before_b
+    with pytest.raises(NoActiveBundleError, match="fieldpack rollback"):  # what ask/serve/verify now say
+        dd.require_active_slot_path()
+    assert_one_line_error(run_cli("verify", "--installed", "--data-dir", str(dd.root)), 6, "demo@1.10.0",
+                          "fieldpack rollback")
+    res = install_bundle(bundles["v1"], dd, check=None)  # the retry lands beside the kept bundle
+    assert (res.slot, res.previous) == ("a", "demo@1.10.0") and dd.state().previous == "b"
+    assert _snapshot(dd.slot_path("b")) == before_b
 
 
 def test_status_summary_list_and_remove(dd: DataDir, bundles: dict[str, Path]) -> None:
