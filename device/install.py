@@ -474,7 +474,8 @@ def status(data_dir: DataDir | Path | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fieldpack.device.install BUNDLE [--data-dir D] [--n-ctx N] [--no-check] [--progress]``.
+    """``python -m fieldpack.device.install BUNDLE [--data-dir D] [--n-ctx N] [--no-check] [--progress]
+    [--allow-downgrade]``.
 
     A bare entry for scripts and the crash tests; technicians use ``fieldpack install``. Prints the result on
     one line (stdout), or the error on one line (stderr) and exits with the error's ``exit_code``.
@@ -486,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-ctx", type=int, default=None)
     p.add_argument("--no-check", action="store_true", help="skip the runtime check (tests of the mechanics)")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--allow-downgrade", action="store_true", help="as `fieldpack install --allow-downgrade`")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -498,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
             from fieldpack.device.runtime import check_slot
             check = check_slot
         result = install_bundle(args.bundle, args.data_dir, check=check, n_ctx=args.n_ctx,
-                                on_progress=progress if args.progress else None)
+                                on_progress=progress if args.progress else None,
+                                allow_downgrade=args.allow_downgrade)
     except FieldpackError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return err.exit_code

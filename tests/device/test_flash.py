@@ -50,6 +50,7 @@ PYTHONPATH={REPO} exec {sys.executable} -m fieldpack "$@"
 # The same install path without the runtime's model-load check, for synthetic payloads (they hold no real
 # model): `fieldpack-nocheck install B --data-dir D` -> `python -m fieldpack.device.install --no-check B --data-dir D`.
 FIELDPACK_NOCHECK = f"""#!/bin/sh
+[ "$1" = --version ] && PYTHONPATH={REPO} exec {sys.executable} -m fieldpack --version
 [ "$1" = install ] && shift
 PYTHONPATH={REPO} exec {sys.executable} -m fieldpack.device.install --no-check "$@"
 """
@@ -168,8 +169,9 @@ def test_over_ssh_installs_and_cleans_up(bundle: Path, keys: Keys, env: dict[str
     assert open_data_dir(dd.root).active_slot() == "a"
     assert list((tmp_path / "remote-tmp").iterdir()) == []  # the upload was removed
     log = (tmp_path / "ssh.log").read_text().splitlines()
-    assert log[0].startswith("scp -q -o BatchMode=yes ") and f"tech@pi-07:{tmp_path}/remote-tmp/" in log[0]
-    assert log[1].startswith("ssh -o BatchMode=yes tech@pi-07 ")
+    assert log[0] == "ssh -o BatchMode=yes tech@pi-07 fieldpack-nocheck --version"  # checked before the upload
+    assert log[1].startswith("scp -q -o BatchMode=yes ") and f"tech@pi-07:{tmp_path}/remote-tmp/" in log[1]
+    assert log[2].startswith("ssh -o BatchMode=yes tech@pi-07 ") and "--allow-downgrade" not in log[2]
     # flashing the same bundle again is a no-op on the device, still success
     again = flash(str(bundle), "--to", f"tech@pi-07:{dd.root}", "--remote-fieldpack", "fieldpack-nocheck",
                   "--remote-tmp", str(tmp_path / "remote-tmp"), env=env)
@@ -204,15 +206,49 @@ def test_over_ssh_unreachable_host(bundle: Path, env: dict[str, str], tmp_path: 
 
 
 def test_over_ssh_missing_remote_fieldpack(bundle: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """A device where `fieldpack` is not on PATH (the kit's venv): refused before anything is uploaded."""
     r = flash(str(bundle), "--to", "pi-07", "--remote-fieldpack", "no-such-fieldpack",
               "--remote-tmp", str(tmp_path / "remote-tmp"), env=env)
-    assert r.returncode == 127 and "--remote-fieldpack" in r.stderr
-    assert list((tmp_path / "remote-tmp").iterdir()) == []
+    assert r.returncode == 127
+    [line] = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert line.startswith("error: pi-07: `no-such-fieldpack` cannot be run there") and "nothing was copied" in line
+    assert "Fix: pass --remote-fieldpack PATH, e.g. /opt/fieldpack/venv/bin/fieldpack" in line
+    assert not [ln for ln in (tmp_path / "ssh.log").read_text().splitlines() if ln.startswith("scp")]
+    assert "copying" not in r.stdout and list((tmp_path / "remote-tmp").iterdir()) == []
 
 
-def test_bad_target(bundle: Path, env: dict[str, str]) -> None:
-    r = flash(str(bundle), "--to", "pi 07:/x", env=env)
-    assert r.returncode == 2 and "neither a folder nor user@host" in r.stderr
+def test_over_ssh_allow_downgrade(keys: Keys, env: dict[str, str], tmp_path: Path) -> None:
+    """The device refuses an older version and says to pass --allow-downgrade; flash passes it on."""
+    old = make_bundle(tmp_path / "demo-1.0.0.fpk", keys, model_bytes=100_000, seed=1, version="1.0.0")
+    new = make_bundle(tmp_path / "demo-1.1.0.fpk", keys, model_bytes=100_000, seed=2, version="1.1.0")
+    dd = init_data_dir(tmp_path / "device", [keys.public])
+    install_bundle(new, dd, check=None)
+    common = ["--to", f"pi-07:{dd.root}", "--remote-fieldpack", "fieldpack-nocheck",
+              "--remote-tmp", str(tmp_path / "remote-tmp")]
+    r = flash(str(old), *common, env=env)
+    assert r.returncode == 6 and "pass --allow-downgrade" in r.stderr.strip().splitlines()[-1]
+    r = flash(str(old), *common, "--allow-downgrade", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "pi-07: installed demo@1.0.0 into slot b (replaced demo@1.1.0, kept for rollback)" in r.stdout
+    assert open_data_dir(dd.root).state().slots["b"].label == "demo@1.0.0"
+    assert (tmp_path / "ssh.log").read_text().splitlines()[-1].endswith(" --allow-downgrade; rc=$?; rm -f \"$f\"; exit $rc")
+    card = tmp_path / "card"
+    card.mkdir()
+    r = flash(str(old), "--to", str(card), "--allow-downgrade", env=env)
+    assert r.returncode == 0 and f"fieldpack install {old.name} --allow-downgrade" in r.stdout, r.stderr
+
+
+def test_help_once_with_the_kit_path(env: dict[str, str]) -> None:
+    """--help prints the long description once, offers --allow-downgrade, and suggests the fieldpack path that
+    the kit's install.sh really creates (PREFIX/venv, PREFIX=/opt/fieldpack as root)."""
+    r = flash("--help", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Put a fieldpack bundle on a device") == 1
+    assert r.stdout.count("With --trust, the bundle is first verified here") == 1
+    assert "--allow-downgrade" in r.stdout and ".venv/bin/fieldpack" not in r.stdout
+    kit_sh = (REPO / "builder" / "kit_install.sh").read_text()
+    assert "PREFIX=${FIELDPACK_PREFIX:-/opt/fieldpack}" in kit_sh and "VENV=$PREFIX/venv" in kit_sh
+    assert "/opt/fieldpack/venv/bin/fieldpack" in " ".join(r.stdout.split())
 
 
 @pytest.mark.slow

@@ -87,3 +87,12 @@ def test_a_damaged_kit_is_not_copied(kit: Path, env: dict[str, str], tmp_path: P
     r = flash(str(kit), "--to", str(card), env=env)
     assert r.returncode == 4 and "does not match kit.json" in r.stderr
     assert not any(card.iterdir())
+
+
+def test_allow_downgrade_is_for_bundles_only(kit: Path, env: dict[str, str], tmp_path: Path) -> None:
+    card = tmp_path / "card"
+    card.mkdir()
+    r = flash(str(kit), "--to", str(card), "--allow-downgrade", env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: --allow-downgrade applies to a bundle, not to a kit folder. Fix:")
+    assert not any(card.iterdir())
