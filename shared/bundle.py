@@ -145,7 +145,7 @@ class BundleReader:
     ``format_version``, and lists exactly the members present with their sizes.
 
     Raises (on construction):
-        InputNotFoundError: the path is missing or unreadable.
+        InputNotFoundError: the path is missing, a folder, or unreadable.
         BundleFormatError: not a tar archive, truncated, members out of order, or extra/missing members.
         UnsafeMemberError: a member with an absolute path, ``..``, or a link/device type.
         ManifestError, UnsupportedFormatVersion: see :func:`shared.manifest.parse_manifest`.
@@ -154,6 +154,11 @@ class BundleReader:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            inside = sorted(self.path.glob(f"*{fmt.EXTENSION}"))
+            raise InputNotFoundError(f"{self.path} is a folder, not a {fmt.EXTENSION} bundle",
+                                     hint=f"pass the bundle inside it, e.g. {inside[0]}" if inside else
+                                     f"pass the path of a {fmt.EXTENSION} file")
         if not self.path.is_file():
             raise InputNotFoundError(f"bundle {self.path} does not exist", hint="check the path to the .fpk file")
         try:

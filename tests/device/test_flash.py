@@ -251,6 +251,26 @@ def test_help_once_with_the_kit_path(env: dict[str, str]) -> None:
     assert "/opt/fieldpack/venv/bin/fieldpack" in " ".join(r.stdout.split())
 
 
+def test_a_folder_that_is_neither_bundle_nor_kit(bundle: Path, env: dict[str, str], tmp_path: Path) -> None:
+    folder, card = tmp_path / "demo-out", tmp_path / "card"
+    folder.mkdir()
+    card.mkdir()
+    r = flash(str(folder), "--to", str(card), env=env)
+    assert r.returncode == 2
+    [line] = r.stderr.strip().splitlines()
+    assert line == (f"error: {folder} is a folder, not a .fpk bundle, and holds no kit.json. Fix: pass a .fpk file, "
+                    "or a kit folder made by `fieldpack kit`")
+    (folder / bundle.name).write_bytes(bundle.read_bytes())
+    r = flash(str(folder), "--to", "pi-07", env=env)
+    assert r.returncode == 2 and f"Fix: pass the bundle inside it, e.g. {folder / bundle.name}" in r.stderr
+    assert list(card.iterdir()) == [] and not (tmp_path / "ssh.log").exists()
+
+
+def test_bad_target(bundle: Path, env: dict[str, str]) -> None:
+    r = flash(str(bundle), "--to", "pi 07:/x", env=env)
+    assert r.returncode == 2 and "neither a folder nor user@host" in r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("FIELDPACK_TEST_BUNDLE"),
                     reason="needs a real built bundle in FIELDPACK_TEST_BUNDLE (the real check loads its model)")

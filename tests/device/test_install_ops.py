@@ -168,6 +168,21 @@ def test_failed_repair_keeps_the_previous_bundle_and_says_so(dd: DataDir, bundle
     assert _snapshot(dd.slot_path("b")) == before_b
 
 
+def test_a_folder_given_as_the_bundle(dd: DataDir, bundles: dict[str, Path], tmp_path: Path) -> None:
+    """`fieldpack install demo-out`: the folder is named as a folder (not "does not exist"), with a fix that
+    names a bundle inside it when there is one; nothing is written."""
+    folder = tmp_path / "demo-out"
+    folder.mkdir()
+    r = run_cli("install", str(folder), "--data-dir", str(dd.root))
+    line = assert_one_line_error(r, 2, f"{folder} is a folder, not a .fpk bundle", "pass the path of a .fpk file")
+    assert "does not exist" not in line
+    (folder / "riverside-ops-1.0.0.fpk").write_bytes(bundles["v1"].read_bytes())
+    r = run_cli("install", str(folder), "--data-dir", str(dd.root))
+    assert_one_line_error(r, 2, f"Fix: pass the bundle inside it, e.g. {folder / 'riverside-ops-1.0.0.fpk'}")
+    assert_one_line_error(run_cli("inspect", str(folder)), 2, "is a folder, not a .fpk bundle")
+    assert dd.state().active is None and not any(dd.slot_path("a").iterdir())
+
+
 def test_status_summary_list_and_remove(dd: DataDir, bundles: dict[str, Path]) -> None:
     install_bundle(bundles["v1"], dd, check=None)
     install_bundle(bundles["v2"], dd, check=None)
