@@ -172,15 +172,25 @@ class Runtime:
         add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
+    @property
+    def has_chat_template(self) -> bool:
+        """True when :meth:`render` works: the bundle prompts through the model's chat template (False for the
+        ``completion`` prompt format of a base model)."""
+        return self._chat is not None
+
     def render(self, messages: list[dict[str, str]]) -> str:
         """Render chat messages with the model's own chat template, generation prompt appended.
 
         Raises:
-            RuntimeLoadError: the bundle has no chat template (completion format) or the template fails.
+            UsageError: the bundle has no chat template (completion format; see :attr:`has_chat_template`).
+            RuntimeLoadError: the template fails.
         """
         if self._chat is None:
-            raise RuntimeLoadError(f"the bundle in {self.slot_dir} is prompted as plain completion, not chat",
-                                   hint="use render_prompt")
+            from fieldpack.shared.errors import UsageError
+
+            raise UsageError(f"bundle {self.bundle_label} has no chat template (prompt format completion), so it "
+                             "cannot run chat messages", hint="send a raw prompt, or build the bundle from a "
+                             "checkpoint with a chat template")
         return self._translate_template_error(lambda: self._chat.render(messages))
 
     def render_prompt(self, question: str, hits: Sequence[Hit], history: Sequence[Turn] = ()) -> str:
@@ -266,7 +276,9 @@ class Runtime:
                               timings=Timings(retrieval_ms=retrieval_ms, total_ms=retrieval_ms),
                               bundle=self.bundle_label, finish_reason="abstained",
                               extra={"reason": "no source fits the context"})
-            text, finish, gen = self._generate(built.tokens, max_tokens, on_token, cancel, extra_stop)
+            # a completion-format prompt ends in "Answer:", which the model continues with a space or newline
+            text, finish, gen = self._generate(built.tokens, max_tokens, on_token, cancel, extra_stop,
+                                               strip_leading=self.manifest.runtime.prompt_format == "completion")
             total_ms = (time.perf_counter() - t0) * 1e3
             timings = Timings(retrieval_ms=retrieval_ms, prompt_tokens=len(built.tokens),
                               prompt_eval_ms=gen["prompt_eval_ms"],
@@ -280,8 +292,10 @@ class Runtime:
                  cancel: threading.Event | None = None, extra_stop: Sequence[str] = ()) -> tuple[str, str, Timings]:
         """Ungrounded greedy generation from prompt ``tokens`` (e.g. :meth:`tokenize_prompt` of :meth:`render`).
 
-        Same decoding, stop set and streaming as :meth:`answer`, without retrieval. Returns ``(text,
-        finish_reason, timings)``; ``finish_reason`` is ``"stop"``, ``"length"`` or ``"cancelled"``.
+        Same decoding, stop set and streaming as :meth:`answer`, without retrieval. The text is the raw
+        continuation of the prompt: its leading whitespace is kept (``"1, 2, 3, 4,"`` continues ``" 5, 6,"``).
+        Returns ``(text, finish_reason, timings)``; ``finish_reason`` is ``"stop"``, ``"length"`` or
+        ``"cancelled"``.
         """
         with self._lock:
             t0 = time.perf_counter()
@@ -303,8 +317,13 @@ class Runtime:
             return self._retriever.chunk(chunk_id)
 
     def _generate(self, tokens: list[int], max_tokens: int, on_token: Callable[[str], None] | None,
-                  cancel: threading.Event | None, extra_stop: Sequence[str] = ()) -> tuple[str, str, dict[str, float]]:
-        """Greedy streaming generation. Returns (text, finish_reason, figures in ms / tokens)."""
+                  cancel: threading.Event | None, extra_stop: Sequence[str] = (), *,
+                  strip_leading: bool = False) -> tuple[str, str, dict[str, float]]:
+        """Greedy streaming generation. Returns (text, finish_reason, figures in ms / tokens).
+
+        ``strip_leading``: drop the whitespace before the first visible piece (an answer after ``"Answer:"``);
+        off for a raw continuation, whose leading space is part of the text.
+        """
         import llama_cpp
 
         llm = self._llm
@@ -312,7 +331,6 @@ class Runtime:
         t0 = time.perf_counter()
         first = None
         pieces: list[str] = []
-        lstrip = self.manifest.runtime.prompt_format == "completion"
         finish = "stop"
         n_chunks = 0
         stream = llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0,
@@ -322,7 +340,7 @@ class Runtime:
             for chunk in stream:
                 choice = chunk["choices"][0]
                 piece = choice.get("text") or ""
-                if not pieces and lstrip:  # a completion continues "Answer:" with a space or newline first
+                if not pieces and strip_leading:
                     piece = piece.lstrip()
                 n_chunks += 1
                 if piece:

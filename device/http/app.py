@@ -7,7 +7,8 @@ Routes::
     GET  /metrics               Prometheus text (device.http.prom)
     GET  /v1/models             the active bundle as the one model
     POST /v1/chat/completions   grounded by default ("sources" extra field); "grounding": false -> model alone
-    POST /v1/completions        raw continuation of a prompt
+                                (needs a chat template: 400 no_chat_template on a completion-format bundle)
+    POST /v1/completions        raw continuation of a prompt (its leading space kept)
     POST /v1/embeddings         the bundle's sentence embedder
     POST /v1/ask                fieldpack's answer: text, sources, timings (JSON, or SSE with "stream": true)
     GET  /v1/sources/{id}       one cited passage (the chunk id of a source)
@@ -349,6 +350,8 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
             raise ApiError(400, "the last message must be the user's", code="invalid_value", param="messages")
         if body.grounding:
             check_question(body.messages[-1].text(), "messages")
+        elif not host.state().chat:
+            raise ApiError(400, str(_no_chat_template(bundle)), code="no_chat_template", param="grounding")
         work = _grounded_chat(body.messages, max_tokens, stop) if body.grounding else \
             _plain_chat(body.messages, max_tokens, stop)
         run = start(work)
@@ -521,11 +524,20 @@ def _grounded_chat(messages: list[ChatMessage], max_tokens: int | None, stop: li
     return _answer_work(messages[-1].text(), history, max_tokens, stop)
 
 
+def _no_chat_template(bundle: str) -> errors.UsageError:
+    """Why ``"grounding": false`` cannot run on ``bundle`` (a base model prompted in completion format)."""
+    return errors.UsageError(f'bundle {bundle} has no chat template (prompt format completion), so "grounding": '
+                             "false is unavailable", hint="send the text to /v1/completions for a raw continuation, "
+                             "or build the bundle from a checkpoint with a chat template")
+
+
 def _plain_chat(messages: list[ChatMessage], max_tokens: int | None, stop: list[str]) -> Work:
     """The model alone on the messages, with its chat template; the oldest non-system messages are dropped
     until the prompt fits ``n_ctx - max_tokens``."""
 
     def work(engine: Any, on_token: Callable[[str], None], cancel: threading.Event) -> Outcome:
+        if not getattr(engine, "has_chat_template", True):  # the bundle changed after the request was checked
+            raise _no_chat_template(engine.bundle_label)
         cap = int(max_tokens or engine.manifest.runtime.max_tokens)
         if cap >= engine.n_ctx:
             raise errors.UsageError(f"max_tokens {cap} does not fit the context of {engine.n_ctx} tokens",

@@ -40,12 +40,14 @@ class EngineState:
         model: the engine's model label (``"<source> <arch> <file type>"``), or ``None``.
         loading: a bundle is being loaded or switched (``/health`` answers 503).
         error: why no engine can be had (e.g. nothing installed), or ``None``.
+        chat: the loaded bundle has a chat template (``"grounding": false`` can run); ``True`` when unknown.
     """
 
     bundle: str | None
     model: str | None
     loading: bool
     error: str | None
+    chat: bool = True
 
 
 class EngineHost(Protocol):
@@ -129,7 +131,7 @@ class LocalEngineHost:
             info, error = self._info, self._error
         loading = _loading(self._provider) or (info is None and error is None)
         return EngineState(bundle=info.label if info else None, model=info.model if info else None,
-                           loading=loading, error=error)
+                           loading=loading, error=error, chat=info.chat if info else True)
 
     def start(self) -> None:
         """Start the worker (it loads the engine first)."""
@@ -178,4 +180,6 @@ class MqttEngineHost:
     def state(self) -> EngineState:
         status = self._daemon.status()
         loading = _loading(self._provider) or (status.bundle is None and status.error is None)
-        return EngineState(bundle=status.bundle, model=status.model, loading=loading, error=status.error)
+        info = self._daemon.engine_info
+        return EngineState(bundle=status.bundle, model=status.model, loading=loading, error=status.error,
+                           chat=info.chat if info else True)

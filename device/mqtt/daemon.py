@@ -500,6 +500,12 @@ class MqttDaemon:
         self.client.will_set(protocol.status_topic(self.config.device_id), will.encode(), qos=1, retain=True,
                              properties=json_properties(PacketTypes.WILLMESSAGE))
 
+    @property
+    def engine_info(self) -> EngineInfo | None:
+        """What the worker last loaded, or ``None`` (nothing loaded yet, or no engine can be had)."""
+        with self._state_lock:
+            return self._engine
+
     def status(self, *, online: bool = True) -> protocol.Status:
         """The current status message."""
         with self._state_lock:

@@ -36,19 +36,23 @@ class EngineInfo:
         name, version: the two parts of ``label`` (``version`` ``None`` when the label has no ``@``).
         model: the engine's ``model_label`` attribute when it has one (e.g. the GGUF file name and quant
             type), else ``None``.
+        chat: the engine's ``has_chat_template`` (it can run chat messages without retrieval); ``True`` when
+            the engine does not say.
     """
 
     label: str
     name: str
     version: str | None
     model: str | None
+    chat: bool = True
 
     @classmethod
     def of(cls, engine: AnswerEngine) -> EngineInfo:
         label = str(engine.bundle_label)
         name, sep, version = label.partition("@")
         model = getattr(engine, "model_label", None)
-        return cls(label=label, name=name, version=version if sep else None, model=str(model) if model else None)
+        return cls(label=label, name=name, version=version if sep else None, model=str(model) if model else None,
+                   chat=bool(getattr(engine, "has_chat_template", True)))
 
 
 EngineListener = Callable[[EngineInfo | None, str | None], None]
