@@ -13,6 +13,8 @@ import typer
 DEMO_QUESTION = "What should I run when trend screens are slow?"
 #: The tiny model's question (its text is not an answer; the citation is the point).
 TINY_DEMO_QUESTION = "The connection pool is exhausted. What should I do?"
+#: The demo bundle's name (the OpenAI API's ``model``; README "In a browser, and over the OpenAI API").
+DEMO_BUNDLE_NAME = "riverside-ops"
 
 
 def _repo_demo_docs() -> Path:
@@ -400,8 +402,8 @@ def demo(
         # the best passage alone and drifts to the neighbouring passages with two or four (README "A real model")
         model_opts = dict(model=str(hf_dir), quant="Q4_K_M", n_ctx=2048, max_tokens=64, top_k_chunks=1)
     question = question or (TINY_DEMO_QUESTION if tiny else DEMO_QUESTION)
-    bundle = out / "riverside-ops-1.0.0.fpk"
-    cfg = BuildConfig.validated(dict(docs=docs, name="riverside-ops", version="1.0.0", sign=keys / "builder.key",
+    bundle = out / f"{DEMO_BUNDLE_NAME}-1.0.0.fpk"
+    cfg = BuildConfig.validated(dict(docs=docs, name=DEMO_BUNDLE_NAME, version="1.0.0", sign=keys / "builder.key",
                                      output=bundle, **model_opts))
     t0 = time.perf_counter()
     _build_with_progress(cfg)
