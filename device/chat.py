@@ -63,8 +63,17 @@ def enable_line_editing(history_file: Path | None) -> Callable[[], None]:
     return save
 
 
+def _heading(c: Console, title: str) -> None:
+    """A source's heading: a rule across a terminal; off a terminal (an unbounded width) the title alone."""
+    if c.is_terminal:
+        c.rule(escape(title))
+    else:
+        c.print(f"── {title} ──", markup=False, highlight=False)
+
+
 def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Console | None = None) -> int:
-    """Run the loop until /quit or end of input. ``engine`` is a :class:`device.runtime.Runtime`.
+    """Run the loop until /quit or end of input. ``engine`` is a :class:`device.runtime.Runtime`; ``console``
+    is where everything is printed (the CLI passes its own, full width when piped; default: a plain rich one).
 
     Returns the number of questions answered.
     """
@@ -98,7 +107,7 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
             if last is None or not last.sources:
                 c.print("[dim]no sources yet[/]")
             for i, h in enumerate(last.sources if last else [], start=1):
-                c.rule(escape(f"[{i}] {h.citation()}"))
+                _heading(c, f"[{i}] {h.citation()}")
                 full = getattr(engine, "full_text", None)  # the stored chunk, not the copy shortened for the prompt
                 c.print(full(h) if full else h.text, markup=False, highlight=False)
             continue

@@ -139,12 +139,13 @@ def chat(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_D
     """Interactive offline assistant (streams tokens; /sources, /clear, /quit)."""
     import sys
 
+    from fieldpack.cli.console import console
     from fieldpack.device.chat import enable_line_editing, run_chat
 
     save = enable_line_editing(_data_dir(data_dir).root / "chat_history") if sys.stdin.isatty() else (lambda: None)
     try:
         with _runtime(data_dir, n_ctx, threads) as rt:
-            run_chat(rt)
+            run_chat(rt, console=console())  # piped: full width, no wrapping (README "Commands")
     finally:
         save()
 

@@ -72,3 +72,22 @@ def test_log_lines_off_a_terminal_are_whole() -> None:
             "logging.getLogger('fieldpack.x').warning('w' * 300)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stderr.splitlines() == ["WARNING fieldpack.x: " + "w" * 300]
+
+
+@pytest.mark.slow
+def test_chat_piped_is_full_width(device_dir: Path) -> None:
+    """`printf 'QUESTION\\n/sources\\n/quit\\n' | fieldpack chat | cat`: the banner, the sources line and the
+    /sources headings each stay on one line (no wrap at 80 columns), with no rule drawn across the unbounded width."""
+    from fieldpack.device.chat import HELP
+
+    r = run_cli("chat", "--data-dir", str(device_dir),
+                stdin="The connection pool is exhausted. What should I do?\n/sources\n/quit\n", timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"fieldpack chat — riverside@1.0.0, offline. {HELP}"  # 110 characters, one line
+    sources = [line for line in lines if "sources: [1] " in line]
+    headings = [line[line.index("── ["):] for line in lines if "── [" in line]  # after a "you> " prompt
+    assert len(sources) == 1 and headings
+    for heading in headings:  # "── [n] <citation> ──", each citation whole and also in the sources line
+        assert heading.endswith(" ──") and heading[3:-3] in sources[0]
+    assert max(map(len, lines)) < 2000 and "\x1b[" not in r.stdout
