@@ -159,7 +159,8 @@ class MqttDaemon:
         self._provider = provider
         self._settings = settings
         self._clock = clock or SystemClock()
-        self._board = JobBoard(config.queue_size)
+        self._status_dirty = threading.Event()
+        self._board = JobBoard(config.queue_size, on_change=self._status_dirty.set)  # busy, queue depth
         self._metrics = MetricsRecorder(config.device_id, self._clock)
         self._intake: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -168,7 +169,6 @@ class MqttDaemon:
         self._halt = threading.Event()  # set by a fatal error or stop()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
-        self._status_dirty = threading.Event()
         self._state_lock = threading.Lock()
         self._engine: EngineInfo | None = None
         self._engine_error: str | None = None
@@ -424,8 +424,6 @@ class MqttDaemon:
             self._metrics.count(decision.counter)
         if decision.refusal is not None and decision.route is not None:
             self._replier.error(decision.route, decision.refusal)
-        if decision.job is not None:
-            self._status_dirty.set()
 
     def _check_twin(self, message: mqtt.MQTTMessage) -> None:
         """A live (not retained) online status of this device id from another instance means two daemons
@@ -471,7 +469,6 @@ class MqttDaemon:
                     reason=f"request {cancel.id} was cancelled on device {self.config.device_id} before it started",
                 ),
             )
-            self._status_dirty.set()
         elif outcome == "signalled":
             log.info("cancelling running request %s", cancel.id)
         else:

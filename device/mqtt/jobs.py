@@ -71,12 +71,15 @@ class JobBoard:
 
     Args:
         capacity: waiting jobs allowed (the running one not counted), >= 1.
+        on_change: called (outside the lock) after the waiting jobs or the running one changed: admitted,
+            taken, finished, cancelled, drained (the daemon republishes its status: ``queue_depth``, ``busy``).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, on_change: Callable[[], None] | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"queue capacity must be >= 1, got {capacity}")
         self.capacity = capacity
+        self._on_change = on_change or (lambda: None)
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: Job | None = None
@@ -106,7 +109,9 @@ class JobBoard:
             self._waiting.append(job)
             self._index(job)
             self._cond.notify()
-            return "queued", len(self._waiting)
+            depth = len(self._waiting)
+        self._on_change()
+        return "queued", depth
 
     def take(self, timeout_s: float) -> Job | None:
         """Next waiting job, now marked running; ``None`` after ``timeout_s`` seconds with nothing queued."""
@@ -115,8 +120,9 @@ class JobBoard:
                 self._cond.wait(timeout_s)
             if not self._waiting:
                 return None
-            self._running = self._waiting.popleft()
-            return self._running
+            self._running = job = self._waiting.popleft()
+        self._on_change()
+        return job
 
     def finish(self, job: Job) -> None:
         """Forget ``job`` (answered, failed, expired); its id may be used again."""
@@ -124,6 +130,7 @@ class JobBoard:
             if self._running is job:
                 self._running = None
             self._unindex(job)
+        self._on_change()
 
     def cancel(self, request_id: str, correlation: bytes | None) -> tuple[CancelOutcome, Job | None]:
         """Cancel the job in flight with this correlation data (if given and known) or this request id: a
@@ -139,7 +146,8 @@ class JobBoard:
             self._waiting.remove(job)
             self._unindex(job)
             job.cancel.set()
-            return "dequeued", job
+        self._on_change()
+        return "dequeued", job
 
     def drain(self) -> list[Job]:
         """Remove and return every waiting job (shutdown)."""
@@ -148,7 +156,9 @@ class JobBoard:
             self._waiting.clear()
             for job in jobs:
                 self._unindex(job)
-            return jobs
+        if jobs:
+            self._on_change()
+        return jobs
 
     def _find(self, request_id: str | None, correlation: bytes | None) -> Job | None:
         if correlation is not None and correlation in self._by_correlation:

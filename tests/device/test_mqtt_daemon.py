@@ -414,6 +414,25 @@ def test_retained_status_and_metrics(serve: Serve, requester: Requester, tmp_pat
     assert written.device == dev and written.answered == 1
 
 
+def test_retained_status_is_idle_again_after_an_answer(serve: Serve, requester: Requester) -> None:
+    """A dashboard reading the retained status of a device that finished answering sees busy=false."""
+    engine = FakeEngine(n_tokens=4, hold_after=1)
+    dev = serve(engine).config.device_id
+
+    def retained() -> protocol.Status | None:
+        states = requester.device_states(device=dev, settle_s=0.1)
+        return states[0].status if states else None
+
+    pending = requester.submit("a", device=dev)
+    assert engine.started.wait(10)
+    wait_for(lambda: (s := retained()) is not None and s.busy, what="retained status busy while answering")
+    engine.release()
+    final = pending.wait(10)
+    assert final is not None and final.ok
+    wait_for(lambda: (s := retained()) is not None and not s.busy and s.queue_depth == 0,
+             what="retained status idle after the answer")
+
+
 def test_clean_stop_refuses_queue_and_publishes_offline(serve: Serve, requester: Requester, probe: Probe) -> None:
     engine = FakeEngine(n_tokens=4, hold_after=1)
     daemon = serve(engine)

@@ -275,6 +275,21 @@ def test_job_board_bounds_dedupes_and_cancels() -> None:
     assert board.take(0) is not None and board.take(0.01) is None
 
 
+def test_job_board_tells_every_change_of_queue_or_running_job() -> None:
+    """The daemon republishes its retained status (queue_depth, busy) on each: finishing included."""
+    seen: list[tuple[int, bool]] = []
+    board = JobBoard(2, on_change=lambda: seen.append((board.depth, board.running is not None)))
+    a, b = _job("a"), _job("b")
+    board.admit(a)
+    board.admit(b)
+    board.admit(_job("b"))  # duplicate: nothing changed
+    board.take(0)
+    board.cancel("b", None)
+    board.finish(a)
+    assert board.take(0.01) is None and board.drain() == []  # nothing to take or drain: no change
+    assert seen == [(1, False), (2, False), (1, True), (0, True), (0, False)]
+
+
 def test_job_board_take_wakes_on_admit() -> None:
     board = JobBoard(1)
     got: list[Job | None] = []
