@@ -106,6 +106,24 @@ def _runtime(data_dir: Optional[Path], n_ctx: Optional[int], threads: Optional[i
     return Runtime(dd.require_active_slot_path(), n_ctx=n_ctx, threads=threads)
 
 
+def require_question(question: str, example: str) -> str:
+    """``question`` normalised (``shared.text.clean_question``), refused before any work when nothing is left.
+
+    Args:
+        example: the command the fix shows, e.g. ``'fieldpack ask "pump 3 alarm?"'``.
+
+    Raises:
+        EmptyQuestionError: empty, whitespace or control characters only (exit 7).
+    """
+    from fieldpack.shared.errors import EmptyQuestionError
+    from fieldpack.shared.text import clean_question
+
+    cleaned = clean_question(question)
+    if not cleaned:
+        raise EmptyQuestionError("the question is empty", hint=f"ask in words, e.g. {example}")
+    return cleaned
+
+
 def ask(question: str = typer.Argument(..., help="the question"),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
         json_out: bool = typer.Option(False, "--json", help="answer, sources with scores, timings as JSON"),
@@ -115,12 +133,7 @@ def ask(question: str = typer.Argument(..., help="the question"),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="llama.cpp threads (default: physical cores)"),
         max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="answer length cap (tokens)")) -> None:
     """Answer one question from the installed bundle, with numbered sources."""
-    from fieldpack.shared.errors import EmptyQuestionError
-    from fieldpack.shared.text import clean_question
-
-    question = clean_question(question)
-    if not question:
-        raise EmptyQuestionError("the question is empty", hint='ask in words, e.g. fieldpack ask "pump 3 alarm?"')
+    question = require_question(question, 'fieldpack ask "pump 3 alarm?"')
     with _runtime(data_dir, n_ctx, threads) as rt:
         if json_out:
             ans = rt.answer(question, k=k, max_tokens=max_tokens)

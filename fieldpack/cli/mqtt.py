@@ -196,11 +196,14 @@ def ask(
 
     A device whose retained status says offline, or that never published one, is refused at once (exit 6)
     unless --wait."""
+    from fieldpack.cli.device import require_question
     from fieldpack.device.mqtt import Requester
     from fieldpack.shared.errors import UsageError
 
     if (device is None) == (group is None):
         raise UsageError("give exactly one of --device and --group", hint="e.g. --device fieldbox-7")
+    target = f"--device {device}" if device is not None else f"--group {group}"
+    question = require_question(question, f'fieldpack mqtt ask "pump 3 alarm?" {target}')  # never sent empty
     settings = _settings(broker, username, password_file, tls_ca, tls_cert, tls_key)
     streamed = not json_out
     with Requester(settings) as requester:

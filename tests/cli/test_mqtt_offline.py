@@ -100,3 +100,24 @@ def test_killed_daemon_leaves_a_will_that_says_what_it_ran(broker: MosquittoBrok
     assert will["online"] is False and will["bundle"] == "riverside@1.0.0" and will["ts"] is not None
     r = run_cli("mqtt", "ask", "q", "--device", device_id, *_login(broker))
     assert_one_line_error(r, 6, "is offline", "was running riverside@1.0.0")
+
+
+@pytest.mark.parametrize("question", ["", "  \x01\x7f "], ids=["empty", "blank"])
+def test_empty_question_is_refused_locally(broker: MosquittoBroker, tmp_path: Path, question: str) -> None:
+    """As `fieldpack ask ""`: exit 7 and the fix before anything is sent (not the device's wire error)."""
+    from fieldpack.device.mqtt import DaemonConfig, MqttDaemon
+    from tests.device.mqtt_fakes import FakeEngine, FakeProvider
+
+    device_id = f"asked-{uuid.uuid4().hex[:8]}"
+    d = MqttDaemon(DaemonConfig(device_id, data_dir=tmp_path), FakeProvider(FakeEngine()), broker.settings())
+    d.start()
+    try:
+        assert d.wait_ready(10)
+        r = run_cli("mqtt", "ask", question, "--device", device_id, *_login(broker))
+        requests = d.metrics.value("requests")
+    finally:
+        d.stop()
+    line = assert_one_line_error(r, 7)
+    assert line == ('error: the question is empty. Fix: ask in words, e.g. fieldpack mqtt ask "pump 3 alarm?" '
+                    f"--device {device_id}")
+    assert requests == 0  # the device never saw it
