@@ -1,12 +1,16 @@
 #!/bin/sh
 # Install fieldpack on this device from this kit, with no network (made by `fieldpack kit`).
 #
-#   sh install.sh [--prefix DIR] [--data-dir DIR] [--no-service] [--python PY] [--kit-sha256 H] [--print-unit]
+#   sh install.sh [--prefix DIR] [--data-dir DIR] [--bin-dir DIR] [--no-service] [--python PY] [--kit-sha256 H]
+#                 [--print-unit]
 #
 #   --prefix DIR    where the virtualenv goes: DIR/venv   (env FIELDPACK_PREFIX; root: /opt/fieldpack,
 #                   others: ~/.local/opt/fieldpack)
 #   --data-dir DIR  device data dir: trusted keys, A/B slots (env FIELDPACK_DATA_DIR; root: /var/lib/fieldpack,
 #                   others: ~/.local/share/fieldpack)
+#   --bin-dir DIR   write the `fieldpack` command there: it runs PREFIX/venv's fieldpack with this data dir as
+#                   its default (env FIELDPACK_BIN_DIR; with the default prefix: /usr/local/bin as root,
+#                   ~/.local/bin otherwise; with a custom --prefix only when given; `--bin-dir ''`: none)
 #   --no-service    do not install the systemd unit (env FIELDPACK_NO_SERVICE=1)
 #   --python PY     the Python @KIT_PYTHON@ to use (env PYTHON; default python@KIT_PYTHON@, then python3)
 #   --print-unit    print the systemd unit as it would be installed, and exit
@@ -14,7 +18,8 @@
 #
 # Order: Python and platform checks, then every file's sha256 against kit.json (a tampered or extra file
 # stops it before anything is installed), then venv, `pip install --no-index --find-links wheels/` of the
-# pinned set, data dir (trusted key), the bundle, and the systemd unit (root + systemd only).
+# pinned set, the `fieldpack` command, data dir (trusted key), the bundle, and the systemd unit (root +
+# systemd only).
 # Idempotent: a second run upgrades the venv in place and keeps the data dir.
 # Exit status: 0 done; 2 wrong Python/platform or bad option; 4 kit failed verification; 6 install failed.
 set -eu
@@ -31,12 +36,16 @@ die() { code=$1; shift; printf 'error: %s\n' "$*" >&2; exit "$code"; }
 say() { printf '%s\n' "$*"; }
 
 if [ "$(id -u)" = 0 ]; then
-    PREFIX=${FIELDPACK_PREFIX:-/opt/fieldpack}
+    DEFAULT_PREFIX=/opt/fieldpack
     DATA_DIR=${FIELDPACK_DATA_DIR:-/var/lib/fieldpack}
+    DEFAULT_BIN_DIR=/usr/local/bin
 else
-    PREFIX=${FIELDPACK_PREFIX:-$HOME/.local/opt/fieldpack}
+    DEFAULT_PREFIX=$HOME/.local/opt/fieldpack
     DATA_DIR=${FIELDPACK_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/fieldpack}
+    DEFAULT_BIN_DIR=$HOME/.local/bin
 fi
+PREFIX=${FIELDPACK_PREFIX:-$DEFAULT_PREFIX}
+BIN_DIR=${FIELDPACK_BIN_DIR-unset}
 NO_SERVICE=${FIELDPACK_NO_SERVICE:-0}
 PY=${PYTHON:-}
 PRINT_UNIT=0
@@ -47,18 +56,26 @@ while [ $# -gt 0 ]; do
                   PREFIX=$2; shift 2 ;;
         --data-dir) [ $# -ge 2 ] || die 2 "--data-dir needs a folder. Fix: sh install.sh --data-dir /var/lib/fieldpack"
                   DATA_DIR=$2; shift 2 ;;
+        --bin-dir) [ $# -ge 2 ] || die 2 "--bin-dir needs a folder (or '' for none). Fix: sh install.sh --bin-dir /usr/local/bin"
+                  BIN_DIR=$2; shift 2 ;;
         --python) [ $# -ge 2 ] || die 2 "--python needs an interpreter. Fix: sh install.sh --python python$KIT_PYTHON"
                   PY=$2; shift 2 ;;
         --kit-sha256) [ $# -ge 2 ] || die 2 "--kit-sha256 needs the hash fieldpack kit printed"
                   KIT_SHA256=$2; shift 2 ;;
         --no-service) NO_SERVICE=1; shift ;;
         --print-unit) PRINT_UNIT=1; shift ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die 2 "unknown option $1. Fix: sh install.sh --help" ;;
     esac
 done
 case $PREFIX in /*) ;; *) PREFIX=$(pwd)/$PREFIX ;; esac
 case $DATA_DIR in /*) ;; *) DATA_DIR=$(pwd)/$DATA_DIR ;; esac
+# the command goes on PATH for a default install only: a custom prefix (a second install, a test) must not
+# replace the system's `fieldpack` unless asked to
+if [ "$BIN_DIR" = unset ]; then
+    if [ "$PREFIX" = "$DEFAULT_PREFIX" ]; then BIN_DIR=$DEFAULT_BIN_DIR; else BIN_DIR=""; fi
+fi
+case $BIN_DIR in ""|/*) ;; *) BIN_DIR=$(pwd)/$BIN_DIR ;; esac
 VENV=$PREFIX/venv
 
 # The unit with this install's paths. A custom data dir is made writable with ReadWritePaths (StateDirectory
@@ -151,6 +168,29 @@ fi
 FP=$VENV/bin/fieldpack
 say "venv: $VENV $action ($(wc -l < "$KIT/requirements.txt" | tr -d ' ') packages, $(grep '^fieldpack==' "$KIT/requirements.txt"))"
 
+# --- 3b. the `fieldpack` command on PATH -------------------------------------------------------------------------
+# A two-line wrapper, not a link: it also makes this install's data dir the default (FIELDPACK_DATA_DIR, unless
+# the caller sets one), so `fieldpack ask ...` on the device needs no --data-dir. A file there that this script
+# did not write is left alone.
+MARK="# fieldpack command written by the offline kit's install.sh"
+CMD=$FP
+if [ -n "$BIN_DIR" ]; then
+    if [ -e "$BIN_DIR/fieldpack" ] && ! grep -qx "$MARK" "$BIN_DIR/fieldpack" 2>/dev/null; then
+        say "command: $BIN_DIR/fieldpack exists and is not ours; left as is (this install's is $FP)"
+    else
+        mkdir -p "$BIN_DIR" || die 6 "could not create $BIN_DIR. Fix: pick a writable --bin-dir, or --bin-dir ''"
+        printf '#!/bin/sh\n%s\n: "${FIELDPACK_DATA_DIR:=%s}"\nexport FIELDPACK_DATA_DIR\nexec "%s" "$@"\n' \
+            "$MARK" "$DATA_DIR" "$FP" > "$BIN_DIR/.fieldpack.tmp" \
+            && chmod 0755 "$BIN_DIR/.fieldpack.tmp" && mv -f "$BIN_DIR/.fieldpack.tmp" "$BIN_DIR/fieldpack" \
+            || die 6 "could not write $BIN_DIR/fieldpack. Fix: pick a writable --bin-dir, or --bin-dir ''"
+        CMD=$BIN_DIR/fieldpack
+        case ":$PATH:" in
+            *":$BIN_DIR:"*) say "command: fieldpack ($BIN_DIR/fieldpack; default data dir $DATA_DIR)" ;;
+            *) say "command: $BIN_DIR/fieldpack (default data dir $DATA_DIR); $BIN_DIR is not on PATH here: add it, or run it by path" ;;
+        esac
+    fi
+fi
+
 # --- 4. data dir, trusted key, bundle --------------------------------------------------------------------------
 set -- "$KIT"/trust/*.pub
 if [ -e "$1" ]; then
@@ -197,4 +237,4 @@ else
         say "service: $UNIT_NAME installed and enabled (starts on boot). Next: set FIELDPACK_BROKER in /etc/fieldpack/serve.env, then systemctl start $UNIT_NAME"
     fi
 fi
-say "done: fieldpack is $FP"
+say "done: fieldpack is $CMD"

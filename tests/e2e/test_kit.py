@@ -114,13 +114,24 @@ def test_offline_install_then_ask_then_upgrade_in_place(kit_dir: Path, tmp_path:
                            capture_output=True, text=True, cwd=tmp_path)
     assert where.stdout.startswith(str(tmp_path / "opt" / "venv")), where.stdout + where.stderr
 
+    assert "command:" not in r.stdout and f"done: fieldpack is {fp}" in r.stdout  # custom prefix: nothing on PATH
+
     state_before = (tmp_path / "data" / "state.json").read_text()
-    again = _install(kit_dir, tmp_path)
+    foreign = tmp_path / "other-bin"
+    foreign.mkdir()
+    (foreign / "fieldpack").write_text("#!/bin/sh\necho mine\n")
+    again = _install(kit_dir, tmp_path, "--bin-dir", str(tmp_path / "bin"))
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "upgraded in place" in again.stdout and "already active" in again.stdout
     assert (tmp_path / "data" / "state.json").read_text() == state_before
-    ask = offline([str(fp), "ask", QUESTION, "--data-dir", str(tmp_path / "data")], cwd=tmp_path)
+    # the `fieldpack` command runs the kit's venv with the kit's data dir as its default (no --data-dir needed)
+    assert f"done: fieldpack is {tmp_path / 'bin' / 'fieldpack'}" in again.stdout, again.stdout
+    ask = offline([str(tmp_path / "bin" / "fieldpack"), "ask", QUESTION], cwd=tmp_path,
+                  env={"FIELDPACK_DATA_DIR": ""})
     assert ask.returncode == 0 and "database.md" in ask.stdout, ask.stderr[-2000:]
+    kept = _install(kit_dir, tmp_path, "--bin-dir", str(foreign))  # a command it did not write is left alone
+    assert kept.returncode == 0 and "not ours; left as is" in kept.stdout, (kept.stdout + kept.stderr)[-3000:]
+    assert (foreign / "fieldpack").read_text() == "#!/bin/sh\necho mine\n"
 
     _unit_passes_systemd_analyze(kit_dir, tmp_path)
 
