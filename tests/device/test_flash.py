@@ -212,7 +212,7 @@ def test_over_ssh_missing_remote_fieldpack(bundle: Path, env: dict[str, str], tm
     assert r.returncode == 127
     [line] = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert line.startswith("error: pi-07: `no-such-fieldpack` cannot be run there") and "nothing was copied" in line
-    assert "Fix: pass --remote-fieldpack PATH, e.g. /opt/fieldpack/venv/bin/fieldpack" in line
+    assert "Fix: pass --remote-fieldpack PATH, e.g. /usr/local/bin/fieldpack" in line
     assert not [ln for ln in (tmp_path / "ssh.log").read_text().splitlines() if ln.startswith("scp")]
     assert "copying" not in r.stdout and list((tmp_path / "remote-tmp").iterdir()) == []
 
@@ -247,8 +247,10 @@ def test_help_once_with_the_kit_path(env: dict[str, str]) -> None:
     assert r.stdout.count("With --trust, the bundle is first verified here") == 1
     assert "--allow-downgrade" in r.stdout and ".venv/bin/fieldpack" not in r.stdout
     kit_sh = (REPO / "builder" / "kit_install.sh").read_text()
-    assert "PREFIX=${FIELDPACK_PREFIX:-/opt/fieldpack}" in kit_sh and "VENV=$PREFIX/venv" in kit_sh
+    assert "DEFAULT_PREFIX=/opt/fieldpack" in kit_sh and "VENV=$PREFIX/venv" in kit_sh
+    assert "DEFAULT_BIN_DIR=/usr/local/bin" in kit_sh
     assert "/opt/fieldpack/venv/bin/fieldpack" in " ".join(r.stdout.split())
+    assert "/usr/local/bin/fieldpack" in " ".join(r.stdout.split())
 
 
 def test_a_folder_that_is_neither_bundle_nor_kit(bundle: Path, env: dict[str, str], tmp_path: Path) -> None:
@@ -331,3 +333,12 @@ def test_hint_after_a_relative_folder_works(bundle: Path, env: dict[str, str], t
     ok = subprocess.run(check_part, shell=True, cwd=folder, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert (folder / install_part.removeprefix("fieldpack install ")).is_file()  # the path it installs exists there
+
+
+def test_usage_mistakes_are_one_line(bundle: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """argparse's own errors in the project's format: one line with the fix, exit 2 (not its usage block)."""
+    for args in ([str(bundle)], [str(bundle), "--to", str(tmp_path), "--n-ctx", "many"], ["--bogus"]):
+        r = flash(*args, env=env)
+        assert r.returncode == 2, r.stderr
+        [line] = r.stderr.strip().splitlines()
+        assert line.startswith("error: flash: ") and line.endswith("Fix: see `scripts/flash --help`"), line
