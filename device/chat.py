@@ -3,7 +3,9 @@
 Tokens stream as they are generated; each answer is followed by its numbered sources. A short history is kept
 and sent with the next question while the token budget allows (oldest turns dropped first, see
 :mod:`device.prompt`). Commands: ``/sources`` (show the last answer's sources in full), ``/clear`` (forget the
-history), ``/help``, ``/quit`` (or Ctrl-D). Any other line starting with ``/`` is answered as an unknown command,
+history), ``/help``, ``/quit`` (or Ctrl-D, or Ctrl-C at the prompt). Ctrl-C while an answer streams stops that
+answer (the runtime's ``cancel`` event, checked before each token) and returns to the prompt; the stopped answer
+is not kept in the history. Any other line starting with ``/`` is answered as an unknown command,
 never sent to the model as a question. On a terminal, lines are edited with readline (arrows, Ctrl-R) and the
 history is kept across sessions in a file (:func:`enable_line_editing`).
 """
@@ -11,7 +13,10 @@ history is kept across sessions in a file (:func:`enable_line_editing`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -71,6 +76,20 @@ def _heading(c: Console, title: str) -> None:
         c.print(f"── {title} ──", markup=False, highlight=False)
 
 
+@contextmanager
+def _ctrl_c_cancels(cancel: threading.Event) -> Iterator[None]:
+    """While the block runs, SIGINT sets ``cancel`` instead of raising KeyboardInterrupt (main thread only: a
+    signal handler cannot be installed elsewhere, and there Ctrl-C keeps its default)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda _sig, _frame: cancel.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Console | None = None) -> int:
     """Run the loop until /quit or end of input. ``engine`` is a :class:`device.runtime.Runtime`; ``console``
     is where everything is printed (the CLI passes its own, full width when piped; default: a plain rich one).
@@ -112,11 +131,16 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
                 c.print(full(h) if full else h.text, markup=False, highlight=False)
             continue
         c.print("[bold]assistant>[/] ", end="")
+        cancel = threading.Event()
         try:
-            last = engine.answer(q, history=history[-MAX_HISTORY:],
-                                 on_token=lambda t: c.print(t, end="", markup=False, highlight=False))
+            with _ctrl_c_cancels(cancel):
+                last = engine.answer(q, history=history[-MAX_HISTORY:], cancel=cancel,
+                                     on_token=lambda t: c.print(t, end="", markup=False, highlight=False))
         except QueryError as exc:
             c.print(f"\n[red]{exc}[/]")
+            continue
+        if last.finish_reason == "cancelled":
+            c.print(" " + escape("[stopped]"), style="dim", highlight=False)
             continue
         c.print("")
         answered += 1

@@ -42,3 +42,48 @@ def test_history_file_is_loaded_and_saved(tmp_path: Path) -> None:
     readline.clear_history()
     enable_line_editing(hist)
     assert readline.get_history_item(readline.get_current_history_length()) == "What is cavitation?"
+
+
+class Streams:
+    """An engine that streams numbered tokens and, like :meth:`device.runtime.Runtime.answer`, checks ``cancel``
+    before each one; the test's Ctrl-C is a real SIGINT to this process after the second token."""
+
+    bundle_label = "demo@1.0.0"
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, int]] = []
+
+    def answer(self, q: str, *, history: list, cancel, on_token) -> object:  # noqa: ANN001
+        import os
+        import signal
+
+        from fieldpack.device.types import Answer, Timings
+
+        self.asked.append((q, len(history)))
+        text, finish = "", "stop"
+        for i in range(50):
+            if cancel.is_set():
+                finish = "cancelled"
+                break
+            on_token(f" t{i}")
+            text += f" t{i}"
+            if q == "long" and i == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the answer streams
+        return Answer(question=q, text=text, sources=[], abstained=False, timings=Timings(), bundle=self.bundle_label,
+                      finish_reason=finish)
+
+
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on() -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    engine = Streams()
+    lines = iter(["long", "short", "/quit"])
+    out = io.StringIO()
+    n = run_chat(engine, read_line=lambda _p: next(lines), console=Console(file=out, width=200))
+    text = out.getvalue()
+    stopped = text.split("[stopped]")[0]
+    assert "[stopped]" in text and stopped.endswith(" t0 t1 "), stopped[-40:]  # the handler runs before t2
+    assert n == 1 and engine.asked == [("long", 0), ("short", 0)]  # the stopped answer is not history
+    assert " t49" in text and "bye" in text
+    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C at the prompt leaves the chat as before
