@@ -125,7 +125,7 @@ def serve(
             device_id, groups=tuple(group or ()), queue_size=queue_size, metrics_interval_s=metrics_interval
         )
     dd = open_data_dir(data_dir or default_data_dir())
-    device_log = logging.getLogger("device")
+    device_log = logging.getLogger("fieldpack.device")
     if device_log.getEffectiveLevel() > logging.INFO:  # a daemon reports its connection life by default
         device_log.setLevel(logging.INFO)
     provider = ActiveBundleProvider(dd, n_ctx=n_ctx, threads=threads)
@@ -195,7 +195,7 @@ def ask(
     """Ask a device (or a group) over MQTT; streams the answer, then prints the sources.
 
     A device whose retained status says offline, or that never published one, is refused at once (exit 6)
-    unless --wait."""
+    unless --wait; so is a group that no retained status lists, or whose devices are all offline."""
     from fieldpack.cli.device import require_question
     from fieldpack.device.mqtt import Requester
     from fieldpack.shared.errors import UsageError
@@ -209,6 +209,8 @@ def ask(
     with Requester(settings) as requester:
         if device is not None and not wait:
             _check_reachable(requester, device, settings.url)
+        elif group is not None and not wait:
+            _check_group_reachable(requester, group, settings.url)
         final = requester.ask(
             question, device=device, group=group, bundle=bundle, stream=streamed, expiry_s=expiry, timeout_s=timeout,
             on_partial=(lambda p: typer.echo(p.text, nl=False)) if streamed else None,
@@ -299,6 +301,21 @@ def _check_reachable(requester, device: str, url: str) -> None:  # noqa: ANN001 
         was = f", was running {s.bundle}" if s.bundle else ""
         raise DeviceError(f"device {device} is offline (last status {_when(s.ts)}{was})",
                           hint="bring it back online, or pass --wait to queue the question until it returns")
+
+
+def _check_group_reachable(requester, group: str, url: str) -> None:  # noqa: ANN001 - device.mqtt.Requester
+    """Fail fast (DeviceError) when no device's retained status lists ``group``, or every one that does is
+    offline: a group request would otherwise wait for the whole --timeout."""
+    from fieldpack.shared.errors import DeviceError
+
+    members = [s.status for s in requester.device_states() if group in (s.status.groups or [])]
+    if not members:
+        raise DeviceError(f"no device on {url} serves group {group} (no retained status lists it)",
+                          hint="check the name with `fieldpack mqtt status`, or pass --wait to send the question anyway")
+    if not any(m.online for m in members):
+        names = ", ".join(sorted(m.device for m in members)[:5])
+        raise DeviceError(f"every device of group {group} is offline ({names})",
+                          hint="bring one back online, or pass --wait to queue the question until one returns")
 
 
 def _when(ts: float | None) -> str:

@@ -47,6 +47,28 @@ def test_never_seen_device_fails_fast(broker: MosquittoBroker) -> None:
     assert_one_line_error(r, 6, "never published a status", "--wait")
 
 
+def test_unknown_or_offline_group_fails_fast(broker: MosquittoBroker, tmp_path: Path) -> None:
+    """A group request used to wait the whole --timeout (120 s) when no device serves the group."""
+    r = run_cli("mqtt", "ask", "q", "--group", f"nogroup-{uuid.uuid4().hex[:6]}", "--timeout", "600",
+                *_login(broker), timeout=60)
+    assert_one_line_error(r, 6, "no device on", "serves group", "--wait")
+    from fieldpack.device.mqtt import DaemonConfig, MqttDaemon
+    from tests.device.mqtt_fakes import FakeEngine, FakeProvider
+
+    group = f"line-{uuid.uuid4().hex[:6]}"
+    d = MqttDaemon(DaemonConfig(f"member-{uuid.uuid4().hex[:6]}", groups=(group,), data_dir=tmp_path),
+                   FakeProvider(FakeEngine(label="pumps@2.1.0")), broker.settings())
+    d.start()
+    try:
+        assert d.wait_ready(10)
+        r = run_cli("mqtt", "ask", "warm up", "--group", group, *_login(broker), timeout=120)
+        assert r.returncode == 0, r.stderr  # a live member answers
+    finally:
+        d.stop()
+    r = run_cli("mqtt", "ask", "q", "--group", group, "--timeout", "600", *_login(broker), timeout=60)
+    assert_one_line_error(r, 6, f"every device of group {group} is offline", "--wait")
+
+
 def test_offline_device_fails_fast_and_status_is_not_live(broker: MosquittoBroker, tmp_path: Path) -> None:
     device_id = _stopped_device(broker, tmp_path)
     r = run_cli("mqtt", "ask", "q", "--device", device_id, "--timeout", "600", *_login(broker))
