@@ -30,6 +30,31 @@ class HttpConfig:
     api: ApiConfig = ApiConfig()
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let go, so a taken port is one clear line before uvicorn starts (uvicorn
+    would log its own ``[Errno 98]`` line and exit its thread). Uses ``SO_REUSEADDR`` as uvicorn does, so a port
+    in TIME_WAIT still counts as free.
+
+    Raises:
+        UsageError: the port is in use, or the address is not one of this machine's.
+    """
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise errors.UsageError(f"HTTP port {port} on {host} is already in use",
+                                        hint="stop the program that holds it, or pick another port: --http "
+                                             f"{host}:PORT") from exc
+            raise errors.UsageError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}",
+                                    hint="use an address of this machine, e.g. 127.0.0.1") from exc
+
+
 class HttpServer:
     """uvicorn serving the API of ``host`` (an :class:`~device.http.engine.EngineHost`, started by the caller)."""
 
@@ -62,6 +87,7 @@ class HttpServer:
         Raises:
             UsageError: the address cannot be bound (in use, not this machine's).
         """
+        check_bindable(self.config.host, self.config.port)
         self._thread = threading.Thread(target=self._server.run, name="fieldpack-http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout_s
@@ -92,6 +118,7 @@ def serve(provider: Any, http: HttpConfig, *, queue_size: int = 8, mqtt: tuple[A
     """
     import signal
 
+    check_bindable(http.host, http.port)  # before a model is loaded or a broker dialled
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -36,6 +36,23 @@ def test_serve_refuses_unsafe_or_incomplete_options(tmp_path: Path, args: list[s
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
 
 
+def test_a_port_in_use_is_one_line(tmp_path: Path, e2e_keys: Path) -> None:
+    """Not uvicorn's "[Errno 98]" log line plus ours: one line that says the port is taken, exit 2."""
+    import socket
+
+    r = run_cli("device", "init", "--data-dir", str(tmp_path / "dd"), "--trust", str(e2e_keys / "builder.pub"))
+    assert r.returncode == 0, r.stderr
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = run_cli("serve", "--http", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "dd"), timeout=120)
+    assert r.returncode == 2, r.stderr
+    errs = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert errs == [f"error: HTTP port {port} on 127.0.0.1 is already in use. Fix: stop the program that holds it, "
+                    "or pick another port: --http 127.0.0.1:PORT"], r.stderr
+
+
 def test_short_api_key_is_refused(tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_text("short\n")
@@ -84,7 +101,11 @@ def test_serve_process_answers_and_stops_on_sigterm(tmp_path: Path, e2e_keys: Pa
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)
-    assert rc == 0, proc.stderr.read() if proc.stderr else ""
+    err = proc.stderr.read() if proc.stderr else ""
+    assert rc == 0, err
+    # the operator sees where it serves without -v (the daemon's own logger was named "device" before the
+    # namespace move and no longer matched, so serve printed nothing when ready)
+    assert f"serving HTTP on http://127.0.0.1:{port}/" in err, err[-2000:]
 
 
 @pytest.mark.slow
