@@ -17,7 +17,10 @@ new copy is complete and checked, and the switch is one atomic rename of ``state
 6. run ``check(slot_path, manifest)`` (the runtime's load + smoke test, :func:`device.runtime.check_slot`);
 7. write ``slot.json`` (the slot is now complete), then switch: ``state.json`` gets active=new, previous=old.
 
-A failure or a power cut at any step leaves the previously active bundle active and intact.
+A failure or a power cut at any step leaves the previously active bundle active and intact. A stop that
+Python sees (Ctrl-C, or SIGTERM once :func:`stop_on_sigterm` is installed, as ``fieldpack install`` does) also
+empties the slot it was writing before the process exits, so no partial copy stays on disk; after a power cut
+or SIGKILL the next install clears it.
 
 Repair: installing the active bundle again when its slot no longer matches its manifest (a member's size or
 sha256, or its ``manifest.json``/``slot.json``) rewrites it. With a rollback target in the other slot, the
@@ -233,23 +236,30 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
                 atomic_write_bytes(path / fmt.MANIFEST_NAME, reader.manifest_bytes)
                 if reader.signature_bytes is not None:
                     atomic_write_bytes(path / fmt.SIGNATURE_NAME, reader.signature_bytes)
+                fsync_dir(path)
+                step("after-unpack")
             except FieldpackError as exc:  # disk full, bundle changed since verify: free the space now
                 _clear_quietly(dd, target)
                 if in_place:  # the active bundle is gone: say so
                     exc.message = f"{' '.join(exc.message.split()).rstrip('.')}; {outcome}"
                 raise
+            except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (stop_on_sigterm): no partial copy
+                _clear_quietly(dd, target)
+                raise
+
+        try:  # until the switch the slot is nobody's: an interrupted install empties it on the way out
+            if check is not None:
+                _run_check(check, dd, target, manifest, outcome)
+            step("after-check")
+
+            info = SlotInfo(label=label, manifest_sha256=manifest_sha, installed_at=utc_now(), payload_bytes=total,
+                            key_id=key.key_id)
+            dd.write_slot_record(target, info)
             fsync_dir(path)
-            step("after-unpack")
-
-        if check is not None:
-            _run_check(check, dd, target, manifest, outcome)
-        step("after-check")
-
-        info = SlotInfo(label=label, manifest_sha256=manifest_sha, installed_at=utc_now(), payload_bytes=total,
-                        key_id=key.key_id)
-        dd.write_slot_record(target, info)
-        fsync_dir(path)
-        step("before-switch")
+            step("before-switch")
+        except (KeyboardInterrupt, SystemExit):
+            _clear_quietly(dd, target)
+            raise
 
         new_state = State(active=target, previous=active if old is not None and damage is None else state.previous,
                           slots={**state.slots, target: info}, updated_at=utc_now())
@@ -349,6 +359,28 @@ def _mid_unpack_hook(step: InstallStep) -> Callable[[str], None]:
     return on_member
 
 
+#: Exit status of an install stopped by SIGTERM (128 + 15, as a shell reports a process killed by it).
+SIGTERM_EXIT = 143
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``systemctl stop``, ``kill``, a supervisor's timeout) raise ``SystemExit(143)`` in this
+    process, so an install it interrupts empties the slot it was writing on the way out (:func:`install_bundle`
+    clears it on KeyboardInterrupt/SystemExit) instead of leaving a partial copy on disk until the next install.
+    A SIGKILL or a power cut still leaves one; the next install clears it. Call from the main thread (Python
+    installs signal handlers only there); elsewhere it does nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def _exit(_sig: int, _frame: object) -> None:
+        raise SystemExit(SIGTERM_EXIT)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def _clear_quietly(dd: DataDir, slot: str) -> None:
     try:
         dd.clear_slot(slot)
@@ -387,7 +419,7 @@ def rollback(data_dir: DataDir | Path | None) -> InstallResult:
         prev = state.previous
         if prev is None or not dd.slot_complete(prev, state):
             raise NoPreviousBundleError(f"no complete previous bundle to roll back to in {dd.root}",
-                                        hint="install a bundle with `fieldpack install BUNDLE.fpk`")
+                                        hint=f"install a bundle with `fieldpack install BUNDLE.fpk --data-dir {dd.root}`")
         new_state = State(active=prev, previous=state.active, slots=dict(state.slots), updated_at=utc_now())
         dd.write_state(new_state)
     info = state.slots[prev]
@@ -490,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-downgrade", action="store_true", help="as `fieldpack install --allow-downgrade`")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    stop_on_sigterm()
 
     def progress(phase: str, done: int, total: int) -> None:
         print(f"progress {phase} {done} {total}", flush=True)

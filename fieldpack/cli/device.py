@@ -84,9 +84,10 @@ def install(bundle: Path = typer.Argument(..., help="the .fpk to install"),
             json_out: bool = typer.Option(False, "--json")) -> None:
     """Verify, unpack into the inactive slot, check, then activate (previous bundle kept for rollback).
     Installing the active bundle again repairs its slot if its files no longer match."""
-    from fieldpack.device.install import install_bundle
+    from fieldpack.device.install import install_bundle, stop_on_sigterm
     from fieldpack.device.runtime import check_slot
 
+    stop_on_sigterm()  # a stopped install empties the slot it was writing (exit 143)
     res = install_bundle(bundle, _data_dir(data_dir), check=check_slot, n_ctx=n_ctx, allow_downgrade=allow_downgrade)
     typer.echo(json.dumps(_jsonable(res)) if json_out else res.message)
 

@@ -1,4 +1,5 @@
-"""Test-only driver: install a bundle and SIGKILL this process when the installer passes one named step.
+"""Test-only driver: install a bundle and SIGKILL this process when the installer passes one named step
+(``term:STEP``: SIGTERM instead, with the handler ``fieldpack install`` installs).
 
 ``python -m tests.device.install_crash_driver STEP --data-dir D BUNDLE [--progress]``. A power cut, as the data
 dir sees it, at a chosen point; the product's installer only reports its steps (``on_step``), it has no
@@ -14,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from fieldpack.device.install import install_bundle
+from fieldpack.device.install import install_bundle, stop_on_sigterm
 from fieldpack.shared.errors import FieldpackError
 
 
@@ -26,11 +27,15 @@ def main() -> int:
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
 
+    term = args.step.startswith("term:")  # "term:STEP": SIGTERM at STEP, handled as `fieldpack install` does
+    if term:
+        stop_on_sigterm()
+
     def on_step(name: str) -> None:
-        if name == args.step:
+        if name == args.step.removeprefix("term:"):
             logging.shutdown()
             sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGTERM if term else signal.SIGKILL)
 
     def progress(phase: str, done: int, total: int) -> None:
         print(f"progress {phase} {done} {total}", flush=True)

@@ -213,6 +213,7 @@ def test_rollback_without_previous(dd: DataDir, bundles: dict[str, Path]) -> Non
     with pytest.raises(NoPreviousBundleError) as ei:
         rollback(dd)
     one_line(ei.value)
+    assert f"--data-dir {dd.root}" in str(ei.value)  # the fix names this data dir (a device may have several)
     install_bundle(bundles["v1"], dd, check=None)
     with pytest.raises(NoPreviousBundleError):
         rollback(dd)

@@ -99,6 +99,26 @@ def test_crash_at_each_point(point: str, small: tuple[Keys, Path, Path, Path], t
     assert assert_next_install_works(dd.root, [v1, v3]) in {"demo@1", "demo@3"}
 
 
+@pytest.mark.parametrize("point", ["mid-unpack", "after-unpack", "after-check", "before-switch"])
+def test_sigterm_during_the_unpack_leaves_no_partial_copy(point: str, small: tuple[Keys, Path, Path, Path],
+                                                           tmp_path: Path) -> None:
+    """SIGTERM (systemctl stop, kill) is not a power cut: the installer empties the slot it was writing before
+    it exits 143, so no partial copy stays on disk (a trial saw 250 MB left behind); the active bundle stays."""
+    from fieldpack.device.install import SIGTERM_EXIT
+
+    keys, v1, v2, v3 = small
+    dd = init_data_dir(tmp_path / "device", [keys.public])
+    install_bundle(v1, dd, check=None)
+    install_bundle(v2, dd, check=None)  # v2 active in b; v3 goes to a
+    proc = subprocess.run(install_cmd(dd, v3, kill_at=f"term:{point}"), env=child_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == SIGTERM_EXIT == 143, (proc.returncode, proc.stderr)
+    assert assert_consistent(dd.root, {"demo@2"}) == "demo@2"
+    slot_a = dd.slot_path("a")
+    assert not slot_a.exists() or not any(slot_a.iterdir()), sorted(p.name for p in slot_a.iterdir())
+    assert assert_next_install_works(dd.root, [v3]) == "demo@3"
+
+
 @pytest.mark.parametrize("point", INSTALL_STEPS)
 def test_crash_during_a_repair_in_place(point: str, small: tuple[Keys, Path, Path, Path], tmp_path: Path) -> None:
     """Repairing a damaged active slot while the other slot holds the rollback target: a crash at any point
