@@ -294,5 +294,16 @@ def first_validation_error(exc: Exception, *, top: str = "(top level)") -> str:
     if not errs:
         return str(exc)
     first = errs[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or top
+    # pydantic adds the tried member of a union to the location ("messages.0.content.str",
+    # "...content.list[ContentPart]"): a type, not a place in the user's document, so it is left out
+    where = ".".join(str(p) for p in first.get("loc", ()) if not _is_type_tag(p)) or top
     return f"{where}: {first.get('msg', 'invalid')}"
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "list", "dict", "none", "is-instance"})
+
+
+def _is_type_tag(part: object) -> bool:
+    """Whether a pydantic location part names a union member's type (``str``, ``list[ContentPart]``,
+    ``function-after[...]``) rather than a field or an index."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)
