@@ -295,12 +295,14 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         finally:  # the client went away mid-stream (the generator is closed): free the engine
             cancelled(run)
 
-    def check_question(text: str, param: str) -> None:
-        """Refuse what the runtime would refuse, before queueing, so a streamed request gets a status code."""
+    def check_question(text: str, param: str, what: str | None = None) -> None:
+        """Refuse what the runtime would refuse, before queueing, so a streamed request gets a status code.
+        ``what`` names the text in the message (default ``param``)."""
         from fieldpack.device.runtime import MAX_QUESTION_CHARS
 
         if not text.strip():
-            raise ApiError(400, f"{param} is empty; ask a question in words", code="empty_question", param=param)
+            raise ApiError(400, f"{what or param} is empty; ask a question in words", code="empty_question",
+                           param=param)
         if len(" ".join(text.split())) > MAX_QUESTION_CHARS:
             raise ApiError(400, f"{param} has {len(text)} characters (limit {MAX_QUESTION_CHARS})",
                            code="question_too_long", param=param)
@@ -349,7 +351,7 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         if body.messages[-1].role != "user":
             raise ApiError(400, "the last message must be the user's", code="invalid_value", param="messages")
         if body.grounding:
-            check_question(body.messages[-1].text(), "messages")
+            check_question(body.messages[-1].text(), "messages", "the last message's content")
         elif not host.state().chat:
             raise ApiError(400, str(_no_chat_template(bundle)), code="no_chat_template", param="grounding")
         work = _grounded_chat(body.messages, max_tokens, stop) if body.grounding else \

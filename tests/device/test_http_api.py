@@ -240,6 +240,9 @@ def test_bad_requests_get_openai_error_bodies(served: tuple[object, object], bod
     assert r.status_code == status
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["type"] == "invalid_request_error"
+    if code == "empty_question":  # the list is not empty, its last message's content is
+        assert err["message"].startswith("the last message's content is empty") and err["param"] == "messages"
+    assert ".str" not in err["message"] and "list[" not in err["message"], err["message"]
 
 
 def test_huge_chunked_body_is_413(served: tuple[object, object]) -> None:
