@@ -43,8 +43,8 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
     nd = f"ndcg@{min(10, k)}"
     n = doc["qa"]["questions"] - doc["qa"]["unanswerable"]
     for b in doc["bundles"]:
-        t = Table(title=f"{b['label']}: retrieval, {n} answerable questions, k={k}, latency ms", box=box.SIMPLE_HEAD,
-                  title_justify="left")
+        t = Table(title=f"{b['label']}: retrieval, {n} answerable question{'' if n == 1 else 's'}, k={k}, latency ms",
+                  box=box.SIMPLE_HEAD, title_justify="left")
         for col in ["mode", *[x.replace("recall", "R") for x in cuts], "MRR", nd.replace("ndcg", "nDCG"),
                     "page R@5", "page MRR", "sec R@5", "p50", "p95"]:
             t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)

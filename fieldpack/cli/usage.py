@@ -61,6 +61,8 @@ def usage_line(exc: BaseException) -> str:
     path = getattr(ctx, "command_path", None) or "fieldpack"
     fmt = getattr(exc, "format_message", None)
     what = " ".join(str(fmt() if callable(fmt) else exc).split()).rstrip(".")
+    if what.endswith(("?", "!")):  # "No such command 'asks'. Did you mean 'ask'?": no "?." before the fix
+        return f"{path}: {what} Fix: see `{path} --help`"
     return f"{path}: {what}. Fix: see `{path} --help`"
 
 

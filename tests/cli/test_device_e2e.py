@@ -63,6 +63,7 @@ def test_eval_warns_about_an_unknown_expected_source_and_strict_fails(bundle_v1:
     r = run_cli("eval", str(bundle_v1), "--qa", str(qa), "--no-generate", "--modes", "bm25")
     assert r.returncode == 0, r.stderr
     assert "typo: pumsp.md" in r.stderr and "score 0" in r.stderr
+    assert r.stderr.count("pumsp.md") == 1, r.stderr  # one warning, not the library's and the CLI's
     r = run_cli("eval", str(bundle_v1), "--qa", str(qa), "--no-generate", "--modes", "bm25", "--strict")
     assert_one_line_error(r, 2, "typo: pumsp.md", "expected_source")
 

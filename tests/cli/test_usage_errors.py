@@ -44,6 +44,7 @@ CASES = [
     (["mqtt", "ask", "q", "--broker", "mqtt://h", "--timeout", "soon"], "--timeout"),
     (["mqtt", "status", "--keepalive", "1"], "--keepalive"),
     (["mqtt", "nosuch"], "No such command"),
+    (["asks"], "Did you mean 'ask'? Fix: see `fieldpack --help`"),  # no "?." before the fix
     (["serve", "--broker", "mqtt://h", "--device-id", "a", "--queue-size", "many"], "--queue-size"),
     # eval, plan
     (["eval"], "BUNDLES"),
