@@ -13,6 +13,20 @@ from fieldpack.device.types import Answer
 from fieldpack.shared.manifest import Manifest
 
 
+
+#: GGUF ``tokenizer.ggml.model`` -> the tokenizer family it stands for (llama.cpp's llama-vocab.cpp).
+_TOKENIZER_KINDS = {"llama": "SentencePiece", "gpt2": "byte-level BPE", "bert": "WordPiece", "t5": "Unigram",
+                    "rwkv": "RWKV", "plamo2": "PLaMo-2"}
+
+
+def tokenizer_text(model: str, pre: str | None) -> str:
+    """``"SentencePiece (GGUF llama)"``, ``"byte-level BPE (GGUF gpt2, pre qwen2)"``: what ``inspect`` shows for
+    the GGUF's ``tokenizer.ggml.model`` and ``tokenizer.ggml.pre`` (Gemma 3 is ``llama`` with no ``pre``)."""
+    kind = _TOKENIZER_KINDS.get(model)
+    details = f"GGUF {model}" + (f", pre {pre}" if pre else "")
+    return f"{kind} ({details})" if kind else details
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -37,7 +51,7 @@ def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Co
                  ("file type", mo.file_type),
                  ("tensor types", ", ".join(f"{k}×{v}" for k, v in sorted(mo.tensor_types.items()))),
                  ("n_ctx_train", mo.n_ctx_train), ("layers / heads / kv heads", f"{mo.n_layer} / {mo.n_head} / {mo.n_head_kv}"),
-                 ("vocab", mo.vocab_size), ("tokenizer", f"{mo.tokenizer_model} ({mo.tokenizer_pre or '-'})"),
+                 ("vocab", mo.vocab_size), ("tokenizer", tokenizer_text(mo.tokenizer_model, mo.tokenizer_pre)),
                  ("chat template", "yes" if mo.chat_template_present else "no"),
                  ("BOS / EOS / EOT ids", f"{mo.bos_id} / {mo.eos_id} / {mo.eot_id}")]:
         t.add_row(k, str(v))
