@@ -4,8 +4,9 @@ transformers (tests/device/test_import_boundary.py keeps it so)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -104,7 +105,36 @@ def _runtime(data_dir: Optional[Path], n_ctx: Optional[int], threads: Optional[i
     from fieldpack.device.runtime import Runtime
 
     dd = _data_dir(data_dir)
-    return Runtime(dd.require_active_slot_path(), n_ctx=n_ctx, threads=threads)
+    slot = dd.require_active_slot_path()
+    return load_with_deferred_ctrl_c(lambda: Runtime(slot, n_ctx=n_ctx, threads=threads))
+
+
+def load_with_deferred_ctrl_c(load: Callable[[], Any]) -> Any:
+    """``load()`` (a llama.cpp model load) with Ctrl-C held until it returns, then raised as KeyboardInterrupt
+    (the model closed first when ``load`` returned one with ``close()``).
+
+    llama.cpp calls back into Python (its log callback) while it loads. A KeyboardInterrupt raised inside a
+    ctypes callback is printed and dropped, to a stderr that llama-cpp-python points at /dev/null during the load,
+    so a Ctrl-C in the first second of `fieldpack chat` was lost and the chat started anyway (a new-user trial).
+    Main thread only; elsewhere ``load()`` runs as is.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return load()
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda sig, _frame: pressed.append(sig))
+    try:
+        loaded = load()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        close = getattr(loaded, "close", None)
+        if callable(close):
+            close()
+        raise KeyboardInterrupt
+    return loaded
 
 
 def require_question(question: str, example: str) -> str:
