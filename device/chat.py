@@ -13,15 +13,14 @@ history is kept across sessions in a file (:func:`enable_line_editing`).
 from __future__ import annotations
 
 import logging
-import signal
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
+from fieldpack.device.interrupts import sigint_calls
 from fieldpack.device.prompt import Turn
 from fieldpack.device.types import Answer
 from fieldpack.shared.errors import QueryError
@@ -76,20 +75,6 @@ def _heading(c: Console, title: str) -> None:
         c.print(f"── {title} ──", markup=False, highlight=False)
 
 
-@contextmanager
-def _ctrl_c_cancels(cancel: threading.Event) -> Iterator[None]:
-    """While the block runs, SIGINT sets ``cancel`` instead of raising KeyboardInterrupt (main thread only: a
-    signal handler cannot be installed elsewhere, and there Ctrl-C keeps its default)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, lambda _sig, _frame: cancel.set())
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Console | None = None) -> int:
     """Run the loop until /quit or end of input. ``engine`` is a :class:`device.runtime.Runtime`; ``console``
     is where everything is printed (the CLI passes its own, full width when piped; default: a plain rich one).
@@ -133,7 +118,7 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
         c.print("[bold]assistant>[/] ", end="")
         cancel = threading.Event()
         try:
-            with _ctrl_c_cancels(cancel):
+            with sigint_calls(cancel.set):
                 last = engine.answer(q, history=history[-MAX_HISTORY:], cancel=cancel,
                                      on_token=lambda t: c.print(t, end="", markup=False, highlight=False))
         except QueryError as exc:

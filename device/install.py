@@ -213,7 +213,7 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
             # that bundle survives; with no rollback target it goes to the empty slot like any install.
             in_place = damage is not None and state.previous is not None
             target = active if in_place else dd.inactive_slot(state)
-            kept = state.slots[state.previous].label if in_place and state.previous else None
+            kept = state.slots[state.previous].label if in_place else None  # in_place: previous is set
             check_feasibility(manifest, total, dd.root, reclaimable_bytes=dd.slot_size(target), n_ctx=n_ctx,
                               probe=probe)
 

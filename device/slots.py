@@ -15,8 +15,9 @@ Truth is ``state.json``: a slot is *active* only because the state says so, and 
 only when the state's record of it (label, manifest sha256) matches the ``slot.json`` inside the slot, which
 the installer writes last. ``state.json`` is replaced with temp file + fsync + rename
 (:mod:`shared.atomic`), so after a power cut it is either the old or the new one, never a mixture. The
-installer never writes into the active slot (a repair in place first records that no slot is active). The scheme is the one of A/B OTA updaters (Mender, RAUC, Android
-A/B): write the inactive copy, check it, then flip one pointer.
+installer never writes into the active slot (a repair in place first records that no slot is active). The
+scheme is the one of A/B OTA updaters (Mender, RAUC, Android A/B): write the inactive copy, check it, then flip
+one pointer.
 """
 
 from __future__ import annotations

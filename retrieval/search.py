@@ -398,9 +398,9 @@ class Retriever:
             )
         return hits
 
-    def _sources(self, ids: list[int]) -> dict[int, str]:
-        """Chunk id -> document path, from an in-memory map (read once: ~5 bytes a chunk; a per-query
-        ``IN`` lookup of ~100 ids cost ~12 ms at 100k chunks, it reads each row's page)."""
+    def _page_map(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """``(chunk ids sorted (n,) int64, source index per chunk (n,) int32, sources)``, read once: ~5 bytes a
+        chunk (a per-query ``IN`` lookup of ~100 ids cost ~12 ms at 100k chunks, it reads each row's page)."""
         if self._page_of is None:
             rows = self._query("SELECT id, source FROM chunks ORDER BY id", ())
             names: dict[str, int] = {}
@@ -408,7 +408,11 @@ class Retriever:
                               count=len(rows))
             self._page_of = (np.fromiter((int(r[0]) for r in rows), dtype=np.int64, count=len(rows)), src,
                              list(names))
-        all_ids, src, names_list = self._page_of
+        return self._page_of
+
+    def _sources(self, ids: list[int]) -> dict[int, str]:
+        """Chunk id -> document path, from :meth:`_page_map`."""
+        all_ids, src, names_list = self._page_map()
         want = np.asarray(ids, dtype=np.int64)
         pos = np.minimum(np.searchsorted(all_ids, want), max(len(all_ids) - 1, 0))
         return {int(i): names_list[int(src[p])] for i, p in zip(want, pos)
@@ -416,9 +420,7 @@ class Retriever:
 
     def chunk_count(self) -> int:
         """Chunks in the index (from the in-memory page map, read on first use)."""
-        self._sources([])
-        assert self._page_of is not None
-        return int(self._page_of[0].shape[0])
+        return int(self._page_map()[0].shape[0])
 
     def _bm25_async(self, query: str, n: int) -> Any:
         """Start :meth:`_bm25` on the BM25 connection in the worker thread; returns its future."""

@@ -410,9 +410,9 @@ def evaluate_slot(slot_dir: Path, qa: QASet, opts: EvalOptions, *, path: str = "
                              f"(first: {unmatched[0]})",
                              hint="fix expected_source in the QA file (paths relative to the docs folder of the "
                                   "build), or evaluate a bundle built with those documents")
-        for u in unmatched:  # such an item can only score 0; the report's unmatched_sources carries it to the
+        for u in unmatched:  # scores 0; the report's unmatched_sources carries it (the CLI warns once for all)
             log.info("%s: expected_source of item %s is no document of this bundle (it holds %d documents); "
-                        "the item scores 0", label, u, len(documents))
+                     "the item scores 0", label, u, len(documents))
         for mode in opts.modes:  # warm-up: first-call costs (page cache, ORT arenas) stay out of the percentiles
             rt.retrieve(qa.items[0].question, k=opts.k, mode=mode)
         total = len(qa.items)

@@ -538,8 +538,6 @@ def _plain_chat(messages: list[ChatMessage], max_tokens: int | None, stop: list[
     until the prompt fits ``n_ctx - max_tokens``."""
 
     def work(engine: Any, on_token: Callable[[str], None], cancel: threading.Event) -> Outcome:
-        if not getattr(engine, "has_chat_template", True):  # the bundle changed after the request was checked
-            raise _no_chat_template(engine.bundle_label)
         cap = int(max_tokens or engine.manifest.runtime.max_tokens)
         if cap >= engine.n_ctx:
             raise errors.UsageError(f"max_tokens {cap} does not fit the context of {engine.n_ctx} tokens",

@@ -4,6 +4,7 @@ transformers (tests/device/test_import_boundary.py keeps it so)."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -118,18 +119,12 @@ def load_with_deferred_ctrl_c(load: Callable[[], Any]) -> Any:
     so a Ctrl-C in the first second of `fieldpack chat` was lost and the chat started anyway (a new-user trial).
     Main thread only; elsewhere ``load()`` runs as is.
     """
-    import signal
-    import threading
+    from fieldpack.device.interrupts import sigint_calls
 
-    if threading.current_thread() is not threading.main_thread():
-        return load()
-    pressed: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda sig, _frame: pressed.append(sig))
-    try:
+    pressed = threading.Event()
+    with sigint_calls(pressed.set):
         loaded = load()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if pressed:
+    if pressed.is_set():
         close = getattr(loaded, "close", None)
         if callable(close):
             close()

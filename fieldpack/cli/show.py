@@ -13,7 +13,6 @@ from fieldpack.device.types import Answer
 from fieldpack.shared.manifest import Manifest
 
 
-
 #: GGUF ``tokenizer.ggml.model`` -> the tokenizer family it stands for (llama.cpp's llama-vocab.cpp).
 _TOKENIZER_KINDS = {"llama": "SentencePiece", "gpt2": "byte-level BPE", "bert": "WordPiece", "t5": "Unigram",
                     "rwkv": "RWKV", "plamo2": "PLaMo-2"}
