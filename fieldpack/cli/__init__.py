@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     the CLI library (unknown command or option, missing argument, bad value) prints ``error: <command>: <what>.
     Fix: see `<command> --help``` and exits 2, whichever click copy typer uses.
     """
-    from fieldpack.cli.usage import USAGE_EXIT, click_types, help_text, usage_line
+    from fieldpack.cli.usage import (INTERRUPT_EXIT, USAGE_EXIT, click_types, help_text, interrupt_explained,
+                                     usage_line)
 
     ct = click_types()
     try:
@@ -118,9 +119,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(getattr(exc, "exit_code", 0))
     except (*ct.abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPT_EXIT)
     except ct.click_exception as exc:  # e.g. FileError: still one line
         msg = " ".join(str(exc.format_message()).split())
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 1) or 1)
+    if rv == INTERRUPT_EXIT and not interrupt_explained():
+        # typer 0.29+ turns a KeyboardInterrupt into Exit(130), which standalone_mode=False returns as a value
+        print("interrupted", file=sys.stderr)
     sys.exit(rv if isinstance(rv, int) else 0)

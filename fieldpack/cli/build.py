@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 import typer
 
+from fieldpack.cli.usage import INTERRUPT_EXIT, explain_interrupt
+
 #: The demo's question: its answer is a fact of demo/docs/database.md ("Slow trend screens": VACUUM ANALYZE).
 DEMO_QUESTION = "What should I run when trend screens are slow?"
 #: The tiny model's question (its text is not an answer; the citation is the point).
@@ -257,7 +259,8 @@ def _build_with_progress(cfg: Any, **options: Any) -> Any:
                 where = "before the first stage"
             shown.console.print(f"interrupted {where}; no bundle was written to {cfg.output}",
                                 markup=False, highlight=False)
-            raise typer.Exit(130) from None
+            explain_interrupt()
+            raise typer.Exit(INTERRUPT_EXIT) from None
     _print_ingest_report(result.ingest_report)
     return result
 

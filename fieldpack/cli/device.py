@@ -167,7 +167,18 @@ def ask(question: str = typer.Argument(..., help="the question"),
             return
         from fieldpack.cli.show import print_answer
 
-        ans = rt.answer(question, k=k, max_tokens=max_tokens, on_token=lambda t: typer.echo(t, nl=False))
+        streamed: list[str] = []
+
+        def show(token: str) -> None:
+            streamed.append(token)
+            typer.echo(token, nl=False)
+
+        try:
+            ans = rt.answer(question, k=k, max_tokens=max_tokens, on_token=show)
+        except KeyboardInterrupt:
+            if streamed:  # end the cut line, so that stderr's "interrupted" starts its own
+                typer.echo("")
+            raise
         typer.echo("")
         print_answer(ans, streamed=True)
 

@@ -15,6 +15,23 @@ from dataclasses import dataclass
 from types import ModuleType
 
 USAGE_EXIT = 2
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report a process that SIGINT ended.
+INTERRUPT_EXIT = 130
+
+_interrupt_explained = False
+
+
+def explain_interrupt() -> None:
+    """Record that the running command has already told the user what its Ctrl-C stopped (e.g. the build names
+    the stage and says no bundle was written), so :func:`fieldpack.cli.main` does not add its own
+    ``interrupted`` line to that message."""
+    global _interrupt_explained
+    _interrupt_explained = True
+
+
+def interrupt_explained() -> bool:
+    """Whether :func:`explain_interrupt` was called in this process."""
+    return _interrupt_explained
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ def test_ctrl_c_names_the_interrupted_stage(tmp_path: Path, tiny_llama_dir: Path
     err = "".join(lines) + rest
     assert rc == 130, err
     assert ("interrupted during stage '" in err or "interrupted after stage 'check inputs'" in err), err
+    assert err.count("interrupted") == 1, err  # the CLI's generic line is not added to the build's own
     assert "no bundle was written" in err
     assert "Traceback" not in err and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fieldpack-build-")]

@@ -36,3 +36,33 @@ def test_ctrl_c_in_a_callback_during_the_load_is_raised_after_it() -> None:
     assert model.closed and signal.getsignal(signal.SIGINT) is before
     assert load_with_deferred_ctrl_c(lambda: "loaded") == "loaded"  # no Ctrl-C: the load's result
 
+
+
+class _StreamsThenInterrupted:
+    """A runtime whose answer streams one token, then meets Ctrl-C (as llama.cpp's decode loop does)."""
+
+    def __enter__(self) -> "_StreamsThenInterrupted":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def answer(self, question: str, **kw: object) -> None:
+        kw["on_token"]("Backwash is")  # type: ignore[operator]
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_that_ends_a_command_says_interrupted(monkeypatch: pytest.MonkeyPatch,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    """typer 0.29+ turns KeyboardInterrupt into Exit(130), returned as a value under standalone_mode=False: the
+    CLI exited 130 with an empty stderr (a new-user trial). The cut answer line is ended before the message."""
+    from fieldpack import cli
+    from fieldpack.cli import device as device_cli
+
+    monkeypatch.setattr(device_cli, "_runtime", lambda *a: _StreamsThenInterrupted())
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["ask", "pump 3 alarm?"])
+    out, err = capfd.readouterr()
+    assert exc.value.code == 130
+    assert out == "Backwash is\n"
+    assert err.strip() == "interrupted"
