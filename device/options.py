@@ -7,7 +7,7 @@ replaced by the default or failing deep inside llama.cpp.
 
 from __future__ import annotations
 
-from fieldpack.shared.errors import UsageError
+from fieldpack.shared.errors import MaxTokensError, UsageError
 
 #: Smallest context (tokens) a bundle can run with; the builder's ``n_ctx`` floor is the same.
 MIN_N_CTX = 128
@@ -47,6 +47,6 @@ def check_answer_options(*, k: int | None, max_tokens: int | None, n_ctx: int) -
             raise UsageError(f"--max-tokens {max_tokens} is below 1", hint="use --max-tokens 1 or more")
         room = n_ctx - MIN_PROMPT_TOKENS
         if max_tokens > room:
-            raise UsageError(f"--max-tokens {max_tokens} leaves less than {MIN_PROMPT_TOKENS} of n_ctx {n_ctx} "
-                             "tokens for the question and sources",
-                             hint=f"use --max-tokens {room} or less, or raise --n-ctx")
+            raise MaxTokensError(max_tokens, room, f"leaves less than {MIN_PROMPT_TOKENS} of n_ctx {n_ctx} tokens "
+                                 "for the question and sources",
+                                 cli_hint=f"use --max-tokens {room} or less, or raise --n-ctx")

@@ -96,5 +96,6 @@ def fit_prompt(
             raise QuestionTooLongError(
                 f"the question needs {len(tokens)} prompt tokens but the context allows {budget_tokens} "
                 f"(n_ctx minus the answer's max_tokens)",
-                hint="ask a shorter question, or raise --n-ctx if the device has the memory",
+                hint="ask a shorter question or for fewer answer tokens (max_tokens), or raise n_ctx if the device has "
+                     "the memory",
             )

@@ -47,6 +47,7 @@ they are caught, with ``raise ... from exc``. The CLI and the daemon turn a ``Fi
     ├── QueryError                      a question that cannot be answered as asked     (exit 7)
     │   ├── EmptyQuestionError
     │   └── QuestionTooLongError
+    │   (MaxTokensError: an answer cap that leaves the prompt too little of n_ctx; a UsageError, exit 2)
     └── ProtocolError                   a wire message that breaks shared.protocol      (exit 8)
 
 Each error carries ``hint``: what the user should do. ``str(err)`` is ``"<message>. Fix: <hint>"`` on one line.
@@ -86,6 +87,32 @@ class FieldpackError(Exception):
 class UsageError(FieldpackError):
     exit_code = 2
     code = "usage"
+
+
+class MaxTokensError(UsageError):
+    """An answer length cap (``max_tokens``) that leaves the prompt too little of the context.
+
+    ``str(err)`` words it for the CLI (``--max-tokens``); :meth:`api_message` for the HTTP API's ``max_tokens``
+    field, so each surface names the input its user actually gave.
+
+    Args:
+        requested: the cap asked for (tokens).
+        allowed: the largest cap that fits (tokens; may be below 1 when nothing fits).
+        why: what the cap must leave room for, e.g. ``"leaves less than 64 of n_ctx 2048 tokens for the question
+            and sources"``.
+        cli_hint: the CLI's fix (default: ``use --max-tokens <allowed> or less``).
+    """
+
+    code = "max_tokens_too_large"
+
+    def __init__(self, requested: int, allowed: int, why: str, cli_hint: str | None = None) -> None:
+        super().__init__(f"--max-tokens {requested} {why}", hint=cli_hint or f"use --max-tokens {allowed} or less")
+        self.requested, self.allowed, self.why = requested, allowed, why
+
+    def api_message(self) -> str:
+        """The same error for an HTTP client: ``max_tokens N <why>. Fix: send max_tokens <allowed> or less``."""
+        fix = f"send max_tokens {self.allowed} or less" if self.allowed >= 1 else "send a shorter prompt"
+        return str(FieldpackError(f"max_tokens {self.requested} {self.why}", hint=fix))
 
 
 class InputNotFoundError(UsageError):

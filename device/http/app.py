@@ -77,6 +77,8 @@ class ApiError(Exception):
 def api_error_of(err: errors.FieldpackError) -> ApiError:
     """HTTP form of a fieldpack error: a bad question is the client's (400), a missing or broken bundle the
     device's (503), anything else a server error (500)."""
+    if isinstance(err, errors.MaxTokensError):
+        return ApiError(400, err.api_message(), code=err.code, param="max_tokens")
     if isinstance(err, (errors.QueryError, errors.UsageError)):
         return ApiError(400, str(err), code=err.code)
     if isinstance(err, errors.DeviceError):
@@ -399,7 +401,10 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
             if room < 1:
                 raise errors.QuestionTooLongError(f"the prompt has {len(tokens)} tokens; the context holds {engine.n_ctx}",
                                                   hint="send a shorter prompt")
-            text, finish, timings = engine.generate(tokens, max_tokens=min(max_tokens, room), on_token=on_token,
+            if max_tokens > room:  # refused, as OpenAI and llama.cpp's server do, rather than cut without a word
+                raise errors.MaxTokensError(max_tokens, room, f"and the prompt's {len(tokens)} tokens exceed the "
+                                            f"context of {engine.n_ctx} tokens")
+            text, finish, timings = engine.generate(tokens, max_tokens=max_tokens, on_token=on_token,
                                                     cancel=cancel, extra_stop=stop)
             return _with_usage(engine, Outcome(text=text, finish_reason=finish, timings=timings))
 
@@ -539,15 +544,16 @@ def _plain_chat(messages: list[ChatMessage], max_tokens: int | None, stop: list[
 
     def work(engine: Any, on_token: Callable[[str], None], cancel: threading.Event) -> Outcome:
         cap = int(max_tokens or engine.manifest.runtime.max_tokens)
-        if cap >= engine.n_ctx:
-            raise errors.UsageError(f"max_tokens {cap} does not fit the context of {engine.n_ctx} tokens",
-                                    hint="ask for fewer tokens")
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         while True:
             tokens = engine.tokenize_prompt(engine.render(msgs))
             if len(tokens) <= engine.n_ctx - cap:
                 break
             droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+            if len(tokens) < engine.n_ctx and (cap >= engine.n_ctx or not droppable):
+                # the messages fit; the cap leaves them no room (a cap beyond the context drops no history first)
+                raise errors.MaxTokensError(cap, engine.n_ctx - len(tokens), f"and the messages' {len(tokens)} "
+                                            f"prompt tokens exceed the context of {engine.n_ctx} tokens")
             if not droppable:
                 raise errors.QuestionTooLongError(
                     f"the messages need {len(tokens)} prompt tokens but the context allows {engine.n_ctx - cap}",

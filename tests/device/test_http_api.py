@@ -273,3 +273,28 @@ def test_api_key_is_required_when_set(data_dir: Path) -> None:
         assert httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         good = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
         assert [m.id for m in good.models.list().data] == ["riverside"]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 999_999}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 999_999,
+                              "grounding": False}),
+    ("/v1/ask", {"question": QUESTION, "max_tokens": 999_999}),
+    ("/v1/completions", {"prompt": "The chlorine dosing pump", "max_tokens": 999_999}),
+])
+def test_max_tokens_beyond_the_context_names_the_field(served: tuple[object, object], path: str,
+                                                       body: dict[str, object]) -> None:
+    """A cap the context cannot hold is refused in the API's own words (it had the CLI's "--max-tokens" and no
+    param; /v1/completions cut it to the context without a word), with the largest value that fits."""
+    server, _ = served
+    r = httpx.post(server.url + path, json=body, timeout=300)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "max_tokens_too_large" and err["param"] == "max_tokens", err
+    assert err["message"].startswith("max_tokens 999999 ") and "--max-tokens" not in err["message"], err
+    allowed = int(err["message"].split("Fix: send max_tokens ")[1].split()[0])
+    if path == "/v1/completions" or body.get("grounding") is False:  # the prompt is known: the bound is exact
+        ok = httpx.post(server.url + path, json=dict(body, max_tokens=allowed), timeout=300)
+        assert ok.status_code == 200, ok.text
+        over = httpx.post(server.url + path, json=dict(body, max_tokens=allowed + 1), timeout=300)
+        assert over.json()["error"]["code"] == "max_tokens_too_large", over.text
