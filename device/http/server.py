@@ -148,5 +148,6 @@ def serve(provider: Any, http: HttpConfig, *, queue_size: int = 8, mqtt: tuple[A
             daemon.stop()
         else:
             host.stop()
+    log.info("HTTP on %s stopped", f"http://{http.host}:{http.port}")
     if daemon is not None and daemon.fatal_error is not None:
         raise daemon.fatal_error

@@ -106,6 +106,7 @@ def test_serve_process_answers_and_stops_on_sigterm(tmp_path: Path, e2e_keys: Pa
     # the operator sees where it serves without -v (the daemon's own logger was named "device" before the
     # namespace move and no longer matched, so serve printed nothing when ready)
     assert f"serving HTTP on http://127.0.0.1:{port}/" in err, err[-2000:]
+    assert f"HTTP on http://127.0.0.1:{port} stopped" in err, err[-2000:]  # and that it stopped (as MQTT says)
 
 
 @pytest.mark.slow
