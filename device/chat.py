@@ -129,6 +129,9 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
             continue
         c.print("")
         answered += 1
+        if last.extra.get("retrieval_query"):  # a follow-up: searched together with the previous question
+            c.print("[dim]" + escape(f"searched with the previous question: {last.extra['retrieval_query']}") + "[/]",
+                    highlight=False)
         if last.sources:
             c.print("[dim]sources: " + escape("  ".join(f"[{i}] {h.citation()}" for i, h in enumerate(last.sources, 1)))
                     + "[/]", highlight=False)

@@ -224,6 +224,16 @@ class Runtime:
         """Top-``k`` chunks for ``question`` (default k from the manifest). See retrieval.search.Retriever."""
         return self._retriever.search(question, k=k or self.manifest.runtime.top_k_chunks, mode=mode)
 
+    def _retrieve_in_context(self, question: str, history: Sequence[Turn], *, k: int | None) -> tuple[list[Hit], str]:
+        """Hits for ``question`` and the query that found them: the question alone, or the last question joined
+        with it when it reads as a follow-up (:func:`retrieval.followup.search_in_context`)."""
+        from fieldpack.retrieval.followup import search_in_context
+
+        return search_in_context(lambda query: self.retrieve(query, k=k), question,
+                                 history[-1].question if history else None,
+                                 min_similarity=self.manifest.runtime.min_similarity,
+                                 unknown_terms=self._retriever.unknown_terms)
+
     def answer(self, question: str, *, on_token: Callable[[str], None] | None = None,
                cancel: threading.Event | None = None, history: Sequence[Turn] = (),
                k: int | None = None, max_tokens: int | None = None, extra_stop: Sequence[str] = ()) -> Answer:
@@ -258,15 +268,16 @@ class Runtime:
         max_tokens = int(max_tokens if max_tokens is not None else min(rt.max_tokens, self.n_ctx - MIN_PROMPT_TOKENS))
         with self._lock:
             t0 = time.perf_counter()
-            hits = self.retrieve(q, k=k)
+            hits, query = self._retrieve_in_context(q, history, k=k)
             t_retrieved = time.perf_counter()
             retrieval_ms = (t_retrieved - t0) * 1e3
-            if not is_relevant(hits, min_similarity=rt.min_similarity, query=q):
+            context = {"retrieval_query": query} if query != q else {}  # a follow-up searched with the last question
+            if not is_relevant(hits, min_similarity=rt.min_similarity, query=query):
                 if on_token:
                     on_token(ABSTAIN_TEXT)
                 return Answer(question=q, text=ABSTAIN_TEXT, sources=[], abstained=True,
                               timings=Timings(retrieval_ms=retrieval_ms, total_ms=retrieval_ms),
-                              bundle=self.bundle_label, finish_reason="abstained")
+                              bundle=self.bundle_label, finish_reason="abstained", extra=context)
             built = fit_prompt(q, hits, history, render=self.render_prompt, tokenize=self.tokenize_prompt,
                                budget_tokens=self.n_ctx - max_tokens)
             if not built.hits:  # not even a trimmed source fits beside the question: do not answer ungrounded
@@ -275,7 +286,7 @@ class Runtime:
                 return Answer(question=q, text=NO_ROOM_TEXT, sources=[], abstained=True,
                               timings=Timings(retrieval_ms=retrieval_ms, total_ms=retrieval_ms),
                               bundle=self.bundle_label, finish_reason="abstained",
-                              extra={"reason": "no source fits the context"})
+                              extra={"reason": "no source fits the context", **context})
             # a completion-format prompt ends in "Answer:", which the model continues with a space or newline
             text, finish, gen = self._generate(built.tokens, max_tokens, on_token, cancel, extra_stop,
                                                strip_leading=self.manifest.runtime.prompt_format == "completion")
@@ -286,7 +297,7 @@ class Runtime:
                               completion_tokens=gen["n_tokens"], decode_ms=gen["decode_ms"],
                               tokens_per_s=gen["tokens_per_s"], total_ms=total_ms)
             return Answer(question=q, text=text, sources=built.hits, abstained=False, timings=timings,
-                          bundle=self.bundle_label, finish_reason=finish)
+                          bundle=self.bundle_label, finish_reason=finish, extra=context)
 
     def generate(self, tokens: list[int], *, max_tokens: int, on_token: Callable[[str], None] | None = None,
                  cancel: threading.Event | None = None, extra_stop: Sequence[str] = ()) -> tuple[str, str, Timings]:

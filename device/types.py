@@ -27,6 +27,8 @@ class Answer:
         timings: see :class:`Timings`.
         bundle: ``"name@version"`` of the bundle that answered.
         finish_reason: ``"stop"`` (EOS/EOT or stop string), ``"length"``, ``"cancelled"`` or ``"abstained"``.
+        extra: details for the curious: ``retrieval_query`` when a follow-up was searched together with the
+            previous question (:mod:`retrieval.followup`), ``reason`` of an abstention without a gate refusal.
     """
 
     question: str
@@ -47,6 +49,7 @@ class Answer:
             "bundle": self.bundle,
             "sources": [dict(h.to_dict(), n=i + 1) for i, h in enumerate(self.sources)],
             "timings": self.timings.to_dict(),
+            **({"retrieval_query": self.extra["retrieval_query"]} if self.extra.get("retrieval_query") else {}),
         }
 
 

@@ -72,6 +72,18 @@ def fts5_query(text: str) -> str | None:
     Returns:
         The expression, or ``None`` when the text has no word characters at all.
     """
+    terms = _query_terms(text)
+    content = content_terms(text) or terms
+    if not content:
+        return None
+    return " OR ".join(_fts5_string(t) for t in content[:MAX_QUERY_TERMS])
+
+
+def _fts5_string(term: str) -> str:
+    return '"' + term.replace('"', '""') + '"'
+
+
+def _query_terms(text: str) -> list[str]:
     terms: list[str] = []
     seen: set[str] = set()
     for raw in text.split():
@@ -83,10 +95,13 @@ def fts5_query(text: str) -> str | None:
             continue
         seen.add(key)
         terms.append(tok)
-    content = [t for t in terms if t.lower() not in _STOPWORDS] or terms
-    if not content:
-        return None
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in content[:MAX_QUERY_TERMS])
+    return terms
+
+
+def content_terms(text: str) -> list[str]:
+    """The terms :func:`fts5_query` searches for, stop words excluded even when nothing else remains
+    (``"What should I do about it?"`` has none), in order, without duplicates."""
+    return [t for t in _query_terms(text) if t.lower() not in _STOPWORDS]
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], *, k: int = RRF_K,
@@ -489,6 +504,16 @@ class Retriever:
                                        hint="run `fieldpack verify --installed`, then reinstall the bundle") from exc
             log.debug("loaded %d binary codes of %d bits (%d bytes)", ids.shape[0], int(cols), self._codes.nbytes)
         return self._codes
+
+    def unknown_terms(self, text: str) -> list[str]:
+        """The :func:`content_terms` of ``text`` that no chunk contains, matched as BM25 matches them (FTS5's
+        Porter stemming: "restarting" is known where "restart" occurs). One indexed lookup per term.
+
+        Raises:
+            RuntimeLoadError: the index is closed or fails.
+        """
+        return [t for t in content_terms(text)
+                if not self._query("SELECT 1 FROM chunks_fts WHERE chunks_fts MATCH ? LIMIT 1", (_fts5_string(t),))]
 
     def bm25_search(self, query: str, n: int) -> list[tuple[int, float]]:
         """The ``n`` best FTS5 BM25 matches of ``query``: ``(chunk id, bm25)``, best (lowest) first."""

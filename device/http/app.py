@@ -603,9 +603,10 @@ def _extras(out: Outcome, grounded: bool) -> dict[str, Any]:
     """Fields OpenAI clients ignore: the numbered sources and fieldpack's own figures."""
     if not grounded:
         return {"fieldpack": {"grounded": False, "bundle": out.bundle, "timings": _timings(out)}}
+    query = (out.extra or {}).get("retrieval_query")  # a follow-up searched with the previous question
     return {"sources": [_source_json(h, i + 1) for i, h in enumerate(out.sources)],
             "fieldpack": {"grounded": True, "abstained": out.abstained, "bundle": out.bundle,
-                          "timings": _timings(out)}}
+                          "timings": _timings(out), **({"retrieval_query": query} if query else {})}}
 
 
 def _chat_json(out: Outcome, rid: str, created: int, model_id: str) -> dict[str, Any]:
@@ -618,4 +619,5 @@ def _chat_json(out: Outcome, rid: str, created: int, model_id: str) -> dict[str,
 def _ask_json(out: Outcome) -> dict[str, Any]:
     return {"answer": out.text, "abstained": out.abstained, "finish_reason": out.finish_reason,
             "bundle": out.bundle, "sources": [_source_json(h, i + 1) for i, h in enumerate(out.sources)],
-            "timings": _timings(out), "usage": _usage(out)}
+            "timings": _timings(out), "usage": _usage(out),
+            **({"retrieval_query": out.extra["retrieval_query"]} if (out.extra or {}).get("retrieval_query") else {})}

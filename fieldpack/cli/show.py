@@ -165,6 +165,10 @@ def print_answer(ans: Answer, *, streamed: bool = False, console: Console | None
         c.print("\n[bold]Sources[/]")
         for i, h in enumerate(ans.sources, start=1):
             c.print(f"  [{i}] {h.citation()}  (score {h.score:.3f})", markup=False, highlight=False)
+    if ans.extra.get("retrieval_query"):  # a follow-up: say what was searched, so a wrong page can be understood
+        from rich.text import Text
+
+        c.print(Text(f"searched together with the previous question: {ans.extra['retrieval_query']}", style="dim"))
     tm = ans.timings
     if ans.abstained:  # no generation ran: only retrieval has a time
         c.print(f"[dim]retrieval {tm.retrieval_ms:.0f} ms, abstained without running the model, {ans.bundle}[/]")

@@ -91,6 +91,7 @@ def test_chat_sources_shows_the_stored_chunks_in_full(device_dir: Path) -> None:
     from rich.console import Console
 
     from fieldpack.device.chat import run_chat
+    from fieldpack.device.prompt import ABSTAIN_TEXT
     from fieldpack.device.runtime import Runtime
     from fieldpack.device.slots import open_data_dir
 
@@ -102,3 +103,45 @@ def test_chat_sources_shows_the_stored_chunks_in_full(device_dir: Path) -> None:
         hits = rt.retrieve("The connection pool is exhausted. What should I do?", k=1)
         full = rt.full_text(hits[0])
     assert " ".join(full.split()) in " ".join(shown.split())
+
+
+def test_a_followup_is_searched_with_the_previous_question(device_dir: Path) -> None:
+    """"What should I do about it?" alone does not name the alarm; with the last question it finds the alarms
+    table. The joined query is reported (Answer.extra, --json, the chat's dim line); a self-contained question is
+    searched as asked."""
+    from fieldpack.device.prompt import Turn
+    from fieldpack.device.runtime import Runtime
+    from fieldpack.device.slots import open_data_dir
+
+    first = "What does alarm A-202 mean?"
+    with Runtime(open_data_dir(device_dir).active_slot_path()) as rt:
+        a = rt.answer(first, max_tokens=8)
+        follow = rt.answer("What should I do about it?", max_tokens=8, history=[Turn(first, a.text)])
+        alone = rt.answer("What should I do about it?", max_tokens=8)
+        other = rt.answer("The connection pool is exhausted. What should I do?", max_tokens=8,
+                          history=[Turn(first, a.text)])
+    assert follow.extra["retrieval_query"] == f"{first} What should I do about it?"
+    assert follow.to_dict()["retrieval_query"] == follow.extra["retrieval_query"]
+    assert any(h.source == "alarms.csv" for h in follow.sources), [h.source for h in follow.sources]
+    assert "retrieval_query" not in alone.extra and "retrieval_query" not in alone.to_dict()
+    assert "retrieval_query" not in other.extra and other.sources and other.sources[0].source == "database.md"
+
+
+def test_chat_says_when_a_followup_was_searched_with_the_previous_question(device_dir: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from fieldpack.device.chat import run_chat
+    from fieldpack.device.prompt import ABSTAIN_TEXT
+    from fieldpack.device.runtime import Runtime
+    from fieldpack.device.slots import open_data_dir
+
+    lines = iter(["What does alarm A-202 mean?", "What should I do about it?", "Nearest pharmacy?", "/quit"])
+    out = io.StringIO()
+    with Runtime(open_data_dir(device_dir).active_slot_path(), n_ctx=512) as rt:
+        assert run_chat(rt, read_line=lambda _p: next(lines), console=Console(file=out, width=300)) == 3
+    text = out.getvalue()
+    assert "searched with the previous question: What does alarm A-202 mean? What should I do about it?" in text
+    assert text.count("searched with the previous question") == 1  # the aside is judged as asked ...
+    assert text.split("assistant>")[-1].strip().startswith(ABSTAIN_TEXT)  # ... and refused

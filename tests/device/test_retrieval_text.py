@@ -67,3 +67,19 @@ def test_chunk_texts_gives_the_stored_text(retriever: Retriever) -> None:
     hits = retriever.search("What is cavitation", k=3)
     texts = retriever.chunk_texts([h.chunk_id for h in hits] + [10**9])
     assert set(texts) == {h.chunk_id for h in hits} and all(texts[h.chunk_id] == h.text for h in hits)
+
+
+def test_content_terms_drop_stop_words_even_when_nothing_is_left() -> None:
+    from fieldpack.retrieval.search import content_terms, fts5_query
+
+    assert content_terms("What should I do about it?") == []
+    assert fts5_query("What should I do about it?") is not None  # BM25 still searches the stop words then
+    assert content_terms("How do I clear alarm A-202?") == ["clear", "alarm", "A-202"]
+
+
+def test_unknown_terms_are_the_words_no_chunk_uses(retriever: Retriever) -> None:
+    """Matched as BM25 matches them (Porter stemming): the demo documents say "backwash", so "backwashing" is
+    known; nothing there mentions a pharmacy."""
+    assert retriever.unknown_terms("Nearest pharmacy?") == ["Nearest", "pharmacy"]
+    assert retriever.unknown_terms("Backwashing the filters?") == []
+    assert retriever.unknown_terms("What should I do about it?") == []
