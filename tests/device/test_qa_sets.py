@@ -66,3 +66,23 @@ def test_qa_set_matches_its_documents(name: str) -> None:
         text = page_text(page)
         hit = [t for t, p in zip(terms, pats) if p.search(text)]
         assert not hit, f"absent term(s) {hit} occur in {page}"
+
+
+@pytest.mark.slow
+def test_followup_set_matches_its_documents() -> None:
+    """benchmarks/qa/followups: 38 follow-ups and 10 asides, half of each unseen, every named page installed."""
+    import json
+
+    docs = SETS["postgresql-15.jsonl"]
+    if not docs.is_dir():
+        pytest.skip(f"{docs} is not installed (scripts/setup.sh --broker installs it)")
+    rows = [json.loads(line) for line in (QA_DIR / "followups" / "postgresql-15.jsonl").read_text().splitlines()
+            if line.strip()]
+    assert len({r["id"] for r in rows}) == len(rows) == 48
+    for kind, n in (("answerable", 38), ("offtopic", 10)):
+        of_kind = [r for r in rows if r["kind"] == kind]
+        assert len(of_kind) == n and sum(r["split"] == "unseen" for r in of_kind) == n // 2
+    for r in rows:
+        assert (r["expected_source"] is None) == (r["kind"] == "offtopic"), r["id"]
+        for page in filter(None, (r["expected_source"], r["first_source"], *r["also_ok"])):
+            assert (docs / page).is_file(), f"{r['id']}: {page} missing"
