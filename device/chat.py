@@ -136,6 +136,6 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
             c.print("[dim]sources: " + escape("  ".join(f"[{i}] {h.citation()}" for i, h in enumerate(last.sources, 1)))
                     + "[/]", highlight=False)
         if not last.abstained:
-            history.append(Turn(question=q, answer=last.text))
+            history.append(Turn(question=q, answer=last.text, search_query=last.extra.get("retrieval_query")))
     c.print("[dim]bye[/]")
     return answered

@@ -230,7 +230,7 @@ class Runtime:
         from fieldpack.retrieval.followup import search_in_context
 
         return search_in_context(lambda query: self.retrieve(query, k=k), question,
-                                 history[-1].question if history else None,
+                                 (history[-1].search_query or history[-1].question) if history else None,
                                  min_similarity=self.manifest.runtime.min_similarity,
                                  unknown_terms=self._retriever.unknown_terms)
 

@@ -70,10 +70,16 @@ class Source(Protocol):
 
 @dataclass(frozen=True)
 class Turn:
-    """One past exchange kept as chat history (plain text, no sources)."""
+    """One past exchange kept as chat history (plain text, no sources).
+
+    ``search_query``: what its sources were searched with when that was not ``question`` alone (a follow-up joined
+    with the question before it, :mod:`retrieval.followup`), so that the next follow-up keeps the whole topic;
+    ``None`` otherwise. Not part of the prompt.
+    """
 
     question: str
     answer: str
+    search_query: str | None = None
 
 
 #: ``(question, sources, history) -> prompt text``: one prompt format's whole rendering.

@@ -462,7 +462,7 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         check_question(body.question, "question")
         from fieldpack.device.prompt import Turn
 
-        history = [Turn(question=t.question, answer=t.answer) for t in body.history]
+        history = [Turn(question=t.question, answer=t.answer, search_query=t.retrieval_query) for t in body.history]
         work = _answer_work(body.question, history, cap(body.max_tokens), [])
         run = start(work)
         if not body.stream:

@@ -102,8 +102,12 @@ class EmbeddingRequest(_Body):
 
 
 class HistoryTurn(_Body):
+    """An earlier exchange. ``retrieval_query``: the one its answer reported, if any (a follow-up's joined search),
+    so the next follow-up is searched with the whole topic."""
+
     question: str = Field(max_length=MAX_TEXT_CHARS)
     answer: str = Field(max_length=MAX_TEXT_CHARS)
+    retrieval_query: str | None = Field(default=None, max_length=2 * MAX_TEXT_CHARS)
 
 
 class AskRequest(_Body):

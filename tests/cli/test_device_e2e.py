@@ -125,6 +125,11 @@ def test_a_followup_is_searched_with_the_previous_question(device_dir: Path) -> 
     assert any(h.source == "alarms.csv" for h in follow.sources), [h.source for h in follow.sources]
     assert "retrieval_query" not in alone.extra and "retrieval_query" not in alone.to_dict()
     assert "retrieval_query" not in other.extra and other.sources and other.sources[0].source == "database.md"
+    # a third turn that follows the follow-up keeps the whole topic (Turn.search_query)
+    with Runtime(open_data_dir(device_dir).active_slot_path()) as rt:
+        third = rt.answer("And after that?", max_tokens=8, history=[
+            Turn(first, a.text), Turn("What should I do about it?", follow.text, follow.extra["retrieval_query"])])
+    assert third.extra["retrieval_query"] == f"{first} What should I do about it? And after that?"
 
 
 def test_chat_says_when_a_followup_was_searched_with_the_previous_question(device_dir: Path) -> None:
@@ -137,11 +142,14 @@ def test_chat_says_when_a_followup_was_searched_with_the_previous_question(devic
     from fieldpack.device.runtime import Runtime
     from fieldpack.device.slots import open_data_dir
 
-    lines = iter(["What does alarm A-202 mean?", "What should I do about it?", "Nearest pharmacy?", "/quit"])
+    lines = iter(["What does alarm A-202 mean?", "What should I do about it?", "And after that?", "Nearest pharmacy?",
+                  "/quit"])
     out = io.StringIO()
     with Runtime(open_data_dir(device_dir).active_slot_path(), n_ctx=512) as rt:
-        assert run_chat(rt, read_line=lambda _p: next(lines), console=Console(file=out, width=300)) == 3
+        assert run_chat(rt, read_line=lambda _p: next(lines), console=Console(file=out, width=300)) == 4
     text = out.getvalue()
     assert "searched with the previous question: What does alarm A-202 mean? What should I do about it?" in text
-    assert text.count("searched with the previous question") == 1  # the aside is judged as asked ...
+    assert ("searched with the previous question: What does alarm A-202 mean? What should I do about it? And after "
+            "that?") in text  # the chain keeps the topic
+    assert text.count("searched with the previous question") == 2  # the aside is judged as asked ...
     assert text.split("assistant>")[-1].strip().startswith(ABSTAIN_TEXT)  # ... and refused

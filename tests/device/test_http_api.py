@@ -298,3 +298,21 @@ def test_max_tokens_beyond_the_context_names_the_field(served: tuple[object, obj
         assert ok.status_code == 200, ok.text
         over = httpx.post(server.url + path, json=dict(body, max_tokens=allowed + 1), timeout=300)
         assert over.json()["error"]["code"] == "max_tokens_too_large", over.text
+
+
+def test_ask_reports_a_followup_search_and_takes_it_back_in_history(served: tuple[object, object]) -> None:
+    """/v1/ask: a follow-up's joined search comes back as retrieval_query; sent back with the history (as the page
+    does), the next follow-up is searched with the whole topic."""
+    server, _ = served
+    first = "What does alarm A-202 mean?"
+    r = httpx.post(server.url + "/v1/ask", json={"question": "What should I do about it?", "max_tokens": 8,
+                                                 "history": [{"question": first, "answer": "Chlorine gas."}]},
+                   timeout=300).json()
+    assert r["retrieval_query"] == f"{first} What should I do about it?"
+    r2 = httpx.post(server.url + "/v1/ask", json={"question": "And after that?", "max_tokens": 8, "history": [
+        {"question": first, "answer": "Chlorine gas."},
+        {"question": "What should I do about it?", "answer": r["answer"], "retrieval_query": r["retrieval_query"]}]},
+        timeout=300).json()
+    assert r2["retrieval_query"] == f"{first} What should I do about it? And after that?"
+    alone = httpx.post(server.url + "/v1/ask", json={"question": QUESTION, "max_tokens": 8}, timeout=300).json()
+    assert "retrieval_query" not in alone
