@@ -38,6 +38,36 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def quality_figures(fig: dict[str, Any], headline: Any) -> str:
+    """One quality row as ``headline(fig)`` (a sentence of its main figures), or, when the row lacks a key the
+    headline needs (an older or a GGUF-input build), its scalar figures three ``key=value`` to a line. Every figure
+    stays in ``fieldpack inspect --json``."""
+    try:
+        return str(headline(fig))
+    except (KeyError, TypeError, ValueError):
+        items = [f"{k}={_fmt(v)}" for k, v in fig.items() if not isinstance(v, (list, dict))]
+        return "\n".join(", ".join(items[i:i + 3]) for i in range(0, len(items), 3))
+
+
+def _parity_line(f: dict[str, Any]) -> str:
+    return (f"{'passed' if f['passed'] else 'FAILED'}: top-1 agreement {f['top1_agreement']:.4f}, max |Δlogit| "
+            f"{f['max_abs_logit_diff']:.3g} (tolerance {f['tolerance']:g}) over {f['tokens_compared']} tokens, "
+            f"tokenization {'identical' if f['tokenization_identical'] else 'DIFFERS'}")
+
+
+def _quantization_line(f: dict[str, Any]) -> str:
+    return (f"{f['qtype']}: PPL {f['ppl_ref']:.2f} -> {f['ppl_test']:.2f} ({f['delta_ppl']:+.2f}), KLD mean "
+            f"{f['kld_mean']:.4f} (p99 {f['kld_p99']:.4f}), top-1 agreement {f['top1_agreement']:.3f} over "
+            f"{f['tokens_scored']} held-out tokens; {_mib(f['size_bytes'])}, {f['ratio_to_f16']:.2f}x f16")
+
+
+def _embedder_gate_line(f: dict[str, Any]) -> str:
+    kept = "int8 kept" if f["kept_int8"] else "fp32 kept (int8 failed the gate)"
+    size = _mib(f["int8_bytes"] if f["kept_int8"] else f["fp32_bytes"])
+    return (f"{kept}: mean cosine {f['mean_cosine']:.4f} (min {f['min_cosine']:.4f}), recall@{f['k']} agreement "
+            f"{f['recall_at_k']:.2f}; {size} (fp32 {_mib(f['fp32_bytes'])})")
+
+
 def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Console | None = None) -> None:
     """Print the manifest as a few tables: identity, model, embedder/index, memory, quality, members."""
     c = console or make_console()
@@ -85,10 +115,11 @@ def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Co
     c.print(t)
     q = m.quality
     t = Table("quality", "figures", title="quality")
-    for name, fig in [("parity (HF vs GGUF)", q.parity), ("quantization vs f16", q.quantization),
-                      ("embedder int8 gate", q.embedder)]:
+    for name, fig, headline in [("parity (HF vs GGUF)", q.parity, _parity_line),
+                                ("quantization vs f16", q.quantization, _quantization_line),
+                                ("embedder int8 gate", q.embedder, _embedder_gate_line)]:
         if fig:
-            t.add_row(name, ", ".join(f"{k}={_fmt(v)}" for k, v in fig.items() if not isinstance(v, (list, dict))))
+            t.add_row(name, quality_figures(fig, headline))
     c.print(t)
     trim_rows = [r for r in q.stages if r.get("stage") == "vocabulary trim"]
     compress_rows = [r for r in q.stages if r.get("stage") != "vocabulary trim"]
