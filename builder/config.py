@@ -109,19 +109,19 @@ class BuildConfig(BaseModel):
     @model_validator(mode="after")
     def _ship_adapter(self) -> "BuildConfig":
         """``--ship-adapter`` ships the unadapted base model: it needs ``--adapt`` / ``--distill-from`` and no stage
-        that changes the base model's tensors (pruning, vocabulary trimming, a calibrated quantizer)."""
+        that changes the tensors the adapter was trained on (pruning, a calibrated quantizer). Vocabulary trimming
+        is allowed: it cuts only the embedding and output rows, which our LoRA does not adapt."""
         if not self.ship_adapter:
             return self
         if not self.adapt:
             raise ValueError("--ship-adapter needs a LoRA to ship. Fix: add --adapt dapt|raft or --distill-from, or "
                              "drop --ship-adapter")
         mixed = [o for o, on in (("--prune", self.compression.get("prune")), ("--heal", self.compression.get("heal")),
-                                 ("--trim-vocab", self.trim_vocab),
                                  ("--quantizer", str(self.compression.get("quantizer") or "rtn").lower() != "rtn"))
                  if on]
         if mixed:
             raise ValueError(f"--ship-adapter is not combined with {', '.join(mixed)} (the adapter is trained on the "
-                             f"unpruned, untrimmed base model). Fix: build without {', '.join(mixed)}, or without "
+                             f"unpruned base model). Fix: build without {', '.join(mixed)}, or without "
                              "--ship-adapter (the merged model then ships)")
         return self
 

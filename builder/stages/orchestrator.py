@@ -70,7 +70,7 @@ from fieldpack.builder.stages.embedder import (
     EmbedderRecord,
 )
 from fieldpack.builder.stages.gguf import GGUF_INPUT, GgufInputInputs, GgufInputRecord
-from fieldpack.builder.stages.trim import TRIM, TrimInputs, TrimRecord
+from fieldpack.builder.stages.trim import TRIM, TRIM_LIKE, TrimInputs, TrimLikeInputs, TrimRecord
 from fieldpack.builder.stages.model import CONVERT, PARITY, ConvertInputs, ConvertRecord, ParityInputs, ParityRecord
 from fieldpack.builder.stages.quant import (
     COMPRESS,
@@ -198,7 +198,7 @@ def _hf_model_stages(cfg: Any, model_dir: Path, chunks: Input, run: Runner, prom
     if getattr(cfg, "adapt", None):
         adapted = _adapt_stage(cfg, checkpoint, conv, split, chunks, prompt, run)
         if getattr(cfg, "ship_adapter", False):
-            return _adapter_stages(cfg, checkpoint, conv, split, adapted, run)
+            return _adapter_stages(cfg, checkpoint, conv, split, adapted, chunks, run)
         checkpoint, model_dir = adapted.checkpoint_input(), adapted.checkpoint
         conv = run(CONVERT, ConvertInputs(checkpoint=checkpoint, outtype=cfg.parity_outtype))
     parity = run(PARITY, ParityInputs(checkpoint=checkpoint, gguf=conv.gguf()))
@@ -243,23 +243,33 @@ def _resolve_compression(cfg: Any, model_dir: Path) -> Any:
 
 
 def _adapter_stages(cfg: Any, checkpoint: Input, conv: ConvertRecord, split: SplitRecord, adapted: AdaptRecord,
-                    run: Runner) -> dict[str, Any]:
-    """``--ship-adapter``: the source checkpoint is gated, quantized and shipped; the adapted (merged) checkpoint
-    is converted only as the reference that the adapter check and the quality stage measure against. (No
-    pruning, trimming or calibrated quantizer: :meth:`BuildConfig` refuses those with ``--ship-adapter``.)"""
+                    chunks: Input, run: Runner) -> dict[str, Any]:
+    """``--ship-adapter``: the source checkpoint is gated, [trimmed,] quantized and shipped; the adapted (merged)
+    checkpoint is converted only as the reference that the adapter check and the quality stage measure against.
+
+    With ``--trim-vocab`` the base model is trimmed (and gated) as in a plain build, and the merged reference is cut
+    to the same token ids (:data:`TRIM_LIKE`), so base + adapter and the reference share the vocabulary the device
+    runs. Our LoRA adapts only the blocks' linear layers, which trimming does not touch, so the adapter trained on
+    the untrimmed model applies unchanged. (No pruning or calibrated quantizer: :meth:`BuildConfig` refuses those
+    with ``--ship-adapter``.)"""
     if cfg.compression:  # --imatrix only (BuildConfig refuses pruning and calibrated quantizers here)
         _resolve_compression(cfg, checkpoint.path)
     merged = run(CONVERT, ConvertInputs(checkpoint=adapted.checkpoint_input(), outtype=cfg.parity_outtype))
-    adapter = adapted.adapter_input()
-    check = run(ADAPTER_CHECK, AdapterCheckInputs(base=conv.gguf(), adapter=adapter,
-                                                  merged=merged.gguf(), split=split.split(), n_ctx=split.n_ctx_eval))
     parity = run(PARITY, ParityInputs(checkpoint=checkpoint, gguf=conv.gguf()))
-    quant = run(QUANTIZE, QuantizeInputs(source=conv.gguf(), qtype=cfg.quant.upper(),
+    trim = _trim(cfg, conv.gguf(), chunks, split, run)
+    base, reference = conv.gguf(), merged.gguf()
+    if trim is not None:
+        base = trim.trimmed()
+        reference = run(TRIM_LIKE, TrimLikeInputs(source=merged.gguf(), keep=tuple(trim.keep))).trimmed()
+    adapter = adapted.adapter_input()
+    check = run(ADAPTER_CHECK, AdapterCheckInputs(base=base, adapter=adapter, merged=reference, split=split.split(),
+                                                  n_ctx=split.n_ctx_eval))
+    quant = run(QUANTIZE, QuantizeInputs(source=base, qtype=cfg.quant.upper(),
                                          imatrix_from=split.split() if cfg.compression.get("imatrix") else None,
                                          **tensor_type_options(cfg)))
-    quality = run(QUALITY, QualityInputs(reference=merged.gguf(), model=quant.model(), split=split.split(),
+    quality = run(QUALITY, QualityInputs(reference=reference, model=quant.model(), split=split.split(),
                                          n_ctx=split.n_ctx_eval, adapter=adapter))
-    return dict(convert=conv, parity=parity, split=split, compress=None, quantize=quant, quality=quality, trim=None,
+    return dict(convert=conv, parity=parity, split=split, compress=None, quantize=quant, quality=quality, trim=trim,
                 adapt=adapted, adapter_check=check)
 
 

@@ -81,3 +81,37 @@ def run_trim(inputs: TrimInputs, out_dir: Path) -> TrimRecord:
 TRIM = Stage("trim-vocab", "1", TrimRecord, run_trim, libraries=("llama_cpp_python", "gguf", "numpy"),
              code=("fieldpack.builder.trim", "fieldpack.builder.stages.trim"),
              label=lambda i: f"trim vocab (+{i.keep_general} general)")
+
+
+class TrimLikeInputs(StageInputs):
+    source: Input  # untrimmed F16/F32 GGUF with the vocabulary the keep list indexes
+    keep: tuple[int, ...]  # untrimmed ids to keep, ascending: a TrimRecord's ``keep``
+
+
+class TrimLikeRecord(StageRecord):
+    """``gguf``: ``source`` cut to the given token ids (no selection, no gate of its own)."""
+
+    gguf: Path
+    vocab_size: int
+
+    def trimmed(self) -> Input:
+        return self.input_for(self.gguf)
+
+
+def run_trim_like(inputs: TrimLikeInputs, out_dir: Path) -> TrimLikeRecord:
+    """Cut ``inputs.source`` to ``inputs.keep`` (:func:`~fieldpack.builder.trim.gguf_trim.write_trimmed_gguf`).
+
+    For ``--ship-adapter --trim-vocab``: the merged (base + LoRA) reference must have the shipped base model's
+    vocabulary, ids included, for the adapter check and the quality stage to compare logits row for row; trimming it
+    afresh could keep other tokens, since the general tokens are chosen by the model's own predictions.
+    Raises ModelLoadError (a special token the list drops, a tensor whose rows are not the vocabulary).
+    """
+    from fieldpack.builder.trim.gguf_trim import write_trimmed_gguf
+
+    res = write_trimmed_gguf(inputs.source.path, out_dir / "trimmed.gguf", list(inputs.keep))
+    return TrimLikeRecord(gguf=res.path, vocab_size=res.vocab_after)
+
+
+TRIM_LIKE = Stage("trim-vocab-like", "1", TrimLikeRecord, run_trim_like, libraries=("gguf", "numpy"),
+                  code=("fieldpack.builder.trim.gguf_trim", "fieldpack.builder.stages.trim"),
+                  label=lambda i: f"trim the merged reference to the same {len(i.keep)} tokens")
