@@ -27,7 +27,7 @@ from fieldpack.device.prompt import ABSTAIN_TEXT, NO_ROOM_TEXT, Turn, fit_prompt
 from fieldpack.device.types import Answer, Timings
 from fieldpack.retrieval.types import Hit
 from fieldpack.shared import bundle_format as fmt
-from fieldpack.shared.errors import EmptyQuestionError, RuntimeLoadError, SlotCheckError
+from fieldpack.shared.errors import EmptyQuestionError, MaxTokensError, RuntimeLoadError, SlotCheckError
 from fieldpack.shared.manifest import Manifest, parse_manifest
 from fieldpack.shared.protocol import MAX_QUESTION_CHARS
 from fieldpack.shared.text import clean_question
@@ -234,6 +234,24 @@ class Runtime:
                                  min_similarity=self.manifest.runtime.min_similarity,
                                  unknown_terms=self._retriever.unknown_terms)
 
+    def _check_cap_leaves_the_best_source(self, question: str, hits: Sequence[Hit], max_tokens: int) -> None:
+        """Refuse a caller's answer cap that would force the best source to be cut: the prompt builder halves a
+        source that does not fit, which kept the A-101/A-102 rows of the alarm table and dropped A-202, so the model
+        answered wrongly with a citation (a new-user trial, ``--max-tokens 1900`` at n_ctx 2048). Cost: one render
+        and tokenize. Nothing is refused when the best source alone cannot fit at any cap (the bundle's n_ctx).
+
+        Raises:
+            MaxTokensError: naming the largest cap that leaves the question and its best source whole.
+        """
+        if not hits:
+            return
+        need = len(self.tokenize_prompt(self.render_prompt(question, hits[:1], ())))
+        allowed = self.n_ctx - need
+        if max_tokens > allowed >= 1:
+            raise MaxTokensError(max_tokens, allowed, f"leaves {self.n_ctx - max_tokens} of n_ctx {self.n_ctx} tokens "
+                                 f"for the prompt, but the question with its best source needs {need}",
+                                 cli_hint=f"use --max-tokens {allowed} or less, or raise --n-ctx")
+
     def answer(self, question: str, *, on_token: Callable[[str], None] | None = None,
                cancel: threading.Event | None = None, history: Sequence[Turn] = (),
                k: int | None = None, max_tokens: int | None = None, extra_stop: Sequence[str] = ()) -> Answer:
@@ -251,6 +269,8 @@ class Runtime:
         Raises:
             EmptyQuestionError: the question is empty or whitespace.
             QuestionTooLongError: the question alone does not fit ``n_ctx - max_tokens`` tokens.
+            MaxTokensError: a given ``max_tokens`` leaves less than the question with its best source whole
+                (``max_tokens=None`` never: then the builder's cap holds and a too-long source is cut).
         """
         from fieldpack.retrieval.search import is_relevant
 
@@ -265,6 +285,7 @@ class Runtime:
                                        hint="ask a shorter question")
         rt = self.manifest.runtime
         check_answer_options(k=k, max_tokens=max_tokens, n_ctx=self.n_ctx)
+        explicit_cap = max_tokens is not None
         max_tokens = int(max_tokens if max_tokens is not None else min(rt.max_tokens, self.n_ctx - MIN_PROMPT_TOKENS))
         with self._lock:
             t0 = time.perf_counter()
@@ -278,6 +299,8 @@ class Runtime:
                 return Answer(question=q, text=ABSTAIN_TEXT, sources=[], abstained=True,
                               timings=Timings(retrieval_ms=retrieval_ms, total_ms=retrieval_ms),
                               bundle=self.bundle_label, finish_reason="abstained", extra=context)
+            if explicit_cap:
+                self._check_cap_leaves_the_best_source(q, hits, max_tokens)
             built = fit_prompt(q, hits, history, render=self.render_prompt, tokenize=self.tokenize_prompt,
                                budget_tokens=self.n_ctx - max_tokens)
             if not built.hits:  # not even a trimmed source fits beside the question: do not answer ungrounded

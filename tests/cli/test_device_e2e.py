@@ -153,3 +153,23 @@ def test_chat_says_when_a_followup_was_searched_with_the_previous_question(devic
             "that?") in text  # the chain keeps the topic
     assert text.count("searched with the previous question") == 2  # the aside is judged as asked ...
     assert text.split("assistant>")[-1].strip().startswith(ABSTAIN_TEXT)  # ... and refused
+
+
+def test_a_cap_that_would_cut_the_best_source_is_refused(device_dir: Path) -> None:
+    """At n_ctx minus a few dozen tokens the prompt builder halved the alarm table, kept A-101/A-102 and dropped
+    A-202, and the model answered wrongly with a citation (a new-user trial). A given cap that would cut the best
+    source is refused, naming the largest that keeps it whole; the builder's own cap still cuts, as before."""
+    from fieldpack.device.runtime import Runtime
+    from fieldpack.device.slots import open_data_dir
+    from fieldpack.shared.errors import MaxTokensError
+
+    q = "What does alarm A-202 mean?"
+    with Runtime(open_data_dir(device_dir).active_slot_path()) as rt:
+        with pytest.raises(MaxTokensError, match="best source needs") as ei:
+            rt.answer(q, max_tokens=rt.n_ctx - 64)
+        allowed = ei.value.allowed
+        assert "--max-tokens" in str(ei.value) and f"max_tokens {allowed} or less" in ei.value.api_message()
+        ans = rt.answer(q, max_tokens=allowed)
+        assert "A-202" in ans.sources[0].text and not ans.sources[0].text.endswith("…")
+        with pytest.raises(MaxTokensError):
+            rt.answer(q, max_tokens=allowed + 1)
