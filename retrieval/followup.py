@@ -55,6 +55,13 @@ def looks_like_followup(message: str) -> bool:
     return len(words) <= FOLLOWUP_REFERENCE_MAX_WORDS and any(w in BACK_REFERENCES for w in words)
 
 
+def points_back(message: str) -> bool:
+    """Whether ``message`` uses one of :data:`BACK_REFERENCES`: it then refers to the earlier turn by its words
+    alone, whatever else it asks ("Is it dangerous?", "How long does it take?"). An opening "and" is weaker
+    evidence ("And how long does the forklift battery take to charge?" is an aside) and does not count."""
+    return any(w in BACK_REFERENCES for w in _WORD.findall(message.lower()))
+
+
 def joined_query(previous_question: str, message: str) -> str:
     """The retrieval query for a follow-up: the previous question, then the message (one space between)."""
     return f"{' '.join(previous_question.split())} {' '.join(message.split())}"
@@ -75,17 +82,19 @@ def search_in_context(search: Callable[[str], list[Hit]], message: str, previous
 
     Returns:
         ``(hits, query)``: the message's own hits and ``message``; or, when it :func:`looks_like_followup` and is
-        not an aside, the hits of :func:`joined_query` and that query (the gate then judges those hits). An aside
-        is far from the documents (its own best ``vector_similarity`` below ``FOLLOWUP_SIMILARITY_SHARE *
-        min_similarity``) *and* brings a word they never use ("Nearest pharmacy?"). A follow-up made of words
-        the documents use ("How do I clear it?", or only stop words: "What should I do about it?") joins even
-        when far: in a small document set nothing is near such a short message.
+        not an aside, the hits of :func:`joined_query` and that query (the gate then judges those hits). A message
+        that :func:`points_back` ("Is it dangerous?") is never an aside. Another short one
+        is an aside when it is far from the documents (its own best ``vector_similarity`` below
+        ``FOLLOWUP_SIMILARITY_SHARE * min_similarity``) *and* brings a word they never use ("Nearest pharmacy?");
+        made of words the documents use ("In parallel?") it joins even when far: in a small document set nothing
+        is near such a short message, and most everyday words are missing from it.
     """
     hits = search(message)
     if not previous_question or not looks_like_followup(message):
         return hits, message
-    best = max((h.vector_similarity for h in hits if h.vector_similarity is not None), default=-1.0)
-    if best < min_similarity * FOLLOWUP_SIMILARITY_SHARE and unknown_terms(message):
-        return hits, message  # an aside away from the documents: judged as asked, not from the last topic
+    if not points_back(message):
+        best = max((h.vector_similarity for h in hits if h.vector_similarity is not None), default=-1.0)
+        if best < min_similarity * FOLLOWUP_SIMILARITY_SHARE and unknown_terms(message):
+            return hits, message  # an aside away from the documents: judged as asked, not from the last topic
     query = joined_query(previous_question, message)
     return search(query), query

@@ -125,6 +125,12 @@ def test_a_followup_is_searched_with_the_previous_question(device_dir: Path) -> 
     assert any(h.source == "alarms.csv" for h in follow.sources), [h.source for h in follow.sources]
     assert "retrieval_query" not in alone.extra and "retrieval_query" not in alone.to_dict()
     assert "retrieval_query" not in other.extra and other.sources and other.sources[0].source == "database.md"
+    with Runtime(open_data_dir(device_dir).active_slot_path()) as rt:  # words the demo never uses, but "it"
+        first2 = "How often is the filter backwashed?"
+        a2 = rt.answer(first2, max_tokens=8)
+        long_ = rt.answer("How long does it take?", max_tokens=8, history=[Turn(first2, a2.text)])
+    assert long_.extra["retrieval_query"] == f"{first2} How long does it take?" and not long_.abstained
+    assert long_.sources[0].source == "filters.html"
     # a third turn that follows the follow-up keeps the whole topic (Turn.search_query)
     with Runtime(open_data_dir(device_dir).active_slot_path()) as rt:
         third = rt.answer("And after that?", max_tokens=8, history=[
