@@ -396,10 +396,13 @@ class Runtime:
         perf = llama_cpp.llama_perf_context(llm.ctx)
         n_eval = int(perf.n_eval)
         decode_ms = float(perf.t_eval_ms)
+        # each generated token is evaluated when the next is asked for; a run cut at max_tokens never evaluates its
+        # last one (at EOS the unevaluated token is the EOS, which is not output), so count it here
+        n_tokens = n_eval + 1 if finish == "length" and pieces else n_eval
         figures = {
             "prompt_eval_ms": float(perf.t_p_eval_ms),
             "first_token_ms": ((first or t_end) - t0) * 1e3,
-            "n_tokens": n_eval,
+            "n_tokens": n_tokens,
             "decode_ms": decode_ms,
             "tokens_per_s": (n_eval / (decode_ms / 1e3)) if decode_ms > 0 else 0.0,
         }

@@ -53,6 +53,14 @@ class Answer:
         }
 
 
+def cut_notice(tokens: int, how: str | None = None) -> str:
+    """The line shown under an answer that stopped at its length cap (``finish_reason == "length"``): it ends
+    mid-sentence, and the missing part may be the instruction that matters (a new-user trial lost "switch to
+    standby pump 4"). ``how``: how to ask for more (``"--max-tokens N"``), or ``None`` where the asker cannot."""
+    more = f"; ask again with {how} for more" if how else ""
+    return f"[cut at {tokens} tokens: the answer goes on{more}]"
+
+
 class AnswerEngine(Protocol):
     """What answers questions: the device runtime (``device.runtime.Runtime``) or a test double.
 

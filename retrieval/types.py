@@ -37,14 +37,16 @@ class Hit:
     bm25: float | None = None
 
     def citation(self) -> str:
-        """Human-readable citation: ``file § section, p. N`` or ``file § section, lines a-b``."""
+        """Human-readable citation: ``file § section, p. N``, ``file § section, lines a-b``, or ``line a`` when the
+        chunk is one line."""
         parts = [self.source]
         if self.section:
             parts.append(f"§ {self.section}")
         if self.page is not None:
             parts.append(f"p. {self.page}")
         elif self.line_start is not None:
-            parts.append(f"lines {self.line_start}-{self.line_end}")
+            one = self.line_end is None or self.line_end == self.line_start
+            parts.append(f"line {self.line_start}" if one else f"lines {self.line_start}-{self.line_end}")
         return ", ".join(parts[:1]) + (" " + ", ".join(parts[1:]) if len(parts) > 1 else "")
 
     def to_dict(self) -> dict[str, Any]:

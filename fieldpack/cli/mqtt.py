@@ -226,8 +226,16 @@ def ask(
     typer.echo("")
     for source in final.sources:
         typer.echo(f"[{source.n}] {source.citation}")
+    if final.finish_reason == "length":
+        from fieldpack.device.types import cut_notice
+
+        typer.echo(cut_notice(final.timings.completion_tokens if final.timings else 0), err=True)  # MQTT has no cap
     if final.timings is not None:
         t = final.timings
+        if final.abstained:  # no generation ran: only retrieval has a time (as `fieldpack ask` says it)
+            typer.echo(f"-- {final.device}, {final.bundle}: abstained without running the model, retrieval "
+                       f"{t.retrieval_ms:.0f} ms, queued {t.queue_ms:.0f} ms", err=True)
+            return
         typer.echo(
             f"-- {final.device}, {final.bundle}: first token {t.time_to_first_token_ms:.0f} ms, "
             f"{t.tokens_per_s:.1f} tok/s, retrieval {t.retrieval_ms:.0f} ms, queued {t.queue_ms:.0f} ms",

@@ -150,7 +150,8 @@ def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Co
         c.print(t)
     t = Table("member", "bytes", "sha256", title="members")
     for mem_ in m.members:
-        t.add_row(mem_.name, f"{mem_.size:,}", mem_.sha256[:16] + "…")
+        # on a terminal the hash is cut to fit; piped (a log, a ticket) it is whole, as README promises no "…"
+        t.add_row(mem_.name, f"{mem_.size:,}", mem_.sha256[:16] + "…" if c.is_terminal else mem_.sha256)
     c.print(t)
 
 
@@ -196,10 +197,14 @@ def print_answer(ans: Answer, *, streamed: bool = False, console: Console | None
         c.print("\n[bold]Sources[/]")
         for i, h in enumerate(ans.sources, start=1):
             c.print(f"  [{i}] {h.citation()}  (score {h.score:.3f})", markup=False, highlight=False)
-    if ans.extra.get("retrieval_query"):  # a follow-up: say what was searched, so a wrong page can be understood
-        from rich.text import Text
+    from rich.text import Text
 
-        c.print(Text(f"searched together with the previous question: {ans.extra['retrieval_query']}", style="dim"))
+    from fieldpack.device.types import cut_notice
+
+    if ans.extra.get("retrieval_query"):  # a follow-up: say what was searched, so a wrong page can be understood
+        c.print(Text(f"searched with the previous question: {ans.extra['retrieval_query']}", style="dim"))
+    if ans.finish_reason == "length":
+        c.print(Text(cut_notice(ans.timings.completion_tokens, "--max-tokens N"), style="dim"))
     tm = ans.timings
     if ans.abstained:  # no generation ran: only retrieval has a time
         c.print(f"[dim]retrieval {tm.retrieval_ms:.0f} ms, abstained without running the model, {ans.bundle}[/]")

@@ -179,3 +179,28 @@ def test_a_cap_that_would_cut_the_best_source_is_refused(device_dir: Path) -> No
         assert "A-202" in ans.sources[0].text and not ans.sources[0].text.endswith("…")
         with pytest.raises(MaxTokensError):
             rt.answer(q, max_tokens=allowed + 1)
+
+
+def test_an_answer_cut_at_max_tokens_counts_every_token(device_dir: Path) -> None:
+    """completion_tokens was one short at max_tokens (llama.cpp's perf counter misses the last, never evaluated,
+    token; a new-user trial): 5 streamed pieces reported 4."""
+    from fieldpack.device.runtime import Runtime
+    from fieldpack.device.slots import open_data_dir
+
+    pieces: list[str] = []
+    with Runtime(open_data_dir(device_dir).active_slot_path()) as rt:
+        ans = rt.answer("The connection pool is exhausted. What should I do?", max_tokens=5, on_token=pieces.append)
+    assert ans.finish_reason == "length"
+    assert ans.timings.completion_tokens == len(pieces) == 5
+
+
+def test_an_answer_cut_at_max_tokens_says_so(device_dir: Path) -> None:
+    """Cut mid-sentence, the answer may lose the instruction that matters: `ask` says it was cut and how to get
+    more (only --json showed finish_reason "length"; a new-user trial)."""
+    r = run_cli("ask", "The connection pool is exhausted. What should I do?", "--data-dir", str(device_dir),
+                "--max-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    assert "[cut at 5 tokens: the answer goes on; ask again with --max-tokens N for more]" in r.stdout, r.stdout
+    r = run_cli("ask", "The connection pool is exhausted. What should I do?", "--data-dir", str(device_dir),
+                "--max-tokens", "200")
+    assert r.returncode == 0 and "[cut at" not in r.stdout, r.stdout

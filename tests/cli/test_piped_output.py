@@ -91,3 +91,12 @@ def test_chat_piped_is_full_width(device_dir: Path) -> None:
     for heading in headings:  # "── [n] <citation> ──", each citation whole and also in the sources line
         assert heading.endswith(" ──") and heading[3:-3] in sources[0]
     assert max(map(len, lines)) < 2000 and "\x1b[" not in r.stdout
+
+
+def test_inspect_piped_shows_whole_hashes(bundle_v1: Path) -> None:
+    """`fieldpack inspect B | cat`: each member's sha256 whole (64 hex digits), not cut to 16 with "…"."""
+    import re
+
+    r = run_cli("inspect", str(bundle_v1))
+    assert r.returncode == 0, r.stderr
+    assert "…" not in r.stdout and len(re.findall(r"\b[0-9a-f]{64}\b", r.stdout)) >= 4, r.stdout[-1500:]

@@ -28,3 +28,14 @@ def test_a_row_without_the_headline_keys_is_listed_three_to_a_line() -> None:
     lines = quality_figures(row, _quantization_line).splitlines()
     assert lines[0] == "chunks=4, delta_ppl=0.1887, held_out_chunks=8" and len(lines) == 4
     assert all(line.count("=") <= 3 for line in lines) and "hist" not in "".join(lines)
+
+
+def test_a_one_line_chunk_is_cited_as_one_line() -> None:
+    from fieldpack.retrieval.types import Hit
+
+    def hit(a: int, b: int) -> Hit:
+        return Hit(chunk_id=1, source="pumps.md", section="Pump 3", page=None, line_start=a, line_end=b, text="t",
+                   score=0.1)
+
+    assert hit(24, 24).citation() == "pumps.md § Pump 3, line 24"
+    assert hit(10, 24).citation() == "pumps.md § Pump 3, lines 10-24"

@@ -47,7 +47,8 @@ class FakeEngine:
     while held. ``hold_after``: after that many pieces it waits until :meth:`release` (``None``: never holds).
     ``busy_cpu_s``: burn this much CPU in pure Python before the first piece (holds the GIL in slices, as a
     slow prompt evaluation would). A question starting with ``!crash`` raises ``RuntimeError``, ``!query``
-    raises ``QuestionTooLongError`` from inside the engine.
+    raises ``QuestionTooLongError`` from inside the engine; ``!abstain`` abstains (no sources, no generation),
+    ``!long`` ends with ``finish_reason="length"``.
 
     Attributes:
         started: set when an answer begins; ``calls`` lists the questions answered.
@@ -96,6 +97,10 @@ class FakeEngine:
         if question.startswith("!query"):
             raise errors.QuestionTooLongError("question is 9999 tokens, more than fit", hint="ask less")
         t0 = time.perf_counter()
+        if question.startswith("!abstain"):
+            return Answer(question=question.strip(), text="The documents do not answer this.", sources=[],
+                          abstained=True, timings=Timings(retrieval_ms=1.5, total_ms=1.5), bundle=self._label,
+                          finish_reason="abstained")
         if self.busy_cpu_s:
             end = time.process_time() + self.busy_cpu_s
             x = 0
@@ -118,7 +123,7 @@ class FakeEngine:
             sent.append(piece)
             if self.delay_s:
                 time.sleep(self.delay_s)
-        return self._answer(question, sent, "stop", t0, first_ms)
+        return self._answer(question, sent, "length" if question.startswith("!long") else "stop", t0, first_ms)
 
     def _answer(self, question: str, pieces: list[str], finish: str, t0: float, first_ms: float) -> Answer:
         total_ms = (time.perf_counter() - t0) * 1000

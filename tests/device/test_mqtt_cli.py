@@ -75,6 +75,17 @@ def test_ask_streams_the_answer_and_prints_citations(cli: typer.Typer, broker: M
     assert "[1] pumps.md § Pump 3 > Alarms, lines 10-24" in result.output
 
 
+def test_ask_says_an_abstention_and_a_cut_answer(cli: typer.Typer, broker: MosquittoBroker, daemon: MqttDaemon) -> None:
+    """An abstention printed "first token 0 ms, 0.0 tok/s" (a new-user trial); an answer cut at the bundle's
+    max_tokens said nothing."""
+    dev = daemon.config.device_id
+    result = CliRunner().invoke(cli, ["mqtt", "ask", "!abstain please", "--device", dev, *_login(broker)])
+    assert result.exit_code == 0, result.output
+    assert "abstained without running the model" in result.output and "first token" not in result.output
+    result = CliRunner().invoke(cli, ["mqtt", "ask", "!long please", "--device", dev, *_login(broker)])
+    assert result.exit_code == 0 and "[cut at 5 tokens: the answer goes on]" in result.output, result.output
+
+
 def test_ask_json_and_group(cli: typer.Typer, broker: MosquittoBroker, daemon: MqttDaemon) -> None:
     result = CliRunner().invoke(cli, ["mqtt", "ask", "q", "--group", "cli-group", "--json", *_login(broker)])
     assert result.exit_code == 0, result.output
