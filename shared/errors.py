@@ -43,7 +43,8 @@ they are caught, with ``raise ... from exc``. The CLI and the daemon turn a ``Fi
     │   ├── NoActiveBundleError
     │   ├── NoPreviousBundleError
     │   ├── RuntimeLoadError
-    │   └── DowngradeError              older version or other bundle name than the active one
+    │   ├── DowngradeError              older version or other bundle name than the active one
+    │   └── ShuttingDownError           the daemon stopped before answering (queued or running)
     ├── QueryError                      a question that cannot be answered as asked     (exit 7)
     │   ├── EmptyQuestionError
     │   └── QuestionTooLongError
@@ -277,6 +278,10 @@ class NoPreviousBundleError(DeviceError):
 
 class RuntimeLoadError(DeviceError):
     code = "runtime_load"
+
+
+class ShuttingDownError(DeviceError):
+    code = "shutting_down"
 
 
 class DowngradeError(DeviceError):

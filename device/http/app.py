@@ -74,6 +74,11 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+#: What a client whose answer the shutdown stopped gets (503, code ``shutting_down``).
+SHUTDOWN_STOPPED = errors.ShuttingDownError("the device is shutting down; the answer was stopped",
+                                            hint="send the request again when the device is back")
+
+
 def api_error_of(err: errors.FieldpackError) -> ApiError:
     """HTTP form of a fieldpack error: a bad question is the client's (400), a missing or broken bundle the
     device's (503), anything else a server error (500)."""
@@ -261,6 +266,8 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
                         cancelled(run)
                         raise ApiError(499, "client closed the request", code="client_closed")
                     continue
+                if kind == "done" and stopped_by_shutdown(value):
+                    kind, value = "error", SHUTDOWN_STOPPED
                 if kind == "done":
                     run.finished = True
                     record(value, run)
@@ -281,6 +288,8 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
                 yield _sse(chunk)
             while True:
                 kind, value = await run.events.get()
+                if kind == "done" and stopped_by_shutdown(value):
+                    kind, value = "error", SHUTDOWN_STOPPED
                 if kind == "token":
                     yield _sse(piece(value))
                 elif kind == "done":
@@ -296,6 +305,11 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
             yield b"data: [DONE]\n\n"
         finally:  # the client went away mid-stream (the generator is closed): free the engine
             cancelled(run)
+
+    def stopped_by_shutdown(out: Outcome) -> bool:
+        """A cancelled answer while the daemon stops: the shutdown cut it, not the client (who is still there).
+        Sent as a ``shutting_down`` error, so a stream does not end with ``finish_reason: "stop"`` as if complete."""
+        return out.finish_reason == "cancelled" and host.state().stopping
 
     def check_question(text: str, param: str, what: str | None = None) -> None:
         """Refuse what the runtime would refuse, before queueing, so a streamed request gets a status code.

@@ -41,6 +41,7 @@ class EngineState:
         loading: a bundle is being loaded or switched (``/health`` answers 503).
         error: why no engine can be had (e.g. nothing installed), or ``None``.
         chat: the loaded bundle has a chat template (``"grounding": false`` can run); ``True`` when unknown.
+        stopping: the daemon is shutting down: a cancelled answer is then the shutdown's, not the client's.
     """
 
     bundle: str | None
@@ -48,6 +49,7 @@ class EngineState:
     loading: bool
     error: str | None
     chat: bool = True
+    stopping: bool = False
 
 
 class EngineHost(Protocol):
@@ -131,7 +133,8 @@ class LocalEngineHost:
             info, error = self._info, self._error
         loading = _loading(self._provider) or (info is None and error is None)
         return EngineState(bundle=info.label if info else None, model=info.model if info else None,
-                           loading=loading, error=error, chat=info.chat if info else True)
+                           loading=loading, error=error, chat=info.chat if info else True,
+                           stopping=self._stopping.is_set())
 
     def start(self) -> None:
         """Start the worker (it loads the engine first)."""
@@ -145,8 +148,8 @@ class LocalEngineHost:
         self._stopping.set()
         for job in self._board.drain():
             if job.task is not None:
-                job.task(None, errors.DeviceError("the device is shutting down",
-                                                  hint="send the request again when it is back"))
+                job.task(None, errors.ShuttingDownError("the device is shutting down",
+                                                        hint="send the request again when it is back"))
         running = self._board.running
         if running is not None:
             running.cancel.set()
@@ -182,4 +185,4 @@ class MqttEngineHost:
         loading = _loading(self._provider) or (status.bundle is None and status.error is None)
         info = self._daemon.engine_info
         return EngineState(bundle=status.bundle, model=status.model, loading=loading, error=status.error,
-                           chat=info.chat if info else True)
+                           chat=info.chat if info else True, stopping=self._daemon.stopping)

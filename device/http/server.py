@@ -105,7 +105,7 @@ class HttpServer:
 
 
 def serve(provider: Any, http: HttpConfig, *, queue_size: int = 8, mqtt: tuple[Any, Any] | None = None) -> None:
-    """``fieldpack serve --http``: serve until SIGINT/SIGTERM, then stop in order (HTTP, then the worker).
+    """``fieldpack serve --http``: serve until SIGINT/SIGTERM, then stop in order (the worker, then HTTP).
 
     Args:
         provider: the engine provider (``device.provider.ActiveBundleProvider``).
@@ -135,6 +135,7 @@ def serve(provider: Any, http: HttpConfig, *, queue_size: int = 8, mqtt: tuple[A
         daemon = MqttDaemon(mqtt[0], provider, mqtt[1])
         host = MqttEngineHost(daemon, provider)
         daemon.start()
+    server: HttpServer | None = None
     try:
         server = HttpServer(host, http)
         server.start_in_thread()
@@ -142,12 +143,16 @@ def serve(provider: Any, http: HttpConfig, *, queue_size: int = 8, mqtt: tuple[A
         # a fatal MQTT error (login refused, twin device id) stops the HTTP side too
         while not stop.is_set() and (daemon is None or daemon.fatal_error is None):
             stop.wait(0.5)
-        server.stop()
     finally:
+        # the engine first: what waits is refused and what runs is stopped (shutting_down), so open streams end
+        # with an error event and [DONE]; stopping uvicorn first cut them at its graceful-shutdown timeout with a
+        # CancelledError traceback (a new-user trial)
         if daemon is not None:
             daemon.stop()
         else:
             host.stop()
+        if server is not None:
+            server.stop()
     log.info("HTTP on %s stopped", f"http://{http.host}:{http.port}")
     if daemon is not None and daemon.fatal_error is not None:
         raise daemon.fatal_error

@@ -227,6 +227,11 @@ class MqttDaemon:
         return self._board
 
     @property
+    def stopping(self) -> bool:
+        """:meth:`stop` has begun: queued requests are refused and the running one is cancelled."""
+        return self._stopping.is_set()
+
+    @property
     def fatal_error(self) -> errors.FieldpackError | None:
         """The error that stopped the daemon (login refused, device id served by another daemon), or ``None``."""
         return self._fatal

@@ -151,3 +151,49 @@ def test_http_beside_mqtt_shares_one_engine(tmp_path: Path, e2e_keys: Path, bund
         finally:
             server.stop()
             daemon.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_stream_ends_it_with_shutting_down(tmp_path: Path, e2e_keys: Path, bundle_v1: Path) -> None:
+    """Stopping the daemon mid-answer: the stream gets a shutting_down error event and [DONE], and stderr has no
+    traceback (uvicorn used to cancel the stream at its 5 s graceful-shutdown timeout: a cut transfer and a
+    CancelledError traceback; a new-user trial). The engine stops first, then HTTP."""
+    import json
+
+    from tests.device.http_fixtures import install_device
+
+    data_dir = install_device(tmp_path / "dev", e2e_keys, bundle_v1)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fieldpack", "serve", "--http", f"127.0.0.1:{port}",
+                             "--data-dir", str(data_dir)], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ))
+    events: list[str] = []
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the daemon never became healthy"
+            time.sleep(0.2)
+        body = {"prompt": "1, 2, 3, 4,", "max_tokens": 490, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 1:  # mid-answer (the tiny model's answer runs to about 90 tokens)
+                    proc.send_signal(signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    err = proc.stderr.read() if proc.stderr else ""
+    assert rc == 0 and "Traceback" not in err and "CancelledError" not in err, err[-3000:]
+    assert events[-1] == "[DONE]", events[-3:]
+    last = json.loads(events[-2])
+    assert last["error"]["code"] == "shutting_down", last
