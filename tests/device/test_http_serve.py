@@ -74,27 +74,34 @@ def test_without_a_bundle_health_is_503_and_requests_get_503(tmp_path: Path, e2e
         assert r.status_code == 503 and r.json()["error"]["code"] == "no_active_bundle" and "Retry-After" in r.headers
 
 
-@pytest.mark.slow
-def test_serve_process_answers_and_stops_on_sigterm(tmp_path: Path, e2e_keys: Path, bundle_v1: Path) -> None:
-    from tests.device.http_fixtures import install_device
-
-    data_dir = install_device(tmp_path / "dev", e2e_keys, bundle_v1)
+def _serve_until_healthy(data_dir: Path) -> tuple[subprocess.Popen, int]:
+    """`fieldpack serve --http` on a free port as a process (stderr piped), once /health says 200."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fieldpack", "serve", "--http", f"127.0.0.1:{port}",
                              "--data-dir", str(data_dir)], cwd=REPO, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ))
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read() if proc.stderr else "serve exited")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return proc, port
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the daemon never became healthy")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_serve_process_answers_and_stops_on_sigterm(tmp_path: Path, e2e_keys: Path, bundle_v1: Path) -> None:
+    from tests.device.http_fixtures import install_device
+
+    proc, port = _serve_until_healthy(install_device(tmp_path / "dev", e2e_keys, bundle_v1))
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the daemon never became healthy"
-            time.sleep(0.2)
         r = httpx.post(url + "/v1/ask", json={"question": QUESTION}, timeout=300)
         assert r.status_code == 200 and r.json()["bundle"] == "riverside@1.0.0"
         assert "<title>fieldpack assistant</title>" in httpx.get(url + "/").text
@@ -162,24 +169,10 @@ def test_sigterm_during_a_stream_ends_it_with_shutting_down(tmp_path: Path, e2e_
 
     from tests.device.http_fixtures import install_device
 
-    data_dir = install_device(tmp_path / "dev", e2e_keys, bundle_v1)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fieldpack", "serve", "--http", f"127.0.0.1:{port}",
-                             "--data-dir", str(data_dir)], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ))
+    proc, port = _serve_until_healthy(install_device(tmp_path / "dev", e2e_keys, bundle_v1))
     events: list[str] = []
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the daemon never became healthy"
-            time.sleep(0.2)
         body = {"prompt": "1, 2, 3, 4,", "max_tokens": 490, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
