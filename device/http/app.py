@@ -42,6 +42,7 @@ from fieldpack.shared import errors
 
 from fieldpack.device.http.engine import EngineHost, submit, withdraw
 from fieldpack.device.http.prom import CONTENT_TYPE, PromMetrics
+from fieldpack.device.options import MIN_PROMPT_TOKENS
 from fieldpack.device.http.schema import (
     AskRequest,
     ChatCompletionRequest,
@@ -323,6 +324,18 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
             raise ApiError(400, f"{param} has {len(text)} characters (limit {MAX_QUESTION_CHARS})",
                            code="question_too_long", param=param)
 
+    def check_cap(requested: int | None, room_needed: int) -> None:
+        """Refuse a ``max_tokens`` the loaded context cannot hold before queueing, so a streamed request gets a 400
+        instead of a 200 and an error event (the worker still checks the exact bound, which needs the prompt).
+        ``room_needed``: tokens the prompt needs at least (1 for a raw prompt; the runtime's floor for a grounded
+        answer)."""
+        n_ctx = host.state().n_ctx
+        if requested is None or n_ctx is None or requested <= n_ctx - room_needed:
+            return
+        raise api_error_of(errors.MaxTokensError(requested, n_ctx - room_needed,
+                                                 f"leaves less than {room_needed} of n_ctx {n_ctx} tokens for the "
+                                                 "prompt"))
+
     def cap(requested: int | None) -> int | None:
         if requested is None or cfg.max_answer_tokens is None:
             return requested
@@ -364,6 +377,7 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         bundle = check_model(body.model)
         model_id = _bundle_name(bundle)
         max_tokens, stop = cap(body.answer_cap()), body.stop_list()
+        check_cap(max_tokens, MIN_PROMPT_TOKENS if body.grounding else 1)
         if body.messages[-1].role != "user":
             raise ApiError(400, "the last message must be the user's", code="invalid_value", param="messages")
         if body.grounding:
@@ -408,6 +422,7 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         if not prompt:
             raise ApiError(400, "prompt is empty", code="invalid_value", param="prompt")
         max_tokens, stop = cap(body.answer_cap()) or 16, body.stop_list()  # OpenAI's default max_tokens: 16
+        check_cap(max_tokens, 1)
 
         def work(engine: Any, on_token: Callable[[str], None], cancel: threading.Event) -> Outcome:
             tokens = engine.tokenize_prompt(prompt)
@@ -476,6 +491,7 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         check_question(body.question, "question")
         from fieldpack.device.prompt import Turn
 
+        check_cap(cap(body.max_tokens), MIN_PROMPT_TOKENS)
         history = [Turn(question=t.question, answer=t.answer, search_query=t.retrieval_query) for t in body.history]
         work = _answer_work(body.question, history, cap(body.max_tokens), [])
         run = start(work)

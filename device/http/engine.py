@@ -42,6 +42,7 @@ class EngineState:
         error: why no engine can be had (e.g. nothing installed), or ``None``.
         chat: the loaded bundle has a chat template (``"grounding": false`` can run); ``True`` when unknown.
         stopping: the daemon is shutting down: a cancelled answer is then the shutdown's, not the client's.
+        n_ctx: the loaded engine's context length (tokens), or ``None`` (none loaded, or it does not say).
     """
 
     bundle: str | None
@@ -50,6 +51,7 @@ class EngineState:
     error: str | None
     chat: bool = True
     stopping: bool = False
+    n_ctx: int | None = None
 
 
 class EngineHost(Protocol):
@@ -134,7 +136,7 @@ class LocalEngineHost:
         loading = _loading(self._provider) or (info is None and error is None)
         return EngineState(bundle=info.label if info else None, model=info.model if info else None,
                            loading=loading, error=error, chat=info.chat if info else True,
-                           stopping=self._stopping.is_set())
+                           stopping=self._stopping.is_set(), n_ctx=info.n_ctx if info else None)
 
     def start(self) -> None:
         """Start the worker (it loads the engine first)."""
@@ -185,4 +187,5 @@ class MqttEngineHost:
         loading = _loading(self._provider) or (status.bundle is None and status.error is None)
         info = self._daemon.engine_info
         return EngineState(bundle=status.bundle, model=status.model, loading=loading, error=status.error,
-                           chat=info.chat if info else True, stopping=self._daemon.stopping)
+                           chat=info.chat if info else True, stopping=self._daemon.stopping,
+                           n_ctx=info.n_ctx if info else None)

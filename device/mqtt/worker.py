@@ -38,6 +38,7 @@ class EngineInfo:
             type), else ``None``.
         chat: the engine's ``has_chat_template`` (it can run chat messages without retrieval); ``True`` when
             the engine does not say.
+        n_ctx: the engine's context length (tokens), or ``None`` when it does not say.
     """
 
     label: str
@@ -45,14 +46,17 @@ class EngineInfo:
     version: str | None
     model: str | None
     chat: bool = True
+    n_ctx: int | None = None
 
     @classmethod
     def of(cls, engine: AnswerEngine) -> EngineInfo:
         label = str(engine.bundle_label)
         name, sep, version = label.partition("@")
         model = getattr(engine, "model_label", None)
+        n_ctx = getattr(engine, "n_ctx", None)
         return cls(label=label, name=name, version=version if sep else None, model=str(model) if model else None,
-                   chat=bool(getattr(engine, "has_chat_template", True)))
+                   chat=bool(getattr(engine, "has_chat_template", True)),
+                   n_ctx=int(n_ctx) if isinstance(n_ctx, int) else None)
 
 
 EngineListener = Callable[[EngineInfo | None, str | None], None]

@@ -294,9 +294,9 @@ def test_max_tokens_beyond_the_context_names_the_field(served: tuple[object, obj
     assert err["message"].startswith("max_tokens 999999 ") and "--max-tokens" not in err["message"], err
     allowed = int(err["message"].split("Fix: send max_tokens ")[1].split()[0])
     ok = httpx.post(server.url + path, json=dict(body, max_tokens=allowed), timeout=300)
-    if ok.status_code == 400:  # grounded: the first bound is n_ctx - 64; the second counts the best source whole
-        second = ok.json()["error"]
-        assert second["code"] == "max_tokens_too_large" and "best source" in second["message"], second
+    if ok.status_code == 400:  # the first bound is the context's alone; the second counts the prompt (and the
+        second = ok.json()["error"]  # grounded answer's best source, whole)
+        assert second["code"] == "max_tokens_too_large" and second["param"] == "max_tokens", second
         allowed = int(second["message"].split("Fix: send max_tokens ")[1].split()[0])
         ok = httpx.post(server.url + path, json=dict(body, max_tokens=allowed), timeout=300)
     assert ok.status_code == 200, ok.text  # the value the fix names is accepted ...
@@ -320,3 +320,20 @@ def test_ask_reports_a_followup_search_and_takes_it_back_in_history(served: tupl
     assert r2["retrieval_query"] == f"{first} What should I do about it? And after that?"
     alone = httpx.post(server.url + "/v1/ask", json={"question": QUESTION, "max_tokens": 8}, timeout=300).json()
     assert "retrieval_query" not in alone
+
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 99_999}),
+    ("/v1/ask", {"question": QUESTION, "max_tokens": 99_999}),
+    ("/v1/completions", {"prompt": "The chlorine dosing pump", "max_tokens": 99_999}),
+])
+def test_a_streamed_request_beyond_the_context_gets_a_400(served: tuple[object, object], path: str,
+                                                         body: dict[str, object]) -> None:
+    """Checked against the loaded context before queueing, so a stream gets a status code (it was 200, then an
+    error event; a new-user trial)."""
+    server, _ = served
+    with httpx.stream("POST", server.url + path, json=dict(body, stream=True), timeout=300) as r:
+        r.read()
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "max_tokens_too_large" and r.json()["error"]["param"] == "max_tokens"
