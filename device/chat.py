@@ -5,7 +5,7 @@ and sent with the next question while the token budget allows (oldest turns drop
 :mod:`device.prompt`). Commands: ``/sources`` (show the last answer's sources in full), ``/clear`` (forget the
 history), ``/help``, ``/quit`` (or Ctrl-D, or Ctrl-C at the prompt). Ctrl-C while an answer streams stops that
 answer (the runtime's ``cancel`` event, checked before each token) and returns to the prompt; the stopped answer
-is not kept in the history. Any other line starting with ``/`` is answered as an unknown command,
+stays in the history, marked with "…", so that a follow-up still knows the topic. Any other line starting with ``/`` is answered as an unknown command,
 never sent to the model as a question. On a terminal, lines are edited with readline (arrows, Ctrl-R) and the
 history is kept across sessions in a file (:func:`enable_line_editing`).
 """
@@ -108,8 +108,10 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
             c.print(f"unknown command {q.split()[0]}; {HELP}", markup=False, highlight=False)
             continue
         if q == "/sources":
-            if last is None or not last.sources:
+            if last is None:
                 c.print("[dim]no sources yet[/]")
+            elif not last.sources:
+                c.print("[dim]the last answer has no sources (the documents do not answer it)[/]")
             for i, h in enumerate(last.sources if last else [], start=1):
                 _heading(c, f"[{i}] {h.citation()}")
                 full = getattr(engine, "full_text", None)  # the stored chunk, not the copy shortened for the prompt
@@ -126,6 +128,9 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
             continue
         if last.finish_reason == "cancelled":
             c.print(" " + escape("[stopped]"), style="dim", highlight=False)
+            if last.text.strip():  # keep the topic: a follow-up after a stopped answer still searches with it
+                history.append(Turn(question=q, answer=last.text.rstrip() + " …",
+                                    search_query=last.extra.get("retrieval_query")))
             continue
         c.print("")
         answered += 1

@@ -186,6 +186,9 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         if first.get("type") == "json_invalid":
             return ApiError(400, "the request body is not valid JSON", code="invalid_json").response()
         where = ".".join(loc) or "body"
+        if not loc and first.get("type") in ("model_attributes_type", "dict_type"):  # no JSON object arrived
+            return ApiError(400, "the request body is not a JSON object. Fix: send one, with the header Content-Type: "
+                            "application/json", code="invalid_json").response()
         return ApiError(400, f"{where}: {first.get('msg', 'invalid value')}", code="invalid_value",
                         param=where).response()
 

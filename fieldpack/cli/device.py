@@ -110,6 +110,22 @@ def _runtime(data_dir: Optional[Path], n_ctx: Optional[int], threads: Optional[i
     return load_with_deferred_ctrl_c(lambda: Runtime(slot, n_ctx=n_ctx, threads=threads))
 
 
+def _check_options_before_loading(data_dir: Optional[Path], *, n_ctx: Optional[int], k: Optional[int],
+                                  max_tokens: Optional[int]) -> None:
+    """``--n-ctx``, ``--k`` and ``--max-tokens`` against the active bundle's manifest, before the model loads (the
+    runtime checks them again; README promises usage mistakes are refused before any work).
+
+    Raises:
+        UsageError: a value out of range; NoActiveBundleError: nothing is installed.
+    """
+    from fieldpack.device.options import check_answer_options, check_n_ctx
+    from fieldpack.device.runtime import read_slot_manifest
+
+    m = read_slot_manifest(_data_dir(data_dir).require_active_slot_path())
+    ctx = check_n_ctx(n_ctx, default=m.runtime.n_ctx, n_ctx_train=m.model.n_ctx_train)
+    check_answer_options(k=k, max_tokens=max_tokens, n_ctx=ctx)
+
+
 def load_with_deferred_ctrl_c(load: Callable[[], Any]) -> Any:
     """``load()`` (a llama.cpp model load) with Ctrl-C held until it returns, then raised as KeyboardInterrupt
     (the model closed first when ``load`` returned one with ``close()``).
@@ -160,6 +176,7 @@ def ask(question: str = typer.Argument(..., help="the question"),
         max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="answer length cap (tokens)")) -> None:
     """Answer one question from the installed bundle, with numbered sources."""
     question = require_question(question, 'fieldpack ask "pump 3 alarm?"')
+    _check_options_before_loading(data_dir, n_ctx=n_ctx, k=k, max_tokens=max_tokens)
     with _runtime(data_dir, n_ctx, threads) as rt:
         if json_out:
             ans = rt.answer(question, k=k, max_tokens=max_tokens)

@@ -43,6 +43,7 @@ def test_n_ctx_above_the_training_context_is_refused(device_dir: Path) -> None:
     assert_one_line_error(r, 2, "--n-ctx", f"training context of {m.model.n_ctx_train}")
     r = run_cli("ask", "q", "--data-dir", str(device_dir), "--max-tokens", str(m.runtime.n_ctx))
     assert_one_line_error(r, 2, "--max-tokens")
+    assert "llama" not in r.stderr, r.stderr  # refused before the model loads (README: before any work)
 
 
 def test_piped_answer_keeps_each_citation_on_one_line(device_dir: Path) -> None:

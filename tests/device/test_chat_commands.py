@@ -84,6 +84,8 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on() -> None:
     text = out.getvalue()
     stopped = text.split("[stopped]")[0]
     assert "[stopped]" in text and stopped.endswith(" t0 t1 "), stopped[-40:]  # the handler runs before t2
-    assert n == 1 and engine.asked == [("long", 0), ("short", 0)]  # the stopped answer is not history
+    # the stopped answer stays in the history, so a follow-up keeps its topic (a new-user trial: "What if it stays
+    # high?" after a stopped answer was refused)
+    assert n == 1 and engine.asked == [("long", 0), ("short", 1)]
     assert " t49" in text and "bye" in text
     assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C at the prompt leaves the chat as before

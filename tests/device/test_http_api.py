@@ -337,3 +337,15 @@ def test_a_streamed_request_beyond_the_context_gets_a_400(served: tuple[object, 
         r.read()
         assert r.status_code == 400, r.text
         assert r.json()["error"]["code"] == "max_tokens_too_large" and r.json()["error"]["param"] == "max_tokens"
+
+
+
+def test_a_body_without_content_type_is_told_to_send_json(served: tuple[object, object]) -> None:
+    """curl -d without -H 'Content-Type: application/json' (form-encoded): it got "body: Input should be a valid
+    dictionary or object to extract fields from" (a new-user trial)."""
+    server, _ = served
+    r = httpx.post(server.url + "/v1/ask", content=b'{"question": "hi"}',
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_json" and "Content-Type: application/json" in err["message"], err
