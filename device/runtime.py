@@ -234,6 +234,15 @@ class Runtime:
                                  min_similarity=self.manifest.runtime.min_similarity,
                                  unknown_terms=self._retriever.unknown_terms)
 
+    def search_query(self, question: str, previous: str | None, *, k: int | None = None) -> str:
+        """What ``question`` is searched with after a turn searched with ``previous`` (``None``: none): the question
+        itself, or the two joined when it reads as a follow-up (:func:`retrieval.followup.search_in_context`;
+        one or two searches). For rebuilding a conversation's chain from messages that do not carry it."""
+        q = clean_question(question or "")
+        history = [Turn(question=previous, answer="")] if previous else []
+        with self._lock:
+            return self._retrieve_in_context(q, history, k=k)[1] if q else q
+
     def _check_cap_leaves_the_best_source(self, question: str, hits: Sequence[Hit], max_tokens: int) -> None:
         """Refuse a caller's answer cap that would force the best source to be cut: the prompt builder halves a
         source that does not fit, which kept the A-101/A-102 rows of the alarm table and dropped A-202, so the model

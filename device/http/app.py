@@ -22,6 +22,7 @@ server-sent events, ``data: {chunk}`` lines ending with ``data: [DONE]``, as Ope
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 import base64
 import importlib.resources
@@ -538,10 +539,29 @@ def _with_usage(engine: Any, outcome: Outcome) -> Outcome:
     return outcome
 
 
+#: Earlier turns whose search chain is rebuilt when the messages do not carry it.
+CHAIN_TURNS = 4
+
+
+def _with_search_chain(engine: Any, history: list[Any]) -> list[Any]:
+    """``history`` with its last turn's ``search_query`` rebuilt from the last :data:`CHAIN_TURNS` questions, when
+    no turn carries one (OpenAI-style messages cannot; a third-turn follow-up then lost the topic: a new-user
+    trial). Costs up to two searches per turn."""
+    chain = getattr(engine, "search_query", None)
+    if chain is None or len(history) < 2 or any(t.search_query for t in history):
+        return history
+    previous: str | None = None
+    for turn in history[-CHAIN_TURNS:]:
+        previous = chain(turn.question, previous)
+    if previous is None or previous == history[-1].question:
+        return history
+    return [*history[:-1], dataclasses.replace(history[-1], search_query=previous)]
+
+
 def _answer_work(question: str, history: list[Any], max_tokens: int | None, stop: list[str]) -> Work:
     def work(engine: Any, on_token: Callable[[str], None], cancel: threading.Event) -> Outcome:
-        answer = engine.answer(question, on_token=on_token, cancel=cancel, history=history,
-                               max_tokens=max_tokens, extra_stop=stop)
+        answer = engine.answer(question, on_token=on_token, cancel=cancel,
+                               history=_with_search_chain(engine, history), max_tokens=max_tokens, extra_stop=stop)
         return _with_usage(engine, Outcome(text=answer.text, finish_reason=answer.finish_reason,
                                            timings=answer.timings, sources=list(answer.sources),
                                            abstained=answer.abstained, bundle=answer.bundle, extra=answer.extra))

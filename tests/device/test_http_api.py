@@ -349,3 +349,16 @@ def test_a_body_without_content_type_is_told_to_send_json(served: tuple[object, 
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["code"] == "invalid_json" and "Content-Type: application/json" in err["message"], err
+
+
+def test_chat_completions_rebuild_the_followup_chain_from_the_messages(served: tuple[object, object]) -> None:
+    """OpenAI-style messages carry no retrieval_query: the server rebuilds the chain from the earlier user
+    messages, so a third-turn follow-up keeps the topic of the first (it was searched with the second alone)."""
+    server, _ = served
+    first = "What does alarm A-202 mean?"
+    messages = [{"role": "user", "content": first}, {"role": "assistant", "content": "Chlorine gas."},
+                {"role": "user", "content": "What should I do about it?"},
+                {"role": "assistant", "content": "Leave the room."}, {"role": "user", "content": "And after that?"}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 8},
+                   timeout=300).json()
+    assert r["fieldpack"]["retrieval_query"] == f"{first} What should I do about it? And after that?", r["fieldpack"]
