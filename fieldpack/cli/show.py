@@ -207,7 +207,8 @@ def print_answer(ans: Answer, *, streamed: bool = False, console: Console | None
         c.print(Text(cut_notice(ans.timings.completion_tokens, "--max-tokens N"), style="dim"))
     tm = ans.timings
     if ans.abstained:  # no generation ran: only retrieval has a time
-        c.print(f"[dim]retrieval {tm.retrieval_ms:.0f} ms, abstained without running the model, {ans.bundle}[/]")
+        c.print(f"[dim]retrieval {tm.retrieval_ms:.0f} ms, abstained without running the model, {ans.bundle}[/]",
+                highlight=False)
         return
     c.print(f"[dim]retrieval {tm.retrieval_ms:.0f} ms, first token {tm.time_to_first_token_ms:.0f} ms, "
-            f"{tm.completion_tokens} tokens at {tm.tokens_per_s:.1f} tok/s, {ans.bundle}[/]")
+            f"{tm.completion_tokens} tokens at {tm.tokens_per_s:.1f} tok/s, {ans.bundle}[/]", highlight=False)
