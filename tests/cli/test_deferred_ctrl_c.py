@@ -59,6 +59,7 @@ def test_ctrl_c_that_ends_a_command_says_interrupted(monkeypatch: pytest.MonkeyP
     from fieldpack import cli
     from fieldpack.cli import device as device_cli
 
+    monkeypatch.setattr(device_cli, "_check_options_before_loading", lambda *a, **k: None)  # no data dir here
     monkeypatch.setattr(device_cli, "_runtime", lambda *a: _StreamsThenInterrupted())
     with pytest.raises(SystemExit) as exc:
         cli.main(["ask", "pump 3 alarm?"])
