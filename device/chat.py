@@ -5,8 +5,8 @@ and sent with the next question while the token budget allows (oldest turns drop
 :mod:`device.prompt`). Commands: ``/sources`` (show the last answer's sources in full), ``/clear`` (forget the
 history), ``/help``, ``/quit`` (or Ctrl-D, or Ctrl-C at the prompt). Ctrl-C while an answer streams stops that
 answer (the runtime's ``cancel`` event, checked before each token) and returns to the prompt; the stopped answer
-stays in the history, marked with "…", so that a follow-up still knows the topic. Any other line starting with ``/`` is answered as an unknown command,
-never sent to the model as a question. On a terminal, lines are edited with readline (arrows, Ctrl-R) and the
+stays in the history, marked with "…", so that a follow-up still knows the topic. Any other line starting with
+``/`` is answered as an unknown command, never sent to the model as a question. On a terminal, lines are edited with readline (arrows, Ctrl-R) and the
 history is kept across sessions in a file (:func:`enable_line_editing`).
 """
 

@@ -73,7 +73,7 @@ def fts5_query(text: str) -> str | None:
         The expression, or ``None`` when the text has no word characters at all.
     """
     terms = _query_terms(text)
-    content = content_terms(text) or terms
+    content = _without_stopwords(terms) or terms
     if not content:
         return None
     return " OR ".join(_fts5_string(t) for t in content[:MAX_QUERY_TERMS])
@@ -101,7 +101,11 @@ def _query_terms(text: str) -> list[str]:
 def content_terms(text: str) -> list[str]:
     """The terms :func:`fts5_query` searches for, stop words excluded even when nothing else remains
     (``"What should I do about it?"`` has none), in order, without duplicates."""
-    return [t for t in _query_terms(text) if t.lower() not in _STOPWORDS]
+    return _without_stopwords(_query_terms(text))
+
+
+def _without_stopwords(terms: list[str]) -> list[str]:
+    return [t for t in terms if t.lower() not in _STOPWORDS]
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], *, k: int = RRF_K,

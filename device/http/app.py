@@ -43,7 +43,7 @@ from fieldpack.shared import errors
 
 from fieldpack.device.http.engine import EngineHost, submit, withdraw
 from fieldpack.device.http.prom import CONTENT_TYPE, PromMetrics
-from fieldpack.device.options import MIN_PROMPT_TOKENS
+from fieldpack.device.options import check_answer_options
 from fieldpack.device.http.schema import (
     AskRequest,
     ChatCompletionRequest,
@@ -328,17 +328,21 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
             raise ApiError(400, f"{param} has {len(text)} characters (limit {MAX_QUESTION_CHARS})",
                            code="question_too_long", param=param)
 
-    def check_cap(requested: int | None, room_needed: int) -> None:
+    def check_cap(requested: int | None, *, grounded: bool) -> None:
         """Refuse a ``max_tokens`` the loaded context cannot hold before queueing, so a streamed request gets a 400
-        instead of a 200 and an error event (the worker still checks the exact bound, which needs the prompt).
-        ``room_needed``: tokens the prompt needs at least (1 for a raw prompt; the runtime's floor for a grounded
-        answer)."""
+        instead of a 200 and an error event (the worker still checks the exact bound, which needs the prompt). A
+        grounded answer gets the runtime's own check (:func:`device.options.check_answer_options`); a raw prompt
+        needs at least one token of the context."""
         n_ctx = host.state().n_ctx
-        if requested is None or n_ctx is None or requested <= n_ctx - room_needed:
+        if requested is None or n_ctx is None:
             return
-        raise api_error_of(errors.MaxTokensError(requested, n_ctx - room_needed,
-                                                 f"leaves less than {room_needed} of n_ctx {n_ctx} tokens for the "
-                                                 "prompt"))
+        try:
+            if grounded:
+                check_answer_options(k=None, max_tokens=requested, n_ctx=n_ctx)
+            elif requested >= n_ctx:
+                raise errors.MaxTokensError(requested, n_ctx - 1, f"leaves no token of n_ctx {n_ctx} for the prompt")
+        except errors.FieldpackError as exc:
+            raise api_error_of(exc) from exc
 
     def cap(requested: int | None) -> int | None:
         if requested is None or cfg.max_answer_tokens is None:
@@ -381,7 +385,7 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         bundle = check_model(body.model)
         model_id = _bundle_name(bundle)
         max_tokens, stop = cap(body.answer_cap()), body.stop_list()
-        check_cap(max_tokens, MIN_PROMPT_TOKENS if body.grounding else 1)
+        check_cap(max_tokens, grounded=body.grounding)
         if body.messages[-1].role != "user":
             raise ApiError(400, "the last message must be the user's", code="invalid_value", param="messages")
         if body.grounding:
@@ -426,7 +430,7 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         if not prompt:
             raise ApiError(400, "prompt is empty", code="invalid_value", param="prompt")
         max_tokens, stop = cap(body.answer_cap()) or 16, body.stop_list()  # OpenAI's default max_tokens: 16
-        check_cap(max_tokens, 1)
+        check_cap(max_tokens, grounded=False)
 
         def work(engine: Any, on_token: Callable[[str], None], cancel: threading.Event) -> Outcome:
             tokens = engine.tokenize_prompt(prompt)
@@ -495,7 +499,7 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         check_question(body.question, "question")
         from fieldpack.device.prompt import Turn
 
-        check_cap(cap(body.max_tokens), MIN_PROMPT_TOKENS)
+        check_cap(cap(body.max_tokens), grounded=True)
         history = [Turn(question=t.question, answer=t.answer, search_query=t.retrieval_query) for t in body.history]
         work = _answer_work(body.question, history, cap(body.max_tokens), [])
         run = start(work)
@@ -656,10 +660,15 @@ def _extras(out: Outcome, grounded: bool) -> dict[str, Any]:
     """Fields OpenAI clients ignore: the numbered sources and fieldpack's own figures."""
     if not grounded:
         return {"fieldpack": {"grounded": False, "bundle": out.bundle, "timings": _timings(out)}}
-    query = (out.extra or {}).get("retrieval_query")  # a follow-up searched with the previous question
     return {"sources": [_source_json(h, i + 1) for i, h in enumerate(out.sources)],
             "fieldpack": {"grounded": True, "abstained": out.abstained, "bundle": out.bundle,
-                          "timings": _timings(out), **({"retrieval_query": query} if query else {})}}
+                          "timings": _timings(out), **_retrieval_query(out)}}
+
+
+def _retrieval_query(out: Outcome) -> dict[str, str]:
+    """``{"retrieval_query": ...}`` when a follow-up was searched with the previous question, else ``{}``."""
+    query = (out.extra or {}).get("retrieval_query")
+    return {"retrieval_query": query} if query else {}
 
 
 def _chat_json(out: Outcome, rid: str, created: int, model_id: str) -> dict[str, Any]:
@@ -672,5 +681,4 @@ def _chat_json(out: Outcome, rid: str, created: int, model_id: str) -> dict[str,
 def _ask_json(out: Outcome) -> dict[str, Any]:
     return {"answer": out.text, "abstained": out.abstained, "finish_reason": out.finish_reason,
             "bundle": out.bundle, "sources": [_source_json(h, i + 1) for i, h in enumerate(out.sources)],
-            "timings": _timings(out), "usage": _usage(out),
-            **({"retrieval_query": out.extra["retrieval_query"]} if (out.extra or {}).get("retrieval_query") else {})}
+            "timings": _timings(out), "usage": _usage(out), **_retrieval_query(out)}
