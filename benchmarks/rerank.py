@@ -85,6 +85,10 @@ def candidate_scores(spec: RQ.CorpusSpec, emb: dict[str, Any], index: Path, rr_d
 
 
 LLM_PROMPT = "Document: {doc}\nQuestion: {q}\nIs the document relevant to the question (yes or no)?\nRelevant:"
+#: Option (c), UPR: the passage, then the question whose likelihood is the score (Sachan et al. 2022, sec. 2).
+UPR_PROMPT = "Passage: {doc}\nPlease write a question based on this passage.\nQuestion:"
+#: The LLM scorers: log P(" yes") after :data:`LLM_PROMPT`, or UPR's mean log P(question | passage).
+LLM_SCORERS = ("yes", "upr")
 
 
 def gemma_gguf() -> Path:
@@ -98,47 +102,88 @@ def gemma_gguf() -> Path:
         "gemma-3-270m-Q4_K_M.gguf"
 
 
+def _log_softmax_at(logits: np.ndarray, token: int) -> float:
+    """log softmax(``logits``)[``token``] in float64; ``logits``: ``(n_vocab,)``."""
+    lg = logits.astype(np.float64)
+    m = lg.max()
+    return float(lg[token] - m - np.log(np.exp(lg - m).sum()))
+
+
+def _yes_score(llm: Any, llama_cpp: Any, doc: str, q: str) -> float:
+    """Option (b): log P(" yes") after :data:`LLM_PROMPT` (nats)."""
+    yes = llm.tokenize(b" yes", add_bos=False)[0]
+    llm.reset()
+    llm.eval(llm.tokenize(LLM_PROMPT.format(doc=doc, q=q).encode(), add_bos=True))
+    lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+    return _log_softmax_at(lg, yes)
+
+
+def _upr_score(llm: Any, llama_cpp: Any, batch: Any, doc: str, q: str) -> float:
+    """Option (c), UPR: mean log P(question token | passage, earlier question tokens) over the question's tokens
+    (nats per token), one decode of :data:`UPR_PROMPT` + question with logits only at the question's positions
+    (llama.cpp's low-level batch; the KV cache is cleared first). ``batch``: a ``llama_batch`` of ``n_ctx``."""
+    pre = llm.tokenize(UPR_PROMPT.format(doc=doc).encode(), add_bos=True)
+    toks = pre + llm.tokenize(f" {q}".encode(), add_bos=False)
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), True)
+    batch.n_tokens = len(toks)
+    for i, t in enumerate(toks):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, i, 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = int(len(pre) - 1 <= i < len(toks) - 1)
+    if llama_cpp.llama_decode(llm._ctx.ctx, batch) != 0:
+        raise RuntimeError(f"llama_decode failed on a {len(toks)}-token UPR prompt")
+    n_vocab = llm.n_vocab()
+    return float(np.mean([_log_softmax_at(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, i),
+                                                                shape=(n_vocab,)), toks[i + 1])
+                          for i in range(len(pre) - 1, len(toks) - 1)]))
+
+
 def llm_scores(spec: RQ.CorpusSpec, emb: dict[str, Any], index: Path, items: Sequence[Any], n: int,
-               *, doc_tokens: int = 160, threads: int = 1) -> list[dict[str, Any]]:
-    """Option (b), the bundle's own LLM as the reranker: per item, log P(" yes") after :data:`LLM_PROMPT` for
-    each of the first-stage top ``n`` (passage cut to ``doc_tokens`` Gemma tokens), with llama.cpp (Gemma 3
-    270M base, Q4_K_M, ``threads`` threads), and the wall time per question (ms). Cached."""
+               *, doc_tokens: int = 160, threads: int = 1, scorer: str = "yes") -> list[dict[str, Any]]:
+    """Options (b) and (c), the bundle's own LLM as the reranker (Gemma 3 270M base, Q4_K_M, llama.cpp,
+    ``threads`` threads): per item, each of the first-stage top ``n`` (passage cut to ``doc_tokens`` Gemma tokens)
+    scored by ``scorer`` (:data:`LLM_SCORERS`: ``"yes"``, log P(" yes") after :data:`LLM_PROMPT`; ``"upr"``,
+    :func:`_upr_score`), and the wall time per question (ms). Cached."""
     from fieldpack.retrieval.embedder import OnnxEmbedder
     from fieldpack.retrieval.rerank import passage_text
     from fieldpack.retrieval.search import Retriever
 
+    if scorer not in LLM_SCORERS:
+        raise ValueError(f"LLM scorer {scorer!r}: use one of {', '.join(LLM_SCORERS)}")
     gguf = gemma_gguf()
     qs = [it.question for it in items]
-    key = C.content_key(str(index), json.dumps(qs), f"{n}/{doc_tokens}", LLM_PROMPT)
+    key = C.content_key(str(index), json.dumps(qs), f"{n}/{doc_tokens}",
+                        LLM_PROMPT if scorer == "yes" else UPR_PROMPT)
 
     def build(tmp: Path) -> None:
         import llama_cpp
 
         from fieldpack.shared.llama_backend import llama_cpp_module
 
-        llm = llama_cpp_module(llama_cpp).Llama(str(gguf), n_ctx=512, n_threads=threads, verbose=False)
-        yes = llm.tokenize(b" yes", add_bos=False)[0]
+        n_ctx = 1024
+        llm = llama_cpp_module(llama_cpp).Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                                n_threads=threads, verbose=False)
+        batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         rows = []
-        with OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]), max_tokens=int(emb["max_tokens"]),
-                          threads=1) as e, Retriever(index, e) as r:
-            for q in qs:
-                hits = r.search(q, k=n)
-                t = time.perf_counter()
-                scores = []
-                for h in hits:
-                    doc_ids = llm.tokenize(passage_text(h.section, h.text).encode(), add_bos=False)[:doc_tokens]
-                    doc = llm.detokenize(doc_ids).decode("utf-8", "replace")
-                    llm.reset()
-                    llm.eval(llm.tokenize(LLM_PROMPT.format(doc=doc, q=q).encode(), add_bos=True))
-                    lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1),
-                                               shape=(llm.n_vocab(),)).astype(np.float64)
-                    m = lg.max()
-                    scores.append(float(lg[yes] - m - np.log(np.exp(lg - m).sum())))
-                rows.append({"question": q, "sources": [h.source for h in hits], "scores": scores,
-                             "ms": (time.perf_counter() - t) * 1e3})
+        try:
+            with OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]),
+                              max_tokens=int(emb["max_tokens"]), threads=1) as e, Retriever(index, e) as r:
+                for q in qs:
+                    hits = r.search(q, k=n)
+                    t = time.perf_counter()
+                    scores = []
+                    for h in hits:
+                        doc_ids = llm.tokenize(passage_text(h.section, h.text).encode(), add_bos=False)[:doc_tokens]
+                        doc = llm.detokenize(doc_ids).decode("utf-8", "replace")
+                        scores.append(_yes_score(llm, llama_cpp, doc, q) if scorer == "yes"
+                                      else _upr_score(llm, llama_cpp, batch, doc, q))
+                    rows.append({"question": q, "sources": [h.source for h in hits], "scores": scores,
+                                 "ms": (time.perf_counter() - t) * 1e3})
+        finally:
+            llama_cpp.llama_batch_free(batch)
         (tmp / "scores.pkl").write_bytes(pickle.dumps(rows))
 
-    folder = C.cached_dir(f"llm-scores-{spec.name}", key, build)
+    folder = C.cached_dir(f"llm-scores-{spec.name}" + ("" if scorer == "yes" else f"-{scorer}"), key, build)
     return pickle.loads((folder / "scores.pkl").read_bytes())
 
 
@@ -163,7 +208,8 @@ def judge(items: Sequence[Any], rows: Sequence[dict[str, Any]], n: int | None, w
 
 
 def run_corpus(name: str, split: str, ns: Sequence[int], weights: Sequence[float], *,
-               llm_questions: int = 0, llm_n: int = 10, cross_encoder: bool = True) -> dict[str, Any]:
+               llm_questions: int = 0, llm_n: int = 10, cross_encoder: bool = True,
+               llm_scorer: str = "yes") -> dict[str, Any]:
     """Train (cached), score and judge one corpus: rows of (n, weight) -> figures, plus cost; with
     ``llm_questions``, option (b) (:func:`llm_scores`) on the first that many items, top ``llm_n``, beside the
     first stage and the cross-encoder on the same items (``cross_encoder=False``: no cross-encoder at all)."""
@@ -186,13 +232,14 @@ def run_corpus(name: str, split: str, ns: Sequence[int], weights: Sequence[float
                    onnx_bytes=(rr_dir / "reranker.onnx").stat().st_size)
     if llm_questions:
         sub = items[:llm_questions]
-        lrows = llm_scores(spec, emb, index, sub, llm_n)
+        lrows = llm_scores(spec, emb, index, sub, llm_n, scorer=llm_scorer)
         ce = [{"scorer": "cross-encoder", "weight": w, **judge(sub, rows[:len(sub)], llm_n, w)}
               for w in weights] if cross_encoder else []
-        out["llm"] = {"questions": len(sub), "n": llm_n,
+        label = "log P(yes)" if llm_scorer == "yes" else "UPR log P(question | passage)"
+        out["llm"] = {"questions": len(sub), "n": llm_n, "scorer": llm_scorer,
                       "ms_per_question_p50": float(np.median([r["ms"] for r in lrows])),
                       "rows": [{"scorer": "first stage", "weight": 0.0, **judge(sub, lrows, None, 0.0)}, *ce,
-                               *({"scorer": "Gemma 3 270M log P(yes)", "weight": w, **judge(sub, lrows, llm_n, w)}
+                               *({"scorer": f"Gemma 3 270M {label}", "weight": w, **judge(sub, lrows, llm_n, w)}
                                  for w in weights)]}
     return out
 
@@ -215,7 +262,8 @@ def table_lines(doc: dict[str, Any]) -> list[str]:
                          f"{r['page_mrr@10']:.2f} |")
         if c.get("llm"):
             g = c["llm"]
-            lines += ["", f"option (b) on the first {g['questions']} questions, top {g['n']} reranked: Gemma 3 270M "
+            opt = "(c) UPR" if g.get("scorer") == "upr" else "(b)"
+            lines += ["", f"option {opt} on the first {g['questions']} questions, top {g['n']} reranked: Gemma 3 270M "
                       f"{g['ms_per_question_p50']:.0f} ms per question (p50, 1 thread)", "",
                       "| scorer | weight | page R@1 | page R@5 | page MRR@10 |", "|---|---|---|---|---|"]
             for r in g["rows"]:
@@ -248,13 +296,17 @@ def _main() -> None:
     ap.add_argument("--llm", type=int, default=0, metavar="Q",
                     help="also judge option (b), Gemma 3 270M scoring relevance, on the first Q questions")
     ap.add_argument("--llm-n", type=int, default=10, help="candidates the LLM scores per question")
+    ap.add_argument("--llm-scorer", choices=LLM_SCORERS, default="yes",
+                    help="yes: log P(' yes') to a relevance prompt (option b); upr: mean log P(question | passage) "
+                         "(option c, Sachan et al. 2022)")
     ap.add_argument("--no-cross-encoder", action="store_true", help="judge only the LLM (with --llm)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     doc = {"split": args.split, "corpora": {c: run_corpus(c, args.split, args.n, args.weight,
                                                                 llm_questions=args.llm, llm_n=args.llm_n,
-                                                                cross_encoder=not args.no_cross_encoder)
+                                                                cross_encoder=not args.no_cross_encoder,
+                                                                llm_scorer=args.llm_scorer)
                                             for c in args.corpus or ["postgresql", "sqlite"]}}
     print("\n".join(table_lines(doc)))
     if args.json:

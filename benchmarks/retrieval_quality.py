@@ -14,7 +14,8 @@ Each development set records its split per item (``"split": "dev"`` or ``"unseen
 the dev parts only and the unseen parts are what the table reports. Ingest and embeddings are cached under the
 bench cache (``$FIELDPACK_BENCH_CACHE``) keyed by the documents and the embedder file, so a rerun only searches.
 
-Run: ``.venv/bin/python -m benchmarks.retrieval_quality [--split unseen|dev|all] [--corpus NAME ...]``.
+Run: ``.venv/bin/python -m benchmarks.retrieval_quality [--split unseen|dev] [--corpus NAME ...]
+[--chunk-tokens N --overlap-tokens M]``.
 """
 
 from __future__ import annotations
@@ -289,6 +290,16 @@ def summarize(doc: dict[str, Any]) -> list[str]:
     return ["## Retrieval quality on held-out questions", *table_lines(doc), ""]
 
 
+def _set_chunking(chunk_tokens: int, overlap_tokens: int) -> None:
+    """Chunk every corpus with this budget and overlap (embedder tokens) instead of the build's defaults; the
+    cached chunks and indexes are keyed by both, so each setting is built once."""
+    global CHUNK_TOKENS, OVERLAP_TOKENS
+    if chunk_tokens < 1 or not 0 <= overlap_tokens < chunk_tokens:
+        raise SystemExit(f"--chunk-tokens {chunk_tokens} / --overlap-tokens {overlap_tokens}: use a budget >= 1 "
+                         "and 0 <= overlap < budget")
+    CHUNK_TOKENS, OVERLAP_TOKENS = chunk_tokens, overlap_tokens
+
+
 def _main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prepare", nargs="*", default=None, help="only build the cached indexes of these corpora")
@@ -296,9 +307,14 @@ def _main() -> None:
     ap.add_argument("--corpus", action="append", choices=list(CORPORA), help="corpora (default: all)")
     ap.add_argument("--adapted", action="append", default=[], metavar="LABEL=DIR",
                     help="an adapted embedder's ONNX export folder (export.json inside) to compare with the base")
+    ap.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS,
+                    help=f"chunk budget in embedder tokens (default {CHUNK_TOKENS}, the build's)")
+    ap.add_argument("--overlap-tokens", type=int, default=OVERLAP_TOKENS,
+                    help=f"chunk overlap in embedder tokens (default {OVERLAP_TOKENS}, the build's)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _set_chunking(args.chunk_tokens, args.overlap_tokens)
     emb = base_export()
     if args.prepare is not None:
         for name in args.prepare or list(CORPORA):
