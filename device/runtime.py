@@ -376,6 +376,7 @@ class Runtime:
         pieces: list[str] = []
         finish = "stop"
         n_chunks = 0
+        forget_unsafe_prefix(llm, tokens)
         stream = llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0,
                                        min_p=0.0, repeat_penalty=1.0, stop=[*self.manifest.runtime.stop, *extra_stop],
                                        stream=True)
@@ -443,14 +444,62 @@ class Runtime:
         # one decode step proves the model runs, not only loads
         built = fit_prompt(smoke.question, hits[:self.manifest.runtime.top_k_chunks], [], render=self.render_prompt,
                            tokenize=self.tokenize_prompt, budget_tokens=self.n_ctx - 1)
+        forget_unsafe_prefix(self._llm, built.tokens)
         self._llm.create_completion(built.tokens, max_tokens=1, temperature=0.0)
+
+
+def forget_unsafe_prefix(llm: Any, tokens: Sequence[int]) -> bool:
+    """Make llama-cpp-python's prompt-prefix reuse safe with a sliding-window KV cache; call it before every
+    ``create_completion(tokens)`` on a :func:`load_llama` model.
+
+    ``Llama.generate`` keeps the KV cells of the longest common prefix of the last sequence and the next prompt
+    and evaluates only the rest. :func:`load_llama` sizes the sliding-window (SWA) layers' cache of Gemma 2/3 to
+    the window (``swa_full=False``, llama.cpp PR 13194): those layers keep only about the last ``n_swa`` +
+    ``n_ubatch`` positions. When the last sequence ran past the reused prefix by more than that, the cells the new
+    tokens must attend to are gone, and llama-cpp-python reuses the prefix anyway: the answer is computed on a
+    broken cache, silently (measured on Gemma 3 270M: a 1,700-token prompt, then one sharing its first 100
+    tokens, gave another greedy continuation than a fresh context). llama.cpp's own server checks the same
+    condition (``llama_memory_seq_pos_min`` against the reused length minus ``n_swa``, tools/server) and
+    reprocesses the prompt; so does this: ``Llama.reset()``, so that the whole prompt is evaluated afresh.
+
+    Args:
+        llm: a ``llama_cpp.Llama``.
+        tokens: the prompt about to be completed (token ids).
+
+    Returns:
+        True when the cached prefix was dropped; False when the model has no sliding window, nothing is cached,
+        no prefix is shared, or every cell the reuse needs is still there.
+    """
+    import llama_cpp
+
+    n_swa = int(llama_cpp.llama_model_n_swa(llm.model))
+    if n_swa <= 0 or llm.n_tokens == 0:
+        return False
+    shared = 0
+    for a, b in zip(llm._input_ids, tokens):  # the prefix Llama.generate will reuse (same rule, 0.3.36)
+        if a != b:
+            break
+        shared += 1
+    reuse = shared - 1 if shared == len(tokens) else shared
+    if reuse <= 0:
+        return False
+    pos_min = int(llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(llm.ctx), 0))
+    if pos_min <= max(0, reuse - n_swa):
+        return False
+    log.debug("KV prefix of %d tokens not reusable (sliding window %d, oldest cached position %d): re-evaluating",
+              reuse, n_swa, pos_min)
+    llm.reset()
+    return True
 
 
 def load_llama(gguf_path: Path, *, n_ctx: int, threads: int, verbose: bool = False, lora_path: Path | None = None,
                lora_scale: float = 1.0) -> Any:
     """Open a GGUF with llama-cpp-python (CPU), with a LoRA adapter GGUF applied at ``lora_scale`` when
     ``lora_path`` is given (llama-cpp-python then turns mmap off: the model is read into anonymous memory).
-    ``n_ctx`` in tokens. Raises RuntimeLoadError naming the file."""
+    ``n_ctx`` in tokens. A model with sliding-window attention layers (Gemma 2/3) gets their KV cache sized to
+    the window, not to ``n_ctx`` (``swa_full=False``; Gemma 3 270M at n_ctx 2048: 36 -> 21 MiB of KV cache), so
+    every completion on it must go through :func:`forget_unsafe_prefix` first. Raises RuntimeLoadError naming
+    the file."""
     try:
         import llama_cpp
 
@@ -468,7 +517,7 @@ def load_llama(gguf_path: Path, *, n_ctx: int, threads: int, verbose: bool = Fal
         lora = dict(lora_path=str(lora_path), lora_scale=lora_scale)
     try:
         return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                     n_batch=min(512, n_ctx), verbose=verbose, seed=0, **lora)
+                     n_batch=min(512, n_ctx), verbose=verbose, seed=0, swa_full=False, **lora)
     except (ValueError, RuntimeError, OSError) as exc:
         what = f"{gguf_path} with adapter {lora_path}" if lora_path is not None else str(gguf_path)
         raise RuntimeLoadError(f"llama.cpp cannot load {what}: {exc}", hint="reinstall or rebuild the bundle") from exc

@@ -8,6 +8,10 @@ llama.cpp keeps, per token and layer, one K and one V vector per KV head (f16 by
 ``head_dim`` is ``n_embd / n_head`` for most architectures but is set on its own by some (Gemma 3: 256 with
 n_embd 640 and 4 heads), so callers pass it. Grouped-query attention (Ainslie et al. 2023) is why ``n_head_kv``
 can be below ``n_head``.
+
+For models with sliding-window layers (Gemma 2/3) the device sizes those layers' cache to the window
+(``device.runtime.load_llama``), so there the formula is an upper bound (Gemma 3 270M at n_ctx 2048: 36 MiB
+computed, 21 MiB allocated by llama.cpp).
 """
 
 from __future__ import annotations
