@@ -155,7 +155,7 @@ def check_parity(
 
     model_dir, gguf_path = Path(model_dir), Path(gguf_path)
     if not model_dir.is_dir():
-        raise InputNotFoundError(f"Model folder {model_dir} does not exist", hint="pass the HF checkpoint folder")
+        raise InputNotFoundError(f"model folder {model_dir} does not exist", hint="pass the HF checkpoint folder")
     if not gguf_path.is_file():
         raise InputNotFoundError(f"GGUF file {gguf_path} does not exist", hint="convert the model first")
     texts = [p for p in (prompts if prompts is not None else DEFAULT_PROMPTS) if p]

@@ -61,6 +61,16 @@ def cut_notice(tokens: int, how: str | None = None) -> str:
     return f"[cut at {tokens} tokens: the answer goes on{more}]"
 
 
+def empty_notice(ans: Answer) -> str | None:
+    """The line shown in place of an answer the model ended at once (EOS/EOT or a stop string before any visible
+    text; a new-user trial got a blank line and exit 0, which reads like a broken device), or ``None`` when
+    ``ans`` has text, abstained, or was cut, cancelled or stopped for another reason."""
+    if ans.abstained or ans.finish_reason != "stop" or ans.text.strip():
+        return None
+    cited = "; the sources below may still answer it" if ans.sources else ""
+    return f"[the model ended without an answer{cited}]"
+
+
 class AnswerEngine(Protocol):
     """What answers questions: the device runtime (``device.runtime.Runtime``) or a test double.
 

@@ -30,9 +30,11 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from fieldpack.shared.errors import InputNotFoundError, UsageError
+from fieldpack.shared.interrupts import raise_if_interrupted
 from fieldpack.shared.atomic import atomic_path
 from fieldpack.shared.kv_cache import kv_cache_bytes
 
@@ -191,7 +193,8 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
               quants: tuple[str, ...] = DEFAULT_QUANTS, prunes: tuple[str, ...] = DEFAULT_PRUNES,
               imatrix_quants: tuple[str, ...] = IMATRIX_QUANTS, work_dir: Path | None = None,
               seed: int = 0, embd_quants: tuple[tuple[str, str], ...] = EMBD_QUANTS,
-              quantizers: tuple[str, ...] = QUANTIZER_CANDIDATES, heal_steps: int | None = None) -> Plan:
+              quantizers: tuple[str, ...] = QUANTIZER_CANDIDATES, heal_steps: int | None = None,
+              on_step: Callable[[str], None] | None = None) -> Plan:
     """Build and measure every candidate; propose the best quality that fits the device.
 
     Args:
@@ -206,7 +209,11 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
         quantizers: ``TYPE+gptq`` / ``TYPE+awq`` candidates, built on the unpruned model.
         heal_steps: optimizer steps of the ``+heal`` prune candidates (default: the build's ``--heal-steps``
             default); healing trains on the calibration chunks and is measured on the held-out ones.
-        work_dir: scratch folder (default: a temp folder, removed afterwards).
+        work_dir: scratch folder (default: a temp folder, removed afterwards, also when the plan is interrupted).
+        on_step: called with a one-line description before each step (conversion, pruning, quantization,
+            measurement), e.g. to show progress; each step first calls
+            :func:`shared.interrupts.raise_if_interrupted`, so a Ctrl-C that llama.cpp's callbacks swallowed
+            stops the plan at the next step.
 
     Raises:
         InputNotFoundError: model or docs folder missing.
@@ -254,9 +261,18 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
     own_work = work_dir is None
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fieldpack-plan-"))
     work.mkdir(parents=True, exist_ok=True)
+
+    def step(what: str) -> None:
+        raise_if_interrupted()
+        log.info("plan: %s", what)
+        if on_step is not None:
+            on_step(what)
+
     try:
+        step("reading the documents")
         calib, held = _chunks(model_dir, docs_dir, seed)
         other_bytes = RUNTIME_OVERHEAD_BYTES + EMBEDDER_BYTES_ESTIMATE + INDEX_BYTES_PER_CHUNK * (len(calib) + len(held))
+        step("converting the checkpoint to F16 GGUF")
         ref = convert_hf_to_gguf(model_dir, work / "dense-f16.gguf", outtype="f16")
         eval_ctx = fit_eval_ctx(ref.path, held, min(256, ref.n_ctx_train))
         head_dim = ref.n_embd // ref.n_head
@@ -264,6 +280,7 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
         for p in prunes:
             if p == "none":
                 continue
+            step(f"pruning: {p}")
             opts = validate_compression(prune_opts[p], model_dir=model_dir)
             _, conv, _, resolved = prune_checkpoint(model_dir, opts, calib, work / p, seed=seed,
                                                     held_out_texts=held if opts.heal else None)
@@ -274,6 +291,8 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
 
         def measure(p: str, qt: str, use_imx: bool, path: Path, n_layer: int, quantizer: str = "rtn",
                     embd_type: str | None = None) -> None:
+            step(f"measuring {p}/{qt}{'+imatrix' if use_imx else ''}{f' embd {embd_type}' if embd_type else ''}"
+                 f"{f' ({quantizer})' if quantizer != 'rtn' else ''}: PPL/KLD on held-out text, decode speed")
             figs = perplexity_kld(ref.path, path, held, n_ctx=eval_ctx)
             sp = measure_speed(path, threads=threads, repeats=SPEED_REPEATS, statistic="median")
             kv = kv_cache_bytes(n_ctx, n_layer=n_layer, n_head_kv=ref.n_head_kv, head_dim=head_dim)
@@ -293,11 +312,13 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
             grid += [(q.upper(), False, e.upper()) for q, e in embd_quants]
             for qt, use_imx, embd in grid:
                 if use_imx and imx is None:
+                    step(f"computing a domain imatrix for {p}")
                     imx = compute_imatrix_gguf(base, calib, work / p / "imatrix.gguf", n_ctx=512).path
                 if qt == "F16" and not use_imx and embd is None:
                     path = base
                 else:
                     name = f"{qt}{'-imx' if use_imx else ''}{f'-embd-{embd}' if embd else ''}.gguf"
+                    step(f"quantizing {p} to {name[:-5]}")
                     path = quantize_gguf(base, work / p / name, qt, imatrix=imx if use_imx else None,
                                          embd_type=embd, output_type=embd).path
                 measure(p, qt, use_imx, path, n_layer, embd_type=embd)
@@ -305,6 +326,7 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
             from fieldpack.builder.compress.quantizers import calibrated_quantize
 
             for qt, qz in calibrated:
+                step(f"quantizing to {qt.upper()} with {qz.lower()} (calibrated)")
                 res = calibrated_quantize(qz.lower(), model_dir, ref.path, calib, qt.upper(),
                                           work / "none" / f"{qt.upper()}-{qz.lower()}", seed=seed)
                 measure("none", qt.upper(), False, res.quant.path, ref.n_layer, quantizer=qz.lower())

@@ -43,7 +43,7 @@ class Checkpoint:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise InputNotFoundError(
-                f"Model folder {self.model_dir} does not exist or is not a directory",
+                f"model folder {self.model_dir} does not exist or is not a directory",
                 hint="pass a local Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files)",
             )
         cfg_path = self.model_dir / "config.json"

@@ -38,8 +38,8 @@ def hub_or_local(model: str) -> Path:
         raise InputNotFoundError(f"{model} is a file, not a model folder", hint="pass the checkpoint folder")
     if not _HUB_ID.match(model):
         raise InputNotFoundError(
-            f"Model folder {model} does not exist", hint="pass a local Hugging Face checkpoint folder"
-        )
+            f"model {model} does not exist",
+            hint="pass a local Hugging Face checkpoint folder or a .gguf file (check the path's spelling)")
     try:
         from huggingface_hub import snapshot_download
 

@@ -93,7 +93,8 @@ class _StageProgress:
 def build(
     model: Optional[str] = typer.Option(None, "--model", help="local HF checkpoint folder, a .gguf file, or a hub id when online"),
     docs: Optional[Path] = typer.Option(None, "--docs", help="folder of documents (.md .txt .html .pdf .csv)"),
-    quant: Optional[str] = typer.Option(None, "--quant", help="Q8_0, Q6_K, Q5_K_M, Q4_K_M (default), Q4_0, F16; a .gguf ships as is unless given"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Q4_K_M (default), Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_0, "
+                                        "Q4_K_S, Q4_0, Q3_K_M, F16, F32; a .gguf ships as is unless given"),
     embd_type: Optional[str] = typer.Option(None, "--embd-type", help="GGML type of token_embd.weight (Q8_0, Q6_K, "
                                             "Q5_K, Q4_K, Q4_0, F16); default: the --quant mix's choice"),
     output_type: Optional[str] = typer.Option(None, "--output-type", help="GGML type of output.weight (as "

@@ -39,10 +39,32 @@ def plan(
     def split(s: str) -> tuple[str, ...]:
         return tuple(x.strip() for x in s.split(",") if x.strip())
 
-    result = make_plan(model, docs, device_ram_bytes=parse_size(device_ram), min_tokens_per_s=min_tokens_per_s,
-                       threads=threads, n_ctx=n_ctx, out_png=out, quants=split(quants), prunes=split(prunes),
-                       imatrix_quants=split(imatrix_quants), embd_quants=_pairs(split(embd_quants)),
-                       quantizers=split(quantizers), heal_steps=heal_steps)
+    from fieldpack.cli.console import console as make_console
+    from fieldpack.cli.usage import INTERRUPT_EXIT, explain_interrupt
+    from fieldpack.shared.interrupts import SIGTERM_EXIT, interrupts_that_stick
+
+    err = make_console(stderr=True)
+    steps: list[str] = []
+
+    def show(what: str) -> None:
+        steps.append(what)
+        err.print(f"plan: {what}", markup=False, highlight=False)
+
+    try:
+        with interrupts_that_stick():
+            result = make_plan(model, docs, device_ram_bytes=parse_size(device_ram),
+                               min_tokens_per_s=min_tokens_per_s, threads=threads, n_ctx=n_ctx, out_png=out,
+                               quants=split(quants), prunes=split(prunes), imatrix_quants=split(imatrix_quants),
+                               embd_quants=_pairs(split(embd_quants)), quantizers=split(quantizers),
+                               heal_steps=heal_steps, on_step=show)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and exc.code != SIGTERM_EXIT:
+            raise
+        where = f"while {steps[-1]}" if steps else "before the first step"
+        err.print(f"plan stopped {where}; nothing was written and its temporary files are removed",
+                  markup=False, highlight=False)
+        explain_interrupt()
+        raise typer.Exit(INTERRUPT_EXIT if isinstance(exc, KeyboardInterrupt) else SIGTERM_EXIT) from None
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

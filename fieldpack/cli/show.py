@@ -190,17 +190,19 @@ def print_status(info: dict[str, Any], console: Console | None = None) -> None:
 
 def print_answer(ans: Answer, *, streamed: bool = False, console: Console | None = None) -> None:
     """Print the answer (unless already streamed), numbered sources and timings."""
+    from rich.text import Text
+
+    from fieldpack.device.types import cut_notice, empty_notice
+
     c = console or make_console()
     if not streamed:
         c.print(ans.text, markup=False, highlight=False)
+    if (empty := empty_notice(ans)) is not None:
+        c.print(Text(empty, style="dim"))
     if ans.sources:
         c.print("\n[bold]Sources[/]")
         for i, h in enumerate(ans.sources, start=1):
             c.print(f"  [{i}] {h.citation()}  (score {h.score:.3f})", markup=False, highlight=False)
-    from rich.text import Text
-
-    from fieldpack.device.types import cut_notice
-
     if ans.extra.get("retrieval_query"):  # a follow-up: say what was searched, so a wrong page can be understood
         c.print(Text(f"searched with the previous question: {ans.extra['retrieval_query']}", style="dim"))
     if ans.finish_reason == "length":

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -155,3 +159,32 @@ def test_plan_heal_candidates_are_pruned_healed_and_proposed_with_their_flags(ti
     assert "--prune depth" in flags and "--heal kd" in flags and "--heal-steps 8" in flags
     with pytest.raises(UsageError, match="depth\\+heal"):
         make_plan(tiny_llama_dir, tmp_path, device_ram_bytes=2**30, min_tokens_per_s=1, prunes=("heal",), quantizers=())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_plan_stops_on_ctrl_c_or_sigterm_and_leaves_no_temporary_files(tiny_llama_dir, tmp_path, signum,
+                                                                       code) -> None:
+    """A new-user trial's Ctrl-C was lost in llama.cpp's callbacks (the plan ran on for minutes), and a SIGTERM
+    left a 1.1 GB fieldpack-plan-* folder behind."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    argv = [sys.executable, "-m", "fieldpack", "plan", "--model", str(tiny_llama_dir), "--docs",
+            str(Path(__file__).resolve().parents[2] / "demo" / "docs"), "--device-ram", "4GiB",
+            "--min-tokens-per-s", "1", "--threads", "1", "--quants", "F16,Q8_0,Q4_K_M,Q4_0", "--prunes", "none",
+            "--imatrix-quants", "", "--embd-quants", "", "--quantizers", "", "--out", str(tmp_path / "plan.png")]
+    proc = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[2], stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL, env=dict(os.environ, TMPDIR=str(tmp)))
+    lines = []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("plan: measuring none/F16"):
+            assert any(tmp.glob("fieldpack-plan-*"))  # the work folder exists while the plan runs
+            proc.send_signal(signum)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == code, "".join(lines) + rest
+    assert "plan stopped while measuring none/F16" in rest, rest
+    assert "Traceback" not in rest
+    assert not list(tmp.iterdir()) and not (tmp_path / "plan.png").exists()

@@ -124,3 +124,16 @@ def test_no_arguments_shows_help() -> None:
 def test_shell_completion_script() -> None:
     r = run_cli("--show-completion", "bash")
     assert r.returncode == 0 and "_fieldpack_completion" in r.stdout, r.stderr
+
+
+def test_build_help_lists_every_quant_type_the_build_accepts() -> None:
+    """A new-user trial found --quant's help listing 6 types while the build took 11."""
+    import inspect
+    import re
+
+    from fieldpack.builder.quantize import QUANT_TYPES
+    from fieldpack.cli.build import build
+
+    default = inspect.signature(build).parameters["quant"].default
+    listed = set(re.findall(r"\b(?:Q\d_K_[MS]|Q\d_K|Q\d_0|F16|F32)\b", default.help))
+    assert listed == set(QUANT_TYPES)

@@ -89,3 +89,37 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on() -> None:
     assert n == 1 and engine.asked == [("long", 0), ("short", 1)]
     assert " t49" in text and "bye" in text
     assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C at the prompt leaves the chat as before
+
+
+class EndsAtOnce:
+    """An engine whose model emits EOS first: an empty answer with sources, as a new-user trial got."""
+
+    bundle_label = "demo@1.0.0"
+
+    def answer(self, q: str, **_: object) -> object:
+        from fieldpack.device.types import Answer, Timings
+        from fieldpack.retrieval.types import Hit
+
+        hit = Hit(chunk_id=1, source="database.md", section="Maintenance", page=None, line_start=3, line_end=4,
+                  text="Run VACUUM ANALYZE.", score=0.9)
+        return Answer(question=q, text="", sources=[hit], abstained=False, bundle=self.bundle_label,
+                      timings=Timings(completion_tokens=1), finish_reason="stop")
+
+
+def test_an_empty_answer_says_so_in_chat_and_ask() -> None:
+    from fieldpack.cli.show import print_answer
+    from fieldpack.device.types import empty_notice
+
+    lines = iter(["Why is the disk full?", "/quit"])
+    out = io.StringIO()
+    assert run_chat(EndsAtOnce(), read_line=lambda _p: next(lines), console=Console(file=out, width=200)) == 1
+    assert "[the model ended without an answer; the sources below may still answer it]" in out.getvalue()
+
+    ans = EndsAtOnce().answer("Why is the disk full?")
+    out = io.StringIO()
+    print_answer(ans, console=Console(file=out, width=200))  # type: ignore[arg-type]
+    text = out.getvalue()
+    assert text.index("the model ended without an answer") < text.index("Sources")
+    for other in (dict(text="Run VACUUM."), dict(finish_reason="length"), dict(abstained=True),
+                  dict(finish_reason="cancelled")):
+        assert empty_notice(type(ans)(**{**ans.__dict__, **other})) is None  # type: ignore[arg-type]
