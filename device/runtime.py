@@ -321,7 +321,10 @@ class Runtime:
                               extra={"reason": "no source fits the context", **context})
             # a completion-format prompt ends in "Answer:", which the model continues with a space or newline
             text, finish, gen = self._generate(built.tokens, max_tokens, on_token, cancel, extra_stop,
-                                               strip_leading=self.manifest.runtime.prompt_format == "completion")
+                                               strip_leading=self.manifest.runtime.prompt_format == "completion",
+                                               stop_loops=True)
+            if finish == "looped":  # cut to the loop's first copy: an end of answer like EOS, said in extra
+                finish, context = "stop", {**context, "stopped_repeating": True}
             total_ms = (time.perf_counter() - t0) * 1e3
             timings = Timings(retrieval_ms=retrieval_ms, prompt_tokens=len(built.tokens),
                               prompt_eval_ms=gen["prompt_eval_ms"],
@@ -361,12 +364,16 @@ class Runtime:
 
     def _generate(self, tokens: list[int], max_tokens: int, on_token: Callable[[str], None] | None,
                   cancel: threading.Event | None, extra_stop: Sequence[str] = (), *,
-                  strip_leading: bool = False) -> tuple[str, str, dict[str, float]]:
+                  strip_leading: bool = False, stop_loops: bool = False) -> tuple[str, str, dict[str, float]]:
         """Greedy streaming generation. Returns (text, finish_reason, figures in ms / tokens).
 
         ``strip_leading``: drop the whitespace before the first visible piece (an answer after ``"Answer:"``);
-        off for a raw continuation, whose leading space is part of the text.
+        off for a raw continuation, whose leading space is part of the text. ``stop_loops``: stop when the text
+        ends in three copies of one block (:class:`device.repetition.LoopGuard`; finish ``"looped"``, the text
+        cut to the first copy; the copies were already streamed).
         """
+        from fieldpack.device.repetition import LoopGuard
+
         import llama_cpp
 
         llm = self._llm
@@ -376,6 +383,7 @@ class Runtime:
         pieces: list[str] = []
         finish = "stop"
         n_chunks = 0
+        loops = LoopGuard() if stop_loops else None
         forget_unsafe_prefix(llm, tokens)
         stream = llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0,
                                        min_p=0.0, repeat_penalty=1.0, stop=[*self.manifest.runtime.stop, *extra_stop],
@@ -393,6 +401,9 @@ class Runtime:
                     pieces.append(piece)
                     if on_token:
                         on_token(piece)
+                    if loops is not None and loops.feed(piece):
+                        finish = "looped"
+                        break
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
                 if cancel is not None and cancel.is_set():
@@ -416,7 +427,7 @@ class Runtime:
             "decode_ms": decode_ms,
             "tokens_per_s": (n_eval / (decode_ms / 1e3)) if decode_ms > 0 else 0.0,
         }
-        return "".join(pieces), finish, figures
+        return (loops.text() if loops is not None and loops.looped else "".join(pieces)), finish, figures
 
     # -- post-install check ------------------------------------------------------------------------------------
     def smoke_check(self) -> None:

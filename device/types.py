@@ -28,7 +28,9 @@ class Answer:
         bundle: ``"name@version"`` of the bundle that answered.
         finish_reason: ``"stop"`` (EOS/EOT or stop string), ``"length"``, ``"cancelled"`` or ``"abstained"``.
         extra: details for the curious: ``retrieval_query`` when a follow-up was searched together with the
-            previous question (:mod:`retrieval.followup`), ``reason`` of an abstention without a gate refusal.
+            previous question (:mod:`retrieval.followup`), ``reason`` of an abstention without a gate refusal,
+            ``stopped_repeating`` when the answer was stopped at a loop and cut to its first copy
+            (:mod:`device.repetition`; ``finish_reason`` is then ``"stop"``).
     """
 
     question: str
@@ -50,6 +52,7 @@ class Answer:
             "sources": [dict(h.to_dict(), n=i + 1) for i, h in enumerate(self.sources)],
             "timings": self.timings.to_dict(),
             **({"retrieval_query": self.extra["retrieval_query"]} if self.extra.get("retrieval_query") else {}),
+            **({"stopped_repeating": True} if self.extra.get("stopped_repeating") else {}),
         }
 
 
@@ -69,6 +72,10 @@ def empty_notice(ans: Answer) -> str | None:
         return None
     cited = "; the sources below may still answer it" if ans.sources else ""
     return f"[the model ended without an answer{cited}]"
+
+
+#: The line shown under an answer stopped at a loop (``extra["stopped_repeating"]``).
+LOOP_NOTICE = "[stopped: the model began repeating itself; the answer above is cut to the first copy]"
 
 
 class AnswerEngine(Protocol):

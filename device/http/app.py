@@ -662,13 +662,16 @@ def _extras(out: Outcome, grounded: bool) -> dict[str, Any]:
         return {"fieldpack": {"grounded": False, "bundle": out.bundle, "timings": _timings(out)}}
     return {"sources": [_source_json(h, i + 1) for i, h in enumerate(out.sources)],
             "fieldpack": {"grounded": True, "abstained": out.abstained, "bundle": out.bundle,
-                          "timings": _timings(out), **_retrieval_query(out)}}
+                          "timings": _timings(out), **_answer_notes(out)}}
 
 
-def _retrieval_query(out: Outcome) -> dict[str, str]:
-    """``{"retrieval_query": ...}`` when a follow-up was searched with the previous question, else ``{}``."""
-    query = (out.extra or {}).get("retrieval_query")
-    return {"retrieval_query": query} if query else {}
+def _answer_notes(out: Outcome) -> dict[str, Any]:
+    """``{"retrieval_query": ...}`` when a follow-up was searched with the previous question, and
+    ``"stopped_repeating": true`` when the answer was stopped at a loop (:mod:`device.repetition`); else ``{}``."""
+    extra = out.extra or {}
+    query = extra.get("retrieval_query")
+    return {**({"retrieval_query": query} if query else {}),
+            **({"stopped_repeating": True} if extra.get("stopped_repeating") else {})}
 
 
 def _chat_json(out: Outcome, rid: str, created: int, model_id: str) -> dict[str, Any]:
@@ -681,4 +684,4 @@ def _chat_json(out: Outcome, rid: str, created: int, model_id: str) -> dict[str,
 def _ask_json(out: Outcome) -> dict[str, Any]:
     return {"answer": out.text, "abstained": out.abstained, "finish_reason": out.finish_reason,
             "bundle": out.bundle, "sources": [_source_json(h, i + 1) for i, h in enumerate(out.sources)],
-            "timings": _timings(out), "usage": _usage(out), **_retrieval_query(out)}
+            "timings": _timings(out), "usage": _usage(out), **_answer_notes(out)}

@@ -192,13 +192,15 @@ def print_answer(ans: Answer, *, streamed: bool = False, console: Console | None
     """Print the answer (unless already streamed), numbered sources and timings."""
     from rich.text import Text
 
-    from fieldpack.device.types import cut_notice, empty_notice
+    from fieldpack.device.types import LOOP_NOTICE, cut_notice, empty_notice
 
     c = console or make_console()
     if not streamed:
         c.print(ans.text, markup=False, highlight=False)
     if (empty := empty_notice(ans)) is not None:
         c.print(Text(empty, style="dim"))
+    if ans.extra.get("stopped_repeating"):
+        c.print(Text(LOOP_NOTICE, style="dim"))
     if ans.sources:
         c.print("\n[bold]Sources[/]")
         for i, h in enumerate(ans.sources, start=1):
