@@ -42,8 +42,9 @@ def raise_if_interrupted() -> None:
 def interrupts_that_stick() -> Iterator[None]:
     """While the block runs, SIGINT raises KeyboardInterrupt and SIGTERM raises ``SystemExit(143)`` (so ``finally``
     blocks clean up on ``kill`` too), and both are remembered for :func:`raise_if_interrupted` in case ctypes
-    dropped the exception. The previous handlers are restored on exit. Outside the main thread (where Python
-    cannot install signal handlers) the block runs with the usual behaviour."""
+    dropped the exception. The previous handlers are restored on exit. A signal the process ignores (``SIG_IGN``)
+    stays ignored. Outside the main thread (where Python cannot install signal handlers) the block runs with the
+    usual behaviour."""
     global _pending
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -55,7 +56,10 @@ def interrupts_that_stick() -> Iterator[None]:
         _raise_for(signum)
 
     _pending = None
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the process was started with ignored (a background job's SIGINT, nohup) stays ignored, as Python
+    # itself leaves it at startup
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

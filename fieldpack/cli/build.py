@@ -241,14 +241,36 @@ def _build_with_progress(cfg: Any, **options: Any) -> Any:
     """Run :func:`builder.pipeline.build_bundle` (``options``: its keyword options, e.g. the build cache) with a
     progress bar per stage; print the ingest report.
 
-    Ctrl-C says which stage it interrupted (and how far it got) and exits 130; nothing is left at the output."""
+    Ctrl-C says which stage it interrupted (and how far it got) and exits 130; SIGTERM likewise with 143; nothing
+    is left at the output. A Ctrl-C that llama.cpp's ctypes callbacks swallowed (:mod:`shared.interrupts`) is
+    raised at the next stage or progress step."""
+    import threading
+
     from fieldpack.builder.pipeline import build_bundle
     from fieldpack.builder.progress import progress_sink
+    from fieldpack.shared.interrupts import SIGTERM_EXIT, interrupts_that_stick, raise_if_interrupted
 
     with _StageProgress() as shown:
+
+        def stage(*args: Any) -> None:
+            raise_if_interrupted()
+            shown.stage(*args)
+
+        def count(*args: Any) -> None:
+            if threading.current_thread() is threading.main_thread():  # never raise in a worker thread
+                raise_if_interrupted()
+            shown.count(*args)
+
         try:
-            with progress_sink(shown.count):
-                result = build_bundle(cfg, on_stage=shown.stage, **options)
+            with interrupts_that_stick(), progress_sink(count):
+                result = build_bundle(cfg, on_stage=stage, **options)
+        except SystemExit as exc:
+            if exc.code != SIGTERM_EXIT:
+                raise
+            shown.console.print(f"stopped by SIGTERM{f' during stage {shown.current!r}' if shown.current else ''}; "
+                                f"no bundle was written to {cfg.output}", markup=False, highlight=False)
+            explain_interrupt()
+            raise typer.Exit(SIGTERM_EXIT) from None
         except KeyboardInterrupt:
             if shown.current:
                 where = f"during stage '{shown.current}'"

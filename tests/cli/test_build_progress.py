@@ -34,6 +34,20 @@ def test_embedding_reports_counts_and_matches_one_call(embedder: Any) -> None:  
     report(1, 2, "x")  # no sink outside the block: nothing happens, nothing raises
 
 
+def _signal_after_first_stage(proc: subprocess.Popen[str], signum: int) -> tuple[int, str]:
+    """Send ``signum`` to a build half a second after its first stage finished; its exit status and stderr."""
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:  # off a terminal: one line per finished stage
+        lines.append(line)
+        if line.startswith("✓ check inputs"):
+            time.sleep(0.5)
+            proc.send_signal(signum)
+            break
+    rest = proc.stderr.read()
+    return proc.wait(timeout=300), "".join(lines) + rest
+
+
 @pytest.mark.slow
 def test_ctrl_c_names_the_interrupted_stage(tmp_path: Path, tiny_llama_dir: Path) -> None:
     from fieldpack.shared.signing import generate_keypair
@@ -50,20 +64,30 @@ def test_ctrl_c_names_the_interrupted_stage(tmp_path: Path, tiny_llama_dir: Path
                              # every stage does real work (a warm build cache finishes in ~1 s, before the signal)
                              "--no-cache"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    lines = []
-    for line in proc.stderr:  # off a terminal: one line per finished stage
-        lines.append(line)
-        if line.startswith("✓ check inputs"):
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGINT)
-            break
-    rest = proc.stderr.read()
-    rc = proc.wait(timeout=300)
-    err = "".join(lines) + rest
+    rc, err = _signal_after_first_stage(proc, signal.SIGINT)
     assert rc == 130, err
     assert ("interrupted during stage '" in err or "interrupted after stage 'check inputs'" in err), err
     assert err.count("interrupted") == 1, err  # the CLI's generic line is not added to the build's own
     assert "no bundle was written" in err
     assert "Traceback" not in err and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fieldpack-build-")]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_build_and_leaves_nothing(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """`kill` (a supervisor's timeout) used to end the build without its clean-up: a new-user trial found a
+    .tmp folder left in the build cache."""
+    from fieldpack.shared.signing import generate_keypair
+
+    generate_keypair(tmp_path / "keys")
+    out, cache = tmp_path / "b.fpk", tmp_path / "cache"
+    proc = subprocess.Popen([fieldpack_exe(), "build", "--model", str(tiny_llama_dir), "--docs", str(DEMO_DOCS),
+                             "--name", "t", "--sign", str(tmp_path / "keys" / "builder.key"), "-o", str(out),
+                             "--cache-dir", str(cache)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rc, err = _signal_after_first_stage(proc, signal.SIGTERM)
+    assert rc == 143, err
+    assert "stopped by SIGTERM" in err and "no bundle was written" in err, err
+    assert "Traceback" not in err and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fieldpack-build-")]
+    assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.name], list(cache.rglob("*"))

@@ -62,3 +62,14 @@ def test_a_ctrl_c_in_plain_python_raises_at_once_and_the_handlers_come_back() ->
                 pass
     assert signal.getsignal(signal.SIGINT) is before
     raise_if_interrupted()  # nothing left pending after the block
+
+
+def test_a_signal_the_process_ignores_stays_ignored() -> None:
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with interrupts_that_stick():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise_if_interrupted()  # nothing: the signal was ignored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
