@@ -139,7 +139,7 @@ def answer_all(gguf: Path, items: list[dict[str, Any]], render: Any, *, max_toke
     (which passes them to llama.cpp) would show it."""
     from fieldpack.device.evaluate import metrics as M
     from fieldpack.device.evaluate.run import cited_numbers, declines
-    from fieldpack.device.runtime import forget_unsafe_prefix, load_llama
+    from fieldpack.device.runtime import load_llama
 
     llm = load_llama(gguf, n_ctx=2048, threads=threads)
     rows = []
@@ -147,7 +147,6 @@ def answer_all(gguf: Path, items: list[dict[str, Any]], render: Any, *, max_toke
         text = render(it["question"], it["sources"], [])
         toks = prompt_tokens(llm, text, bos_text)
         t0 = time.perf_counter()
-        forget_unsafe_prefix(llm, toks)
         out = llm.create_completion(toks, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
                                     repeat_penalty=1.0)
         raw = out["choices"][0]["text"]

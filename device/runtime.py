@@ -13,6 +13,7 @@ system role, or plain completion for base models) inside ``n_ctx - max_tokens`` 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -384,7 +385,6 @@ class Runtime:
         finish = "stop"
         n_chunks = 0
         loops = LoopGuard() if stop_loops else None
-        forget_unsafe_prefix(llm, tokens)
         stream = llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0,
                                        min_p=0.0, repeat_penalty=1.0, stop=[*self.manifest.runtime.stop, *extra_stop],
                                        stream=True)
@@ -455,13 +455,12 @@ class Runtime:
         # one decode step proves the model runs, not only loads
         built = fit_prompt(smoke.question, hits[:self.manifest.runtime.top_k_chunks], [], render=self.render_prompt,
                            tokenize=self.tokenize_prompt, budget_tokens=self.n_ctx - 1)
-        forget_unsafe_prefix(self._llm, built.tokens)
         self._llm.create_completion(built.tokens, max_tokens=1, temperature=0.0)
 
 
 def forget_unsafe_prefix(llm: Any, tokens: Sequence[int]) -> bool:
-    """Make llama-cpp-python's prompt-prefix reuse safe with a sliding-window KV cache; call it before every
-    ``create_completion(tokens)`` on a :func:`load_llama` model.
+    """Make llama-cpp-python's prompt-prefix reuse safe with a sliding-window KV cache. A :func:`load_llama` model
+    calls it at the start of every ``generate`` (so of every ``create_completion``) by itself.
 
     ``Llama.generate`` keeps the KV cells of the longest common prefix of the last sequence and the next prompt
     and evaluates only the rest. :func:`load_llama` sizes the sliding-window (SWA) layers' cache of Gemma 2/3 to
@@ -503,20 +502,34 @@ def forget_unsafe_prefix(llm: Any, tokens: Sequence[int]) -> bool:
     return True
 
 
+@functools.cache
+def _guarded(llama_class: type) -> type:
+    """``llama_class`` (``llama_cpp.Llama``) with :func:`forget_unsafe_prefix` run before each ``generate`` that
+    may reuse a cached prefix (``reset=True``, what ``create_completion`` uses)."""
+
+    class GuardedLlama(llama_class):  # type: ignore[misc, valid-type]
+        def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("reset", True):
+                forget_unsafe_prefix(self, tokens)
+            return super().generate(tokens, *args, **kwargs)
+
+    return GuardedLlama
+
+
 def load_llama(gguf_path: Path, *, n_ctx: int, threads: int, verbose: bool = False, lora_path: Path | None = None,
                lora_scale: float = 1.0) -> Any:
     """Open a GGUF with llama-cpp-python (CPU), with a LoRA adapter GGUF applied at ``lora_scale`` when
     ``lora_path`` is given (llama-cpp-python then turns mmap off: the model is read into anonymous memory).
     ``n_ctx`` in tokens. A model with sliding-window attention layers (Gemma 2/3) gets their KV cache sized to
-    the window, not to ``n_ctx`` (``swa_full=False``; Gemma 3 270M at n_ctx 2048: 36 -> 21 MiB of KV cache), so
-    every completion on it must go through :func:`forget_unsafe_prefix` first. Raises RuntimeLoadError naming
-    the file."""
+    the window, not to ``n_ctx`` (``swa_full=False``; Gemma 3 270M at n_ctx 2048: 36 -> 21 MiB of KV cache); the
+    returned ``Llama`` runs :func:`forget_unsafe_prefix` before each generation, so that prefix reuse stays
+    correct for every caller. Raises RuntimeLoadError naming the file."""
     try:
         import llama_cpp
 
         from fieldpack.shared.llama_backend import llama_cpp_module
 
-        Llama = llama_cpp_module(llama_cpp).Llama
+        Llama = _guarded(llama_cpp_module(llama_cpp).Llama)
     except ImportError as exc:
         raise RuntimeLoadError("llama-cpp-python is not installed", hint="pip install 'fieldpack[device]'") from exc
     if not Path(gguf_path).is_file():

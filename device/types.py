@@ -51,9 +51,18 @@ class Answer:
             "bundle": self.bundle,
             "sources": [dict(h.to_dict(), n=i + 1) for i, h in enumerate(self.sources)],
             "timings": self.timings.to_dict(),
-            **({"retrieval_query": self.extra["retrieval_query"]} if self.extra.get("retrieval_query") else {}),
-            **({"stopped_repeating": True} if self.extra.get("stopped_repeating") else {}),
+            **answer_notes_json(self.extra),
         }
+
+
+def answer_notes_json(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The JSON fields an answer's ``extra`` adds where set (``--json``, ``/v1/ask``, the chat API's ``fieldpack``
+    field): ``retrieval_query`` when a follow-up was searched with the previous question, ``stopped_repeating``
+    when the answer was stopped at a loop (:mod:`device.repetition`)."""
+    extra = extra or {}
+    query = extra.get("retrieval_query")
+    return {**({"retrieval_query": query} if query else {}),
+            **({"stopped_repeating": True} if extra.get("stopped_repeating") else {})}
 
 
 def cut_notice(tokens: int, how: str | None = None) -> str:

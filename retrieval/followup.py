@@ -52,7 +52,7 @@ def looks_like_followup(message: str) -> bool:
     words = _WORD.findall(text)
     if len(words) <= FOLLOWUP_MAX_WORDS or text.startswith(CONTINUATIONS):
         return True
-    return len(words) <= FOLLOWUP_REFERENCE_MAX_WORDS and any(w in BACK_REFERENCES for w in words)
+    return len(words) <= FOLLOWUP_REFERENCE_MAX_WORDS and points_back(text)
 
 
 def points_back(message: str) -> bool:

@@ -44,6 +44,7 @@ from fieldpack.shared import errors
 from fieldpack.device.http.engine import EngineHost, submit, withdraw
 from fieldpack.device.http.prom import CONTENT_TYPE, PromMetrics
 from fieldpack.device.options import check_answer_options
+from fieldpack.device.types import answer_notes_json
 from fieldpack.device.http.schema import (
     AskRequest,
     ChatCompletionRequest,
@@ -662,16 +663,7 @@ def _extras(out: Outcome, grounded: bool) -> dict[str, Any]:
         return {"fieldpack": {"grounded": False, "bundle": out.bundle, "timings": _timings(out)}}
     return {"sources": [_source_json(h, i + 1) for i, h in enumerate(out.sources)],
             "fieldpack": {"grounded": True, "abstained": out.abstained, "bundle": out.bundle,
-                          "timings": _timings(out), **_answer_notes(out)}}
-
-
-def _answer_notes(out: Outcome) -> dict[str, Any]:
-    """``{"retrieval_query": ...}`` when a follow-up was searched with the previous question, and
-    ``"stopped_repeating": true`` when the answer was stopped at a loop (:mod:`device.repetition`); else ``{}``."""
-    extra = out.extra or {}
-    query = extra.get("retrieval_query")
-    return {**({"retrieval_query": query} if query else {}),
-            **({"stopped_repeating": True} if extra.get("stopped_repeating") else {})}
+                          "timings": _timings(out), **answer_notes_json(out.extra)}}
 
 
 def _chat_json(out: Outcome, rid: str, created: int, model_id: str) -> dict[str, Any]:
@@ -684,4 +676,4 @@ def _chat_json(out: Outcome, rid: str, created: int, model_id: str) -> dict[str,
 def _ask_json(out: Outcome) -> dict[str, Any]:
     return {"answer": out.text, "abstained": out.abstained, "finish_reason": out.finish_reason,
             "bundle": out.bundle, "sources": [_source_json(h, i + 1) for i, h in enumerate(out.sources)],
-            "timings": _timings(out), "usage": _usage(out), **_answer_notes(out)}
+            "timings": _timings(out), "usage": _usage(out), **answer_notes_json(out.extra)}

@@ -73,7 +73,6 @@ def test_the_runtime_stops_a_looping_answer_and_reports_it(monkeypatch: pytest.M
     monkeypatch.setattr(llama_cpp, "llama_perf_context_reset", lambda ctx: None)
     monkeypatch.setattr(llama_cpp, "llama_perf_context",
                         lambda ctx: SimpleNamespace(n_eval=12, t_eval_ms=100.0, t_p_eval_ms=10.0))
-    monkeypatch.setattr(llama_cpp, "llama_model_n_swa", lambda model: 0)
     rt = Runtime.__new__(Runtime)
     rt._llm = llm
     rt.manifest = SimpleNamespace(runtime=SimpleNamespace(stop=[]))

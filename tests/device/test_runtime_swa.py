@@ -91,10 +91,27 @@ def test_a_short_shared_prefix_is_re_evaluated_and_a_long_one_reused(gemma_gguf_
         llm.close()
 
 
-def test_without_the_guard_the_reused_prefix_is_broken(gemma_gguf_tiny: Path, long_tokens: list[int]) -> None:
-    """The reason for the guard: llama-cpp-python 0.3.36 reuses the prefix though the sliding layers lost it."""
+def test_load_llama_guards_every_completion_by_itself(gemma_gguf_tiny: Path, long_tokens: list[int]) -> None:
     first, branch = long_tokens[:1200], long_tokens[:100] + long_tokens[1300:1400]
     llm = load_llama(gemma_gguf_tiny, n_ctx=N_CTX, threads=2)
+    try:
+        _scores(llm, first, guard=False)
+        got = _scores(llm, branch, guard=False)[0]  # no explicit call: create_completion's generate runs it
+    finally:
+        llm.close()
+    np.testing.assert_allclose(got, _fresh(gemma_gguf_tiny, branch), atol=1e-4)
+
+
+def test_without_the_guard_the_reused_prefix_is_broken(gemma_gguf_tiny: Path, long_tokens: list[int]) -> None:
+    """The reason for the guard: llama-cpp-python 0.3.36 reuses the prefix though the sliding layers lost it."""
+    import llama_cpp
+
+    from fieldpack.shared.llama_backend import llama_cpp_module
+
+    first, branch = long_tokens[:1200], long_tokens[:100] + long_tokens[1300:1400]
+    # a plain Llama as load_llama configures it, without the guard load_llama adds
+    llm = llama_cpp_module(llama_cpp).Llama(str(gemma_gguf_tiny), n_ctx=N_CTX, n_threads=2, n_threads_batch=2,
+                                            n_batch=512, verbose=False, seed=0, swa_full=False)
     try:
         _scores(llm, first, guard=False)
         try:
