@@ -15,11 +15,25 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
 
 #: Exit status of a process stopped by SIGTERM (128 + 15), as the shell reports it.
 SIGTERM_EXIT = 143
 
 _pending: int | None = None  # the signal received inside interrupts_that_stick and not yet seen by the loop
+
+#: Python functions C code calls back (llama-cpp-python's log callback, run throughout model loads): an exception
+#: raised in one is printed by ctypes as an "Exception ignored ... Traceback" block and dropped, so a signal that
+#: lands in one (or in a function it calls) is only recorded, for :func:`raise_if_interrupted`.
+C_CALLBACKS = frozenset({"llama_log_callback"})
+
+
+def _in_c_callback(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name in C_CALLBACKS:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _raise_for(signum: int) -> None:
@@ -50,10 +64,11 @@ def interrupts_that_stick() -> Iterator[None]:
         yield
         return
 
-    def handler(signum: int, _frame: object) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
         global _pending
         _pending = signum
-        _raise_for(signum)
+        if not _in_c_callback(frame):
+            _raise_for(signum)
 
     _pending = None
     # a signal the process was started with ignored (a background job's SIGINT, nohup) stays ignored, as Python

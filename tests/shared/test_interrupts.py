@@ -73,3 +73,17 @@ def test_a_signal_the_process_ignores_stays_ignored() -> None:
             raise_if_interrupted()  # nothing: the signal was ignored
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_in_llamas_log_callback_is_only_recorded() -> None:
+    """No "Exception ignored ... Traceback" block on stderr: a signal that lands in llama-cpp-python's log callback
+    (named in C_CALLBACKS) is not raised there; the next step raises it."""
+    def llama_log_callback() -> None:  # the name of llama-cpp-python's callback
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+
+    with interrupts_that_stick():
+        llama_log_callback()  # returns normally
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()
