@@ -15,7 +15,8 @@ the dev parts only and the unseen parts are what the table reports. Ingest and e
 bench cache (``$FIELDPACK_BENCH_CACHE``) keyed by the documents and the embedder file, so a rerun only searches.
 
 Run: ``.venv/bin/python -m benchmarks.retrieval_quality [--split unseen|dev] [--corpus NAME ...]
-[--chunk-tokens N --overlap-tokens M]``.
+[--chunk-tokens N --overlap-tokens M] [--exclude GLOB ...]`` (``--exclude`` as ``fieldpack build``'s: the
+matching pages are left out of the index; the vectors of the other chunks are reused from the full index).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 QA_DIR = Path(__file__).resolve().parent / "qa"
 CHUNK_TOKENS, OVERLAP_TOKENS = 200, 40
+EXCLUDE: tuple[str, ...] = ()  # --exclude patterns (builder.ingest.exclude), set by _main
 K = 10
 MODES = ("vector", "bm25", "hybrid")
 
@@ -95,7 +97,14 @@ def corpus_chunks(spec: CorpusSpec, emb: dict[str, Any]) -> list[Any]:
         (tmp / "chunks.pkl").write_bytes(pickle.dumps(list(res.chunks)))
 
     folder = C.cached_dir(f"chunks-{spec.name}", key, build)
-    return pickle.loads((folder / "chunks.pkl").read_bytes())
+    chunks = pickle.loads((folder / "chunks.pkl").read_bytes())
+    return [c for c in chunks if not _excluded(c.source)]
+
+
+def _excluded(source: str) -> bool:
+    from fieldpack.builder.ingest.exclude import Excludes
+
+    return bool(EXCLUDE) and Excludes.parse(EXCLUDE).match(source) is not None
 
 
 def corpus_index(spec: CorpusSpec, emb: dict[str, Any], chunks: Sequence[Any], label: str) -> Path:
@@ -106,18 +115,34 @@ def corpus_index(spec: CorpusSpec, emb: dict[str, Any], chunks: Sequence[Any], l
 
     key = C.content_key(_docs_signature(spec.docs), Path(emb["onnx_path"]), Path(emb["tokenizer_path"]),
                         f"{CHUNK_TOKENS}/{OVERLAP_TOKENS}", str(index_format.INDEX_FORMAT),
-                        Path(index_format.__file__))
+                        Path(index_format.__file__), *(("exclude", *EXCLUDE) if EXCLUDE else ()))
 
     def build(tmp: Path) -> None:
         t0 = time.perf_counter()
-        with OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]), max_tokens=int(emb["max_tokens"]),
-                          threads=C.bench_threads()) as e:
-            vecs = embed_chunks(list(chunks), e)
+        if EXCLUDE:  # the kept chunks' vectors, from the full index (built once)
+            vecs = _kept_vectors(spec, emb, label, chunks)
+        else:
+            with OnnxEmbedder(Path(emb["onnx_path"]), Path(emb["tokenizer_path"]),
+                              max_tokens=int(emb["max_tokens"]), threads=C.bench_threads()) as e:
+                vecs = embed_chunks(list(chunks), e)
         np.save(tmp / "embeddings.npy", vecs)
         build_index(list(chunks), vecs, tmp / "index.sqlite", embedder_name=str(emb["name"]))
         (tmp / "build.json").write_text(json.dumps({"seconds": time.perf_counter() - t0, "chunks": len(chunks)}))
 
     return C.cached_dir(f"index-{spec.name}-{label}", key, build) / "index.sqlite"
+
+
+def _kept_vectors(spec: CorpusSpec, emb: dict[str, Any], label: str, kept: Sequence[Any]) -> np.ndarray:
+    """Rows of the full index's ``embeddings.npy`` for the ``kept`` chunks (float32, shape (len(kept), dim))."""
+    global EXCLUDE
+    saved, EXCLUDE = EXCLUDE, ()
+    try:
+        full = corpus_chunks(spec, emb)
+        vecs = np.load(corpus_index(spec, emb, full, label).parent / "embeddings.npy")
+    finally:
+        EXCLUDE = saved
+    row = {(c.source, c.line_start, c.line_end, c.text): i for i, c in enumerate(full)}
+    return vecs[[row[(c.source, c.line_start, c.line_end, c.text)] for c in kept]]
 
 
 # --- judging ------------------------------------------------------------------------------------------------------
@@ -311,8 +336,12 @@ def _main() -> None:
                     help=f"chunk budget in embedder tokens (default {CHUNK_TOKENS}, the build's)")
     ap.add_argument("--overlap-tokens", type=int, default=OVERLAP_TOKENS,
                     help=f"chunk overlap in embedder tokens (default {OVERLAP_TOKENS}, the build's)")
+    ap.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                    help="leave these pages out of the index, as `fieldpack build --exclude` (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
+    global EXCLUDE
+    EXCLUDE = tuple(args.exclude)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     _set_chunking(args.chunk_tokens, args.overlap_tokens)
     emb = base_export()

@@ -28,6 +28,8 @@ class BuildConfig(BaseModel):
 
     model: str = Field(description="local Hugging Face checkpoint folder, or a hub id (fetched only when online)")
     docs: Path = Field(description="folder of documents: .md .txt .html .pdf .csv")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns of files/folders under docs that are "
+                                                                 "not indexed (builder.ingest.exclude)")
     name: BundleName = Field(description="bundle name, e.g. plant-ops")
     version: BundleVersion = Field(default="0.1.0")
     quant: QuantName = Field(default="Q4_K_M", description="llama.cpp tensor type mix (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16)")
@@ -70,6 +72,16 @@ class BuildConfig(BaseModel):
     @classmethod
     def _absolute(cls, v: Path | None) -> Path | None:
         return None if v is None else Path(v).expanduser().absolute()
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude(cls, v: list[str]) -> list[str]:
+        from fieldpack.builder.ingest.exclude import Excludes
+
+        try:
+            return list(Excludes.parse(v).patterns)
+        except UsageError as exc:
+            raise ValueError(str(exc)) from exc
 
     @field_validator("model")
     @classmethod
@@ -154,7 +166,8 @@ class BuildConfig(BaseModel):
             where = ".".join(str(p) for p in errs[0]["loc"]) if errs else ""
             opt = f"--{where.replace('_', '-')}" if where in _OPTIONS else None
             hint = f"give {opt} a valid value (see `fieldpack build --help`)" if opt else "see `fieldpack build --help`"
-            raise UsageError(f"{origin}: {first_validation_error(exc).replace('Value error, ', '')}", hint=hint) from exc
+            problem, _, fix = first_validation_error(exc).replace("Value error, ", "").partition(" Fix: ")
+            raise UsageError(f"{origin}: {problem}", hint=fix or hint) from exc
 
     def to_recipe(self) -> dict[str, Any]:
         """JSON/TOML-ready dict of this config under a ``build`` table (None values dropped, paths as str)."""
@@ -169,7 +182,7 @@ class BuildConfig(BaseModel):
 
 
 #: Fields that are also ``fieldpack build`` options (``--name``, ``--n-ctx``, ...), for error hints.
-_OPTIONS = {"model", "docs", "quant", "embd_type", "output_type", "keep_general", "name", "version", "sign", "n_ctx",
+_OPTIONS = {"model", "docs", "exclude", "quant", "embd_type", "output_type", "keep_general", "name", "version", "sign", "n_ctx",
             "max_tokens", "embedder", "adapt_embedder", "ship_adapter"}
 _PATH_KEYS = ("docs", "sign", "output", "embedder", "model")
 _ADAPT_PATH_KEYS = ("qa_train", "teacher", "qa_teacher")

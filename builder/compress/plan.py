@@ -177,14 +177,15 @@ def choose(candidates: list[Candidate]) -> int | None:
     return min(fitting, key=lambda i: (candidates[i].kld_mean, candidates[i].gguf_bytes))
 
 
-def _chunks(model_dir: Path, docs_dir: Path, seed: int) -> tuple[list[str], list[str]]:
+def _chunks(model_dir: Path, docs_dir: Path, seed: int, exclude: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     from fieldpack.builder.compress.calibration import load_tokenizer
     from fieldpack.builder.ingest import ingest
+    from fieldpack.builder.ingest.exclude import Excludes
     from fieldpack.builder.stages.quant import split_eval
 
     tok = load_tokenizer(model_dir)
     res = ingest(docs_dir, count_tokens=lambda t: len(tok(t, add_special_tokens=False, verbose=False)["input_ids"]),
-                 chunk_tokens=200, overlap_tokens=0)
+                 chunk_tokens=200, overlap_tokens=0, exclude=Excludes.parse(exclude))
     return split_eval([c.text for c in res.chunks], 0.1, 64, seed)
 
 
@@ -194,7 +195,7 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
               imatrix_quants: tuple[str, ...] = IMATRIX_QUANTS, work_dir: Path | None = None,
               seed: int = 0, embd_quants: tuple[tuple[str, str], ...] = EMBD_QUANTS,
               quantizers: tuple[str, ...] = QUANTIZER_CANDIDATES, heal_steps: int | None = None,
-              on_step: Callable[[str], None] | None = None) -> Plan:
+              on_step: Callable[[str], None] | None = None, exclude: tuple[str, ...] = ()) -> Plan:
     """Build and measure every candidate; propose the best quality that fits the device.
 
     Args:
@@ -214,10 +215,11 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
             measurement), e.g. to show progress; each step first calls
             :func:`shared.interrupts.raise_if_interrupted`, so a Ctrl-C that llama.cpp's callbacks swallowed
             stops the plan at the next step.
+        exclude: ``--exclude`` glob patterns of files under ``docs_dir`` not to use (:mod:`builder.ingest.exclude`).
 
     Raises:
         InputNotFoundError: model or docs folder missing.
-        UsageError: bad limits or an unknown quant type / prune name.
+        UsageError: bad limits, an unknown quant type / prune name, or a bad ``--exclude`` pattern.
         CompressionConfigError / BuildError subclasses from pruning, conversion and quantization.
     """
     from fieldpack.builder.compress import prune_checkpoint, validate_compression
@@ -233,6 +235,9 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
         raise InputNotFoundError(f"model folder {model_dir} has no config.json", hint="pass a local checkpoint folder")
     if not docs_dir.is_dir():
         raise InputNotFoundError(f"docs folder {docs_dir} does not exist", hint="pass the folder of your documents")
+    from fieldpack.builder.ingest.exclude import Excludes
+
+    Excludes.parse(exclude)  # a bad pattern stops the plan before any step
     if min_tokens_per_s < 0 or n_ctx < 16:
         raise UsageError("--min-tokens-per-s must be >= 0 and --n-ctx >= 16", hint="e.g. --min-tokens-per-s 10 --n-ctx 2048")
     from fieldpack.builder.quantize import TENSOR_TYPES
@@ -270,7 +275,7 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
 
     try:
         step("reading the documents")
-        calib, held = _chunks(model_dir, docs_dir, seed)
+        calib, held = _chunks(model_dir, docs_dir, seed, exclude)
         other_bytes = RUNTIME_OVERHEAD_BYTES + EMBEDDER_BYTES_ESTIMATE + INDEX_BYTES_PER_CHUNK * (len(calib) + len(held))
         step("converting the checkpoint to F16 GGUF")
         ref = convert_hf_to_gguf(model_dir, work / "dense-f16.gguf", outtype="f16")

@@ -12,6 +12,7 @@ from pathlib import Path
 from fieldpack.builder.ingest.chunker import chunk_sections
 from fieldpack.builder.ingest.csv_loader import load_csv
 from fieldpack.builder.ingest.decode import decode_document
+from fieldpack.builder.ingest.exclude import Excludes
 from fieldpack.builder.ingest.html_loader import load_html
 from fieldpack.builder.ingest.md_loader import load_markdown
 from fieldpack.builder.ingest.model import Chunk, FileReport, IngestResult, Section, SkipFile
@@ -44,6 +45,7 @@ def ingest(
     count_tokens: Callable[[str], int],
     chunk_tokens: int = 200,
     overlap_tokens: int = 40,
+    exclude: Excludes | None = None,
 ) -> IngestResult:
     """Load every supported document under ``docs_dir`` and chunk it.
 
@@ -56,6 +58,8 @@ def ingest(
             (``OnnxEmbedder.count_tokens``).
         chunk_tokens: token budget per chunk (keep below the embedder's ``max_tokens`` - 2).
         overlap_tokens: tokens repeated from the previous chunk of the same section, 0 <= overlap < budget.
+        exclude: ``--exclude`` patterns (:mod:`.exclude`); a file they match is reported as skipped
+            ("excluded by --exclude 'PATTERN'") and not read. A pattern that matches no file is logged as a warning.
 
     Returns:
         :class:`IngestResult`: chunks in file order then document order; one :class:`FileReport` per file.
@@ -79,14 +83,25 @@ def ingest(
     root = docs_dir.resolve()
     chunks: list[Chunk] = []
     report: list[FileReport] = []
-    for rel in _walk(docs_dir):
-        entry, file_chunks = _ingest_file(docs_dir, root, rel, count_tokens, chunk_tokens, overlap_tokens)
+    exclude = exclude or Excludes()
+    paths = _walk(docs_dir)
+    for pattern in exclude.unused(paths):
+        log.warning("--exclude %r matches no file under %s (patterns are relative to it, case-sensitive)",
+                    pattern, docs_dir)
+    for rel in paths:
+        hit = exclude.match(rel)
+        if hit is not None:
+            entry, file_chunks = FileReport(rel, "skipped", reason=f"excluded by --exclude {hit!r}",
+                                            size_bytes=_size(docs_dir / rel)), []
+        else:
+            entry, file_chunks = _ingest_file(docs_dir, root, rel, count_tokens, chunk_tokens, overlap_tokens)
         report.append(entry)
         chunks.extend(file_chunks)
         if entry.status == "skipped":
             log.info("skipped %s: %s", rel, entry.reason)
     if not chunks:
-        raise NoDocumentsError(_nothing_message(docs_dir, report), hint=_nothing_hint())
+        excluded = any(r.reason.startswith("excluded by") for r in report)
+        raise NoDocumentsError(_nothing_message(docs_dir, report), hint=_nothing_hint(excluded=excluded))
     log.info(
         "ingested %d of %d files from %s: %d chunks, %d tokens",
         sum(r.status == "indexed" for r in report), len(report), docs_dir, len(chunks),
@@ -116,10 +131,7 @@ def _ingest_file(
     path = docs_dir / rel
     ext = path.suffix.lower()
     fmt = FORMATS.get(ext, "")
-    try:
-        size = path.stat().st_size
-    except OSError:
-        size = 0
+    size = _size(path)
     if path.name.startswith("."):
         return FileReport(rel, "skipped", reason="hidden file", size_bytes=size), []
     if path.is_symlink() and not _inside(path.resolve(), root):
@@ -187,6 +199,13 @@ def _ingest_file(
     return entry, file_chunks
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.relative_to(root)
@@ -198,11 +217,14 @@ def _inside(path: Path, root: Path) -> bool:
 def _nothing_message(docs_dir: Path, report: list[FileReport]) -> str:
     if not report:
         return f"no documents in {docs_dir}: the folder is empty"
-    reasons = Counter(r.reason.split(" (")[0] for r in report)
+    reasons = Counter("excluded by --exclude" if r.reason.startswith("excluded by") else r.reason.split(" (")[0]
+                      for r in report)
     summary = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
     return f"no indexable documents in {docs_dir}: found {len(report)} file(s), all skipped ({summary})"
 
 
-def _nothing_hint() -> str:
+def _nothing_hint(*, excluded: bool = False) -> str:
     kinds = ", ".join(sorted(set(FORMATS)))
+    if excluded:
+        return f"narrow the --exclude patterns, or add documents with one of the extensions {kinds}"
     return f"put documents with one of the extensions {kinds} in the folder (see the skipped reasons above)"

@@ -27,6 +27,7 @@ class IngestInputs(StageInputs):
     tokenizer: Input  # the embedder's tokenizer.json: chunk budgets are counted in its tokens
     chunk_tokens: int
     overlap_tokens: int
+    exclude: tuple[str, ...] = ()  # --exclude patterns (builder.ingest.exclude), in the order given
 
 
 class IngestRecord(StageRecord):
@@ -46,11 +47,13 @@ class IngestRecord(StageRecord):
 def run_ingest(inputs: IngestInputs, out_dir: Path) -> IngestRecord:
     """Load and chunk every document. Raises NoDocumentsError, IngestError, InputNotFoundError (see ingest)."""
     from fieldpack.builder.ingest import ingest
+    from fieldpack.builder.ingest.exclude import Excludes
     from fieldpack.retrieval.embedder import load_tokenizer
 
     counter = load_tokenizer(inputs.tokenizer.path, max_tokens=None)
     result = ingest(inputs.docs.path, count_tokens=lambda t: len(counter.encode(t, add_special_tokens=False).ids),
-                    chunk_tokens=inputs.chunk_tokens, overlap_tokens=inputs.overlap_tokens)
+                    chunk_tokens=inputs.chunk_tokens, overlap_tokens=inputs.overlap_tokens,
+                    exclude=Excludes.parse(inputs.exclude))
     with open(out_dir / CHUNKS_NAME, "w", encoding="utf-8") as fh:
         for c in result.chunks:
             fh.write(json.dumps(c.to_dict(), ensure_ascii=False, sort_keys=True) + "\n")

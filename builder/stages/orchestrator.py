@@ -149,7 +149,8 @@ def run_stages(cfg: Any, model_dir: Path, run: Runner, prompt: Any = None) -> Bu
     emb_files = EmbedderFiles(onnx=emb.input_for(e.onnx_path), tokenizer=emb.input_for(e.tokenizer_path),
                               max_tokens=e.max_tokens, name=e.name)
     ing = run(INGEST, IngestInputs(docs=Input.tree(Path(cfg.docs)), tokenizer=emb_files.tokenizer,
-                                   chunk_tokens=cfg.chunk_tokens, overlap_tokens=cfg.overlap_tokens))
+                                   chunk_tokens=cfg.chunk_tokens, overlap_tokens=cfg.overlap_tokens,
+                                   exclude=tuple(cfg.exclude)))
     chunks = ing.artefact(CHUNKS_NAME).as_input()
     emb_adapt: EmbedderAdaptRecord | None = None
     if getattr(cfg, "adapt_embedder", False):

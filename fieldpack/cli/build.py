@@ -93,6 +93,9 @@ class _StageProgress:
 def build(
     model: Optional[str] = typer.Option(None, "--model", help="local HF checkpoint folder, a .gguf file, or a hub id when online"),
     docs: Optional[Path] = typer.Option(None, "--docs", help="folder of documents (.md .txt .html .pdf .csv)"),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="glob of files or folders under --docs not "
+                                                "to index, e.g. 'release-*.html' or 'old/' (repeatable; a pattern "
+                                                "without '/' matches a name at any depth)"),
     quant: Optional[str] = typer.Option(None, "--quant", help="Q4_K_M (default), Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_0, "
                                         "Q4_K_S, Q4_0, Q3_K_M, F16, F32; a .gguf ships as is unless given"),
     embd_type: Optional[str] = typer.Option(None, "--embd-type", help="GGML type of token_embd.weight (Q8_0, Q6_K, "
@@ -179,7 +182,7 @@ def build(
         qa_per_chunk=qa_per_chunk, qa_max=qa_max, teacher=distill_from, steps=adapt_steps, seq_len=adapt_seq_len,
         lora_r=lora_r, raft_hard=raft_hard, raft_paired=raft_paired, raft_abstain=raft_abstain).items()
         if v is not None}
-    opts = dict(model=model, docs=docs, quant=quant, name=name, version=version, sign=sign, output=output,
+    opts = dict(model=model, docs=docs, exclude=exclude or None, quant=quant, name=name, version=version, sign=sign, output=output,
                 n_ctx=n_ctx, max_tokens=max_tokens, top_k_chunks=top_k_chunks, embedder=embedder,
                 prompt_format=prompt_format,
                 embd_type=embd_type, output_type=output_type, trim_vocab=trim_vocab, keep_general=keep_general,
@@ -289,15 +292,21 @@ def _build_with_progress(cfg: Any, **options: Any) -> Any:
 
 
 def _print_ingest_report(report: list[dict[str, Any]]) -> None:
+    from collections import Counter
+
     from rich.table import Table
 
     from fieldpack.cli.console import console as make_console
 
     indexed = [r for r in report if r.get("status") == "indexed"]
     skipped = [r for r in report if r.get("status") != "indexed"]
+    excluded = Counter(str(r.get("reason")) for r in skipped if str(r.get("reason", "")).startswith("excluded by"))
+    skipped = [r for r in skipped if not str(r.get("reason", "")).startswith("excluded by")]
     console = make_console(stderr=True)
     console.print(f"ingest: {len(indexed)} files indexed, {len(skipped)} skipped, "
-                  f"{sum(int(r.get('chunks', 0)) for r in indexed)} chunks")
+                  f"{sum(int(r.get('chunks', 0)) for r in indexed)} chunks", markup=False, highlight=False)
+    for reason, n in excluded.items():
+        console.print(f"ingest: {n} file{'s' if n != 1 else ''} {reason}", markup=False, highlight=False)
     if skipped:
         t = Table("skipped file", "reason")
         for r in skipped[:50]:

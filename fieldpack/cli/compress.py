@@ -11,6 +11,8 @@ import typer
 def plan(
     model: Path = typer.Option(..., "--model", help="local Hugging Face checkpoint folder"),
     docs: Path = typer.Option(..., "--docs", help="folder of the documents the bundle will answer from"),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="glob of files or folders under --docs not "
+                                                "to use, as build's --exclude (repeatable)"),
     device_ram: str = typer.Option(..., "--device-ram", help="RAM the device gives fieldpack, e.g. 4GiB, 512MiB"),
     min_tokens_per_s: float = typer.Option(..., "--min-tokens-per-s", help="slowest acceptable decode speed (tokens/s)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="llama.cpp threads for timing (the device's cores)"),
@@ -56,7 +58,7 @@ def plan(
                                min_tokens_per_s=min_tokens_per_s, threads=threads, n_ctx=n_ctx, out_png=out,
                                quants=split(quants), prunes=split(prunes), imatrix_quants=split(imatrix_quants),
                                embd_quants=_pairs(split(embd_quants)), quantizers=split(quantizers),
-                               heal_steps=heal_steps, on_step=show)
+                               heal_steps=heal_steps, on_step=show, exclude=tuple(exclude or ()))
     except (KeyboardInterrupt, SystemExit) as exc:
         if isinstance(exc, SystemExit) and exc.code != SIGTERM_EXIT:
             raise

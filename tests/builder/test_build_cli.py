@@ -86,6 +86,8 @@ def test_unknown_tokenizer(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) 
     (("--prune", "wanda", "--sparsity", "2"), ("--sparsity 2.0 is outside (0, 1)",)),
     (("--sparsity", "0.5"), ("--sparsity applies to --prune",)),
     (("--prune", "depth", "--drop-layers", "9"), ("--drop-layers 9 would drop every decoder block",)),
+    (("--exclude", "*.csv", "--exclude", "/srv/docs/old"), ("--exclude '/srv/docs/old' is not a path under --docs",
+                                                           "relative to the docs folder")),
 ])
 def test_a_wrong_build_option_is_a_usage_error(tmp_path: Path, keypair: Path, tiny_llama_dir: Path,
                                               flags: tuple[str, ...], needles: tuple[str, ...]) -> None:
@@ -103,6 +105,12 @@ def test_docs_with_nothing_indexable(tmp_path: Path, keypair: Path, tiny_llama_d
     out = _out(tmp_path)
     r = _build(tiny_llama_dir, docs, keypair / "builder.key", out)
     _refused(r, out, 5, str(docs))
+
+
+def test_docs_all_excluded(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
+    out = _out(tmp_path)
+    r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.key", out, "--exclude", "*.*")
+    _refused(r, out, 5, str(DEMO_DOCS), "excluded by --exclude", "narrow the --exclude patterns")
 
 
 def test_signing_key_missing_or_wrong_type(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:

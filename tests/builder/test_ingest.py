@@ -343,3 +343,73 @@ def test_demo_docs_with_the_real_tokenizer(embedder) -> None:  # noqa: ANN001,F8
     assert pool and pool[0].source == "database.md" and pool[0].line_start == 7
     assert "sudo systemctl restart historian-reports" in "\n".join(c.text for c in pool)
     assert isinstance(r.chunks[0], Chunk) and r.chunks[0].embedding_text().startswith(r.chunks[0].section)
+
+
+# --- --exclude -------------------------------------------------------------------------------------------------
+def _tree_for_exclude(root: Path) -> None:
+    write(root, "guide.md", "# Guide\n\nStart the pump.\n")
+    write(root, "html/release-15.html", "<h1>Release 15</h1><p>Changes.</p>")
+    write(root, "html/pumps.html", "<h1>Pumps</h1><p>Prime the pump.</p>")
+    write(root, "html/old/pumps-2019.html", "<h1>Pumps 2019</h1><p>Old way.</p>")
+    write(root, "archive/notes.txt", "old notes about pumps\n")
+    write(root, "NEWS.txt", "1.2: fixed the pump page\n")
+
+
+def test_exclude_name_folder_and_path_patterns(tmp_path: Path) -> None:
+    from fieldpack.builder.ingest.exclude import Excludes
+
+    _tree_for_exclude(tmp_path)
+    r = ingest(tmp_path, count_tokens=words,
+               exclude=Excludes.parse(["release-*.html", "archive", "html/old/", "NEWS.txt"]))
+    assert sorted({c.source for c in r.chunks}) == ["guide.md", "html/pumps.html"]
+    reasons = {e.path: e.reason for e in r.report if e.status == "skipped"}
+    assert reasons == {
+        "html/release-15.html": "excluded by --exclude 'release-*.html'",
+        "archive/notes.txt": "excluded by --exclude 'archive'",
+        "html/old/pumps-2019.html": "excluded by --exclude 'html/old/'",
+        "NEWS.txt": "excluded by --exclude 'NEWS.txt'",
+    }
+    assert {e.path: e.size_bytes for e in r.report}["NEWS.txt"] == len("1.2: fixed the pump page\n")
+
+
+def test_exclude_matching_is_case_sensitive_and_anchored_per_part(tmp_path: Path) -> None:
+    from fieldpack.builder.ingest.exclude import Excludes
+
+    ex = Excludes.parse(["pumps.html", "html/*.html", "old"])
+    assert ex.match("html/pumps.html") == "pumps.html"
+    assert ex.match("other/x.html") is None            # 'html/*.html' is anchored at the docs folder
+    assert ex.match("html/sub/x.html") == "html/*.html"  # '*' crosses folders in a pattern with '/'
+    assert ex.match("a/old/b.md") == "old" and ex.match("a/older/b.md") is None
+    assert ex.match("PUMPS.HTML") is None               # case-sensitive everywhere, so a recipe replays alike
+    assert not Excludes.parse(None) and not Excludes.parse([])
+
+
+def test_an_exclude_that_matches_nothing_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fieldpack.builder.ingest.exclude import Excludes
+
+    _tree_for_exclude(tmp_path)
+    with caplog.at_level("WARNING", logger="fieldpack.builder.ingest.pipeline"):
+        r = ingest(tmp_path, count_tokens=words, exclude=Excludes.parse(["relase-*.html", "NEWS.txt"]))
+    warned = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
+    assert len(warned) == 1 and "'relase-*.html' matches no file" in warned[0], warned
+    assert "html/release-15.html" in {c.source for c in r.chunks}
+
+
+def test_excluding_every_document_says_so(tmp_path: Path) -> None:
+    from fieldpack.builder.ingest.exclude import Excludes
+
+    _tree_for_exclude(tmp_path)
+    with pytest.raises(NoDocumentsError) as err:
+        ingest(tmp_path, count_tokens=words, exclude=Excludes.parse(["*"]))
+    assert "all skipped (6 excluded by --exclude)" in str(err.value)
+    assert "narrow the --exclude patterns" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "/", "/abs/*.md", "../other", "a/../b", "win\\path"])
+def test_a_pattern_that_cannot_name_a_path_under_docs_is_refused(bad: str) -> None:
+    from fieldpack.builder.ingest.exclude import Excludes
+
+    with pytest.raises(UsageError) as err:
+        Excludes.parse(["ok.md", bad])
+    assert "--exclude" in str(err.value) and "Fix:" in str(err.value)
+    assert repr(bad) in str(err.value) or not bad.strip()  # (the one-line message folds blanks)

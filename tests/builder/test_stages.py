@@ -215,6 +215,26 @@ def test_docs_only_rebuild_reuses_model_stages(build, tmp_path: Path, keys: Path
 
 
 @pytest.mark.slow
+def test_exclude_leaves_files_out_of_the_index_and_into_the_recipe(build, tmp_path: Path) -> None:
+    """``exclude`` drops the matching files from ingest (a new ingest key; the model stages are reused) and is
+    recorded in the recipe, so a replay leaves them out too."""
+    from fieldpack.shared.bundle import open_bundle
+
+    result = build(DEMO_DOCS, tmp_path / "ex.fpk", build.cache, exclude=["*.csv", "procedures"])
+    cached = _cached(result)
+    assert cached["convert"] and cached["quantize"] and not cached["ingest"]
+    sources = {c.source for c in result.records.ingest.load_chunks()}
+    first = {c.source for c in build.first.records.ingest.load_chunks()}
+    assert "alarms.csv" in first and any(s.startswith("procedures/") for s in first)
+    assert sources == {s for s in first if s != "alarms.csv" and not s.startswith("procedures/")}
+    skipped = {r.path: r.reason for r in result.records.ingest.report if r.status == "skipped"}
+    assert skipped["alarms.csv"] == "excluded by --exclude '*.csv'"
+    with open_bundle(result.bundle) as b:
+        assert b.manifest.recipe["build"]["exclude"] == ["*.csv", "procedures"]
+        assert b.manifest.index.chunks == len(result.records.ingest.load_chunks()) < build.first.records.ingest.chunks
+
+
+@pytest.mark.slow
 def test_new_quant_type_reruns_quantize_but_not_convert(build, tmp_path: Path) -> None:
     third = build(DEMO_DOCS, tmp_path / "q8.fpk", build.cache, quant="Q8_0")
     cached = _cached(third)

@@ -1,0 +1,67 @@
+"""``--exclude``: glob patterns for documents under ``--docs`` that the bundle must not answer from (release notes,
+changelogs, license texts, an ``old/`` folder), so the build engineer need not copy the folder to drop them.
+
+Rules, as in ``.gitignore`` for the common cases:
+
+* a pattern without ``/`` is matched against every part of the path under ``--docs``: ``release-*.html`` drops
+  that file in any folder, ``archive`` drops every file under any folder called ``archive``;
+* a pattern with ``/`` is matched against the whole relative POSIX path (``html/release-*.html``); a trailing ``/``
+  only says the pattern names a folder (``old/``) and is otherwise ignored;
+* matching is :func:`fnmatch.fnmatchcase` (``*``, ``?``, ``[abc]``), case-sensitive on every platform, so a recipe
+  replays the same way everywhere. In a pattern with ``/``, ``*`` also matches across folders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import PurePosixPath
+
+from fieldpack.shared.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Excludes:
+    """Compiled ``--exclude`` patterns (in the order given). Build with :meth:`parse`."""
+
+    patterns: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, patterns: Iterable[str] | None) -> "Excludes":
+        """Validate the patterns.
+
+        Raises:
+            UsageError: an empty pattern, an absolute path, or one with a ``..`` part (it could never match a path
+                under ``--docs``); the message names the pattern and the fix.
+        """
+        out: list[str] = []
+        for raw in patterns or ():
+            p = str(raw).strip()
+            if not p or p == "/":
+                raise UsageError(f"--exclude {raw!r} is empty",
+                                 hint="give a glob such as 'release-*.html' or a folder such as 'old/'")
+            if p.startswith("/") or ".." in PurePosixPath(p).parts or "\\" in p:
+                raise UsageError(f"--exclude {raw!r} is not a path under --docs",
+                                 hint="give it relative to the docs folder, with '/', e.g. 'html/release-*.html'")
+            out.append(p)
+        return cls(tuple(out))
+
+    def match(self, rel: str) -> str | None:
+        """The first pattern that excludes ``rel`` (a relative POSIX path under ``--docs``), else None."""
+        parts = PurePosixPath(rel).parts
+        for pattern in self.patterns:
+            pat = pattern.rstrip("/")
+            if "/" in pat:
+                if fnmatchcase(rel, pat) or any(fnmatchcase("/".join(parts[:i]), pat) for i in range(1, len(parts))):
+                    return pattern
+            elif any(fnmatchcase(part, pat) for part in parts):
+                return pattern
+        return None
+
+    def unused(self, paths: Sequence[str]) -> list[str]:
+        """The patterns that match none of ``paths`` (most likely a typo: the build says so)."""
+        return [p for p in self.patterns if not any(Excludes((p,)).match(rel) for rel in paths)]
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
