@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from fieldpack.builder.progress import report
 from fieldpack.shared.errors import InputNotFoundError, ModelLoadError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -262,7 +263,8 @@ def perplexity_kld(
             )
         windows, _ = _windows(ref, texts, n_ctx, max_chunks)
         parts: dict[str, list[np.ndarray]] = {"nll_ref": [], "nll_test": [], "kld": [], "top1": []}
-        for w in windows:  # one window at a time: nothing of size (tokens, n_vocab) outlives its window
+        report(0, len(windows), "held-out windows")
+        for i, w in enumerate(windows, 1):  # one window at a time: nothing of size (tokens, n_vocab) outlives it
             lr, targets = _scored_logprobs(ref, w)
             lt, _ = _scored_logprobs(test, w)
             rows = np.arange(len(targets))
@@ -270,6 +272,7 @@ def perplexity_kld(
             parts["nll_test"].append(-lt[rows, targets])
             parts["kld"].append((np.exp(lr) * (lr - lt)).sum(axis=-1))  # (n/2 - 1,) float64, nats
             parts["top1"].append(lr.argmax(-1) == lt.argmax(-1))
+            report(i, len(windows), "held-out windows")  # the build's progress bar (a minute or more on a CPU)
     nll_ref, nll_test, kld, agree = (np.concatenate(parts[k]) for k in ("nll_ref", "nll_test", "kld", "top1"))
     top1 = float(agree.mean())
     ppl_ref, ppl_test = float(math.exp(nll_ref.mean())), float(math.exp(nll_test.mean()))

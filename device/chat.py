@@ -22,7 +22,7 @@ from rich.markup import escape
 
 from fieldpack.device.interrupts import sigint_calls
 from fieldpack.device.prompt import Turn
-from fieldpack.device.types import LOOP_NOTICE, Answer, cut_notice, empty_notice
+from fieldpack.device.types import Answer, answer_notices
 from fieldpack.shared.errors import QueryError
 
 HELP = "commands: /sources  show the last answer's sources in full · /clear  forget history · /quit  leave"
@@ -134,16 +134,8 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
             continue
         c.print("")
         answered += 1
-        if (empty := empty_notice(last)) is not None:
-            c.print("[dim]" + escape(empty) + "[/]", highlight=False)
-        if last.extra.get("stopped_repeating"):
-            c.print("[dim]" + escape(LOOP_NOTICE) + "[/]", highlight=False)
-        if last.finish_reason == "length":
-            c.print("[dim]" + escape(cut_notice(last.timings.completion_tokens, "`fieldpack ask --max-tokens N`")) + "[/]",
-                    highlight=False)
-        if last.extra.get("retrieval_query"):  # a follow-up: searched together with the previous question
-            c.print("[dim]" + escape(f"searched with the previous question: {last.extra['retrieval_query']}") + "[/]",
-                    highlight=False)
+        for notice in answer_notices(last, "`fieldpack ask --max-tokens N`"):
+            c.print("[dim]" + escape(notice) + "[/]", highlight=False)
         if last.sources:
             c.print("[dim]sources: " + escape("  ".join(f"[{i}] {h.citation()}" for i, h in enumerate(last.sources, 1)))
                     + "[/]", highlight=False)

@@ -87,6 +87,18 @@ def empty_notice(ans: Answer) -> str | None:
 LOOP_NOTICE = "[stopped: the model began repeating itself; the answer above is cut to the first copy]"
 
 
+def answer_notices(ans: Answer, how_more: str | None) -> list[str]:
+    """The plain-text lines shown (dim) under an answer in ``fieldpack ask`` and ``fieldpack chat``, in one order:
+    an empty answer (:func:`empty_notice`), a loop cut (:data:`LOOP_NOTICE`), the length cap (:func:`cut_notice`
+    with ``how_more``), and for a follow-up what was searched. Empty for a plain, complete answer."""
+    lines = [n for n in (empty_notice(ans), LOOP_NOTICE if ans.extra.get("stopped_repeating") else None) if n]
+    if ans.finish_reason == "length":
+        lines.append(cut_notice(ans.timings.completion_tokens, how_more))
+    if ans.extra.get("retrieval_query"):  # a follow-up: say what was searched, so a wrong page can be understood
+        lines.append(f"searched with the previous question: {ans.extra['retrieval_query']}")
+    return lines
+
+
 class AnswerEngine(Protocol):
     """What answers questions: the device runtime (``device.runtime.Runtime``) or a test double.
 

@@ -26,6 +26,11 @@ from fieldpack.retrieval.types import Hit
 
 #: A message of at most this many words reads as a follow-up ("In parallel?", "What's the default?").
 FOLLOWUP_MAX_WORDS = 6
+#: A short message (:data:`FOLLOWUP_MAX_WORDS`) that neither opens with a continuation nor points back reads as a
+#: follow-up only with at most this many distinct content words: follow-ups name one or two things ("Is a reload
+#: enough?", "What if the copy fails?"), a short question with three names its own topic ("What time is the shift
+#: change?", an aside a trial saw joined to a Valgrind question because the manual uses all its words).
+FOLLOWUP_MAX_CONTENT_WORDS = 2
 #: A message of at most this many words that points back (:data:`BACK_REFERENCES`) reads as a follow-up.
 FOLLOWUP_REFERENCE_MAX_WORDS = 14
 #: Words that point back to an earlier turn.
@@ -44,15 +49,21 @@ _WORD = re.compile(r"[a-z0-9']+")
 def looks_like_followup(message: str) -> bool:
     """Whether ``message`` reads as a follow-up that needs the previous question for its topic.
 
-    True when it has at most :data:`FOLLOWUP_MAX_WORDS` words, opens with one of :data:`CONTINUATIONS`, or has at
-    most :data:`FOLLOWUP_REFERENCE_MAX_WORDS` words one of which is in :data:`BACK_REFERENCES`. English only.
-    On the dev part of the follow-up set: 18 of 19 follow-ups and none of 39 self-contained questions.
+    True when it opens with one of :data:`CONTINUATIONS`; or has at most :data:`FOLLOWUP_REFERENCE_MAX_WORDS` words
+    one of which is in :data:`BACK_REFERENCES`; or has at most :data:`FOLLOWUP_MAX_WORDS` words of which at most
+    :data:`FOLLOWUP_MAX_CONTENT_WORDS` distinct ones are content words (:func:`retrieval.search.content_terms`).
+    English only. On the dev part of the follow-up set: 18 of 19 follow-ups and none of 39 self-contained
+    questions.
     """
+    from fieldpack.retrieval.search import content_terms
+
     text = " ".join(message.lower().split())
     words = _WORD.findall(text)
-    if len(words) <= FOLLOWUP_MAX_WORDS or text.startswith(CONTINUATIONS):
+    if text.startswith(CONTINUATIONS):
         return True
-    return len(words) <= FOLLOWUP_REFERENCE_MAX_WORDS and points_back(text)
+    if len(words) <= FOLLOWUP_REFERENCE_MAX_WORDS and points_back(text):
+        return True
+    return len(words) <= FOLLOWUP_MAX_WORDS and len(content_terms(text)) <= FOLLOWUP_MAX_CONTENT_WORDS
 
 
 def points_back(message: str) -> bool:

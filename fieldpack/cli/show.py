@@ -192,23 +192,17 @@ def print_answer(ans: Answer, *, streamed: bool = False, console: Console | None
     """Print the answer (unless already streamed), numbered sources and timings."""
     from rich.text import Text
 
-    from fieldpack.device.types import LOOP_NOTICE, cut_notice, empty_notice
+    from fieldpack.device.types import answer_notices
 
     c = console or make_console()
     if not streamed:
         c.print(ans.text, markup=False, highlight=False)
-    if (empty := empty_notice(ans)) is not None:
-        c.print(Text(empty, style="dim"))
-    if ans.extra.get("stopped_repeating"):
-        c.print(Text(LOOP_NOTICE, style="dim"))
-    if ans.sources:
+    for line in answer_notices(ans, "--max-tokens N"):
+        c.print(Text(line, style="dim"))
+    if ans.sources:  # in rank order; the fused score is an RRF sum, no measure for a reader (it is in --json)
         c.print("\n[bold]Sources[/]")
         for i, h in enumerate(ans.sources, start=1):
-            c.print(f"  [{i}] {h.citation()}  (score {h.score:.3f})", markup=False, highlight=False)
-    if ans.extra.get("retrieval_query"):  # a follow-up: say what was searched, so a wrong page can be understood
-        c.print(Text(f"searched with the previous question: {ans.extra['retrieval_query']}", style="dim"))
-    if ans.finish_reason == "length":
-        c.print(Text(cut_notice(ans.timings.completion_tokens, "--max-tokens N"), style="dim"))
+            c.print(f"  [{i}] {h.citation()}", markup=False, highlight=False)
     tm = ans.timings
     if ans.abstained:  # no generation ran: only retrieval has a time
         c.print(f"[dim]retrieval {tm.retrieval_ms:.0f} ms, abstained without running the model, {ans.bundle}[/]",

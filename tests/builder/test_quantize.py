@@ -163,8 +163,13 @@ def test_ppl_and_kld_rank_the_quant_types(converted, quantized, heldout_texts) -
     assert q8.kld_mean < 1e-3 and abs(q8.delta_ppl) < 0.01 * q8.ppl_ref and q8.top1_agreement > 0.99
     assert q4.kld_mean > 5 * q8.kld_mean and q4.kld_p99 > q8.kld_p99
     assert perplexity(ref, heldout_texts, 128) == pytest.approx(q8.ppl_ref, rel=1e-9)
-    same = perplexity_kld(ref, ref, heldout_texts, n_ctx=128, max_chunks=2)
+    from fieldpack.builder.progress import progress_sink
+
+    seen: list[tuple[int, int, str]] = []
+    with progress_sink(lambda d, t, u: seen.append((d, t, u))):  # the build's bar during the quality stage
+        same = perplexity_kld(ref, ref, heldout_texts, n_ctx=128, max_chunks=2)
     assert same.chunks == 2 and same.kld_mean == pytest.approx(0.0, abs=1e-9) and same.top1_agreement == 1.0
+    assert seen == [(i, 2, "held-out windows") for i in range(3)]
 
 
 def test_continuation_logprobs_agree_with_perplexity_and_with_token_by_token_decoding(converted,

@@ -18,7 +18,8 @@ FOLLOWUPS = Path(__file__).resolve().parents[2] / "benchmarks" / "qa" / "followu
 
 @pytest.mark.parametrize("message", ["In parallel?", "Does it need a restart?", "What's the default?",
                                      "And what do I do with the old one once it comes back up?",
-                                     "what about on a standby", "Can I set that for the script's login only?"])
+                                     "what about on a standby", "Can I set that for the script's login only?",
+                                     "What if the copy fails?", "Is a reload enough?", "How old is too old?"])
 def test_reads_as_a_followup(message: str) -> None:
     assert looks_like_followup(message)
 
@@ -27,6 +28,8 @@ def test_reads_as_a_followup(message: str) -> None:
     "Clients get 'sorry, too many clients already' every morning. Which setting caps the sessions?",
     "The disk keeps filling although a nightly job deletes old rows. Why does the space not come back?",
     "How do I dump one database every night while the application keeps running on the server?",
+    "What time is the shift change?",  # short, but names three things of its own (a trial saw it joined)
+    "What's on the canteen menu today?",
 ])
 def test_self_contained_questions_do_not(message: str) -> None:
     assert not looks_like_followup(message)
