@@ -21,6 +21,7 @@ from fieldpack.shared.prompt_format import (
     Source,
     decide_prompt_format,
     prompt_renderer,
+    template_echo_stops,
 )
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def plan_prompt(chat_template: str | None, requested: str | None, *, bos_token: 
     """
     fmt = decide_prompt_format(chat_template, requested, bos_token=bos_token, eos_token=eos_token, origin=origin)
     if fmt == "completion":
-        return PromptPlan("completion", completion_template=COMPLETION_TEMPLATE, extra_stop=list(COMPLETION_STOP),
+        return PromptPlan("completion", completion_template=COMPLETION_TEMPLATE, extra_stop=[*COMPLETION_STOP, *template_echo_stops(COMPLETION_TEMPLATE)],
                           origin=origin)
     return PromptPlan(fmt, chat_template=chat_template, bos_token=bos_token, eos_token=eos_token, origin=origin)
 

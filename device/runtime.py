@@ -30,6 +30,7 @@ from fieldpack.retrieval.types import Hit
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.errors import EmptyQuestionError, MaxTokensError, RuntimeLoadError, SlotCheckError
 from fieldpack.shared.manifest import Manifest, parse_manifest
+from fieldpack.shared.prompt_format import template_echo_stops
 from fieldpack.shared.protocol import MAX_QUESTION_CHARS
 from fieldpack.shared.text import clean_question
 
@@ -60,6 +61,14 @@ def read_slot_manifest(slot_dir: Path) -> Manifest:
                                hint="reinstall the bundle with `fieldpack install`") from exc
     return parse_manifest(data, origin=str(path))
 
+
+
+def stop_strings(rt: Any) -> list[str]:
+    """Where answers of a bundle end: the manifest's ``runtime.stop`` strings, and for the ``completion`` format
+    also its template's instruction lines (:func:`shared.prompt_format.template_echo_stops`), which bundles built
+    before the build recorded them lack. ``rt``: the manifest's ``runtime`` section."""
+    echo = template_echo_stops(rt.completion_template or "") if rt.prompt_format == "completion" else ()
+    return [*rt.stop, *(s for s in echo if s not in rt.stop)]
 
 class Runtime:
     """Loaded bundle: model + embedder + index, and the answering path.
@@ -125,6 +134,7 @@ class Runtime:
                                      origin=f"the bundle in {self.slot_dir}"))
         self._render_prompt = prompt_renderer(rt.prompt_format, chat=self._chat.render if self._chat else None,
                                               completion_template=rt.completion_template)
+        self._stop = stop_strings(rt)
         self._add_bos = str(self._llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
         log.info("loaded %s from %s in %.0f ms (n_ctx=%d, threads=%d)", self.bundle_label, self.slot_dir,
                  (time.perf_counter() - t0) * 1e3, self.n_ctx, self.threads)
@@ -386,7 +396,7 @@ class Runtime:
         n_chunks = 0
         loops = LoopGuard() if stop_loops else None
         stream = llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0,
-                                       min_p=0.0, repeat_penalty=1.0, stop=[*self.manifest.runtime.stop, *extra_stop],
+                                       min_p=0.0, repeat_penalty=1.0, stop=[*self._stop, *extra_stop],
                                        stream=True)
         try:
             for chunk in stream:

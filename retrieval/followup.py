@@ -73,9 +73,17 @@ def points_back(message: str) -> bool:
     return any(w in BACK_REFERENCES for w in _WORD.findall(message.lower()))
 
 
+#: A follow-up chain keeps at most this many of its latest words before the new message: a long run of
+#: follow-ups drifts from the first topic, and the embedder reads only its first 256 tokens (a trial's chain
+#: had grown to four questions, the newest one last).
+MAX_CHAIN_WORDS = 60
+
+
 def joined_query(previous_question: str, message: str) -> str:
-    """The retrieval query for a follow-up: the previous question, then the message (one space between)."""
-    return f"{' '.join(previous_question.split())} {' '.join(message.split())}"
+    """The retrieval query for a follow-up: the previous question (or chain; its last :data:`MAX_CHAIN_WORDS`
+    words), then the message, one space between."""
+    chain = previous_question.split()[-MAX_CHAIN_WORDS:]
+    return f"{' '.join(chain)} {' '.join(message.split())}"
 
 
 def search_in_context(search: Callable[[str], list[Hit]], message: str, previous_question: str | None, *,
@@ -93,19 +101,29 @@ def search_in_context(search: Callable[[str], list[Hit]], message: str, previous
 
     Returns:
         ``(hits, query)``: the message's own hits and ``message``; or, when it :func:`looks_like_followup` and is
-        not an aside, the hits of :func:`joined_query` and that query (the gate then judges those hits). A message
+        not an aside, the hits of :func:`joined_query` and that query (the gate then judges those hits). A
+        message that neither points back nor opens with a continuation keeps its own hits when the gate
+        (:func:`retrieval.search.is_relevant`) passes them and refuses the joined ones ("Where are the backups
+        stored?" after "What does alarm A-202 mean?" was refused, and is answered alone: a new-user trial). A message
         that :func:`points_back` ("Is it dangerous?") is never an aside. Another short one
         is an aside when it is far from the documents (its own best ``vector_similarity`` below
         ``FOLLOWUP_SIMILARITY_SHARE * min_similarity``) *and* brings a word they never use ("Nearest pharmacy?");
         made of words the documents use ("In parallel?") it joins even when far: in a small document set nothing
         is near such a short message, and most everyday words are missing from it.
     """
+    from fieldpack.retrieval.search import is_relevant
+
     hits = search(message)
     if not previous_question or not looks_like_followup(message):
         return hits, message
+    bare = not points_back(message) and not " ".join(message.lower().split()).startswith(CONTINUATIONS)
     if not points_back(message):
         best = max((h.vector_similarity for h in hits if h.vector_similarity is not None), default=-1.0)
         if best < min_similarity * FOLLOWUP_SIMILARITY_SHARE and unknown_terms(message):
             return hits, message  # an aside away from the documents: judged as asked, not from the last topic
     query = joined_query(previous_question, message)
-    return search(query), query
+    joined = search(query)
+    if bare and not is_relevant(joined, min_similarity=min_similarity, query=query) \
+            and is_relevant(hits, min_similarity=min_similarity, query=message):
+        return hits, message  # a short question of its own: joined the gate refuses it, alone it is answered
+    return joined, query

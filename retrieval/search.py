@@ -161,7 +161,11 @@ class SearchConfig:
         page_decay: ``None``: return the fused chunk ranking. A float in [0, 1]: rank pages first: a page's
             score is ``sum_j page_decay**j * s_j`` over its fused chunk scores ``s_0 >= s_1 >= ...`` (0 =
             its best chunk only, CombMAX; 1 = CombSUM, Fox & Shaw 1994), and the hits are the best chunks of
-            the best pages.
+            the best pages. Only where the candidate lists are a selection, i.e. :attr:`candidate_share` does not
+            cut them (an index of at least ``candidates / candidate_share`` chunks: 200 at the defaults). On a
+            smaller index the fused chunk ranking is returned: even a quarter of the demo's 16 chunks let a page
+            with two middling chunks outrank the one chunk both retrievers ranked first (a new-user trial:
+            "shift handover checklist" put the chlorine page first and abstained at top_k_chunks 1).
         per_page: with page ranking, at most this many chunks of one page in a row before the next page
             (the best ``per_page`` chunks of page 1, then of page 2, ...).
         page_chunks: only a page's best ``page_chunks`` chunks count in its score (bounds the bias towards
@@ -346,7 +350,7 @@ class Retriever:
 
         Returns:
             Hits best first: the fused chunk ranking, or in hybrid mode with :attr:`SearchConfig.page_decay`
-            set the best chunks of the best pages (:func:`group_by_page`; single-list modes keep their chunk
+            set (and an index large enough, see there) the best chunks of the best pages (:func:`group_by_page`; single-list modes keep their chunk
             ranking: their rank-based RRF scores are nearly flat, so a page sum would only count chunks). ``score`` is the chunk's (weighted) RRF score in
             every mode; ``vector_rank``/``bm25_rank`` are
             ranks in each candidate list. In hybrid mode every hit also gets ``vector_similarity`` and, when
@@ -380,7 +384,8 @@ class Retriever:
             bm_list = self._bm25(query, n)
         fused = reciprocal_rank_fusion([[i for i, _ in vec_list], [i for i, _ in bm_list]], k=cfg.rrf_k,
                                        weights=(cfg.vector_weight, cfg.bm25_weight))
-        if cfg.page_decay is not None and fused and mode == "hybrid":
+        wanted = cfg.candidates if candidates is None else candidates
+        if cfg.page_decay is not None and fused and mode == "hybrid" and n >= wanted:  # lists are a selection
             fused = group_by_page(fused, self._sources([i for i, _ in fused]), decay=cfg.page_decay,
                                   per_page=cfg.per_page, page_chunks=cfg.page_chunks)
         fused = fused[:k]

@@ -56,6 +56,21 @@ COMPLETION_TEMPLATE = (
 COMPLETION_STOP: tuple[str, ...] = ("\nQuestion:", "\nSources:", "\n\n")
 
 
+def template_echo_stops(template: str) -> tuple[str, ...]:
+    """Stop strings for the fixed instruction lines of a completion ``template``: the first 40 characters of each
+    line of at least 24 characters without a placeholder. A base model that has answered goes on with the prompt's
+    next block, and without a blank line or a ``Question:`` it wrote the instruction line into the answer
+    ("... open the discharge valve.\nAnswer the question using the sources above. Cite ...", a new-user trial on
+    Gemma 3 270M). The device adds these to the manifest's stop strings, so bundles built before them are covered.
+    """
+    out: list[str] = []
+    for line in template.splitlines():
+        text = line.strip()
+        if "{" not in text and len(text) >= 24 and text[:40] not in out:
+            out.append(text[:40])
+    return tuple(out)
+
+
 #: Largest share of a chunk's characters put into the prompt; chunks are already small (embedder-token sized).
 _MAX_SOURCE_CHARS = 2000
 

@@ -111,3 +111,27 @@ def test_a_followup_that_points_back_is_never_an_aside() -> None:
     query = search_in_context(s, "Is it dangerous?", "What does alarm A-202 mean?", min_similarity=GATE,
                               unknown_terms=lambda _t: ["dangerous"])[1]
     assert query == "What does alarm A-202 mean? Is it dangerous?"
+
+
+def test_a_long_chain_keeps_its_latest_words() -> None:
+    from fieldpack.retrieval.followup import MAX_CHAIN_WORDS
+
+    chain = " ".join(f"w{i}" for i in range(100))
+    q = joined_query(chain, "And  then?")
+    assert q.split()[:-2] == [f"w{i}" for i in range(100 - MAX_CHAIN_WORDS, 100)] and q.endswith(" And then?")
+    assert joined_query("How do I stop it?", "In parallel?") == "How do I stop it? In parallel?"
+
+
+def test_a_short_question_of_its_own_keeps_its_hits_when_the_joined_ones_are_refused() -> None:
+    """A trial: "Where are the backups stored?" after "What does alarm A-202 mean?" was joined, and the gate
+    refused the joined hits; alone it passes. A message that points back keeps the join whatever the gate says."""
+    prev = "What does alarm A-202 mean?"
+    msg = "Where are the backups stored?"
+    s = Search({msg: 0.56, joined_query(prev, msg): 0.30})
+    hits, query = search_in_context(s, msg, prev, min_similarity=GATE)
+    assert query == msg and hits[0].source == msg and s.queries == [msg, joined_query(prev, msg)]
+    s = Search({msg: 0.56, joined_query(prev, msg): 0.50})  # the joined hits pass: the follow-up reading stands
+    assert search_in_context(s, msg, prev, min_similarity=GATE)[1] == joined_query(prev, msg)
+    for pointing in ("Where is it stored?", "And where are the backups stored?"):
+        s = Search({pointing: 0.56, joined_query(prev, pointing): 0.30})
+        assert search_in_context(s, pointing, prev, min_similarity=GATE)[1] == joined_query(prev, pointing)

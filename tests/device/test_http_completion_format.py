@@ -106,3 +106,21 @@ def test_grounding_off_is_a_400_naming_completions(served: tuple[Any, Any], stre
     assert err["message"] == ('bundle base@1.0.0 has no chat template (prompt format completion), so "grounding": '
                               "false is unavailable. Fix: send the text to /v1/completions for a raw continuation, "
                               "or build the bundle from a checkpoint with a chat template")
+
+
+def test_a_completion_bundle_stops_at_its_instruction_line(tmp_path: Path, e2e_keys: Path, completion_bundle: Path) -> None:
+    """A new bundle records the template's instruction line among its stop strings; the runtime adds it where an
+    older manifest lacks it."""
+    from fieldpack.device.runtime import Runtime, stop_strings
+    from fieldpack.device.slots import open_data_dir
+    from fieldpack.shared.prompt_format import template_echo_stops
+
+    device_dir = install_device(tmp_path / "dev", e2e_keys, completion_bundle)
+    with Runtime(open_data_dir(device_dir).active_slot_path()) as rt:
+        spec = rt.manifest.runtime
+        echo = template_echo_stops(spec.completion_template or "")
+        assert spec.prompt_format == "completion" and echo and all(s in spec.stop for s in echo)
+        assert rt._stop == list(spec.stop)  # nothing doubled
+    older = spec.model_copy(update={"stop": [s for s in spec.stop if s not in echo]})
+    assert stop_strings(older) == [*older.stop, *echo]
+    assert stop_strings(spec.model_copy(update={"prompt_format": "chat"})) == list(spec.stop)

@@ -109,6 +109,18 @@ def test_completion_stop_strings_cut_a_base_model_continuation() -> None:
     assert cut(" first line\nSources:\n[1] more") == " first line"
 
 
+def test_the_instruction_line_a_base_model_writes_again_is_a_stop() -> None:
+    """A trial's answer went on with the template's instruction line; its first 40 characters stop it."""
+    from fieldpack.shared.prompt_format import template_echo_stops
+
+    stops = template_echo_stops(COMPLETION_TEMPLATE)
+    assert stops == ("Answer the question using the sources ab",)
+    answer = " Open valve V-4, then start pump 4 [1].\nAnswer the question using the sources above. Cite the"
+    ends = [i for i in (answer.find(s) for s in (*COMPLETION_STOP, *stops)) if i >= 0]
+    assert answer[:min(ends)].rstrip() == " Open valve V-4, then start pump 4 [1]."
+    assert template_echo_stops("Sources:\n{sources}\nQ: {question}\nA:") == ()  # short or placeholder lines
+
+
 def test_completion_prompt_fits_the_budget() -> None:
     render = prompt_renderer("completion", completion_template=COMPLETION_TEMPLATE)
     hits = [_hit(i, "word " * 200) for i in range(4)]

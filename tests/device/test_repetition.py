@@ -76,6 +76,7 @@ def test_the_runtime_stops_a_looping_answer_and_reports_it(monkeypatch: pytest.M
     rt = Runtime.__new__(Runtime)
     rt._llm = llm
     rt.manifest = SimpleNamespace(runtime=SimpleNamespace(stop=[]))
+    rt._stop = []
     shown: list[str] = []
     text, finish, _ = rt._generate([1, 2, 3], 256, shown.append, None, stop_loops=True)
     assert finish == "looped" and closed
