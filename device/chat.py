@@ -75,9 +75,11 @@ def _heading(c: Console, title: str) -> None:
         c.print(f"── {title} ──", markup=False, highlight=False)
 
 
-def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Console | None = None) -> int:
+def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Console | None = None,
+             max_tokens: int | None = None) -> int:
     """Run the loop until /quit or end of input. ``engine`` is a :class:`device.runtime.Runtime`; ``console``
-    is where everything is printed (the CLI passes its own, full width when piped; default: a plain rich one).
+    is where everything is printed (the CLI passes its own, full width when piped; default: a plain rich one);
+    ``max_tokens``: the answer length cap (tokens; ``None``: the bundle's).
 
     Returns the number of questions answered.
     """
@@ -121,7 +123,7 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
         cancel = threading.Event()
         try:
             with sigint_calls(cancel.set):
-                last = engine.answer(q, history=history[-MAX_HISTORY:], cancel=cancel,
+                last = engine.answer(q, history=history[-MAX_HISTORY:], cancel=cancel, max_tokens=max_tokens,
                                      on_token=lambda t: c.print(t, end="", markup=False, highlight=False))
         except QueryError as exc:
             c.print(f"\n[red]{exc}[/]")
@@ -134,7 +136,7 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
             continue
         c.print("")
         answered += 1
-        for notice in answer_notices(last, "`fieldpack ask --max-tokens N`"):
+        for notice in answer_notices(last, "`fieldpack chat --max-tokens N`"):
             c.print("[dim]" + escape(notice) + "[/]", highlight=False)
         if last.sources:
             c.print("[dim]sources: " + escape("  ".join(f"[{i}] {h.citation()}" for i, h in enumerate(last.sources, 1)))

@@ -52,8 +52,8 @@ from typing import Any
 from fieldpack.shared import bundle_format as fmt
 from fieldpack.shared.atomic import atomic_write_bytes, fsync_dir
 from fieldpack.shared.bundle import BundleReader
-from fieldpack.shared.errors import (DowngradeError, FieldpackError, NoPreviousBundleError, SignatureError,
-                                     SlotCheckError)
+from fieldpack.shared.errors import (ActiveSlotError, DowngradeError, FieldpackError, NoPreviousBundleError,
+                                     SignatureError, SlotCheckError)
 from fieldpack.shared.manifest import Manifest
 
 from fieldpack.device.resources import ResourceProbe, check_feasibility
@@ -193,7 +193,8 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
                 key = reader.verify_signature(trusted)
                 damage = (slot_damage(dd, active) if dd.slot_complete(active, state)
                           else "its manifest.json or slot.json no longer matches the state")
-                if damage is None:
+                if damage is None:  # the file is still checked whole: a damaged copy is refused, not "installed"
+                    key = reader.verify(trusted, on_progress=_counter("verify", reader.payload_bytes, on_progress))
                     msg = f"{label} is already active in slot {active}; nothing to do"
                     log.info(msg)
                     prev = state.slots[state.previous].label if state.previous else None
@@ -434,7 +435,8 @@ def remove_slot(data_dir: DataDir | Path | None, slot_or_label: str) -> str:
     """Empty a non-active slot given by name (``a``/``b``) or by the ``name@version`` it holds; returns one line.
 
     Raises:
-        UsageError: no such slot or bundle, or it is the active one.
+        UsageError: no such slot or bundle.
+        ActiveSlotError: it holds the active bundle.
         InstallInProgressError: an install or rollback holds the lock.
     """
     from fieldpack.shared.errors import UsageError
@@ -449,7 +451,8 @@ def remove_slot(data_dir: DataDir | Path | None, slot_or_label: str) -> str:
             raise UsageError(f"no slot or installed bundle {slot_or_label!r} in {dd.root} (it holds {held})",
                              hint="see `fieldpack list`")
         if slot == state.active:
-            raise UsageError(f"slot {slot} holds the active bundle", hint="install or roll back to another bundle first")
+            raise ActiveSlotError(f"slot {slot} holds the active bundle",
+                                  hint="install or roll back to another bundle first")
         label = state.slots[slot].label if state.slots[slot] else "(nothing recorded)"
         if state.slots[slot] is not None:
             state = state.forget(slot)

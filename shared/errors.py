@@ -284,6 +284,12 @@ class ShuttingDownError(DeviceError):
     code = "shutting_down"
 
 
+class ActiveSlotError(DeviceError):
+    """The slot asked for holds the active bundle, which cannot be removed (install or roll back first)."""
+
+    code = "active_slot"
+
+
 class DowngradeError(DeviceError):
     """An older version, or another bundle name, than the active one (``install --allow-downgrade`` to force)."""
 

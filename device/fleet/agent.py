@@ -171,6 +171,8 @@ class FleetAgent:
     def _on_connected(self) -> None:
         self.client.subscribe([(fp.desired_topic(self.group), SubscribeOptions(qos=1)),
                                (fp.chunk_topic(self.device_id), SubscribeOptions(qos=1))])
+        if self._state.rollout is None:  # idle: say what runs now (a trial saw "active": null, "ts": 0 retained)
+            self._state = self._state.model_copy(update={"active": self._active()[0], "ts": time.time()})
         self._publish(self._state)
         if self._store is not None and self._in_flight:  # what was in flight died with the old connection
             self._request(sorted(self._in_flight))

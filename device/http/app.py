@@ -3,7 +3,8 @@
 Routes::
 
     GET  /                      the chat page (one self-contained HTML file, no CDN)
-    GET  /health                200 {"status":"ok",...}; 503 while loading/switching a bundle or with none
+    GET  /health                200 {"status":"ok",...} (beside MQTT also "mqtt": "connected"|"disconnected");
+                                503 while loading/switching a bundle or with none
     GET  /metrics               Prometheus text (device.http.prom)
     GET  /v1/models             the active bundle as the one model
     POST /v1/chat/completions   grounded by default ("sources" extra field); "grounding": false -> model alone
@@ -52,7 +53,7 @@ from fieldpack.device.http.schema import (
     CompletionRequest,
     EmbeddingRequest,
 )
-from fieldpack.device.http.security import BodyTooLarge, HttpSecurity, install_security
+from fieldpack.device.http.security import REFUSED_SCOPE_KEY, BodyTooLarge, HttpSecurity, install_security
 from fieldpack.device.mqtt.jobs import Job
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,8 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
     @app.middleware("http")
     async def _count(request: Request, call_next: Any) -> Response:
         response = await call_next(request)
+        if request.scope.get(REFUSED_SCOPE_KEY):  # the guard refused it and counted it as "refused"
+            return response
         route = request.scope.get("route")
         count_response(getattr(route, "path", "unmatched"), response.status_code)
         return response
@@ -362,6 +365,8 @@ def create_app(host: EngineHost, config: ApiConfig | None = None) -> FastAPI:
         state = host.state()
         body = {"status": "ok", "bundle": state.bundle, "model": state.model,
                 "queue": {"waiting": host.board.depth, "capacity": host.board.capacity}}
+        if state.mqtt_connected is not None:  # HTTP answers either way; the broker link is said, not judged
+            body["mqtt"] = "connected" if state.mqtt_connected else "disconnected"
         if state.loading:
             return JSONResponse(dict(body, status="loading"), status_code=503, headers={"Retry-After": "2"})
         if state.bundle is None:

@@ -43,6 +43,7 @@ class EngineState:
         chat: the loaded bundle has a chat template (``"grounding": false`` can run); ``True`` when unknown.
         stopping: the daemon is shutting down: a cancelled answer is then the shutdown's, not the client's.
         n_ctx: the loaded engine's context length (tokens), or ``None`` (none loaded, or it does not say).
+        mqtt_connected: beside the MQTT daemon, whether it is connected to the broker now; ``None`` for HTTP alone.
     """
 
     bundle: str | None
@@ -52,6 +53,7 @@ class EngineState:
     chat: bool = True
     stopping: bool = False
     n_ctx: int | None = None
+    mqtt_connected: bool | None = None
 
 
 class EngineHost(Protocol):
@@ -188,4 +190,4 @@ class MqttEngineHost:
         info = self._daemon.engine_info
         return EngineState(bundle=status.bundle, model=status.model, loading=loading, error=status.error,
                            chat=info.chat if info else True, stopping=self._daemon.stopping,
-                           n_ctx=info.n_ctx if info else None)
+                           n_ctx=info.n_ctx if info else None, mqtt_connected=self._daemon.connected)

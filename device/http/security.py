@@ -93,6 +93,10 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Cal
                    Awaitable[None]]
 
 
+#: Set in an ASGI scope whose request this middleware refused (and counted through ``on_refused``).
+REFUSED_SCOPE_KEY = "fieldpack.refused"
+
+
 class _Guard:
     """Pure ASGI middleware: body size limit, bearer key, Host check (no body buffering, streaming kept)."""
 
@@ -103,8 +107,10 @@ class _Guard:
         self.check_host = is_loopback(security.host) and not security.api_key
         self.key = security.api_key.encode() if security.api_key else None
 
-    async def _refuse(self, send: Any, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]] = []) -> None:
+    async def _refuse(self, scope: dict[str, Any], send: Any, status: int, message: str, code: str,
+                      headers: list[tuple[bytes, bytes]] = []) -> None:
         self.on_refused(status)
+        scope[REFUSED_SCOPE_KEY] = True  # counted here: the app's per-route counter (outside) skips it
         body = _error(status, message, code)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -120,19 +126,19 @@ class _Guard:
             name = headers.get("host", "").rsplit(":", 1)[0] if not headers.get("host", "").startswith("[") \
                 else headers["host"].split("]")[0] + "]"
             if name.lower() not in _LOOPBACK_NAMES:
-                await self._refuse(send, 421, f"host {name!r} is not this device's loopback address", "bad_host")
+                await self._refuse(scope, send, 421, f"host {name!r} is not this device's loopback address", "bad_host")
                 return
         if self.key is not None and scope.get("path") not in _OPEN_PATHS and scope.get("method") != "OPTIONS":
             auth = headers.get("authorization", "")
             token = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
             if not hmac.compare_digest(token, self.key):
-                await self._refuse(send, 401, "missing or wrong API key", "invalid_api_key",
+                await self._refuse(scope, send, 401, "missing or wrong API key", "invalid_api_key",
                                    [(b"www-authenticate", b"Bearer")])
                 return
         limit = self.sec.max_body_bytes
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            await self._refuse(send, 413, f"the request body is larger than {limit} bytes", "payload_too_large")
+            await self._refuse(scope, send, 413, f"the request body is larger than {limit} bytes", "payload_too_large")
             return
         seen = 0
 
@@ -148,7 +154,7 @@ class _Guard:
         try:
             await self.app(scope, limited, send)
         except BodyTooLarge:
-            await self._refuse(send, 413, f"the request body is larger than {limit} bytes", "payload_too_large")
+            await self._refuse(scope, send, 413, f"the request body is larger than {limit} bytes", "payload_too_large")
 
 
 class BodyTooLarge(Exception):

@@ -227,6 +227,11 @@ class MqttDaemon:
         return self._board
 
     @property
+    def connected(self) -> bool:
+        """Connected to the broker now (False while it reconnects with backoff)."""
+        return self._connected.is_set()
+
+    @property
     def stopping(self) -> bool:
         """:meth:`stop` has begun: queued requests are refused and the running one is cancelled."""
         return self._stopping.is_set()

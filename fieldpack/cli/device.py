@@ -202,17 +202,20 @@ def ask(question: str = typer.Argument(..., help="the question"),
 
 def chat(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
          n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=128, help="context length (tokens)"),
-         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="llama.cpp threads")) -> None:
+         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="llama.cpp threads"),
+         max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1,
+                                                  help="answer length cap (tokens; default: the bundle's)")) -> None:
     """Interactive offline assistant (streams tokens; /sources, /clear, /quit)."""
     import sys
 
     from fieldpack.cli.console import console
     from fieldpack.device.chat import enable_line_editing, run_chat
 
+    _check_options_before_loading(data_dir, n_ctx=n_ctx, k=None, max_tokens=max_tokens)
     save = enable_line_editing(_data_dir(data_dir).root / "chat_history") if sys.stdin.isatty() else (lambda: None)
     try:
         with _runtime(data_dir, n_ctx, threads) as rt:
-            run_chat(rt, console=console())  # piped: full width, no wrapping (README "Commands")
+            run_chat(rt, console=console(), max_tokens=max_tokens)  # piped: full width, no wrapping (README)
     finally:
         save()
 

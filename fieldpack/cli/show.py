@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rich.console import Console
@@ -182,10 +183,47 @@ def print_status(info: dict[str, Any], console: Console | None = None) -> None:
     c.print(f"trusted keys: {', '.join(keys) if keys else 'none'}", markup=False, highlight=False)
     m = info.get("metrics")
     if isinstance(m, dict):
-        flat = ", ".join(f"{k} {v}" for k, v in m.items() if isinstance(v, (int, float, str)))
-        c.print(f"daemon metrics: {flat}", markup=False, highlight=False)
+        for line in metrics_lines(m):
+            c.print(line, markup=False, highlight=False)
     elif m is not None:
         c.print(f"daemon metrics: {m}", markup=False, highlight=False)
+
+
+def metrics_lines(m: dict[str, Any], *, now: float | None = None) -> list[str]:
+    """The MQTT daemon's ``metrics.json`` (:class:`shared.protocol.Metrics` as a dict) in words: who and when,
+    the counters, and the p50/p95 of the latency summaries that have values. ``now``: epoch seconds (default:
+    the clock), for the age of the figures. A file that is no Metrics message is shown as it is, on one line."""
+    import time
+
+    from fieldpack.shared import protocol
+
+    try:
+        mt = protocol.decode_metrics(json.dumps(m).encode())
+    except Exception:  # noqa: BLE001 - a hand-edited or foreign file: show it rather than fail `status`
+        return [f"daemon metrics: {m}"]
+    age = (time.time() if now is None else now) - mt.ts
+    when = f"written {_ago(age)} ago" if mt.ts else "never written"
+    counts = {"requests": mt.requests, "answered": mt.answered, "errors": mt.errors, "busy": mt.busy,
+              "expired": mt.expired, "cancelled": mt.cancelled, "reconnects": mt.reconnects}
+    lines = [f"daemon {mt.device}: {when}, up {_ago(mt.uptime_s)}",
+             "  " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f", {mt.queue_depth} queued"]
+    summaries = [("first token", mt.ttft_ms, "ms"), ("retrieval", mt.retrieval_ms, "ms"),
+                 ("queue wait", mt.queue_ms, "ms"), ("answer", mt.total_ms, "ms"), ("decode", mt.tokens_per_s, "tok/s")]
+    shown = [f"{label} p50 {st.p50:.0f} / p95 {st.p95:.0f} {unit}" for label, st, unit in summaries
+             if st.n and st.p50 is not None and st.p95 is not None]
+    if shown:
+        lines.append(f"  last {max(st.n for _, st, _ in summaries)} answers: " + ", ".join(shown))
+    return lines
+
+
+def _ago(seconds: float) -> str:
+    """``seconds`` as ``"42 s"``, ``"7 min"``, ``"3.5 h"`` or ``"2.0 days"``."""
+    s = max(0.0, seconds)
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h" if s < 172800 else f"{s / 86400:.1f} days"
 
 
 def print_answer(ans: Answer, *, streamed: bool = False, console: Console | None = None) -> None:

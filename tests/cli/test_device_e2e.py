@@ -208,3 +208,10 @@ def test_an_answer_cut_at_max_tokens_says_so(device_dir: Path) -> None:
     r = run_cli("ask", "The connection pool is exhausted. What should I do?", "--data-dir", str(device_dir),
                 "--max-tokens", "200")
     assert r.returncode == 0 and "[cut at" not in r.stdout, r.stdout
+    # chat has the cap too (its notice pointed at `ask` while chat had no such option: a trial)
+    r = run_cli("chat", "--data-dir", str(device_dir), "--max-tokens", "5",
+                stdin="The connection pool is exhausted. What should I do?\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    assert "[cut at 5 tokens: the answer goes on; ask again with `fieldpack chat --max-tokens N` for more]" in r.stdout
+    r = run_cli("chat", "--data-dir", str(device_dir), "--max-tokens", "99999", stdin="/quit\n")
+    assert_one_line_error(r, 2, "--max-tokens")

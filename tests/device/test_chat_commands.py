@@ -53,7 +53,7 @@ class Streams:
     def __init__(self) -> None:
         self.asked: list[tuple[str, int]] = []
 
-    def answer(self, q: str, *, history: list, cancel, on_token) -> object:  # noqa: ANN001
+    def answer(self, q: str, *, history: list, cancel, on_token, max_tokens=None) -> object:  # noqa: ANN001
         import os
         import signal
 

@@ -310,6 +310,8 @@ def test_abort_mid_download_stops_devices_which_keep_what_they_run(broker, tmp_p
 
     group = "abort"
     with _running(broker, tmp_path, keys, bundles, 2, group, view_of) as (fleet, view):
+        wait_until(lambda: all((s := state_of(view, d)) is not None and s.phase == "idle" and s.active == V1
+                               and s.ts > 0 for d in fleet.ids), 15, "idle devices say what they run")
         rollout = Rollout(bundles["v2"], group, broker.settings(), canary=1.0, rate=256 * 1024,
                           chunk_bytes=32 * 1024)
         thread, out = _push_in_thread(rollout)

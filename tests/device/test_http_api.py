@@ -245,6 +245,26 @@ def test_bad_requests_get_openai_error_bodies(served: tuple[object, object], bod
     assert ".str" not in err["message"] and "list[" not in err["message"], err["message"]
 
 
+def test_a_refused_request_is_counted_once(served: tuple[object, object]) -> None:
+    """413 from the guard is one `refused` response, not also an `unmatched` one (a trial saw both)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server, _ = served
+
+    def counts() -> dict[tuple[str, str], float]:
+        text = httpx.get(server.url + "/metrics").text
+        return {(s.labels["route"], s.labels["status"]): s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == "fieldpack_http_responses_total"}
+
+    before = counts()
+    r = httpx.post(server.url + "/v1/ask", content=b"x" * 400_000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    after = counts()
+    changed = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    assert changed.pop(("/metrics", "200"), None) is not None  # the first scrape
+    assert changed == {("refused", "413"): 1.0}, changed
+
+
 def test_huge_chunked_body_is_413(served: tuple[object, object]) -> None:
     server, _ = served
 

@@ -155,6 +155,13 @@ def test_http_beside_mqtt_shares_one_engine(tmp_path: Path, e2e_keys: Path, bund
             value = {s.name: s.value for f in families for s in f.samples if not s.labels}
             assert value["fieldpack_requests_total"] == 2 and value["fieldpack_answered_total"] == 2
             assert value["fieldpack_queue_capacity"] == 4
+            assert httpx.get(server.url + "/health").json()["mqtt"] == "connected"
+            broker.stop()  # HTTP still answers; /health says the broker link is down (a trial read "ok" only)
+            deadline = time.monotonic() + 30
+            while (health := httpx.get(server.url + "/health")).json().get("mqtt") != "disconnected":
+                assert time.monotonic() < deadline, health.json()
+                time.sleep(0.1)
+            assert health.status_code == 200 and health.json()["status"] == "ok"
         finally:
             server.stop()
             daemon.stop()

@@ -15,9 +15,9 @@ import pytest
 from fieldpack.device.install import check_upgrade, install_bundle, remove_slot, rollback
 from fieldpack.device.install import status as device_status
 from fieldpack.device.slots import DataDir, init_data_dir
-from fieldpack.shared.errors import DowngradeError, NoActiveBundleError, SlotCheckError, UsageError
+from fieldpack.shared.errors import ActiveSlotError, DowngradeError, NoActiveBundleError, SlotCheckError
 from tests.cli.conftest import assert_one_line_error, run_cli
-from tests.shared.factories import Keys, make_bundle, make_keys
+from tests.shared.factories import Keys, flip_byte, make_bundle, make_keys
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,6 +96,20 @@ def test_damaged_active_slot_is_shown_verified_and_repaired(dd: DataDir, bundles
     assert device_status(dd)["active"]["damage"] is None
     noop = install_bundle(bundles["v2"], dd, check=None)
     assert not noop.changed and "nothing to do" in noop.message
+
+
+def test_a_damaged_copy_of_the_active_bundle_is_refused_not_nothing_to_do(dd: DataDir, bundles: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """A trial flipped a byte in a copy of the active bundle and `install` said "nothing to do", exit 0: a flash
+    script would call that file good. The file is verified whole first; the device is left as it was."""
+    from fieldpack.shared import bundle_format as fmt
+
+    install_bundle(bundles["v2"], dd, check=None)
+    before = _snapshot(dd.root)
+    bad = flip_byte(bundles["v2"], tmp_path / "copy.fpk", fmt.MODEL_NAME, at=1234)
+    r = run_cli("install", str(bad), "--data-dir", str(dd.root))
+    assert_one_line_error(r, 4, "model.gguf")
+    assert _snapshot(dd.root) == before
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
@@ -195,13 +209,13 @@ def test_status_summary_list_and_remove(dd: DataDir, bundles: dict[str, Path]) -
     assert js["active"]["label"] == "demo@1.10.0" and js["active"]["bundle"]["version"] == "1.10.0"
     lines = run_cli("list", "--data-dir", str(dd.root)).stdout.splitlines()
     assert any("demo@1.10.0  active" in ln for ln in lines) and any("demo@1.9.0  previous" in ln for ln in lines)
-    assert_one_line_error(run_cli("remove", "demo@1.10.0", "--data-dir", str(dd.root)), 2, "active")
+    assert_one_line_error(run_cli("remove", "demo@1.10.0", "--data-dir", str(dd.root)), 6, "active")  # device
     assert_one_line_error(run_cli("remove", "nope@1", "--data-dir", str(dd.root)), 2, "nope@1", "fieldpack list")
     r = run_cli("remove", "demo@1.9.0", "--data-dir", str(dd.root))
     assert r.returncode == 0 and "removed demo@1.9.0" in r.stdout, r.stderr
     assert device_status(dd)["previous"] is None
     assert any("(empty)" in ln for ln in run_cli("list", "--data-dir", str(dd.root)).stdout.splitlines())
-    with pytest.raises(UsageError):
+    with pytest.raises(ActiveSlotError):
         remove_slot(dd, dd.active_slot())
 
 
