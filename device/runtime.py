@@ -62,13 +62,13 @@ def read_slot_manifest(slot_dir: Path) -> Manifest:
     return parse_manifest(data, origin=str(path))
 
 
-
 def stop_strings(rt: Any) -> list[str]:
     """Where answers of a bundle end: the manifest's ``runtime.stop`` strings, and for the ``completion`` format
     also its template's instruction lines (:func:`shared.prompt_format.template_echo_stops`), which bundles built
     before the build recorded them lack. ``rt``: the manifest's ``runtime`` section."""
     echo = template_echo_stops(rt.completion_template or "") if rt.prompt_format == "completion" else ()
     return [*rt.stop, *(s for s in echo if s not in rt.stop)]
+
 
 class Runtime:
     """Loaded bundle: model + embedder + index, and the answering path.

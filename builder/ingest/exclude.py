@@ -20,6 +20,14 @@ from pathlib import PurePosixPath
 
 from fieldpack.shared.errors import UsageError
 
+#: How the ingest report words a file an ``--exclude`` pattern left out (``FileReport.reason`` starts with it).
+EXCLUDED_REASON = "excluded by --exclude"
+
+
+def excluded_reason(pattern: str) -> str:
+    """The ingest report's reason for a file ``pattern`` left out: ``"excluded by --exclude 'PATTERN'"``."""
+    return f"{EXCLUDED_REASON} {pattern!r}"
+
 
 @dataclass(frozen=True)
 class Excludes:

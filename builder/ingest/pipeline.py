@@ -12,7 +12,7 @@ from pathlib import Path
 from fieldpack.builder.ingest.chunker import chunk_sections
 from fieldpack.builder.ingest.csv_loader import load_csv
 from fieldpack.builder.ingest.decode import decode_document
-from fieldpack.builder.ingest.exclude import Excludes
+from fieldpack.builder.ingest.exclude import EXCLUDED_REASON, Excludes, excluded_reason
 from fieldpack.builder.ingest.html_loader import load_html
 from fieldpack.builder.ingest.md_loader import load_markdown
 from fieldpack.builder.ingest.model import Chunk, FileReport, IngestResult, Section, SkipFile
@@ -91,7 +91,7 @@ def ingest(
     for rel in paths:
         hit = exclude.match(rel)
         if hit is not None:
-            entry, file_chunks = FileReport(rel, "skipped", reason=f"excluded by --exclude {hit!r}",
+            entry, file_chunks = FileReport(rel, "skipped", reason=excluded_reason(hit),
                                             size_bytes=_size(docs_dir / rel)), []
         else:
             entry, file_chunks = _ingest_file(docs_dir, root, rel, count_tokens, chunk_tokens, overlap_tokens)
@@ -100,7 +100,7 @@ def ingest(
         if entry.status == "skipped":
             log.info("skipped %s: %s", rel, entry.reason)
     if not chunks:
-        excluded = any(r.reason.startswith("excluded by") for r in report)
+        excluded = any(r.reason.startswith(EXCLUDED_REASON) for r in report)
         raise NoDocumentsError(_nothing_message(docs_dir, report), hint=_nothing_hint(excluded=excluded))
     log.info(
         "ingested %d of %d files from %s: %d chunks, %d tokens",
@@ -217,7 +217,7 @@ def _inside(path: Path, root: Path) -> bool:
 def _nothing_message(docs_dir: Path, report: list[FileReport]) -> str:
     if not report:
         return f"no documents in {docs_dir}: the folder is empty"
-    reasons = Counter("excluded by --exclude" if r.reason.startswith("excluded by") else r.reason.split(" (")[0]
+    reasons = Counter(EXCLUDED_REASON if r.reason.startswith(EXCLUDED_REASON) else r.reason.split(" (")[0]
                       for r in report)
     summary = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
     return f"no indexable documents in {docs_dir}: found {len(report)} file(s), all skipped ({summary})"
