@@ -88,12 +88,21 @@ def run_chat(engine, *, read_line: Callable[[str], str] = input, console: Consol
     history: list[Turn] = []
     last: Answer | None = None
     answered = 0
+    interrupted = False  # the last prompt ended with Ctrl-C
     while True:
         try:
             line = read_line(PROMPT)
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             c.print("")
             break
+        except KeyboardInterrupt:  # at the prompt: drops the line typed; a second one in a row leaves (as psql)
+            if interrupted:
+                c.print("")
+                break
+            interrupted = True
+            c.print("\n[dim](Ctrl-C again, Ctrl-D or /quit to leave)[/]", highlight=False)
+            continue
+        interrupted = False
         q = line.strip()
         if not q:
             continue

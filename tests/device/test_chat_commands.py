@@ -91,6 +91,25 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on() -> None:
     assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C at the prompt leaves the chat as before
 
 
+def test_ctrl_c_at_the_prompt_drops_the_line_and_a_second_one_leaves() -> None:
+    """A trial's operator lost the conversation to one Ctrl-C at an empty prompt; now the first only says how to
+    leave, a second in a row leaves (as psql), and anything typed between resets the count."""
+    engine = Streams()
+    events = iter(["ctrl-c", "short", "ctrl-c", "ctrl-c", "never asked"])
+
+    def read(_prompt: str) -> str:
+        e = next(events)
+        if e == "ctrl-c":
+            raise KeyboardInterrupt
+        return e
+
+    out = io.StringIO()
+    n = run_chat(engine, read_line=read, console=Console(file=out, width=200))
+    text = out.getvalue()
+    assert n == 1 and engine.asked == [("short", 0)]
+    assert text.count("(Ctrl-C again, Ctrl-D or /quit to leave)") == 2 and text.rstrip().endswith("bye")
+
+
 class EndsAtOnce:
     """An engine whose model emits EOS first: an empty answer with sources, as a new-user trial got."""
 
