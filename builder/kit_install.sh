@@ -1,8 +1,8 @@
 #!/bin/sh
 # Install fieldpack on this device from this kit, with no network (made by `fieldpack kit`).
 #
-#   sh install.sh [--prefix DIR] [--data-dir DIR] [--bin-dir DIR] [--no-service] [--python PY] [--kit-sha256 H]
-#                 [--print-unit]
+#   sh install.sh [--prefix DIR] [--data-dir DIR] [--bin-dir DIR] [--no-service] [--no-bundle] [--python PY]
+#                 [--kit-sha256 H] [--print-unit]
 #
 #   --prefix DIR    where the virtualenv goes: DIR/venv   (env FIELDPACK_PREFIX; root: /opt/fieldpack,
 #                   others: ~/.local/opt/fieldpack)
@@ -12,6 +12,7 @@
 #                   its default (env FIELDPACK_BIN_DIR; with the default prefix: /usr/local/bin as root,
 #                   ~/.local/bin otherwise; with a custom --prefix only when given; `--bin-dir ''`: none)
 #   --no-service    do not install the systemd unit (env FIELDPACK_NO_SERVICE=1)
+#   --no-bundle     leave the device's bundle as it is: upgrade the software only (env FIELDPACK_NO_BUNDLE=1)
 #   --python PY     the Python @KIT_PYTHON@ to use (env PYTHON; default python@KIT_PYTHON@, then python3)
 #   --print-unit    print the systemd unit as it would be installed, and exit
 #   --kit-sha256 H  refuse unless kit.json's sha256 is H (printed by `fieldpack kit`; env FIELDPACK_KIT_SHA256)
@@ -47,6 +48,7 @@ fi
 PREFIX=${FIELDPACK_PREFIX:-$DEFAULT_PREFIX}
 BIN_DIR=${FIELDPACK_BIN_DIR-unset}
 NO_SERVICE=${FIELDPACK_NO_SERVICE:-0}
+NO_BUNDLE=${FIELDPACK_NO_BUNDLE:-0}
 PY=${PYTHON:-}
 PRINT_UNIT=0
 KIT_SHA256=${FIELDPACK_KIT_SHA256:-}
@@ -63,8 +65,9 @@ while [ $# -gt 0 ]; do
         --kit-sha256) [ $# -ge 2 ] || die 2 "--kit-sha256 needs the hash fieldpack kit printed"
                   KIT_SHA256=$2; shift 2 ;;
         --no-service) NO_SERVICE=1; shift ;;
+        --no-bundle) NO_BUNDLE=1; shift ;;
         --print-unit) PRINT_UNIT=1; shift ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die 2 "unknown option $1. Fix: sh install.sh --help" ;;
     esac
 done
@@ -205,8 +208,13 @@ else
     say "data dir: not initialised (no key in the kit). Next: $FP device init --data-dir $DATA_DIR --trust builder.pub"
 fi
 set -- "$KIT"/bundle/*.fpk
-if [ -e "$1" ]; then
-    "$FP" install "$1" --data-dir "$DATA_DIR" || die 6 "installing $(basename "$1") into $DATA_DIR failed (see above)"
+if [ -e "$1" ] && [ "$NO_BUNDLE" = 1 ]; then
+    say "bundle: $(basename "$1") skipped (--no-bundle); the device keeps what it runs"
+elif [ -e "$1" ]; then
+    # a re-run on a device that moved on to another bundle: the software above is upgraded, the kit's bundle is
+    # refused (an older version or another name); say how to finish without it
+    "$FP" install "$1" --data-dir "$DATA_DIR" || die 6 "installing $(basename "$1") into $DATA_DIR failed (see above); \
+the software is installed. Fix: to keep the device's bundle, run again with --no-bundle"
     say "bundle: $(basename "$1") installed into $DATA_DIR"
 fi
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
 
     tensor_type(cfg.embd_type, option="--embd-type")
     tensor_type(cfg.output_type, option="--output-type")
-    check_docs_folder(cfg.docs)
+    check_docs_folder(cfg.docs, cfg.exclude)
     load_private_key(cfg.sign)
     out_dir = cfg.output.parent
     if not out_dir.is_dir():
@@ -160,23 +161,31 @@ def requested_quant(cfg: BuildConfig) -> str | None:
     return cfg.quant if "quant" in cfg.model_fields_set else None
 
 
-def check_docs_folder(docs: Path) -> None:
+def check_docs_folder(docs: Path, exclude: Sequence[str] = ()) -> None:
     """Cheap look before heavy work: the folder exists and holds at least one non-empty file of a supported
-    type. (Ingest still reports per file what it indexed or skipped and why.)
+    type that no ``exclude`` pattern (``--exclude``) leaves out. (Ingest still reports per file what it indexed
+    or skipped and why.)
 
     Raises:
         InputNotFoundError: not a folder.  NoDocumentsError: no candidate file.
     """
+    from fieldpack.builder.ingest.exclude import Excludes
     from fieldpack.builder.ingest.pipeline import FORMATS
 
     if not docs.is_dir():
         raise InputNotFoundError(f"docs folder {docs} does not exist", hint="pass --docs a folder of documents")
-    seen = 0
+    excludes = Excludes.parse(exclude)
+    seen = excluded = 0
     for p in docs.rglob("*"):
         if p.is_file() and not p.name.startswith("."):
             seen += 1
             if p.suffix.lower() in FORMATS and p.stat().st_size > 0:
-                return
+                if excludes.match(p.relative_to(docs).as_posix()) is None:
+                    return
+                excluded += 1
+    if excluded:
+        raise NoDocumentsError(f"--exclude leaves nothing to index in {docs} (it matches all {excluded} "
+                               "documents there)", hint="narrow the --exclude patterns")
     raise NoDocumentsError(
         f"docs folder {docs} has nothing indexable ({seen} files, none a non-empty "
         f"{'/'.join(sorted(FORMATS))} file)", hint="put Markdown, text, HTML, PDF or CSV documents in it")

@@ -453,10 +453,15 @@ def remove_slot(data_dir: DataDir | Path | None, slot_or_label: str) -> str:
         if slot == state.active:
             raise ActiveSlotError(f"slot {slot} holds the active bundle",
                                   hint="install or roll back to another bundle first")
-        label = state.slots[slot].label if state.slots[slot] else "(nothing recorded)"
-        if state.slots[slot] is not None:
-            state = state.forget(slot)
-            dd.write_state(state)
+        if state.slots[slot] is None:  # files a failed install left are still cleared
+            path = dd.slot_path(slot)
+            leftovers = path.is_symlink() or (path.is_dir() and any(path.iterdir())) or path.is_file()
+            dd.clear_slot(slot, state)
+            return f"slot {slot} holds no bundle; " + ("its leftover files are removed" if leftovers
+                                                       else "nothing to remove")
+        label = state.slots[slot].label
+        state = state.forget(slot)
+        dd.write_state(state)
         dd.clear_slot(slot, state)
     return f"removed {label} from slot {slot}"
 

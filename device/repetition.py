@@ -31,11 +31,28 @@ def repeating_tail(text: str, *, repeats: int = REPEATS, min_period: int = MIN_P
     return None
 
 
+def _end_of_first_copy(text: str, period: int) -> int:
+    """Where to cut ``text``, which ends in :data:`REPEATS` copies of a ``period``-character block: after the
+    first copy of the whole periodic run, moved on to the next sentence or line end within one more period. The
+    run is found back to where the periodicity starts, and the detected block may be a rotation of the repeated
+    sentence; cutting at its end left "... in the memory.\nThe error detection system" (a new-user trial)."""
+    n = len(text)
+    start = n - REPEATS * period
+    while start > 0 and text[start - 1] == text[start - 1 + period]:
+        start -= 1
+    first_end = start + period
+    for j in range(first_end, min(first_end + period, n) + 1):
+        if text[j - 1] in ".!?\n":
+            return j
+    return first_end
+
+
 class LoopGuard:
     """Accumulates streamed answer pieces and says when the answer loops.
 
     ``feed(piece)`` returns True once the text ends in :data:`REPEATS` copies of one block; :meth:`text` is then
-    the answer up to the end of the block's first copy of that run (the copies removed, trailing space stripped).
+    the answer up to the first copy of the repeating run, completed to its sentence or line end (the copies
+    removed, trailing space stripped).
     """
 
     def __init__(self) -> None:
@@ -48,7 +65,7 @@ class LoopGuard:
         p = repeating_tail(self._text)
         if p is None:
             return False
-        self._cut = len(self._text) - (REPEATS - 1) * p
+        self._cut = _end_of_first_copy(self._text, p)
         return True
 
     @property

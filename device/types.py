@@ -84,7 +84,7 @@ def empty_notice(ans: Answer) -> str | None:
 
 
 #: The line shown under an answer stopped at a loop (``extra["stopped_repeating"]``).
-LOOP_NOTICE = "[stopped: the model began repeating itself; the answer above is cut to the first copy]"
+LOOP_NOTICE = "[stopped: the model began repeating itself; the repeats are not part of the answer]"
 
 
 def answer_notices(ans: Answer, how_more: str | None) -> list[str]:

@@ -93,7 +93,7 @@ class _StageProgress:
 def build(
     model: Optional[str] = typer.Option(None, "--model", help="local HF checkpoint folder, a .gguf file, or a hub id when online"),
     docs: Optional[Path] = typer.Option(None, "--docs", help="folder of documents (.md .txt .html .pdf .csv)"),
-    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="glob of files or folders under --docs not "
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="GLOB", help="glob of files or folders under --docs not "
                                                 "to index, e.g. 'release-*.html' or 'old/' (repeatable; a pattern "
                                                 "without '/' matches a name at any depth)"),
     quant: Optional[str] = typer.Option(None, "--quant", help="Q4_K_M (default), Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_0, "
@@ -324,7 +324,8 @@ def _print_ingest_report(report: list[dict[str, Any]]) -> None:
 
 def inspect(bundle: Path = typer.Argument(..., help="the .fpk"),
             json_out: bool = typer.Option(False, "--json", help="print the whole manifest as JSON"),
-            trust: Optional[list[Path]] = typer.Option(None, "--trust", help="public key(s) to check the signature")) -> None:
+            trust: Optional[list[Path]] = typer.Option(None, "--trust", metavar="KEY.pub",
+                                                        help="public key(s) to check the signature")) -> None:
     """Show a bundle's manifest: model, tensor types, index, memory, quality figures, signature status.
 
     With --trust, exits 4 unless one of those keys verifies the signature ("valid signature"); a bundle signed by
@@ -345,13 +346,16 @@ def inspect(bundle: Path = typer.Argument(..., help="the .fpk"),
         else:
             print_manifest(reader.manifest, bundle_size=reader.path.stat().st_size, signature=sig.message)
     if keys and not sig.ok:
-        raise SignatureError(f"{bundle}: {sig.message}",
-                             hint="trust the builder's key (`--trust KEY.pub`) only if you know it; else get a "
-                                  "bundle signed by a trusted builder")
+        if sig.status in ("invalid", "malformed"):  # the right key, but the bytes changed after signing
+            hint = "do not install it; get a fresh copy of the bundle from the builder"
+        else:
+            hint = ("trust the builder's key (`--trust KEY.pub`) only if you know it; else get a bundle signed by a "
+                    "trusted builder")
+        raise SignatureError(f"{bundle}: {sig.message}", hint=hint)
 
 
 def verify(bundle: Optional[Path] = typer.Argument(None, help="the .fpk"),
-           trust: Optional[list[Path]] = typer.Option(None, "--trust", help="trusted public key(s)"),
+           trust: Optional[list[Path]] = typer.Option(None, "--trust", metavar="KEY.pub", help="trusted public key(s)"),
            installed: bool = typer.Option(False, "--installed", help="re-hash the device's active slot instead"),
            data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="device data dir (with --installed)")) -> None:
     """Check a bundle's signature and every member's sha256; or, with --installed, the active slot's files."""

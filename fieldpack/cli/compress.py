@@ -11,7 +11,7 @@ import typer
 def plan(
     model: Path = typer.Option(..., "--model", help="local Hugging Face checkpoint folder"),
     docs: Path = typer.Option(..., "--docs", help="folder of the documents the bundle will answer from"),
-    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="glob of files or folders under --docs not "
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="GLOB", help="glob of files or folders under --docs not "
                                                 "to use, as build's --exclude (repeatable)"),
     device_ram: str = typer.Option(..., "--device-ram", help="RAM the device gives fieldpack, e.g. 4GiB, 512MiB"),
     min_tokens_per_s: float = typer.Option(..., "--min-tokens-per-s", help="slowest acceptable decode speed (tokens/s)"),

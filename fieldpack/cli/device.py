@@ -76,6 +76,14 @@ def trust_remove(key_id: str = typer.Argument(..., help="key id (from `fieldpack
     for k in match:
         Path(k.origin).unlink()
     typer.echo(f"key {key_id} removed; {len(dd.trusted_keys())} trusted key(s)")
+    from fieldpack.device.install import status as device_status
+
+    info = device_status(dd)
+    signed = [f"the {role} {rec['label']}" for role in ("active", "previous")
+              if (rec := info.get(role)) and rec.get("key_id") == key_id]
+    if signed:  # a trial removed the active bundle's key and nothing said so
+        typer.echo(f"note: {' and '.join(signed)} {'is' if len(signed) == 1 else 'are'} signed by this key: "
+                   "it keeps running, but a bundle signed by it is refused from now on", err=True)
 
 
 def install(bundle: Path = typer.Argument(..., help="the .fpk to install"),

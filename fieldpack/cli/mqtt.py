@@ -76,7 +76,7 @@ def serve(
     ] = False,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="largest HTTP request body")] = 256 * 1024,
     cors_origin: Annotated[
-        Optional[list[str]], typer.Option("--cors-origin", help="allow this web origin (CORS is off by default)")
+        Optional[list[str]], typer.Option("--cors-origin", metavar="ORIGIN", help="allow this web origin (CORS is off by default)")
     ] = None,
     username: Username = None,
     password_file: PasswordFile = None,
@@ -85,7 +85,7 @@ def serve(
     tls_key: TlsKey = None,
     group: Annotated[
         Optional[list[str]],
-        typer.Option("--group", envvar="FIELDPACK_GROUP", help="also serve this group's shared requests (repeatable)"),
+        typer.Option("--group", envvar="FIELDPACK_GROUP", metavar="GROUP", help="also serve this group's shared requests (repeatable)"),
     ] = None,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
     queue_size: Annotated[int, typer.Option("--queue-size", help="requests that may wait; one more gets 'busy'")] = 8,

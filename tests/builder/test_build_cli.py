@@ -110,7 +110,8 @@ def test_docs_with_nothing_indexable(tmp_path: Path, keypair: Path, tiny_llama_d
 def test_docs_all_excluded(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:
     out = _out(tmp_path)
     r = _build(tiny_llama_dir, DEMO_DOCS, keypair / "builder.key", out, "--exclude", "*.*")
-    _refused(r, out, 5, str(DEMO_DOCS), "excluded by --exclude", "narrow the --exclude patterns")
+    _refused(r, out, 5, str(DEMO_DOCS), "--exclude leaves nothing to index", "narrow the --exclude patterns")
+    assert "embedder" not in r.stderr  # refused while checking the inputs, before any stage (a trial)
 
 
 def test_signing_key_missing_or_wrong_type(tmp_path: Path, keypair: Path, tiny_llama_dir: Path) -> None:

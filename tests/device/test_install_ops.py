@@ -215,6 +215,12 @@ def test_status_summary_list_and_remove(dd: DataDir, bundles: dict[str, Path]) -
     assert r.returncode == 0 and "removed demo@1.9.0" in r.stdout, r.stderr
     assert device_status(dd)["previous"] is None
     assert any("(empty)" in ln for ln in run_cli("list", "--data-dir", str(dd.root)).stdout.splitlines())
+    empty = next(s for s in ("a", "b") if s != dd.active_slot())
+    r = run_cli("remove", empty, "--data-dir", str(dd.root))  # a trial read "removed (nothing recorded)"
+    assert r.returncode == 0 and f"slot {empty} holds no bundle; nothing to remove" in r.stdout, r.stdout
+    (dd.slot_path(empty) / "model.gguf.part").write_bytes(b"x")  # what a failed install may leave
+    r = run_cli("remove", empty, "--data-dir", str(dd.root))
+    assert "its leftover files are removed" in r.stdout and not any(dd.slot_path(empty).iterdir())
     with pytest.raises(ActiveSlotError):
         remove_slot(dd, dd.active_slot())
 
@@ -236,6 +242,21 @@ def test_trust_add_list_remove(dd: DataDir, keys: Keys, other_keys: Keys) -> Non
     assert_one_line_error(run_cli("trust", "remove", mine, "--data-dir", d), 2, "only trusted key")
     r = run_cli("device", "init", "--data-dir", d, "--trust", str(other_keys.public))  # the count it prints is right
     assert "trusts 2 key(s)" in r.stdout
+
+
+def test_removing_the_key_of_the_active_bundle_says_so(dd: DataDir, bundles: dict[str, Path], keys: Keys,
+                                                      other_keys: Keys) -> None:
+    from fieldpack.shared.signing import load_public_key
+
+    d = str(dd.root)
+    install_bundle(bundles["v1"], dd, check=None)
+    run_cli("trust", "add", str(other_keys.public), "--data-dir", d)
+    r = run_cli("trust", "remove", load_public_key(other_keys.public).key_id, "--data-dir", d)
+    assert r.returncode == 0 and "note:" not in r.stderr  # signs nothing installed
+    run_cli("trust", "add", str(other_keys.public), "--data-dir", d)
+    r = run_cli("trust", "remove", load_public_key(keys.public).key_id, "--data-dir", d)
+    assert r.returncode == 0 and "1 trusted key(s)" in r.stdout
+    assert "note: the active demo@1.9.0 is signed by this key" in r.stderr, r.stderr
 
 
 def test_inspect_signature_status(bundles: dict[str, Path], keys: Keys, other_keys: Keys, tmp_path: Path) -> None:
@@ -260,4 +281,7 @@ def test_inspect_signature_status(bundles: dict[str, Path], keys: Keys, other_ke
     r = run_cli("inspect", str(bad), "--json", "--trust", str(keys.public))
     assert r.returncode == 4 and json.loads(r.stdout)["signature"]["status"] == "invalid"
     r = run_cli("inspect", str(bad), "--trust", str(keys.public))
-    assert_one_line_error(r, 4, "INVALID")
+    assert_one_line_error(r, 4, "INVALID", "get a fresh copy")  # the key is trusted: trusting it is no fix
+    assert "only if you know it" not in r.stderr
+    r = run_cli("inspect", b, "--trust", str(other_keys.public))
+    assert "only if you know it" in r.stderr  # another signer: trusting its key is the fix, if it is known

@@ -23,6 +23,16 @@ def test_a_sentence_loop_stops_at_the_third_copy_and_keeps_the_first() -> None:
     assert g.text() == "Yes, it is. The tool is not designed to run in this manner."
 
 
+@pytest.mark.parametrize("step", range(1, 12))
+def test_the_cut_ends_at_the_sentence_whatever_the_piece_boundaries(step: int) -> None:
+    """Detected at the third copy of a rotated block, the cut had left "... in the memory.\nThe error detection
+    system" (a trial) or dropped the final period; it now keeps one whole sentence, for any streaming step."""
+    sentence = "The error detection system is used to detect errors in the memory.\n"
+    g = _stream(" To suppress errors, use a suppression file.\n" + sentence * 5, step=step)
+    assert g.looped
+    assert g.text() == " To suppress errors, use a suppression file.\n" + sentence.rstrip()
+
+
 def test_a_loop_on_the_citation_string_is_found() -> None:
     g = _stream("Attach a debugger [1] [1] [1] [1] [1] [1] [1] [1] [1] [1]", step=2)
     assert g.looped and g.text().startswith("Attach a debugger [1]")

@@ -132,6 +132,9 @@ def test_offline_install_then_ask_then_upgrade_in_place(kit_dir: Path, tmp_path:
     kept = _install(kit_dir, tmp_path, "--bin-dir", str(foreign))  # a command it did not write is left alone
     assert kept.returncode == 0 and "not ours; left as is" in kept.stdout, (kept.stdout + kept.stderr)[-3000:]
     assert (foreign / "fieldpack").read_text() == "#!/bin/sh\necho mine\n"
+    soft = _install(kit_dir, tmp_path, "--no-bundle")  # software only: a device that moved on keeps its bundle
+    assert soft.returncode == 0 and "skipped (--no-bundle)" in soft.stdout, (soft.stdout + soft.stderr)[-3000:]
+    assert (tmp_path / "data" / "state.json").read_text() == state_before
 
     _unit_passes_systemd_analyze(kit_dir, tmp_path)
 
