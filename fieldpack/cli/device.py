@@ -82,8 +82,10 @@ def trust_remove(key_id: str = typer.Argument(..., help="key id (from `fieldpack
     signed = [f"the {role} {rec['label']}" for role in ("active", "previous")
               if (rec := info.get(role)) and rec.get("key_id") == key_id]
     if signed:  # a trial removed the active bundle's key and nothing said so
-        typer.echo(f"note: {' and '.join(signed)} {'is' if len(signed) == 1 else 'are'} signed by this key: "
-                   "it keeps running, but a bundle signed by it is refused from now on", err=True)
+        one = len(signed) == 1
+        typer.echo(f"note: {' and '.join(signed)} {'is' if one else 'are'} signed by this key: "
+                   f"{'it keeps' if one else 'they keep'} running, but installs of bundles signed by it are refused "
+                   "from now on", err=True)
 
 
 def install(bundle: Path = typer.Argument(..., help="the .fpk to install"),

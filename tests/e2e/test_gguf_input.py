@@ -72,7 +72,8 @@ def test_real_gemma_gguf_builds_over_the_demo_docs(gemma_bundle: tuple[Path, dic
     assert (mo["bos_id"], mo["eos_id"], mo["eot_id"]) == (2, 1, 106)
     # the model's EOG tokens, then the completion format's stop strings (a base model has no chat template)
     assert m["runtime"]["prompt_format"] == "completion"
-    assert m["runtime"]["stop"] == ["<end_of_turn>", "<eos>", "\nQuestion:", "\nSources:", "\n\n"]
+    assert m["runtime"]["stop"] == ["<end_of_turn>", "<eos>", "\nQuestion:", "\nSources:", "\n\n",
+                                    "Answer the question using the sources ab"]  # the instruction line, echoed
     assert m["quality"]["parity"]["status"] == "not applicable, GGUF input"
     assert 1.0 < m["quality"]["quantization"]["ppl"] < 1000
 
