@@ -190,7 +190,6 @@ def install_bundle(bundle: Path, data_dir: DataDir | Path | None, *, check: Slot
             old = state.slots[active] if active else None
             damage: str | None = None
             if old is not None and old.manifest_sha256 == manifest_sha:
-                key = reader.verify_signature(trusted)
                 damage = (slot_damage(dd, active) if dd.slot_complete(active, state)
                           else "its manifest.json or slot.json no longer matches the state")
                 if damage is None:  # the file is still checked whole: a damaged copy is refused, not "installed"

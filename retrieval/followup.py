@@ -59,11 +59,16 @@ def looks_like_followup(message: str) -> bool:
 
     text = " ".join(message.lower().split())
     words = _WORD.findall(text)
-    if text.startswith(CONTINUATIONS):
+    if _continues(text):
         return True
     if len(words) <= FOLLOWUP_REFERENCE_MAX_WORDS and points_back(text):
         return True
     return len(words) <= FOLLOWUP_MAX_WORDS and len(content_terms(text)) <= FOLLOWUP_MAX_CONTENT_WORDS
+
+
+def _continues(message: str) -> bool:
+    """Whether ``message`` opens with one of :data:`CONTINUATIONS` ("and ...", "what about ...")."""
+    return " ".join(message.lower().split()).startswith(CONTINUATIONS)
 
 
 def points_back(message: str) -> bool:
@@ -116,8 +121,9 @@ def search_in_context(search: Callable[[str], list[Hit]], message: str, previous
     hits = search(message)
     if not previous_question or not looks_like_followup(message):
         return hits, message
-    bare = not points_back(message) and not " ".join(message.lower().split()).startswith(CONTINUATIONS)
-    if not points_back(message):
+    pointing = points_back(message)
+    bare = not pointing and not _continues(message)
+    if not pointing:
         best = max((h.vector_similarity for h in hits if h.vector_similarity is not None), default=-1.0)
         if best < min_similarity * FOLLOWUP_SIMILARITY_SHARE and unknown_terms(message):
             return hits, message  # an aside away from the documents: judged as asked, not from the last topic

@@ -57,19 +57,20 @@ class Excludes:
 
     def match(self, rel: str) -> str | None:
         """The first pattern that excludes ``rel`` (a relative POSIX path under ``--docs``), else None."""
-        parts = PurePosixPath(rel).parts
-        for pattern in self.patterns:
-            pat = pattern.rstrip("/")
-            if "/" in pat:
-                if fnmatchcase(rel, pat) or any(fnmatchcase("/".join(parts[:i]), pat) for i in range(1, len(parts))):
-                    return pattern
-            elif any(fnmatchcase(part, pat) for part in parts):
-                return pattern
-        return None
+        return next((p for p in self.patterns if _matches(p, rel)), None)
 
     def unused(self, paths: Sequence[str]) -> list[str]:
         """The patterns that match none of ``paths`` (most likely a typo: the build says so)."""
-        return [p for p in self.patterns if not any(Excludes((p,)).match(rel) for rel in paths)]
+        return [p for p in self.patterns if not any(_matches(p, rel) for rel in paths)]
 
     def __bool__(self) -> bool:
         return bool(self.patterns)
+
+
+def _matches(pattern: str, rel: str) -> bool:
+    """Whether one ``--exclude`` pattern leaves out ``rel`` (rules in the module docstring)."""
+    parts = PurePosixPath(rel).parts
+    pat = pattern.rstrip("/")
+    if "/" in pat:
+        return fnmatchcase(rel, pat) or any(fnmatchcase("/".join(parts[:i]), pat) for i in range(1, len(parts)))
+    return any(fnmatchcase(part, pat) for part in parts)

@@ -301,9 +301,8 @@ def _print_ingest_report(report: list[dict[str, Any]]) -> None:
     from fieldpack.cli.console import console as make_console
 
     indexed = [r for r in report if r.get("status") == "indexed"]
-    skipped = [r for r in report if r.get("status") != "indexed"]
-    excluded = Counter(str(r.get("reason")) for r in skipped if str(r.get("reason", "")).startswith(EXCLUDED_REASON))
-    skipped = [r for r in skipped if not str(r.get("reason", "")).startswith(EXCLUDED_REASON)]
+    excluded = Counter(str(r["reason"]) for r in report if str(r.get("reason", "")).startswith(EXCLUDED_REASON))
+    skipped = [r for r in report if r.get("status") != "indexed" and str(r.get("reason")) not in excluded]
     console = make_console(stderr=True)
     console.print(f"ingest: {len(indexed)} files indexed, {len(skipped)} skipped, "
                   f"{sum(int(r.get('chunks', 0)) for r in indexed)} chunks", markup=False, highlight=False)
