@@ -26,10 +26,20 @@ def _data_dir(path: Optional[Path]):
 def device_init(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
                 trust: list[Path] = typer.Option(..., "--trust", help="public key(s) whose bundles this device installs")) -> None:
     """Create the data dir (A/B slots, trusted keys, state)."""
-    from fieldpack.device.slots import default_data_dir, init_data_dir
+    from fieldpack.device.slots import DataDir, default_data_dir, init_data_dir
 
-    dd = init_data_dir(data_dir or default_data_dir(), list(trust))
-    typer.echo(f"initialised {dd.root}; it trusts {len(dd.trusted_keys())} key(s)")
+    root = data_dir or default_data_dir()
+    before = DataDir(root)
+    existed = before.state_path.exists()
+    known = {k.key_id for k in before.trusted_keys()} if existed else set()
+    dd = init_data_dir(root, list(trust))
+    keys = dd.trusted_keys()
+    if not existed:
+        typer.echo(f"initialised {dd.root}; it trusts {len(keys)} key(s)")
+        return
+    added = sum(1 for k in keys if k.key_id not in known)
+    typer.echo(f"kept {dd.root} (its slots and state are unchanged); it trusts {len(keys)} key(s), "
+               f"{added} of them new")
 
 
 trust_app = typer.Typer(help="The builder keys whose bundles this device installs.", no_args_is_help=True)

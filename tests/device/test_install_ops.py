@@ -241,7 +241,12 @@ def test_trust_add_list_remove(dd: DataDir, keys: Keys, other_keys: Keys) -> Non
     assert r.returncode == 0 and "1 trusted key(s)" in r.stdout
     assert_one_line_error(run_cli("trust", "remove", mine, "--data-dir", d), 2, "only trusted key")
     r = run_cli("device", "init", "--data-dir", d, "--trust", str(other_keys.public))  # the count it prints is right
-    assert "trusts 2 key(s)" in r.stdout
+    assert r.stdout.startswith(f"kept {d} ") and "trusts 2 key(s), 1 of them new" in r.stdout  # not "initialised"
+    r = run_cli("device", "init", "--data-dir", d, "--trust", str(other_keys.public))
+    assert "trusts 2 key(s), 0 of them new" in r.stdout
+    fresh = str(dd.root.parent / "fresh-dd")
+    r = run_cli("device", "init", "--data-dir", fresh, "--trust", str(other_keys.public))
+    assert r.returncode == 0 and r.stdout.startswith(f"initialised {fresh};") and "trusts 1 key(s)" in r.stdout
 
 
 def test_removing_the_key_of_the_active_bundle_says_so(dd: DataDir, bundles: dict[str, Path], keys: Keys,
