@@ -130,7 +130,12 @@ class EmbedderInfo(_Strict):
 
 
 class IndexInfo(_Strict):
-    """The document index: counts, vector metric and the chunking that made it (sizes in embedder tokens)."""
+    """The document index: counts, vector metric and the chunking that made it (sizes in embedder tokens).
+
+    ``skipped_files`` counts every file under ``--docs`` that is not indexed: skipped by ingest (hidden,
+    unsupported, empty, binary, undecodable) and left out by ``--exclude`` (the build prints the two apart; the
+    patterns are in the bundle's ``recipe.toml``).
+    """
 
     documents: int = Field(ge=1)
     chunks: int = Field(ge=1)

@@ -96,8 +96,11 @@ def print_manifest(m: Manifest, *, bundle_size: int, signature: str, console: Co
     t = Table(title="retrieval", show_header=False)
     t.add_row("embedder", f"{e.name}, dim {e.dimension}, {e.pooling} pooling, "
                           f"{'L2-normalised' if e.normalized else 'raw'}, {e.precision}, max {e.max_tokens} tokens")
+    exclude = ((m.recipe or {}).get("build") or {}).get("exclude") or []
+    not_indexed = (f"{i.skipped_files} files not indexed (skipped, or left out by --exclude "
+                   f"{', '.join(repr(p) for p in exclude)})" if exclude else f"{i.skipped_files} files skipped")
     t.add_row("index", f"{i.documents} documents, {i.chunks} chunks ({i.chunk_tokens} tokens, overlap "
-                       f"{i.overlap_tokens}), {i.metric}, {i.skipped_files} files skipped")
+                       f"{i.overlap_tokens}), {i.metric}, {not_indexed}")
     t.add_row("smoke check", f"{m.smoke.question!r} -> {m.smoke.expected_source}")
     c.print(t)
     mem = r.memory

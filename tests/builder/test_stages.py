@@ -232,6 +232,22 @@ def test_exclude_leaves_files_out_of_the_index_and_into_the_recipe(build, tmp_pa
     with open_bundle(result.bundle) as b:
         assert b.manifest.recipe["build"]["exclude"] == ["*.csv", "procedures"]
         assert b.manifest.index.chunks == len(result.records.ingest.load_chunks()) < build.first.records.ingest.chunks
+        manifest = b.manifest
+    assert f"{manifest.index.skipped_files} files not indexed (skipped, or left out by --exclude '*.csv', " \
+           "'procedures')" in _inspect_text(manifest)
+    assert f"{build.first.manifest.index.skipped_files} files skipped" in _inspect_text(build.first.manifest)
+
+
+def _inspect_text(manifest) -> str:
+    """What ``fieldpack inspect`` prints for ``manifest`` (wide console, no wrapping)."""
+    import io
+
+    from fieldpack.cli.show import print_manifest
+    from rich.console import Console
+
+    console = Console(width=400, record=True, file=io.StringIO())
+    print_manifest(manifest, bundle_size=1, signature="-", console=console)
+    return console.export_text()
 
 
 @pytest.mark.slow
