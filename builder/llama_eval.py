@@ -63,6 +63,23 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def vocab_only(path: Path) -> Any:
+    """llama.cpp's tokenizer of a GGUF: a ``llama_cpp.Llama`` loaded with ``vocab_only`` (no weights, no
+    hyperparameters). llama.cpp still makes a context for it and warns ``n_ctx_seq (512) > n_ctx_train (0)``,
+    since a vocab-only load reads no context length; that log goes to DEBUG instead of the user's terminal (a
+    trial of ``fieldpack plan`` saw it after the conversion). Close it with ``.close()``.
+
+    Raises:
+        ValueError, RuntimeError, OSError: as ``llama_cpp.Llama`` (callers translate them).
+    """
+    from llama_cpp import Llama
+
+    from fieldpack.builder.quantize import _capture_llama_log
+
+    with _capture_llama_log():
+        return Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
 @contextlib.contextmanager
 def open_gguf(path: Path, *, n_ctx: int, logits_all: bool = True, f32_kv: bool = False,
               lora_path: Path | None = None) -> Iterator[Any]:

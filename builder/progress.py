@@ -25,6 +25,22 @@ def report(done: int, total: int, unit: str) -> None:
         sink(done, total, unit)
 
 
+#: Unit prefix of an evaluation pass inside a stage (held-out PPL before/after training): shown on the bar and
+#: named by an interrupt, but not the count a finished stage is summarised by (its training steps).
+EVALUATION_UNIT = "held-out blocks: "
+
+
+def report_evaluation(done: int, total: int, what: str) -> None:
+    """:func:`report` for an evaluation pass: ``done`` of ``total`` held-out blocks of ``what`` (e.g.
+    ``"PPL before training"``)."""
+    report(done, total, EVALUATION_UNIT + what)
+
+
+def is_evaluation(unit: str) -> bool:
+    """Whether a reported ``unit`` is an evaluation pass's (:func:`report_evaluation`)."""
+    return unit.startswith(EVALUATION_UNIT)
+
+
 @contextlib.contextmanager
 def progress_sink(sink: ProgressSink) -> Iterator[None]:
     """Install ``sink`` for the duration of the ``with`` block."""

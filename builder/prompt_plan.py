@@ -119,10 +119,7 @@ def plan_prompt_for_gguf(path: Path, requested: str | None) -> PromptPlan:
 
 def gguf_token_counter(path: Path) -> Callable[[str], int]:
     """``text -> number of model tokens`` with llama.cpp's own tokenizer (vocab only, no weights loaded)."""
-    from llama_cpp import Llama
+    from fieldpack.builder.llama_eval import vocab_only
 
-    from fieldpack.builder.quantize import _capture_llama_log
-
-    with _capture_llama_log():  # llama.cpp logs context warnings even for a vocab-only load
-        llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    llm = vocab_only(path)
     return lambda text: len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))

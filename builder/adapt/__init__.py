@@ -170,14 +170,17 @@ def adapt_model(model: Any, tokenizer: Any, examples: Sequence[Any], held_out: S
     set_seed(seed)
     peft_model = attach_lora(model, r=opts.lora_r, alpha=opts.alpha)
     ev = dict(device=device, threads=opts.threads)
-    before = evaluate(peft_model, held_out, reference=teacher, **ev)  # adapters start at B = 0: the base model
+    before = evaluate(peft_model, held_out, reference=teacher,  # adapters start at B = 0: the base model
+                      label="PPL before training" + (" (and KLD from the teacher)" if teacher is not None else ""),
+                      **ev)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     stats = train(peft_model, examples, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
                   pad_id=pad, teacher=teacher, kd_alpha=opts.kd_alpha, kd_temperature=opts.kd_temperature,
                   device=device, threads=opts.threads, label=method)
-    after = evaluate(peft_model, held_out, reference="base", **ev)
-    t_after = evaluate(peft_model, held_out, reference=teacher, **ev) if teacher is not None else None
-    t_ppl = evaluate(teacher, held_out, **ev).ppl if teacher is not None else None
+    after = evaluate(peft_model, held_out, reference="base", label="PPL and KLD after training", **ev)
+    t_after = evaluate(peft_model, held_out, reference=teacher, label="KLD from the teacher after training",
+                       **ev) if teacher is not None else None
+    t_ppl = evaluate(teacher, held_out, label="the teacher's PPL", **ev).ppl if teacher is not None else None
     adapter = None
     if adapter_out is not None:
         from fieldpack.builder.adapt.lora_gguf import export_lora_gguf

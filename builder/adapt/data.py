@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -230,7 +231,8 @@ def raft_examples(pairs: Sequence[QAPair], chunks: Sequence[Any], render: Callab
         k: sources per prompt (oracle + ``k - 1`` distractors; ``k`` distractors without oracle).
         abstain_share: share of examples without the oracle (answered with the abstention phrase).
         seed: fixes distractors, order and which examples abstain.
-        max_len: longest example in tokens; longer ones are left out (logged).
+        max_len: longest example in tokens (the build gives ``2 * --adapt-seq-len``); longer ones are left out,
+            with a warning that counts them and names the ``--adapt-seq-len`` that would keep them all.
         hard: how many of each prompt's distractors are hard ones (:func:`hard_distractor_ranker`; the rest
             random); 0: all random (RAFT's own recipe).
         paired: abstaining questions also get their oracle example (module docstring).
@@ -247,13 +249,16 @@ def raft_examples(pairs: Sequence[QAPair], chunks: Sequence[Any], render: Callab
     ranker = hard_distractor_ranker(chunks) if hard > 0 else None
     out: list[Example] = []
     too_long = kept_abstain = 0
+    longest = 0  # tokens of the longest example left out
 
     def add(pair: QAPair, picked: list[int], answer: str) -> bool:
+        nonlocal longest
         prompt = render(pair.question, [as_source(chunks[j], j) for j in picked], [])
         prefix = " " if prompt.endswith(":") else ""
         p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         a_ids = tokenizer(prefix + answer, add_special_tokens=False)["input_ids"] + [stop_id]
         if len(p_ids) + len(a_ids) > max_len:
+            longest = max(longest, len(p_ids) + len(a_ids))
             return False
         out.append(Example(input_ids=p_ids + a_ids, labels=[IGNORE_INDEX] * len(p_ids) + a_ids))
         return True
@@ -290,9 +295,12 @@ def raft_examples(pairs: Sequence[QAPair], chunks: Sequence[Any], render: Callab
                 kept_abstain += 1
             else:
                 too_long += 1
-    if too_long:
-        log.warning("RAFT: %d examples longer than %d tokens left out", too_long, max_len)
+    fix = (f"raise --adapt-seq-len to {math.ceil(longest / 2)} (examples may be twice its length) or lower "
+           "--top-k-chunks (fewer sources per prompt)")
     if not out:
-        raise AdaptationError(f"every RAFT example is longer than {max_len} tokens",
-                              hint="raise --adapt-seq-len or lower --top-k-chunks (fewer sources per prompt)")
+        raise AdaptationError(f"every RAFT example (sources, question and answer) is longer than {max_len} tokens",
+                              hint=fix)
+    if too_long:
+        log.warning("RAFT: %d of %d examples (sources, question and answer) are longer than %d tokens and are left "
+                    "out of training. Fix: %s", too_long, too_long + len(out), max_len, fix)
     return out, kept_abstain

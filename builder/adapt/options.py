@@ -15,7 +15,7 @@ The options dict (as the CLI and ``recipe.toml`` spell it)::
                    its tokenizer must be the student's
     steps          optimizer steps (default 100)
     batch_size     sequences per step (default 4)
-    seq_len        DAPT block length in model tokens (default 256; RAFT examples are cut to 2 x seq_len)
+    seq_len        DAPT block length in model tokens (default 256; a RAFT example longer than 2 x seq_len is left out)
     lr             AdamW learning rate of the LoRA weights (default 2e-4), cosine schedule, 5% warm-up
     lora_r         LoRA rank (default 16); lora_alpha (default 2 x r)
     kd_alpha       share of the KD term in the loss, in [0, 1] (default 0.5; only with a teacher)

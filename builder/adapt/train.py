@@ -245,16 +245,22 @@ class EvalFigures:
 
 
 def evaluate(model: Any, blocks: Sequence[Example], *, reference: Any = None, device: str | None = None,
-             threads: int | None = 2) -> EvalFigures:
+             threads: int | None = 2, label: str = "held-out PPL") -> EvalFigures:
     """Perplexity of ``model`` on ``blocks`` (one block at a time) and, with ``reference``, the mean
     ``KL(reference || model)`` per predicted token.
 
     Args:
         reference: a causal LM, or the string ``"base"`` for a PEFT model's own base (adapters disabled).
+        label: what the progress bar calls this pass (:func:`fieldpack.builder.progress.report_evaluation`, one
+            report a block: ``3/19 held-out blocks: <label>``), so a long evaluation is seen and an interrupt names
+            it.
     """
     import torch
     import torch.nn.functional as F
 
+    from fieldpack.builder.progress import report_evaluation
+
+    report_evaluation(0, len(blocks), label)
     device = pick_device(device)
     nll = kl = 0.0
     n = 0
@@ -262,7 +268,7 @@ def evaluate(model: Any, blocks: Sequence[Example], *, reference: Any = None, de
         model.to(device).eval()
         if reference is not None and reference != "base":
             reference.to(device).eval()
-        for b in blocks:
+        for done, b in enumerate(blocks):
             ids = torch.tensor([b.input_ids], device=device)
             logits = model(input_ids=ids).logits[0, :-1].float()
             target = ids[0, 1:]
@@ -276,6 +282,7 @@ def evaluate(model: Any, blocks: Sequence[Example], *, reference: Any = None, de
                 lp, lq = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
                 kl += float((lp.exp() * (lp - lq)).sum())
             n += int(target.numel())
+            report_evaluation(done + 1, len(blocks), label)
     if n == 0:
         raise AdaptationError("no held-out tokens to evaluate", hint="add documents")
     return EvalFigures(ppl=math.exp(nll / n), kld=kl / n if reference is not None else None, tokens=n)

@@ -199,7 +199,7 @@ def compute_imatrix_gguf(gguf_path: Path, texts: list[str], out_path: Path, *, n
     import llama_cpp
     from gguf import Keys
 
-    from fieldpack.builder.llama_eval import default_threads
+    from fieldpack.builder.llama_eval import default_threads, vocab_only
     from fieldpack.builder.quantize import write_imatrix_gguf
     from fieldpack.shared.llama_backend import llama_cpp_module
 
@@ -213,7 +213,7 @@ def compute_imatrix_gguf(gguf_path: Path, texts: list[str], out_path: Path, *, n
         raise UsageError("no calibration text for the imatrix", hint="add documents or raise --calib-chunks")
     t0 = time.perf_counter()
     try:
-        vocab_llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+        vocab_llm = vocab_only(gguf_path)
     except (ValueError, RuntimeError, OSError) as exc:
         raise ModelLoadError(f"llama.cpp cannot load {gguf_path}: {exc}", hint="re-convert the model") from exc
     try:

@@ -99,11 +99,10 @@ def fit_eval_ctx(ref_gguf: Path, texts: list[str], cap: int = 256) -> int:
     Raises:
         UsageError: the held-out text has fewer than 16 tokens.
     """
-    from llama_cpp import Llama
-
+    from fieldpack.builder.llama_eval import vocab_only
     from fieldpack.shared.errors import UsageError
 
-    llm = Llama(model_path=str(ref_gguf), vocab_only=True, verbose=False)
+    llm = vocab_only(ref_gguf)
     try:
         n = len(llm.tokenize("\n\n".join(t for t in texts if t.strip()).encode("utf-8"), add_bos=False, special=False))
     finally:

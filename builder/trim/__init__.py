@@ -55,9 +55,9 @@ def prompt_texts() -> list[str]:
 def domain_counts(gguf_path: Path, texts: Iterable[str], special_texts: Iterable[str] = ()) -> Counter[int]:
     """Token id -> occurrences of ``texts`` (as plain text) and ``special_texts`` (special tokens parsed, as
     the device does for prompts), tokenized by llama.cpp with the GGUF's own tokenizer (no weights loaded)."""
-    from fieldpack.builder.trim.gate import _vocab_only
+    from fieldpack.builder.llama_eval import vocab_only
 
-    tok = _vocab_only(gguf_path)
+    tok = vocab_only(gguf_path)
     counts: Counter[int] = Counter()
     for text in texts:
         counts.update(tok.tokenize(text.encode("utf-8"), add_bos=False, special=False))
@@ -85,9 +85,9 @@ def predicted_order(gguf_path: Path, texts: list[str], *, n_ctx: int = 256, max_
     import numpy as np
 
     from fieldpack.builder.llama_eval import log_softmax, logits_for, open_gguf
-    from fieldpack.builder.trim.gate import _vocab_only
+    from fieldpack.builder.llama_eval import vocab_only
 
-    tok = _vocab_only(gguf_path)
+    tok = vocab_only(gguf_path)
     stream: list[int] = []
     for text in texts:
         stream += tok.tokenize(text.encode("utf-8"), add_bos=False, special=False)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -72,15 +71,6 @@ class TrimGateReport:
     min_top1: float = MIN_TOP1
 
 
-def _vocab_only(path: Path) -> Any:
-    from llama_cpp import Llama
-
-    from fieldpack.builder.quantize import _capture_llama_log
-
-    with _capture_llama_log():
-        return Llama(model_path=str(path), vocab_only=True, verbose=False)
-
-
 def compare_logits(full: np.ndarray, trimmed: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per position: ``KL(Q || P)`` (nats), top-1 agreement (bool) and the mass ``P`` puts on removed ids.
 
@@ -113,10 +103,10 @@ def check_trim(untrimmed: Path, trimmed: Path, keep: list[int], held_out: list[s
     Raises:
         TrimError: a check failed (one line naming it), unless ``raise_on_fail`` is False.
     """
-    from fieldpack.builder.llama_eval import logits_for, open_gguf
+    from fieldpack.builder.llama_eval import logits_for, open_gguf, vocab_only
 
     keep_arr = np.asarray(keep, dtype=np.int64)
-    full_tok, trim_tok = _vocab_only(untrimmed), _vocab_only(trimmed)
+    full_tok, trim_tok = vocab_only(untrimmed), vocab_only(trimmed)
     mismatches, n_tokens = 0, 0
     stream: list[int] = []
     for text in held_out:

@@ -42,7 +42,8 @@ class _StageProgress:
         self.console = console(stderr=True)
         self.current: str | None = None
         self.last_done: str | None = None
-        self.counts: tuple[int, int, str] | None = None
+        self.counts: tuple[int, int, str] | None = None  # the latest report (the bar, an interrupt)
+        self.summary: tuple[int, int, str] | None = None  # the latest that is not an evaluation pass's
         self._progress = None
         self._task = None
         if self.console.is_terminal:
@@ -67,7 +68,7 @@ class _StageProgress:
         import time
 
         if event == "start":
-            self.current, self.counts, self._t0 = name, None, time.perf_counter()
+            self.current, self.counts, self.summary, self._t0 = name, None, None, time.perf_counter()
             if self._progress is not None:
                 self._task = self._progress.add_task(name, total=None, unit="")
             return
@@ -79,13 +80,18 @@ class _StageProgress:
             self.console.print(f"✓ {name} (cached)", markup=False, highlight=False)
             self.current = None
             return
-        done = f" ({self.counts[1]} {self.counts[2]})" if self.counts else ""
+        summary = self.summary or self.counts
+        done = f" ({summary[1]} {summary[2]})" if summary else ""
         self.console.print(f"✓ {name}{done} {time.perf_counter() - self._t0:.1f} s", markup=False, highlight=False)
         self.current = None
 
     def count(self, done: int, total: int, unit: str) -> None:
         """builder.progress sink: ``done`` of ``total`` ``unit`` in the running stage."""
+        from fieldpack.builder.progress import is_evaluation
+
         self.counts = (done, total, unit)
+        if not is_evaluation(unit):
+            self.summary = self.counts
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=done, total=total, unit=unit)
 
@@ -148,7 +154,14 @@ def build(
                                                 "tokenizer): KD on its softened logits, mixed with next-token loss"),
     adapt_steps: Optional[int] = typer.Option(None, "--adapt-steps", help="optimizer steps (default 100)"),
     adapt_seq_len: Optional[int] = typer.Option(None, "--adapt-seq-len", help="training block length in model tokens "
-                                                "(default 256)"),
+                                                "(default 256; a RAFT example, sources + question + answer, may be "
+                                                "twice as long, longer ones are left out with a warning)"),
+    adapt_lr: Optional[float] = typer.Option(None, "--adapt-lr", help="AdamW learning rate of the LoRA "
+                                             "weights (default 2e-4)"),
+    adapt_batch: Optional[int] = typer.Option(None, "--adapt-batch", help="sequences per optimizer step (default 4)"),
+    eval_max_chunks: Optional[int] = typer.Option(None, "--eval-max-chunks", help="held-out chunks for PPL/KLD, at "
+                                                  "most (default 64): the quality stage and the adapt/heal passes "
+                                                  "before and after training; fewer is faster and noisier"),
     lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (default 16)"),
     raft_hard: Optional[int] = typer.Option(None, "--raft-hard", help="raft: distractors per prompt taken from the "
                                             "documents closest to the question instead of at random (default 0)"),
@@ -180,13 +193,13 @@ def build(
     adapt_opts: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(
         method=adapt, qa_train=qa_train, qa_teacher=qa_teacher, qa_teacher_model=qa_teacher_model,
         qa_per_chunk=qa_per_chunk, qa_max=qa_max, teacher=distill_from, steps=adapt_steps, seq_len=adapt_seq_len,
-        lora_r=lora_r, raft_hard=raft_hard, raft_paired=raft_paired, raft_abstain=raft_abstain).items()
+        lr=adapt_lr, batch_size=adapt_batch, lora_r=lora_r, raft_hard=raft_hard, raft_paired=raft_paired, raft_abstain=raft_abstain).items()
         if v is not None}
     opts = dict(model=model, docs=docs, exclude=exclude or None, quant=quant, name=name, version=version, sign=sign, output=output,
                 n_ctx=n_ctx, max_tokens=max_tokens, top_k_chunks=top_k_chunks, embedder=embedder,
                 prompt_format=prompt_format,
                 embd_type=embd_type, output_type=output_type, trim_vocab=trim_vocab, keep_general=keep_general,
-                adapt_embedder=adapt_embedder, ship_adapter=ship_adapter)
+                adapt_embedder=adapt_embedder, ship_adapter=ship_adapter, eval_max_chunks=eval_max_chunks)
     if recipe:
         overrides = {k: v for k, v in opts.items() if v is not None}
         if compression:

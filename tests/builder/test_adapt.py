@@ -278,6 +278,57 @@ def test_raft_examples_cite_the_oracle_and_abstain(tiny_llama_dir: Path, tmp_pat
     assert "Sources:" in prompt and prompt.rstrip().endswith("Answer:")
 
 
+def test_raft_examples_over_the_length_say_how_many_and_the_seq_len_that_keeps_them(
+        tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A trial: 8 of 16 QA pairs were dropped with a warning that named no fix. The warning counts them and
+    names the --adapt-seq-len (examples may be twice its length) that keeps every one; when none fits, the
+    error names it."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from fieldpack.builder.prompt_plan import plan_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    pairs = read_qa_file(_qa_file(tmp_path), DEMO_DOCS)
+    render = plan_prompt(None, "completion").renderer()
+    kw = dict(stop_id=tok.eos_token_id, k=3, abstain_share=0.25, seed=0)
+    lengths = sorted(len(e.input_ids) for e in raft_examples(pairs, _chunks(), render, tok, max_len=4096, **kw)[0])
+    cut = lengths[len(lengths) // 2]
+    over = [n for n in lengths if n > cut]
+    assert over, lengths
+    with caplog.at_level("WARNING", logger="fieldpack.builder.adapt.data"):
+        kept, _ = raft_examples(pairs, _chunks(), render, tok, max_len=cut, **kw)
+    assert len(kept) == len(lengths) - len(over)
+    want = f"raise --adapt-seq-len to {math.ceil(max(over) / 2)}"
+    assert f"{len(over)} of {len(lengths)} examples" in caplog.text and want in caplog.text
+    with pytest.raises(AdaptationError, match=f"longer than {lengths[0] - 1} tokens") as err:
+        raft_examples(pairs, _chunks(), render, tok, max_len=lengths[0] - 1, **kw)
+    assert f"raise --adapt-seq-len to {math.ceil(lengths[-1] / 2)}" in str(err.value.hint)
+
+
+def test_held_out_evaluation_reports_its_progress(tiny_gemma_dir: Path, split) -> None:
+    """The held-out PPL/KLD passes before and after training took most of a trial's adapt stage behind a bar
+    that read 0/?: each pass reports its blocks, under a unit the CLI tells apart from the training steps."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fieldpack.builder.adapt.data import eval_blocks
+    from fieldpack.builder.adapt.train import evaluate
+    from fieldpack.builder.progress import is_evaluation, progress_sink
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_gemma_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_gemma_dir), torch_dtype="float32")
+    blocks = eval_blocks(split[1], tok, 32)
+    seen: list[tuple[int, int, str]] = []
+    with progress_sink(lambda d, t, u: seen.append((d, t, u))):
+        fig = evaluate(model, blocks, threads=1, label="PPL before training")
+    n = len(blocks)
+    assert n > 1 and fig.tokens > 0
+    assert [d for d, _, _ in seen] == list(range(n + 1)) and {t for _, t, _ in seen} == {n}
+    assert {u for _, _, u in seen} == {"held-out blocks: PPL before training"} and is_evaluation(seen[0][2])
+    assert not is_evaluation("steps, loss 3.398, 6 tok/s")
+
+
 def test_hard_distractors_are_the_other_documents_closest_to_the_question() -> None:
     from fieldpack.builder.adapt.data import hard_distractor_ranker
 

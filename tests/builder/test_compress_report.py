@@ -65,6 +65,23 @@ def tensor_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
+def test_a_vocab_only_load_prints_no_context_warning(converted, capfd: pytest.CaptureFixture[str]) -> None:
+    """A trial's `fieldpack plan` printed llama.cpp's `n_ctx_seq (512) > n_ctx_train (0)` after converting: a
+    vocab-only load reads no context length. The tokenizer loads route that to DEBUG; the tokenizer works."""
+    from fieldpack.builder.compress.report import fit_eval_ctx
+    from fieldpack.builder.llama_eval import vocab_only
+
+    path = converted("llama", "f16").path
+    capfd.readouterr()
+    llm = vocab_only(path)
+    try:
+        assert len(llm.tokenize(b"hello world", add_bos=False, special=False)) >= 2
+    finally:
+        llm.close()
+    assert fit_eval_ctx(path, ["a pump trips when the level is low " * 8]) >= 16
+    assert "n_ctx_train" not in capfd.readouterr().err
+
+
 @pytest.mark.slow
 def test_apply_compression_reports_and_sparse_gguf_is_not_smaller(tiny_llama_dir, converted, demo_corpus,
                                                                   tmp_path) -> None:

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from fieldpack.builder.convert import convert_hf_to_gguf
+from fieldpack.builder.llama_eval import vocab_only
 from fieldpack.builder.trim import trim_gguf
-from fieldpack.builder.trim.gate import OOD_SAMPLES, _vocab_only, check_trim
+from fieldpack.builder.trim.gate import OOD_SAMPLES, check_trim
 from fieldpack.builder.trim.gguf_trim import read_gguf_vocab
 from fieldpack.builder.trim.vocab import BYTE, check_trimmable, merge_path
 from fieldpack.shared.errors import TrimError, UnsupportedTokenizerError
@@ -68,7 +69,7 @@ def test_trimmed_gguf_loads_in_llama_cpp_and_tokenizes_domain_text_identically(t
     with open_gguf(f.path, n_ctx=64) as llm:  # the real runtime loads it, weights and all
         assert llm.n_vocab() == f.vocab_after
     keep = np.asarray(res.keep)
-    full, trim = _vocab_only(src), _vocab_only(f.path)
+    full, trim = vocab_only(src), vocab_only(f.path)
     for text in demo_corpus[:2]:
         a = full.tokenize(text.encode(), add_bos=True, special=False)
         b = trim.tokenize(text.encode(), add_bos=True, special=False)
@@ -85,7 +86,7 @@ def test_trimmed_gguf_loads_in_llama_cpp_and_tokenizes_domain_text_identically(t
 @pytest.mark.parametrize("family", FAMILIES)
 def test_any_unicode_round_trips_through_the_trimmed_tokenizer(trimmed, family: str, demo_corpus: list[str]) -> None:
     src, res = trimmed(family)
-    full, trim = _vocab_only(src), _vocab_only(res.file.path)
+    full, trim = vocab_only(src), vocab_only(res.file.path)
     samples = list(OOD_SAMPLES) + _random_unicode(seed=FAMILIES.index(family)) + demo_corpus[2:]
     checked = 0
     for text in samples:
@@ -110,7 +111,7 @@ def test_logits_of_kept_tokens_equal_the_untrimmed_model(trimmed, family: str, d
 
     src, res = trimmed(family)
     keep = np.asarray(res.keep)
-    ids = _vocab_only(res.file.path).tokenize(demo_corpus[0][:400].encode(), add_bos=True, special=False)[:48]
+    ids = vocab_only(res.file.path).tokenize(demo_corpus[0][:400].encode(), add_bos=True, special=False)[:48]
     for n_batch, tol in [(1, 0.0), (64, 1e-5)]:
         out = []
         for path, toks in [(src, keep[ids].tolist()), (res.file.path, ids)]:
@@ -250,7 +251,7 @@ def test_general_tokens_chosen_by_the_models_own_predictions(trimmed, demo_corpu
     src, _ = trimmed("llama")
     texts = demo_corpus[2:4]
     order = predicted_order(src, texts, n_ctx=64, max_windows=1)
-    tok = _vocab_only(src)
+    tok = vocab_only(src)
     stream = tok.tokenize(texts[0].encode("utf-8"), add_bos=False, special=False)
     with open_gguf(src, n_ctx=64) as llm:
         assert sorted(order) == list(range(llm.n_vocab()))

@@ -91,3 +91,23 @@ def test_sigterm_stops_the_build_and_leaves_nothing(tmp_path: Path, tiny_llama_d
     assert "Traceback" not in err and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fieldpack-build-")]
     assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.name], list(cache.rglob("*"))
+
+
+def test_a_stage_is_summarised_by_its_steps_and_an_interrupt_names_the_evaluation(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The adapt stage's held-out passes report blocks after the training steps: the bar and an interrupt show
+    the pass that runs (a trial's Ctrl-C said 'at 6/6 steps' during the evaluation after them), the finished
+    stage's line still gives the steps."""
+    from fieldpack.builder.progress import report_evaluation
+    from fieldpack.cli.build import _StageProgress
+
+    with _StageProgress() as shown:  # off a terminal (captured): one line per finished stage
+        shown.stage("adapt dapt", "start")
+        shown.count(8, 8, "steps, loss 3.398, 6 tok/s")
+        from fieldpack.builder.progress import progress_sink
+
+        with progress_sink(shown.count):
+            report_evaluation(5, 19, "PPL and KLD after training")
+        assert shown.counts == (5, 19, "held-out blocks: PPL and KLD after training")
+        shown.stage("adapt dapt", "done")
+    assert "✓ adapt dapt (8 steps, loss 3.398, 6 tok/s)" in capsys.readouterr().err
