@@ -113,14 +113,20 @@ def open_gguf(path: Path, *, n_ctx: int, logits_all: bool = True, f32_kv: bool =
     kv: dict[str, Any] = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv else {}
     if lora_path is not None:
         kv["lora_path"] = str(lora_path)
+    from fieldpack.builder.quantize import _capture_llama_log
+
+    log_lines: list[str] = []
     try:
-        llm = Llama(
-            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
-            n_threads=default_threads(), n_gpu_layers=0, seed=0, verbose=False, **kv,
-        )
+        with _capture_llama_log() as log_lines:  # llama.cpp's notes at load (e.g. a full-size SWA cache) go to DEBUG
+            llm = Llama(
+                model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+                n_threads=default_threads(), n_gpu_layers=0, seed=0, verbose=False, **kv,
+            )
     except (ValueError, RuntimeError, OSError) as exc:
+        said = next((ln.strip() for ln in log_lines if "fail" in ln or "error" in ln), "")  # the first: the cause
         raise ModelLoadError(
-            f"llama.cpp cannot load {path}{f' with adapter {lora_path}' if lora_path else ''}: {exc}",
+            f"llama.cpp cannot load {path}{f' with adapter {lora_path}' if lora_path else ''}: {exc}"
+            + (f" (llama.cpp: {said})" if said else ""),
             hint="the file is not a GGUF this llama.cpp build supports; re-convert it with fieldpack",
         ) from exc
     try:

@@ -139,9 +139,13 @@ def measure_speed(gguf_path: Path, *, n_prompt: int = 128, n_decode: int = 32, t
     if not gguf_path.is_file():
         raise InputNotFoundError(f"GGUF file {gguf_path} does not exist", hint="convert or quantize first")
     threads = int(threads or default_threads())
+    from fieldpack.builder.quantize import _capture_llama_log
+
     try:
-        llm = Llama(model_path=str(gguf_path), n_ctx=n_prompt + n_decode + 16, n_batch=n_prompt, n_ubatch=n_prompt,
-                    n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False, seed=0)
+        with _capture_llama_log():  # load-time notes (a full-size SWA cache) go to DEBUG, not the plan's output
+            llm = Llama(model_path=str(gguf_path), n_ctx=n_prompt + n_decode + 16, n_batch=n_prompt,
+                        n_ubatch=n_prompt, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False,
+                        seed=0)
     except (ValueError, RuntimeError, OSError) as exc:
         raise ModelLoadError(f"llama.cpp cannot load {gguf_path}: {exc}", hint="re-convert the model") from exc
     try:
