@@ -33,3 +33,28 @@ def test_a_truncated_gguf_is_one_error_with_llama_cpps_cause(tiny_gemma_gguf: Pa
         with open_gguf(bad, n_ctx=64):
             pass
     assert "\n" not in str(e.value) and "re-convert" in str(e.value)
+
+
+def test_a_load_inside_a_log_capture_does_not_deadlock(tiny_gemma_gguf: Path) -> None:
+    """The quality stage captures llama.cpp's log around its evaluation loads, which capture it again: the first
+    CI of the quiet loads hung there on a non-reentrant lock. Nested captures share the callback and both lists get
+    the lines."""
+    import threading
+
+    from fieldpack.builder.quantize import _capture_llama_log
+
+    seen: dict[str, list[str]] = {}
+
+    def nested() -> None:
+        with _capture_llama_log() as outer:
+            with open_gguf(tiny_gemma_gguf, n_ctx=64):
+                pass
+            seen["outer"] = list(outer)
+
+    t = threading.Thread(target=nested, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "a nested llama.cpp log capture deadlocked"
+    assert any("SWA" in line for line in seen["outer"]), seen
+    with _capture_llama_log():  # the lock is free again
+        pass
