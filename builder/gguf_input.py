@@ -70,9 +70,9 @@ def _int(kv: dict[str, Any], key: str) -> int | None:
 def _check_llama_cpp_loads(path: Path, arch: str) -> None:
     """Load the file with llama.cpp (weights mmapped, tiny context); raise naming llama.cpp's own reason."""
     from fieldpack.builder.llama_eval import open_gguf
-    from fieldpack.builder.quantize import _capture_llama_log
+    from fieldpack.builder.llama_eval import capture_llama_log
 
-    with _capture_llama_log() as lines:
+    with capture_llama_log() as lines:
         try:
             with open_gguf(path, n_ctx=64, logits_all=False):
                 return

@@ -15,9 +15,11 @@ Both models must share a vocabulary (a quantized file and the F16/F32 it came fr
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -55,6 +57,48 @@ class EvalFigures:
     n_ctx: int
 
 
+_log_lock = threading.RLock()  # guards the capture stack below; other threads wait for the outermost
+_log_sinks: list[list[str]] = []  # the lists of the active captures, outermost first (guarded by _log_lock)
+_log_callback: Any = None  # the ctypes callback, kept alive while llama.cpp holds it
+
+
+@contextlib.contextmanager
+def capture_llama_log() -> Iterator[list[str]]:
+    """Route llama.cpp's log to a list of lines (and to DEBUG logging) for the duration; restore the binding's
+    callback. Used around every builder-side llama.cpp load, quantization and evaluation, so that llama.cpp's notes
+    stay off the user's terminal and a failure can quote llama.cpp's own cause.
+
+    Reentrant: a capture inside another one (an evaluation load inside the quality stage's capture) shares the
+    installed callback, every active capture's list gets the lines, and only the outermost restores the binding's
+    callback. Other threads wait for the outermost capture to end."""
+    global _log_callback
+    import llama_cpp
+    import llama_cpp._logger as binding_logger
+
+    lines: list[str] = []
+    with _log_lock:
+        outermost = not _log_sinks
+        _log_sinks.append(lines)
+        if outermost:
+            @llama_cpp.llama_log_callback
+            def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+                s = text.decode("utf-8", errors="replace")
+                for sink in _log_sinks:
+                    sink.append(s)
+                logger.debug("llama.cpp: %s", s.rstrip())
+
+            _log_callback = _cb
+            llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
+        try:
+            yield lines
+        finally:
+            _log_sinks.pop()
+            if outermost:
+                llama_cpp.llama_log_set(binding_logger.llama_log_callback, ctypes.c_void_p(0))
+                _log_callback = None
+
+
+
 def default_threads() -> int:
     """Threads for llama.cpp: the CPUs this process may use (at least 1)."""
     try:
@@ -74,9 +118,8 @@ def vocab_only(path: Path) -> Any:
     """
     from llama_cpp import Llama
 
-    from fieldpack.builder.quantize import _capture_llama_log
 
-    with _capture_llama_log():
+    with capture_llama_log():
         return Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
@@ -113,11 +156,10 @@ def open_gguf(path: Path, *, n_ctx: int, logits_all: bool = True, f32_kv: bool =
     kv: dict[str, Any] = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv else {}
     if lora_path is not None:
         kv["lora_path"] = str(lora_path)
-    from fieldpack.builder.quantize import _capture_llama_log
 
     log_lines: list[str] = []
     try:
-        with _capture_llama_log() as log_lines:  # llama.cpp's notes at load (e.g. a full-size SWA cache) go to DEBUG
+        with capture_llama_log() as log_lines:  # llama.cpp's notes at load (e.g. a full-size SWA cache) go to DEBUG
             llm = Llama(
                 model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
                 n_threads=default_threads(), n_gpu_layers=0, seed=0, verbose=False, **kv,

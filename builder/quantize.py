@@ -17,19 +17,17 @@ quantize.cpp`` (``load_imatrix``), ``include/llama.h`` (``llama_model_quantize_p
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import logging
 import os
 import re
 import struct
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
@@ -99,7 +97,6 @@ _FALLBACK_RE = re.compile(
     r"warning:\s+(?P<name>\S+)\s+-\s+ncols\s+(?P<ncols>\d+)\s+not divisible by\s+(?P<blck>\d+)\s+"
     r"\(required for type\s+(?P<wanted>\S+)\)\s*(?:\(WARNING:[^)]*\)\s*)?->\s*falling back to\s+(?P<got>\S+)"
 )
-_log_lock = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -149,44 +146,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-_log_sinks: list[list[str]] = []  # the lists of the active captures, outermost first (guarded by _log_lock)
-_log_callback: Any = None  # the ctypes callback, kept alive while llama.cpp holds it
-
-
-@contextlib.contextmanager
-def _capture_llama_log() -> Iterator[list[str]]:
-    """Route llama.cpp's log to a list (and to DEBUG logging) for the duration; restore the binding's callback.
-
-    Reentrant: a capture inside another one (an evaluation load inside the quality stage's capture) shares the
-    installed callback, every active capture's list gets the lines, and only the outermost restores the binding's
-    callback. Other threads wait for the outermost capture to end."""
-    global _log_callback
-    import llama_cpp
-    import llama_cpp._logger as binding_logger
-
-    lines: list[str] = []
-    with _log_lock:
-        outermost = not _log_sinks
-        _log_sinks.append(lines)
-        if outermost:
-            @llama_cpp.llama_log_callback
-            def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-                s = text.decode("utf-8", errors="replace")
-                for sink in _log_sinks:
-                    sink.append(s)
-                logger.debug("llama.cpp: %s", s.rstrip())
-
-            _log_callback = _cb
-            llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
-        try:
-            yield lines
-        finally:
-            _log_sinks.pop()
-            if outermost:
-                llama_cpp.llama_log_set(binding_logger.llama_log_callback, ctypes.c_void_p(0))
-                _log_callback = None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -398,9 +357,11 @@ def quantize_gguf(
     if imatrix_data:
         params.imatrix, keep = _imatrix_array(imatrix_data)
 
+    from fieldpack.builder.llama_eval import capture_llama_log
+
     t0 = time.perf_counter()
     try:
-        with _capture_llama_log() as lines:
+        with capture_llama_log() as lines:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         del keep
         if rc != 0 or not tmp.is_file():

@@ -458,10 +458,10 @@ class GGUFTeacher:
 
         Llama = llama_cpp_module(llama_cpp).Llama
         self.path = check_gguf_file(path)
-        from fieldpack.builder.quantize import _capture_llama_log
+        from fieldpack.builder.llama_eval import capture_llama_log
 
         try:
-            with _capture_llama_log():  # load-time notes go to DEBUG, not the build's output
+            with capture_llama_log():  # load-time notes go to DEBUG, not the build's output
                 self._llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, seed=seed,
                                   n_gpu_layers=n_gpu_layers, verbose=False)
         except (ValueError, RuntimeError) as exc:

@@ -132,6 +132,8 @@ class Plan:
     threads: int
     png: Path | None
     prune_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    steps: int = 0  # plan steps run or reused (documents, bases, imatrices, measurements)
+    steps_cached: int = 0  # of them reused from the build cache
 
     def build_flags(self) -> str | None:
         """The ``fieldpack build`` options of the proposal, or ``None`` when nothing fits."""
@@ -153,7 +155,7 @@ class Plan:
         return {"candidates": [dict(asdict(c), label=c.label) for c in self.candidates], "chosen": self.chosen,
                 "device_ram_bytes": self.device_ram_bytes, "min_tokens_per_s": self.min_tokens_per_s,
                 "n_ctx": self.n_ctx, "threads": self.threads, "png": str(self.png) if self.png else None,
-                "build_flags": self.build_flags()}
+                "build_flags": self.build_flags(), "steps": self.steps, "steps_cached": self.steps_cached}
 
 
 #: Timed runs per candidate; the plan reports their median and spread.
@@ -195,8 +197,12 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
               imatrix_quants: tuple[str, ...] = IMATRIX_QUANTS, work_dir: Path | None = None,
               seed: int = 0, embd_quants: tuple[tuple[str, str], ...] = EMBD_QUANTS,
               quantizers: tuple[str, ...] = QUANTIZER_CANDIDATES, heal_steps: int | None = None,
-              on_step: Callable[[str], None] | None = None, exclude: tuple[str, ...] = ()) -> Plan:
+              on_step: Callable[[str], None] | None = None, exclude: tuple[str, ...] = (),
+              cache_dir: Path | None = None, on_cached: Callable[[str], None] | None = None) -> Plan:
     """Build and measure every candidate; propose the best quality that fits the device.
+
+    Every step (documents, each dense base, imatrix, each candidate's measurement) is a build-cache stage
+    (:mod:`.plan_stages`): with ``cache_dir`` a rerun, or a plan stopped half-way, reuses the steps already done.
 
     Args:
         model_dir: local Hugging Face checkpoint.
@@ -210,25 +216,34 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
         quantizers: ``TYPE+gptq`` / ``TYPE+awq`` candidates, built on the unpruned model.
         heal_steps: optimizer steps of the ``+heal`` prune candidates (default: the build's ``--heal-steps``
             default); healing trains on the calibration chunks and is measured on the held-out ones.
-        work_dir: scratch folder (default: a temp folder, removed afterwards, also when the plan is interrupted).
-        on_step: called with a one-line description before each step (conversion, pruning, quantization,
-            measurement), e.g. to show progress; each step first calls
+        work_dir: scratch folder for the steps when ``cache_dir`` is None (default: a temp folder, removed
+            afterwards, also when the plan is interrupted).
+        on_step: called with a one-line description before each step that does work (conversion, pruning,
+            quantization, measurement), e.g. to show progress; each step first calls
             :func:`shared.interrupts.raise_if_interrupted`, so a Ctrl-C that llama.cpp's callbacks swallowed
             stops the plan at the next step.
+        on_cached: called with the description of each step reused from ``cache_dir`` instead.
         exclude: ``--exclude`` glob patterns of files under ``docs_dir`` not to use (:mod:`builder.ingest.exclude`).
+        cache_dir: the build cache root (:class:`~fieldpack.builder.stages.cache.StageCache`); ``None``: keep
+            nothing between runs.
 
     Raises:
         InputNotFoundError: model or docs folder missing.
         UsageError: bad limits, an unknown quant type / prune name, or a bad ``--exclude`` pattern.
+        OutputNotWritableError: ``cache_dir`` cannot be created or written.
         CompressionConfigError / BuildError subclasses from pruning, conversion and quantization.
     """
-    from fieldpack.builder.compress import prune_checkpoint, validate_compression
-    from fieldpack.builder.compress.imatrix import compute_imatrix_gguf
-    from fieldpack.builder.compress.report import fit_eval_ctx, gguf_params, measure_speed
-    from fieldpack.builder.convert import convert_hf_to_gguf
-    from fieldpack.builder.llama_eval import default_threads, perplexity_kld
+    from fieldpack.builder.compress import validate_compression
+    from fieldpack.builder.compress.plan_stages import (PLAN_BASE, PLAN_DOCS, PLAN_IMATRIX, PLAN_MEASURE,
+                                                         PlanBaseInputs, PlanDocsInputs, PlanImatrixInputs,
+                                                         PlanMeasureInputs)
+    from fieldpack.builder.compress.report import fit_eval_ctx
+    from fieldpack.builder.llama_eval import default_threads
     from fieldpack.builder.manifest_build import RUNTIME_OVERHEAD_BYTES
-    from fieldpack.builder.quantize import QUANT_TYPES, quantize_gguf
+    from fieldpack.builder.quantize import QUANT_TYPES
+    from fieldpack.builder.stages.base import Input
+    from fieldpack.builder.stages.cache import Runner, StageCache
+    from fieldpack.builder.stages.quant import load_split
 
     model_dir, docs_dir = Path(model_dir), Path(docs_dir)
     if not (model_dir / "config.json").is_file():
@@ -262,91 +277,91 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
     unknown = [p for p in prunes if p not in prune_opts]
     if unknown:
         raise UsageError(f"unknown plan prune(s) {', '.join(unknown)}", hint=f"use {', '.join(PRUNE_CANDIDATES)}")
+    for p in prunes:
+        if p != "none":
+            validate_compression(dict(prune_opts[p]), model_dir=model_dir)  # refused before the first step
     threads = int(threads or default_threads())
-    own_work = work_dir is None
-    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fieldpack-plan-"))
-    work.mkdir(parents=True, exist_ok=True)
+    own_work = cache_dir is None and work_dir is None
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fieldpack-plan-")) if own_work else None
 
-    def step(what: str) -> None:
-        raise_if_interrupted()
-        log.info("plan: %s", what)
-        if on_step is not None:
-            on_step(what)
+    def hook(title: str, event: str) -> None:
+        if event == "start":
+            raise_if_interrupted()
+            log.info("plan: %s", title)
+            if on_step is not None:
+                on_step(title)
+        elif event == "cached":
+            log.info("plan: %s (cached)", title)
+            if on_cached is not None:
+                on_cached(title)
 
     try:
-        step("reading the documents")
-        calib, held = _chunks(model_dir, docs_dir, seed, exclude)
+        root = Path(cache_dir) if cache_dir is not None else Path(work) / "steps"  # type: ignore[arg-type]
+        run = Runner(StageCache(root), on_stage=hook)
+        model = Input.tree(model_dir)
+        docs = run(PLAN_DOCS, PlanDocsInputs(what="reading the documents", model=model, docs=Input.tree(docs_dir),
+                                             exclude=tuple(exclude), seed=seed))
+        split = docs.split()
+        calib, held = load_split(split.path)
         other_bytes = RUNTIME_OVERHEAD_BYTES + EMBEDDER_BYTES_ESTIMATE + INDEX_BYTES_PER_CHUNK * (len(calib) + len(held))
-        step("converting the checkpoint to F16 GGUF")
-        ref = convert_hf_to_gguf(model_dir, work / "dense-f16.gguf", outtype="f16")
-        eval_ctx = fit_eval_ctx(ref.path, held, min(256, ref.n_ctx_train))
-        head_dim = ref.n_embd // ref.n_head
-        bases: dict[str, tuple[Path, int]] = {"none": (ref.path, ref.n_layer)}
+
+        def base_of(p: str) -> Any:
+            what = "converting the checkpoint to F16 GGUF" if p == "none" else f"pruning: {p}"
+            return run(PLAN_BASE, PlanBaseInputs(what=what, model=model, split=split, prune=p,
+                                                 options=prune_opts[p], seed=seed))
+
+        ref = base_of("none")
+        eval_ctx = fit_eval_ctx(ref.gguf, held, min(256, ref.n_ctx_train))
+        bases = {"none": ref}
         for p in prunes:
-            if p == "none":
-                continue
-            step(f"pruning: {p}")
-            opts = validate_compression(prune_opts[p], model_dir=model_dir)
-            _, conv, _, resolved = prune_checkpoint(model_dir, opts, calib, work / p, seed=seed,
-                                                    held_out_texts=held if opts.heal else None)
-            prune_opts[p] = {k: v for k, v in resolved.items()
-                             if k in ("prune", "drop_layers", "ffn_keep", "heal", "heal_steps") and v is not None}
-            bases[p] = (conv.path, conv.n_layer)
+            if p != "none":
+                bases[p] = base_of(p)
+                prune_opts[p] = dict(bases[p].resolved)
         cands: list[Candidate] = []
 
-        def measure(p: str, qt: str, use_imx: bool, path: Path, n_layer: int, quantizer: str = "rtn",
-                    embd_type: str | None = None) -> None:
-            step(f"measuring {p}/{qt}{'+imatrix' if use_imx else ''}{f' embd {embd_type}' if embd_type else ''}"
-                 f"{f' ({quantizer})' if quantizer != 'rtn' else ''}: PPL/KLD on held-out text, decode speed")
-            figs = perplexity_kld(ref.path, path, held, n_ctx=eval_ctx)
-            sp = measure_speed(path, threads=threads, repeats=SPEED_REPEATS, statistic="median")
-            kv = kv_cache_bytes(n_ctx, n_layer=n_layer, n_head_kv=ref.n_head_kv, head_dim=head_dim)
-            size = Path(path).stat().st_size
-            cands.append(Candidate(
-                prune=p, quant=qt, imatrix=use_imx, gguf_bytes=size, params=gguf_params(path), n_layer=n_layer,
-                kv_cache_bytes=kv, memory_bytes=size + kv + other_bytes, ppl=figs.ppl_test,
-                delta_ppl=figs.delta_ppl, kld_mean=figs.kld_mean, top1_agreement=figs.top1_agreement,
-                decode_tps=sp.decode_tps, prompt_tps=sp.prompt_tps, decode_tps_min=sp.decode_tps_min,
-                decode_tps_max=sp.decode_tps_max, quantizer=quantizer, embd_type=embd_type))
-            log.info("plan %s: %d bytes, KLD %.5f, %.1f tok/s", cands[-1].label, size, figs.kld_mean, sp.decode_tps)
+        def measure(p: str, qt: str, imx: Any, quantizer: str = "rtn", embd_type: str | None = None) -> None:
+            base = bases[p]
+            what = (f"measuring {p}/{qt}{'+imatrix' if imx is not None else ''}"
+                    f"{f' embd {embd_type}' if embd_type else ''}{f' ({quantizer})' if quantizer != 'rtn' else ''}: "
+                    f"{'' if qt == 'F16' and imx is None and embd_type is None and quantizer == 'rtn' else 'quantizing, '}"
+                    "PPL/KLD on held-out text, decode speed")
+            m = run(PLAN_MEASURE, PlanMeasureInputs(
+                what=what, ref=ref.base(), base=base.base(), split=split, quant=qt,
+                imatrix=imx.as_input() if imx is not None else None, embd_type=embd_type, quantizer=quantizer,
+                model=model if quantizer != "rtn" else None, seed=seed, eval_ctx=eval_ctx, threads=threads,
+                repeats=SPEED_REPEATS))
+            kv = kv_cache_bytes(n_ctx, n_layer=base.n_layer, n_head_kv=base.n_head_kv, head_dim=base.head_dim)
+            f = m.figures
+            cands.append(Candidate(prune=p, quant=qt, imatrix=imx is not None, n_layer=base.n_layer, kv_cache_bytes=kv,
+                                   memory_bytes=int(f["gguf_bytes"]) + kv + other_bytes, quantizer=quantizer,
+                                   embd_type=embd_type, **f))  # type: ignore[arg-type]
+            log.info("plan %s: %d bytes, KLD %.5f, %.1f tok/s", cands[-1].label, f["gguf_bytes"], f["kld_mean"],
+                     f["decode_tps"])
 
         for p in prunes:
-            base, n_layer = bases[p]
             imx = None
             grid = [(q.upper(), False, None) for q in quants] + [(q.upper(), True, None) for q in imatrix_quants]
             grid += [(q.upper(), False, e.upper()) for q, e in embd_quants]
             for qt, use_imx, embd in grid:
                 if use_imx and imx is None:
-                    step(f"computing a domain imatrix for {p}")
-                    imx = compute_imatrix_gguf(base, calib, work / p / "imatrix.gguf", n_ctx=512).path
-                if qt == "F16" and not use_imx and embd is None:
-                    path = base
-                else:
-                    name = f"{qt}{'-imx' if use_imx else ''}{f'-embd-{embd}' if embd else ''}.gguf"
-                    step(f"quantizing {p} to {name[:-5]}")
-                    path = quantize_gguf(base, work / p / name, qt, imatrix=imx if use_imx else None,
-                                         embd_type=embd, output_type=embd).path
-                measure(p, qt, use_imx, path, n_layer, embd_type=embd)
-        if calibrated:
-            from fieldpack.builder.compress.quantizers import calibrated_quantize
-
-            for qt, qz in calibrated:
-                step(f"quantizing to {qt.upper()} with {qz.lower()} (calibrated)")
-                res = calibrated_quantize(qz.lower(), model_dir, ref.path, calib, qt.upper(),
-                                          work / "none" / f"{qt.upper()}-{qz.lower()}", seed=seed)
-                measure("none", qt.upper(), False, res.quant.path, ref.n_layer, quantizer=qz.lower())
+                    imx = run(PLAN_IMATRIX, PlanImatrixInputs(what=f"computing a domain imatrix for {p}",
+                                                              base=bases[p].base(), split=split))
+                measure(p, qt, imx if use_imx else None, embd_type=embd)
+        for qt, qz in calibrated:
+            measure("none", qt.upper(), None, quantizer=qz.lower())
         for c, front in zip(cands, pareto_front([(c.gguf_bytes, c.kld_mean) for c in cands])):
             c.pareto = front
             c.fits_ram = c.memory_bytes <= device_ram_bytes
             c.fast_enough = c.decode_tps >= min_tokens_per_s
         plan = Plan(candidates=cands, chosen=choose(cands), device_ram_bytes=device_ram_bytes,
                     min_tokens_per_s=min_tokens_per_s, n_ctx=n_ctx, threads=threads, png=None,
-                    prune_options={k: {kk: vv for kk, vv in v.items()} for k, v in prune_opts.items()})
+                    prune_options={k: {kk: vv for kk, vv in v.items()} for k, v in prune_opts.items()},
+                    steps_cached=sum(t.cached for t in run.timings), steps=len(run.timings))
         if out_png is not None:
             plan.png = draw_plan(plan, Path(out_png))
         return plan
     finally:
-        if own_work:
+        if own_work and work is not None:
             shutil.rmtree(work, ignore_errors=True)
 
 

@@ -139,10 +139,10 @@ def measure_speed(gguf_path: Path, *, n_prompt: int = 128, n_decode: int = 32, t
     if not gguf_path.is_file():
         raise InputNotFoundError(f"GGUF file {gguf_path} does not exist", hint="convert or quantize first")
     threads = int(threads or default_threads())
-    from fieldpack.builder.quantize import _capture_llama_log
+    from fieldpack.builder.llama_eval import capture_llama_log
 
     try:
-        with _capture_llama_log():  # load-time notes (a full-size SWA cache) go to DEBUG, not the plan's output
+        with capture_llama_log():  # load-time notes (a full-size SWA cache) go to DEBUG, not the plan's output
             llm = Llama(model_path=str(gguf_path), n_ctx=n_prompt + n_decode + 16, n_batch=n_prompt,
                         n_ubatch=n_prompt, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False,
                         seed=0)

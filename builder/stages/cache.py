@@ -6,7 +6,7 @@ Layout under the cache root (default :func:`default_cache_dir`)::
     <root>/<stage>/<key>/files.json    {relative path: {"size": bytes, "sha256": hex}} of every artefact
     <root>/<stage>/<key>/key.json      what the key hashed (versions, code fingerprints, inputs): why it reran
     <root>/<stage>/<key>/out/...       the artefacts (GGUF, ONNX, index, chunks.jsonl, ...)
-    <root>/<stage>/.<key>.lock         flock: concurrent builds wait for one computation
+    <root>/<stage>/.<key>.lock         flock: concurrent builds wait for one computation (removed after)
 
 An entry is written into ``.<key>.<pid>.tmp/``, every file fsynced, then renamed into place (one atomic
 ``rename(2)``), so a killed build leaves either no entry or a whole one. Before reuse every artefact is
@@ -71,15 +71,37 @@ class StageCache:
 
     @contextmanager
     def lock(self, stage: Stage[Any, Any], key: str) -> Iterator[None]:
-        """Exclusive flock for one (stage, key): a second build waits, then finds the entry."""
+        """Exclusive flock for one (stage, key): a second build waits, then finds the entry.
+
+        The lock file is removed when the holder is done, so finished keys leave no ``.lock`` files behind. A
+        waiter that wakes holding a file that was unlinked meanwhile (its inode no longer at the path) opens
+        the path again: the usual lock-then-verify-inode pattern, so two holders never overlap."""
         d = self.root / stage.name
         d.mkdir(parents=True, exist_ok=True)
-        with open(d / f".{key}.lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        path = d / f".{key}.lock"
+        while True:
+            fh = open(path, "a")
             try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                held, now = os.fstat(fh.fileno()), os.stat(path)
+            except FileNotFoundError:  # unlinked between our flock and stat: try the new file
+                fh.close()
+                continue
+            except BaseException:
+                fh.close()
+                raise
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                break
+            fh.close()
+        try:
+            yield
+        finally:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
 
     def load(self, stage: Stage[Any, R], key: str) -> R | None:
         """The cached record with its artefacts verified, or None (absent, or discarded as damaged)."""
@@ -110,8 +132,8 @@ class StageCache:
         entry = self.entry(stage, key)
         tmp = entry.with_name(f".{key}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "out").mkdir(parents=True)
-        try:
+        try:  # from the first mkdir on: a Ctrl-C or SIGTERM at any point removes the temp entry
+            (tmp / "out").mkdir(parents=True)
             record = compute(tmp / "out")
             files = _describe(tmp / "out")
             doc = _relativise(record.model_dump(mode="json", exclude={"cached", "files"}), tmp / "out")

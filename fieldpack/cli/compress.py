@@ -29,6 +29,10 @@ def plan(
     quantizers: str = typer.Option("Q4_0+gptq,Q4_K_M+awq", "--quantizers",
                                    help="calibrated candidates TYPE+gptq|awq on the unpruned model ('' for none)"),
     json_out: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="build cache: conversions, pruned bases and "
+                                             "measured candidates are kept there and reused by a rerun or a plan "
+                                             "stopped half-way (default ~/.cache/fieldpack/build, as build's)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="measure everything again; reuse and keep nothing"),
 ) -> None:
     """Measure size, memory, quality and speed of compression candidates here; propose the best that fits."""
     import json
@@ -45,12 +49,18 @@ def plan(
     from fieldpack.cli.usage import INTERRUPT_EXIT, explain_interrupt
     from fieldpack.shared.interrupts import SIGTERM_EXIT, interrupts_that_stick
 
+    from fieldpack.builder.stages.cache import default_cache_dir
+
     err = make_console(stderr=True)
     steps: list[str] = []
+    cache = None if no_cache else (cache_dir or default_cache_dir())
 
     def show(what: str) -> None:
         steps.append(what)
         err.print(f"plan: {what}", markup=False, highlight=False)
+
+    def reused(what: str) -> None:
+        err.print(f"plan: {what} (cached)", markup=False, highlight=False)
 
     try:
         with interrupts_that_stick():
@@ -58,12 +68,15 @@ def plan(
                                min_tokens_per_s=min_tokens_per_s, threads=threads, n_ctx=n_ctx, out_png=out,
                                quants=split(quants), prunes=split(prunes), imatrix_quants=split(imatrix_quants),
                                embd_quants=_pairs(split(embd_quants)), quantizers=split(quantizers),
-                               heal_steps=heal_steps, on_step=show, exclude=tuple(exclude or ()))
+                               heal_steps=heal_steps, on_step=show, exclude=tuple(exclude or ()),
+                               cache_dir=cache, on_cached=reused)
     except (KeyboardInterrupt, SystemExit) as exc:
         if isinstance(exc, SystemExit) and exc.code != SIGTERM_EXIT:
             raise
         where = f"while {steps[-1]}" if steps else "before the first step"
-        err.print(f"plan stopped {where}; nothing was written and its temporary files are removed",
+        kept = (f"; the steps it finished are kept in the build cache {cache} and a rerun reuses them"
+                if cache is not None else "")
+        err.print(f"plan stopped {where}; no plan was written, its temporary files are removed{kept}",
                   markup=False, highlight=False)
         explain_interrupt()
         raise typer.Exit(INTERRUPT_EXIT if isinstance(exc, KeyboardInterrupt) else SIGTERM_EXIT) from None
@@ -72,6 +85,9 @@ def plan(
     else:
         typer.echo(format_plan(result))
         typer.echo(f"wrote {result.png}")
+    if cache is not None and result.steps_cached:
+        err.print(f"plan: {result.steps_cached} of {result.steps} steps reused from the build cache {cache} "
+                  "(speeds as measured then; --no-cache measures everything again)", markup=False, highlight=False)
 
 
 def _pairs(items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:

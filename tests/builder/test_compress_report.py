@@ -179,6 +179,44 @@ def test_plan_heal_candidates_are_pruned_healed_and_proposed_with_their_flags(ti
 
 
 @pytest.mark.slow
+def test_plan_rerun_reuses_its_cached_steps_and_measures_only_new_candidates(tiny_llama_dir, tmp_path) -> None:
+    """A trial's plan on a CPU host ran ~20 minutes a candidate and kept nothing between runs. With a cache, a
+    rerun with other device limits reuses every step (same figures, new verdicts), and a wider grid measures
+    only its new candidates."""
+    from fieldpack.builder.compress.plan import make_plan
+
+    docs = Path(__file__).resolve().parents[2] / "demo" / "docs"
+    seen: dict[str, list[str]] = {"run": [], "cached": []}
+
+    def plan(quants: tuple[str, ...], ram: int) -> Plan:
+        seen["run"].clear()
+        seen["cached"].clear()
+        return make_plan(tiny_llama_dir, docs, device_ram_bytes=ram, min_tokens_per_s=1, threads=1, n_ctx=512,
+                         quants=quants, prunes=("none", "depth"), imatrix_quants=("Q4_K_M",), embd_quants=(),
+                         quantizers=(), cache_dir=tmp_path / "cache", on_step=seen["run"].append,
+                         on_cached=seen["cached"].append)
+
+    first = plan(("Q8_0", "Q4_K_M"), 4 * 2**30)
+    assert len(seen["run"]) == first.steps == 11 and first.steps_cached == 0 and not seen["cached"]
+    # docs, 2 bases, 2 imatrices, 2 x 3 measurements (Q8_0, Q4_K_M, Q4_K_M+imatrix); nothing else is kept
+    assert sorted(p.parent.name for p in (tmp_path / "cache").glob("*/*")) == \
+        ["plan-base"] * 2 + ["plan-docs"] + ["plan-imatrix"] * 2 + ["plan-measure"] * 6
+    assert not list((tmp_path / "cache" / "plan-measure").rglob("*.gguf"))  # candidates' GGUFs are not kept
+
+    small = plan(("Q8_0", "Q4_K_M"), 1)  # a device with 1 byte of RAM: same measurements, nothing fits
+    assert seen["run"] == [] and len(seen["cached"]) == 11 and small.steps_cached == 11
+    key = ("label", "gguf_bytes", "kld_mean", "ppl", "decode_tps")
+    assert [[getattr(c, k) for k in key] for c in small.candidates] == \
+        [[getattr(c, k) for k in key] for c in first.candidates]
+    assert first.chosen is not None and small.chosen is None
+    assert small.prune_options["depth"] == first.prune_options["depth"]  # resolved drop_layers comes back too
+
+    wider = plan(("Q8_0", "Q4_K_M", "Q4_0"), 4 * 2**30)
+    assert [s.split(":")[0] for s in seen["run"]] == ["measuring none/Q4_0", "measuring depth/Q4_0"]
+    assert len(wider.candidates) == 8 and wider.steps_cached == 11
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_plan_stops_on_ctrl_c_or_sigterm_and_leaves_no_temporary_files(tiny_llama_dir, tmp_path, signum,
                                                                        code) -> None:
@@ -193,7 +231,8 @@ def test_plan_stops_on_ctrl_c_or_sigterm_and_leaves_no_temporary_files(tiny_llam
     argv = [sys.executable, "-c", reset, "-m", "fieldpack", "plan", "--model", str(tiny_llama_dir), "--docs",
             str(Path(__file__).resolve().parents[2] / "demo" / "docs"), "--device-ram", "4GiB",
             "--min-tokens-per-s", "1", "--threads", "1", "--quants", "F16,Q8_0,Q4_K_M,Q4_0", "--prunes", "none",
-            "--imatrix-quants", "", "--embd-quants", "", "--quantizers", "", "--out", str(tmp_path / "plan.png")]
+            "--imatrix-quants", "", "--embd-quants", "", "--quantizers", "", "--out", str(tmp_path / "plan.png"),
+            *(["--no-cache"] if signum == signal.SIGINT else ["--cache-dir", str(tmp_path / "cache")])]
     proc = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[2], stderr=subprocess.PIPE, text=True,
                             stdout=subprocess.DEVNULL, env=dict(os.environ, TMPDIR=str(tmp)))
     lines = []
@@ -201,7 +240,8 @@ def test_plan_stops_on_ctrl_c_or_sigterm_and_leaves_no_temporary_files(tiny_llam
     for line in proc.stderr:
         lines.append(line)
         if line.startswith("plan: measuring none/F16"):
-            assert any(tmp.glob("fieldpack-plan-*"))  # the work folder exists while the plan runs
+            if signum == signal.SIGINT:  # --no-cache: the steps run in a temp folder
+                assert any(tmp.glob("fieldpack-plan-*"))
             proc.send_signal(signum)
             break
     rest = proc.stderr.read()
@@ -209,3 +249,8 @@ def test_plan_stops_on_ctrl_c_or_sigterm_and_leaves_no_temporary_files(tiny_llam
     assert "plan stopped while measuring none/F16" in rest, rest
     assert "Traceback" not in rest
     assert not list(tmp.iterdir()) and not (tmp_path / "plan.png").exists()
+    if signum == signal.SIGTERM:  # the finished steps stay in the cache, whole; the stopped one left nothing
+        assert f"kept in the build cache {tmp_path / 'cache'}" in rest
+        done = sorted(p.parent.parent.name for p in (tmp_path / "cache").glob("*/*/record.json"))
+        assert done == ["plan-base", "plan-docs"], done
+        assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")]  # no temp entry, no lock

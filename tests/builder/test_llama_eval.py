@@ -41,12 +41,12 @@ def test_a_load_inside_a_log_capture_does_not_deadlock(tiny_gemma_gguf: Path) ->
     the lines."""
     import threading
 
-    from fieldpack.builder.quantize import _capture_llama_log
+    from fieldpack.builder.llama_eval import capture_llama_log
 
     seen: dict[str, list[str]] = {}
 
     def nested() -> None:
-        with _capture_llama_log() as outer:
+        with capture_llama_log() as outer:
             with open_gguf(tiny_gemma_gguf, n_ctx=64):
                 pass
             seen["outer"] = list(outer)
@@ -56,5 +56,5 @@ def test_a_load_inside_a_log_capture_does_not_deadlock(tiny_gemma_gguf: Path) ->
     t.join(120)
     assert not t.is_alive(), "a nested llama.cpp log capture deadlocked"
     assert any("SWA" in line for line in seen["outer"]), seen
-    with _capture_llama_log():  # the lock is free again
+    with capture_llama_log():  # the lock is free again
         pass

@@ -89,8 +89,38 @@ def test_failed_stage_leaves_no_entry(tmp_path: Path) -> None:
     failing = Stage("toy", "1", ToyRecord, _failing)
     with pytest.raises(RuntimeError, match="stage failed"):
         Runner(cache)(failing, ToyInputs(text=Input.file(src), times=1))
-    left = [p.name for p in (tmp_path / "cache" / "toy").iterdir() if not p.name.endswith(".lock")]
-    assert left == []
+    assert list((tmp_path / "cache" / "toy").iterdir()) == []  # no entry, no temp entry, no lock file
+
+
+def _slow_toy(inputs: ToyInputs, out_dir: Path) -> ToyRecord:
+    import os
+    import time
+
+    with open(inputs.text.path.with_suffix(".calls"), "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    time.sleep(0.3)
+    return _toy(inputs, out_dir)
+
+
+def _run_slow_toy(src: str, cache: str) -> bool:
+    rec = Runner(StageCache(Path(cache)))(Stage("toy", "1", ToyRecord, _slow_toy),
+                                          ToyInputs(text=Input.file(Path(src)), times=2))
+    return rec.cached
+
+
+def test_concurrent_builds_compute_a_key_once_and_leave_no_lock_files(tmp_path: Path) -> None:
+    """A trial found empty ``.<key>.lock`` files piling up in the cache: the holder now removes its lock file,
+    and a waiter that wakes on the removed file locks the path again, so the stage still runs once."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    src = tmp_path / "a.txt"
+    src.write_text("ab")
+    with ProcessPoolExecutor(4) as pool:
+        cached = list(pool.map(_run_slow_toy, [str(src)] * 4, [str(tmp_path / "cache")] * 4))
+    assert sorted(cached) == [False, True, True, True]
+    assert len(src.with_suffix(".calls").read_text().split()) == 1  # computed by one process only
+    left = [p.name for p in (tmp_path / "cache" / "toy").iterdir()]
+    assert len(left) == 1 and not left[0].startswith(".")  # the entry; no lock or temp files
 
 
 def test_records_round_trip_through_json() -> None:
