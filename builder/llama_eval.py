@@ -99,6 +99,13 @@ def capture_llama_log() -> Iterator[list[str]]:
 
 
 
+def llama_cause(lines: list[str]) -> str:
+    """`` (llama.cpp: LINE)`` for the first line of a :func:`capture_llama_log` capture that mentions a failure
+    or an error (llama.cpp's own cause of a failed load), else ``""``; meant to be appended to an error message."""
+    said = next((ln.strip() for ln in lines if "fail" in ln or "error" in ln), "")
+    return f" (llama.cpp: {said})" if said else ""
+
+
 def default_threads() -> int:
     """Threads for llama.cpp: the CPUs this process may use (at least 1)."""
     try:
@@ -165,10 +172,9 @@ def open_gguf(path: Path, *, n_ctx: int, logits_all: bool = True, f32_kv: bool =
                 n_threads=default_threads(), n_gpu_layers=0, seed=0, verbose=False, **kv,
             )
     except (ValueError, RuntimeError, OSError) as exc:
-        said = next((ln.strip() for ln in log_lines if "fail" in ln or "error" in ln), "")  # the first: the cause
         raise ModelLoadError(
             f"llama.cpp cannot load {path}{f' with adapter {lora_path}' if lora_path else ''}: {exc}"
-            + (f" (llama.cpp: {said})" if said else ""),
+            + llama_cause(log_lines),
             hint="the file is not a GGUF this llama.cpp build supports; re-convert it with fieldpack",
         ) from exc
     try:

@@ -199,7 +199,7 @@ def compute_imatrix_gguf(gguf_path: Path, texts: list[str], out_path: Path, *, n
     import llama_cpp
     from gguf import Keys
 
-    from fieldpack.builder.llama_eval import default_threads, vocab_only
+    from fieldpack.builder.llama_eval import capture_llama_log, default_threads, llama_cause, vocab_only
     from fieldpack.builder.quantize import write_imatrix_gguf
     from fieldpack.shared.llama_backend import llama_cpp_module
 
@@ -233,9 +233,10 @@ def compute_imatrix_gguf(gguf_path: Path, texts: list[str], out_path: Path, *, n
     collector = _Collector()
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = 0
-    model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+    with capture_llama_log() as load_log:  # load-time notes (a full-size SWA cache) go to DEBUG, not the terminal
+        model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
     if not model:
-        raise ModelLoadError(f"llama.cpp cannot load {gguf_path}", hint="re-convert the model")
+        raise ModelLoadError(f"llama.cpp cannot load {gguf_path}{llama_cause(load_log)}", hint="re-convert the model")
     try:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
@@ -245,9 +246,11 @@ def compute_imatrix_gguf(gguf_path: Path, texts: list[str], out_path: Path, *, n
         cparams.cb_eval = collector.callback
         cparams.cb_eval_user_data = None
         cparams.no_perf = True
-        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        with capture_llama_log() as ctx_log:
+            ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
-            raise ModelLoadError(f"llama.cpp cannot create a context for {gguf_path}", hint="lower n_ctx")
+            raise ModelLoadError(f"llama.cpp cannot create a context for {gguf_path}{llama_cause(ctx_log)}",
+                                 hint="lower n_ctx")
         # every position asks for logits, as llama-imatrix's batches do: otherwise llama.cpp computes the last
         # block's MLP for the final token only and those matrices would get no data
         batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)

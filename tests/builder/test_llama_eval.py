@@ -26,6 +26,20 @@ def test_loading_gemma_prints_no_llama_cpp_notes(tiny_gemma_gguf: Path, capfd: p
     assert "llama_" not in capfd.readouterr().err
 
 
+def test_an_imatrix_of_gemma_prints_no_llama_cpp_notes(tiny_gemma_gguf: Path, tmp_path: Path,
+                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    """`fieldpack plan` printed llama.cpp's `load: control-looking token ...` and `using full-size SWA cache`
+    lines at each imatrix, which loads the model through llama.cpp's C API (not ``Llama``)."""
+    from fieldpack.builder.compress.imatrix import compute_imatrix_gguf
+
+    capfd.readouterr()
+    text = "Check the pump seal and the valve before the shift. " * 40
+    res = compute_imatrix_gguf(tiny_gemma_gguf, [text], tmp_path / "imatrix.gguf", n_ctx=64)
+    assert res.path.is_file()
+    err = capfd.readouterr().err
+    assert "llama_" not in err and "load:" not in err, err
+
+
 def test_a_truncated_gguf_is_one_error_with_llama_cpps_cause(tiny_gemma_gguf: Path, tmp_path: Path) -> None:
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(tiny_gemma_gguf.read_bytes()[:1000])
