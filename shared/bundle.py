@@ -255,9 +255,18 @@ class BundleReader:
             IntegrityError: a member's sha256 differs (names the member).
         """
         key = self.verify_signature(trusted)
+        self.verify_members(on_progress)
+        return key
+
+    def verify_members(self, on_progress: ProgressFn | None = None) -> None:
+        """Check every member's sha256 against the manifest (streaming; no signature check, so a build host that
+        does not hold the devices' trusted keys can still refuse a damaged bundle before sending it anywhere).
+
+        Raises:
+            IntegrityError: a member's sha256 differs (names the member).
+        """
         for e in self._payload:
             self._copy(e, None, on_progress)
-        return key
 
     def extract_to(self, dest: Path, on_progress: ProgressFn | None = None,
                    on_member: Callable[[str], None] | None = None) -> None:

@@ -39,7 +39,7 @@ from fieldpack.shared import errors, fleet_protocol as fp, protocol
 from fieldpack.shared.bundle import BundleReader
 from fieldpack.shared.hashing import sha256_file
 
-from fieldpack.device.mqtt.client import BrokerSettings, fresh_client_id, json_properties, make_client
+from fieldpack.device.mqtt.client import BrokerSettings, fresh_client_id, json_properties, make_client, probe_broker
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class FleetView:
     device statuses. Used by the pusher, ``fleet status`` and ``fleet abort``.
 
     Raises (``connect``):
-        DeviceError: the broker did not accept the connection in time.
+        DeviceError: the broker's host does not resolve, refuses or does not answer TCP
+            (:func:`~fieldpack.device.mqtt.client.probe_broker`), or did not accept the MQTT connection in time.
     """
 
     def __init__(self, settings: BrokerSettings, group: str, *, client_prefix: str = "fieldpack-fleet") -> None:
@@ -99,6 +100,7 @@ class FleetView:
         """Record this client published; republished after a reconnect (a restarted broker may have lost it)."""
 
     def connect(self, timeout_s: float = 10.0) -> None:
+        probe_broker(self.settings)  # an unknown host or a refused port: say so now, not after timeout_s
         self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s,
                                   clean_start=True)
         self.client.loop_start()
@@ -178,7 +180,8 @@ class FleetView:
 
 @dataclass
 class RolloutResult:
-    """What a push ended with: ``outcome`` ``"done"``, ``"halted"`` or ``"aborted"``, the last state of every device, and
+    """What a push ended with: ``outcome`` ``"done"``, ``"halted"``, ``"aborted"`` (``fleet abort``) or ``"superseded"``
+    (another push replaced it), the last state of every device, and
     ``sends[(device, index)]`` = times each chunk was published to each device."""
 
     rollout: str
@@ -193,15 +196,19 @@ class RolloutResult:
         return sorted(d for d, s in self.states.items() if s.failed)
 
 
-def parse_share(text: str) -> float:
-    """``"10%"`` or ``"0.1"`` -> 0.1. Raises UsageError outside (0, 1]."""
+def parse_share(text: str, option: str = "share") -> float:
+    """``"10%"`` or ``"0.1"`` -> 0.1; ``option`` (``"--canary"``) names the input in errors. Raises UsageError
+    outside (0, 1], with the percentage a bare number above 1 most likely meant (``10`` -> ``10%``)."""
     t = text.strip()
     try:
         value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError as exc:
-        raise errors.UsageError(f"share {text!r} is not a number", hint="write e.g. 10% or 0.1") from exc
+        raise errors.UsageError(f"{option} {text!r} is not a share of the devices",
+                                hint=f"write e.g. {option} 10% or {option} 0.1") from exc
     if not 0 < value <= 1:
-        raise errors.UsageError(f"share {text!r} is outside (0, 100%]", hint="write e.g. 10%")
+        meant = f"{option} {t}%" if not t.endswith("%") and 1 < value <= 100 else f"{option} 10%"
+        raise errors.UsageError(f"{option} {text!r} is not a share between 0 and 100% (a fraction like 0.1 or a "
+                                "percentage like 10%)", hint=f"write e.g. {meant}")
     return value
 
 
@@ -259,6 +266,9 @@ class Rollout:
             if reader.signature_bytes is None:
                 raise errors.SignatureError(f"{self.bundle} is not signed; devices would refuse it",
                                             hint="build it with --sign KEY")
+            # every member against the manifest here, in seconds, before a byte goes out: a damaged bundle
+            # would otherwise reach the canaries in full and only fail there (a trial sent 531 MiB to learn it)
+            reader.verify_members()
             self._manifest_text = reader.manifest_bytes.decode("utf-8")
             self._signature = base64.b64encode(reader.signature_bytes).decode("ascii")
             self._name, self._version = reader.manifest.name, reader.manifest.version
@@ -272,6 +282,8 @@ class Rollout:
         self.sends: Counter[tuple[str, int]] = Counter()
         self.bytes_sent = 0
         self.record: fp.DesiredBundle | None = None
+        self.superseded_by: fp.DesiredBundle | None = None
+        """The record of the push that replaced this one (outcome ``"superseded"``), else None."""
 
     # --- chunk server --------------------------------------------------------------------------------------
     def _on_need(self, req: fp.ChunkRequest) -> None:
@@ -358,6 +370,7 @@ class Rollout:
             if not ids:
                 raise errors.UsageError(f"group {self.group!r} has no known devices on {self.settings.url}",
                                         hint="start the devices with --group first (their retained status names the group)")
+            self._check_upgrades(view, ids)
             n_canary = max(1, math.ceil(self.canary * len(ids)))
             per_wave = max(1, math.ceil(self.wave * len(ids)))
             waves = [ids[:n_canary]] + [ids[i : i + per_wave] for i in range(n_canary, len(ids), per_wave)]
@@ -365,7 +378,7 @@ class Rollout:
                      f"{self._name}@{self._version}", len(ids), self.group, len(waves), self._chunk_size)
             server = threading.Thread(target=self._serve, args=(view,), name="fieldpack-fleet-serve", daemon=True)
             targets: list[str] = []
-            outcome: fp.RolloutState = "done"
+            outcome = "done"
             for n, wave in enumerate(waves):
                 targets = targets + wave
                 last = n == len(waves) - 1
@@ -376,8 +389,9 @@ class Rollout:
                 outcome = self._await(view, targets, on_update)
                 if outcome != "done":
                     break
-            if outcome != "aborted":  # an abort is already the retained record
-                final = self._record(self.record.targets if outcome == "halted" else None, outcome)
+            if outcome not in ("aborted", "superseded"):  # an abort, or another push, is the retained record now
+                final = self._record(self.record.targets if outcome == "halted" else None,
+                                     "halted" if outcome == "halted" else "done")
                 self.record = final
                 view.publish_desired(final)
             with view._lock:
@@ -389,10 +403,35 @@ class Rollout:
             view.close()
         return RolloutResult(self.rollout_id, outcome, states, self.sends, self.bytes_sent, time.monotonic() - t0)
 
+    def _check_upgrades(self, view: FleetView, ids: list[str]) -> None:
+        """Refuse, before the first chunk, a bundle the devices would refuse after downloading it: an older version
+        or another bundle name than the one a device runs (from its retained status; :func:`device.install.
+        check_upgrade`, the devices' own rule). Raises DowngradeError naming the devices."""
+        from fieldpack.device.install import check_upgrade
+
+        refused: list[str] = []
+        with view._lock:
+            active = {d: view.statuses[d].bundle for d in ids if d in view.statuses and view.statuses[d].bundle}
+        for device, label in sorted(active.items()):
+            try:
+                check_upgrade(label, self._name, self._version)
+            except errors.DowngradeError:
+                refused.append(f"{device} runs {label}")
+        if refused:
+            raise errors.DowngradeError(
+                f"{self._name}@{self._version} would be refused by {len(refused)} of {len(ids)} devices of "
+                f"{self.group!r} ({'; '.join(refused)}): devices install only newer versions of the same bundle",
+                hint="to roll back, rebuild the older documents or recipe with a higher --version and push that")
+
     def _await(self, view: FleetView, targets: list[str],
-               on_update: Callable[[dict[str, fp.DeviceRollout]], None] | None) -> fp.RolloutState:
+               on_update: Callable[[dict[str, fp.DeviceRollout]], None] | None) -> str:
         """Wait until every target reported for this rollout: ``"done"``; ``"halted"`` when failures passed the
-        threshold; ``"aborted"`` when ``fleet abort`` replaced the record."""
+        threshold; ``"aborted"`` when ``fleet abort`` replaced the record; ``"superseded"`` when another push
+        published a newer record for the group (this one then stops serving and leaves that record alone).
+
+        Only reports about this rollout (its id) count: a device's retained state from an earlier push of the same
+        bundle (healthy before a local rollback, or rolled back by a health check) is not this rollout's result."""
+        assert self.record is not None
         deadline = time.monotonic() + self.wave_timeout_s
         with view.changed:
             while True:
@@ -401,8 +440,15 @@ class Rollout:
                     log.warning("rollout %s aborted by the operator", self.rollout_id)
                     view.own_record = self.record = view.desired
                     return "aborted"
+                if view.desired is not None and view.desired.rollout != self.rollout_id \
+                        and view.desired.ts > self.record.ts:
+                    log.error("rollout %s replaced by rollout %s of %s (another fleet push to %s); stopping",
+                              self.rollout_id, view.desired.rollout, view.desired.label, self.group)
+                    self.superseded_by = view.desired
+                    view.own_record = None  # never republish ours over it after a reconnect
+                    return "superseded"
                 mine = {d: view.states[d] for d in targets
-                        if d in view.states and view.states[d].target_sha256 == self.sha256}
+                        if d in view.states and view.states[d].rollout == self.rollout_id}
                 if on_update is not None:
                     on_update(dict(mine))
                 finished = [s for s in mine.values() if s.finished]
@@ -432,9 +478,13 @@ def read_fleet(settings: BrokerSettings, group: str) -> tuple[fp.DesiredBundle |
     return view.desired, states, {d: view.statuses[d] for d in members if d in view.statuses}
 
 
-def abort_rollout(settings: BrokerSettings, group: str) -> fp.DesiredBundle:
+def abort_rollout(settings: BrokerSettings, group: str) -> tuple[fp.DesiredBundle, bool]:
     """Republish the group's desired record with ``state = "aborted"``: devices that have not switched stop,
     devices keep what they run.
+
+    Returns:
+        ``(record, aborted)``: the record now retained; ``aborted`` is False when the rollout had already ended
+        (``done``, ``halted`` or ``aborted``), in which case nothing is published.
 
     Raises:
         UsageError: the group has no desired record.
@@ -444,8 +494,10 @@ def abort_rollout(settings: BrokerSettings, group: str) -> fp.DesiredBundle:
     try:
         if view.desired is None:
             raise errors.UsageError(f"group {group!r} has no rollout on {settings.url}", hint="check --group")
+        if view.desired.state != "active":
+            return view.desired, False
         record = view.desired.model_copy(update={"state": "aborted", "ts": time.time()})
         view.publish_desired(record)
     finally:
         view.close()
-    return record
+    return record, True

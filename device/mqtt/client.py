@@ -130,6 +130,38 @@ class BrokerSettings:
         )
 
 
+def probe_broker(settings: BrokerSettings, timeout_s: float = 5.0) -> None:
+    """Fail fast, with the cause, when the broker's host does not resolve or nothing listens on its port: one DNS
+    lookup and one TCP connect (closed at once), before a command waits for an MQTT CONNACK that cannot come (a
+    trial's `fleet push` to a refused port and to an unknown host both said only "did not accept the connection in
+    10 s"). A host that answers TCP passes; login and TLS problems show in the MQTT connection itself.
+
+    Raises:
+        DeviceError: the host name does not resolve, the connection is refused, or there is no answer within
+            ``timeout_s`` seconds.
+    """
+    where = f"{settings.host}:{settings.port}"
+    try:
+        addresses = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise errors.DeviceError(f"broker host {settings.host!r} does not resolve ({exc.strerror})",
+                                 hint="check the host name in --broker, or use its IP address") from exc
+    last: OSError | None = None
+    for family, kind, proto, _, addr in addresses:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(timeout_s)
+                sock.connect(addr)
+                return
+        except OSError as exc:
+            last = exc
+    if isinstance(last, ConnectionRefusedError):
+        raise errors.DeviceError(f"broker {where} refused the connection: nothing listens on port {settings.port}",
+                                 hint="check the port in --broker and that the broker runs") from last
+    raise errors.DeviceError(f"broker {where} did not answer within {timeout_s:.0f} s ({last})",
+                             hint="check --broker and the network path to it (firewall, VPN)") from last
+
+
 def parse_broker_url(url: str) -> tuple[str, int | None, bool]:
     """``mqtt://host[:port]`` / ``mqtts://host[:port]`` (or a bare ``host[:port]``) -> ``(host, port or None,
     tls)``.

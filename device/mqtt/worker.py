@@ -4,7 +4,10 @@ It is the one engine owner of the process: MQTT requests and the in-process task
 (:attr:`Job.task`) wait in the same bounded :class:`JobBoard` and run here in turn.
 
 Between requests (never during one) it calls ``EngineProvider.get()``, which reloads the engine when a new
-bundle was installed while serving. For each job it drops the request if its Message Expiry ran out while
+bundle was installed while serving; when idle it does so every :data:`IDLE_REFRESH_S` too, so that a bundle
+switched from outside the daemon (``fieldpack install`` or ``rollback`` on the device) is loaded, and named in the
+retained status, within seconds instead of at the next request (a trial's ``fleet status`` showed a rolled-back
+device on the bundle it had left). For each job it drops the request if its Message Expiry ran out while
 queued (no reply), checks the requested bundle, streams the answer as partial replies and ends with one
 final reply; every failure becomes a final error reply and the worker carries on.
 """
@@ -25,6 +28,10 @@ from fieldpack.device.mqtt.replies import Replier
 from fieldpack.device.types import Answer, AnswerEngine, EngineProvider
 
 log = logging.getLogger(__name__)
+
+#: Seconds between the idle worker's checks of the active bundle (``provider.get()``: one small file read when
+#: nothing changed).
+IDLE_REFRESH_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -136,10 +143,18 @@ class Worker:
             self._engine()
         except errors.FieldpackError:
             pass  # reported through on_engine; requests get the error until a bundle is installed
+        checked = self._clock.monotonic()
         while not self._stopping.is_set():
             job = self._board.take(timeout_s=0.2)
             if job is None:
+                if self._clock.monotonic() - checked >= IDLE_REFRESH_S:
+                    checked = self._clock.monotonic()
+                    try:
+                        self._engine()  # a bundle switched by install/rollback: load it now, say so in the status
+                    except errors.FieldpackError:
+                        pass  # reported through on_engine, as at start
                 continue
+            checked = self._clock.monotonic()
             try:
                 self._serve(job)
             except Exception:  # the worker must survive anything a request brings
@@ -186,6 +201,8 @@ class Worker:
         return engine, info
 
     def _set_engine(self, info: EngineInfo | None, error: str | None) -> None:
+        if (info, error) == (self._engine_info, self._engine_error) and (info is not None or error is not None):
+            return  # nothing new for the status (the idle check repeats the same failure every few seconds)
         self._engine_info, self._engine_error = info, error
         self._on_engine(info, error)
 

@@ -236,9 +236,16 @@ def test_cli_push_status_abort(broker, tmp_path, keys, bundles, view_of) -> None
             "dev-0": ("healthy", V2), "dev-1": ("healthy", V2)}
         r = run_cli("fleet", "status", *login, "--group", group, timeout=60)
         assert r.returncode == 0 and "dev-1" in r.stdout and "healthy" in r.stdout
+        # a finished rollout is not relabelled "aborted" (a trial's abort of a done rollout said "aborted")
         r = run_cli("fleet", "abort", *login, "--group", group, timeout=60)
-        assert r.returncode == 0, r.stderr
-        wait_until(lambda: view.desired is not None and view.desired.state == "aborted", 10, "aborted record")
+        assert r.returncode == 0 and "nothing to abort" in r.stdout and "already done" in r.stdout, r.stdout
+        assert view.desired is not None and view.desired.state == "done"
+        # an option that takes a share names itself, and a bare 10 suggests 10%
+        r = run_cli("fleet", "push", str(bundles["small"]), *login, "--group", group, "--canary", "10", timeout=60)
+        assert r.returncode == 2 and "--canary '10'" in r.stderr and "--canary 10%" in r.stderr, r.stderr
+        r = run_cli("fleet", "push", str(bundles["small"]), *login, "--group", group, "--health-timeout", "-5",
+                    timeout=60)
+        assert r.returncode == 2 and "--health-timeout" in r.stderr, r.stderr
     r = run_cli("fleet", "abort", *login, "--group", "nobody-here", timeout=60)
     assert r.returncode == 2 and "no rollout" in r.stderr
 
@@ -317,14 +324,95 @@ def test_abort_mid_download_stops_devices_which_keep_what_they_run(broker, tmp_p
         thread, out = _push_in_thread(rollout)
         wait_until(lambda: (s := state_of(view, "dev-0")) is not None and s.phase == "downloading" and s.done >= 4,
                    30, "dev-0 downloading")
-        record = abort_rollout(broker.settings(), group)
+        record, aborted = abort_rollout(broker.settings(), group)
         result = _result(thread, out, 30, fleet)
         wait_until(lambda: all((s := state_of(view, d)) is not None and s.phase == "idle" for d in fleet.ids), 15,
                    "devices idle")
         states = {d: state_of(view, d) for d in fleet.ids}
-    assert record.state == "aborted" and result.outcome == "aborted"
+    assert aborted and record.state == "aborted" and result.outcome == "aborted"
     for device, s in states.items():
         assert s is not None and s.reason == "rollout aborted" and s.active == V1, s
         assert fleet.active_label(device) == V1
     staged = fleet.data_dir("dev-0") / "fleet" / "staging" / rollout.sha256 / "chunks.log"
     assert staged.is_file() and staged.read_text().strip()  # kept: a later push of this bundle resumes
+
+
+# --- a trial's operator findings: stale reports, downgrades, a second pusher ----------------------------------
+@pytest.mark.slow
+def test_a_repush_waits_for_this_rollouts_reports_after_a_local_rollback(broker, tmp_path, keys, bundles,
+                                                                        view_of) -> None:
+    """A trial rolled one device back by hand (`fieldpack rollback`) and pushed the same bundle again: the push said
+    `done, 0.0 MiB sent in 0.5 s` from the devices' old `healthy` reports and exited, leaving that device waiting
+    for chunks nobody served; `fleet status` meanwhile showed the rolled-back device on the new version."""
+    group = "repush"
+    login = ["--broker", broker.url(), "--username", broker.username, "--password-file", str(broker.password_file)]
+    with _running(broker, tmp_path, keys, bundles, 2, group, view_of) as (fleet, view):
+        first = _result(*_push_in_thread(Rollout(bundles["small"], group, broker.settings(), canary=1.0)), 60, fleet)
+        assert first.outcome == "done" and all(fleet.active_label(d) == V2 for d in fleet.ids), fleet.logs()
+        r = run_cli("rollback", "--data-dir", str(fleet.data_dir("dev-1")), timeout=60)
+        assert r.returncode == 0 and fleet.active_label("dev-1") == V1, r.stderr
+        wait_until(lambda: "dev-1" in view.statuses and view.statuses["dev-1"].bundle == V1, 20,
+                   "dev-1's status says it runs v1 again")
+        r = run_cli("fleet", "status", *login, "--group", group, "--json", timeout=60)
+        active = {d["device"]: d["active"] for d in json.loads(r.stdout)["devices"]}
+        assert active == {"dev-0": V2, "dev-1": V1}, active  # the daemon's own status, not the old rollout state
+        second = Rollout(bundles["small"], group, broker.settings(), canary=1.0)
+        result = _result(*_push_in_thread(second), 60, fleet)
+    assert result.outcome == "done", fleet.logs()
+    assert all(s.rollout == second.rollout_id and s.phase == "healthy" for s in result.states.values())
+    assert fleet.active_label("dev-1") == V2  # really updated again
+    assert {d for d, _ in result.sends} == {"dev-1"}  # dev-0 already ran it: no chunk for it
+
+
+@pytest.mark.slow
+def test_a_retry_after_a_failed_health_check_is_a_new_rollout(broker, tmp_path, keys, bundles, view_of) -> None:
+    """A trial's retry right after a canary's failed health check halted at once, quoting the previous rollout's
+    `rolled_back`: the new push must be judged on its own reports."""
+    group = "retry"
+    with _running(broker, tmp_path, keys, bundles, 1, group, view_of) as (fleet, view):
+        first = _result(*_push_in_thread(Rollout(bundles["sick"], group, broker.settings(), canary=1.0,
+                                                 health_timeout_s=20)), 90, fleet)
+        assert first.outcome == "halted" and first.states["dev-0"].phase == "rolled_back"
+        retry = Rollout(bundles["sick"], group, broker.settings(), canary=1.0, health_timeout_s=20)
+        result = _result(*_push_in_thread(retry), 90, fleet)
+    s = result.states["dev-0"]
+    assert result.outcome == "halted" and s.rollout == retry.rollout_id and s.phase == "rolled_back", s
+    assert result.sends  # it really tried again (the health check is what fails, again)
+
+
+@pytest.mark.slow
+def test_an_older_bundle_is_refused_before_the_first_chunk(broker, tmp_path, keys, bundles, view_of) -> None:
+    """A trial's push of an older version sent 531 MiB to the canaries, which then refused it as a downgrade."""
+    from fieldpack.shared.errors import DowngradeError
+
+    group = "older"
+    older = make_bundle(tmp_path / "v0.fpk", keys, name="pg-ops", version="0.9.0", seed=6)
+    with _running(broker, tmp_path, keys, bundles, 2, group, view_of) as (fleet, view):
+        rollout = Rollout(older, group, broker.settings(), canary=1.0)
+        with pytest.raises(DowngradeError, match=r"pg-ops@0\.9\.0 would be refused by 2 of 2 devices .*dev-0 runs "
+                                                 r"pg-ops@1\.0\.0") as e:
+            rollout.run()
+        assert "higher --version" in e.value.hint
+        assert view.desired is None and not rollout.sends  # no record published, no chunk sent
+
+
+@pytest.mark.slow
+def test_a_second_push_to_the_group_supersedes_the_first(broker, tmp_path, keys, bundles, view_of) -> None:
+    """A trial's second operator pushed while a push ran: the first pusher ran on silently for its wave timeout
+    and would have published its final record over the second one's."""
+    group = "two-pushers"
+    with _running(broker, tmp_path, keys, bundles, 2, group, view_of) as (fleet, view):
+        slow = Rollout(bundles["v2"], group, broker.settings(), canary=1.0, rate=256 * 1024, chunk_bytes=32 * 1024)
+        thread, out = _push_in_thread(slow)
+        wait_until(lambda: (s := state_of(view, "dev-0")) is not None and s.phase == "downloading" and s.done >= 2,
+                   30, "dev-0 downloading")
+        other = Rollout(bundles["small"], group, broker.settings(), canary=1.0)
+        t2, out2 = _push_in_thread(other)
+        first = _result(thread, out, 30, fleet)
+        second = _result(t2, out2, 60, fleet)
+        wait_until(lambda: view.desired is not None and view.desired.state == "done", 10, "the second's final record")
+        record = view.desired
+    assert first.outcome == "superseded" and slow.superseded_by is not None
+    assert slow.superseded_by.rollout == other.rollout_id
+    assert second.outcome == "done" and all(fleet.active_label(d) == V2 for d in fleet.ids), fleet.logs()
+    assert record is not None and record.rollout == other.rollout_id  # the first did not write over it

@@ -124,6 +124,29 @@ def test_share_and_rate_options() -> None:
     for bad in ("0%", "150%", "ten"):
         with pytest.raises(errors.UsageError):
             parse_share(bad)
+    with pytest.raises(errors.UsageError, match="--canary 'abc' is not a share") as e:
+        parse_share("abc", "--canary")
+    assert "--canary 10%" in (e.value.hint or "")
+    with pytest.raises(errors.UsageError, match="--wave '25' is not a share between 0 and 100%") as e:
+        parse_share("25", "--wave")
+    assert e.value.hint == "write e.g. --wave 25%"  # what a bare 25 most likely meant
+
+
+def test_a_damaged_bundle_is_refused_before_anything_is_sent(tmp_path, keys) -> None:  # noqa: ANN001
+    """A trial's bundle with one flipped byte went in full (531 MiB) to two canaries before they refused it."""
+    from fieldpack.device.fleet.pusher import Rollout
+    from fieldpack.device.mqtt.client import BrokerSettings
+    from tests.shared.factories import make_bundle
+
+    good = make_bundle(tmp_path / "ok.fpk", keys, name="pg-ops", version="1.1.0", seed=7, model_bytes=200_000)
+    bad = tmp_path / "flipped.fpk"
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the model member's data
+    bad.write_bytes(bytes(data))
+    settings = BrokerSettings(host="127.0.0.1", port=9)  # never contacted
+    Rollout(good, "line-3", settings)
+    with pytest.raises(errors.IntegrityError, match="does not match its sha256"):
+        Rollout(bad, "line-3", settings)
     for bad in ("fast", "-1MiB/s"):
         with pytest.raises(errors.UsageError):
             parse_rate(bad)
@@ -167,3 +190,22 @@ def test_fleet_protocol_module_is_the_only_place_spelling_fleet_topics_and_keys(
                     if node.value in keys or "/fleet/" in node.value or node.value.startswith("fleet/"):
                         offenders.append(f"{py.relative_to(repo)}:{node.lineno}: {node.value!r}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_a_refused_broker_port_is_named_at_once() -> None:
+    """A trial's `fleet push` to a refused port waited 10 s for `did not accept the connection`."""
+    import socket
+    import time
+
+    from fieldpack.device.mqtt.client import BrokerSettings, probe_broker
+    from tests.conftest import run_cli
+
+    with socket.socket() as s:  # a port nothing listens on: bind, never listen
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(errors.DeviceError, match=f"refused the connection: nothing listens on port {port}"):
+            probe_broker(BrokerSettings(host="127.0.0.1", port=port))
+        assert time.monotonic() - t0 < 3
+        r = run_cli("fleet", "status", "--broker", f"mqtt://127.0.0.1:{port}", "--group", "g", timeout=60)
+    assert r.returncode == 6 and "refused the connection" in r.stderr and "\n" not in r.stderr.strip(), r.stderr

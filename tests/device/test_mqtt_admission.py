@@ -19,7 +19,7 @@ from fieldpack.device.mqtt.jobs import JobBoard
 from fieldpack.device.mqtt.metrics import MetricsRecorder
 from fieldpack.device.mqtt.replies import Replier
 from fieldpack.device.mqtt.worker import Worker
-from fieldpack.shared import protocol
+from fieldpack.shared import errors, protocol
 from tests.device.mqtt_fakes import FakeClock, FakeEngine, FakeProvider
 
 REPLY = "fieldpack-test/replies/req"  # a client's own reply topic (not under the protocol root)
@@ -150,3 +150,36 @@ def test_a_request_that_expires_while_queued_is_not_answered(served) -> None:
     ids = [f["id"] for f in client.finals()]
     assert ids == ["first", "keep"], ids
     assert all(f["ok"] for f in client.finals())
+
+
+def test_an_idle_worker_picks_up_a_bundle_switched_from_outside() -> None:
+    """A trial rolled a serving device back by hand (`fieldpack rollback`): its retained status kept naming the
+    bundle it had left until the next request. The idle worker now checks every IDLE_REFRESH_S; a repeated
+    failure is not re-announced."""
+    from fieldpack.device.mqtt.worker import IDLE_REFRESH_S
+
+    clock = FakeClock()
+    provider = FakeProvider(FakeEngine("demo@1.1.0"))
+    seen: list[tuple[str | None, str | None]] = []
+    stopping = threading.Event()
+    worker = Worker(device_id="dev-1", provider=provider, board=JobBoard(4), replier=None,
+                    metrics=MetricsRecorder("dev-1", clock), clock=clock,
+                    on_engine=lambda info, error: seen.append((info.label if info else None, error)),
+                    stopping=stopping)
+    worker.start()
+    try:
+        _wait(lambda: seen == [("demo@1.1.0", None)])
+        provider.install(FakeEngine("demo@1.0.0"))  # rolled back while idle
+        time.sleep(0.5)
+        assert seen == [("demo@1.1.0", None)]  # not before the refresh period
+        clock.advance(IDLE_REFRESH_S)
+        _wait(lambda: seen[-1] == ("demo@1.0.0", None))
+        provider.fail = errors.NoActiveBundleError("no bundle is installed in /d", hint="install one")
+        for _ in range(3):
+            clock.advance(IDLE_REFRESH_S)
+            time.sleep(0.5)
+        failures = [s for s in seen if s[1]]
+        assert len(failures) == 1 and failures[0][0] is None and "no bundle is installed" in failures[0][1], seen
+    finally:
+        stopping.set()
+        worker.join(10)
