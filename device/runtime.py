@@ -235,6 +235,21 @@ class Runtime:
         """Top-``k`` chunks for ``question`` (default k from the manifest). See retrieval.search.Retriever."""
         return self._retriever.search(question, k=k or self.manifest.runtime.top_k_chunks, mode=mode)
 
+    def gate(self, question: str, *, k: int | None = None) -> tuple[bool, float | None]:
+        """What :meth:`answer` decides before generating, without generating: ``(passes, best_similarity)``.
+        ``passes`` is False when the relevance gate (:func:`retrieval.search.is_relevant` at the manifest's
+        ``min_similarity``) would refuse ``question`` asked on its own; ``best_similarity`` is the best cosine
+        among its ``k`` hits (None without hits). Used by ``fieldpack eval --no-generate`` to report the refusals
+        a device will make, with no model run."""
+        from fieldpack.retrieval.search import is_relevant
+
+        q = clean_question(question or "")
+        with self._lock:
+            hits, query = self._retrieve_in_context(q, (), k=k)
+        sims = [h.vector_similarity for h in hits if h.vector_similarity is not None]
+        return (is_relevant(hits, min_similarity=self.manifest.runtime.min_similarity, query=query),
+                max(sims) if sims else None)
+
     def _retrieve_in_context(self, question: str, history: Sequence[Turn], *, k: int | None) -> tuple[list[Hit], str]:
         """Hits for ``question`` and the query that found them: the question alone, or the last question joined
         with it when it reads as a follow-up (:func:`retrieval.followup.search_in_context`)."""

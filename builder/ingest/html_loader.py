@@ -3,7 +3,8 @@
 ``h1``-``h6`` build the section path; block-level elements (p, div, li, tr, ...) end a paragraph; ``pre``
 content is one ``code`` block with its whitespace kept; ``script``, ``style``, ``nav``, ``head``, ``template``,
 ``noscript``, ``svg`` and elements marked as navigation (``role="navigation"`` or a class such as ``docnav``,
-``navbar``, ``breadcrumb``, ``toc``) are dropped with everything inside them. Line numbers are those of the normalised
+``navbar``, ``breadcrumb``, ``toc``) are dropped with everything inside them, as are permalink anchors (class
+``headerlink``, ``permalink``, ...; a trailing pilcrow is cut from a heading too). Line numbers are those of the normalised
 HTML source where the block's text starts and ends.
 """
 
@@ -15,6 +16,11 @@ from fieldpack.builder.ingest.model import Block, Section
 
 _DROP = {"script", "style", "nav", "head", "title", "template", "noscript", "svg", "iframe", "object", "button", "select"}
 _NAV_CLASSES = {"docnav", "nav", "navbar", "navigation", "breadcrumb", "breadcrumbs", "skip-link", "menu", "toc"}
+#: Permalink anchors beside headings (Sphinx ``headerlink``, the Apache manual's ``permalink``, ...): their text is a
+#: pilcrow, which leaked into section names and citations ("Log Rotation ¶", a new-user trial).
+_ANCHOR_CLASSES = {"headerlink", "permalink", "anchor-link", "heading-anchor", "header-anchor"}
+#: Symbols a heading's text may still end with when a generator marks its permalink another way.
+_PERMALINK_MARKS = "¶🔗"
 _HEADINGS = {f"h{i}": i for i in range(1, 7)}
 _BLOCK = {
     "address", "article", "aside", "blockquote", "body", "br", "caption", "dd", "details", "dialog", "div", "dl",
@@ -44,7 +50,7 @@ class _Parser(HTMLParser):
         a = dict(attrs)
         if (a.get("role") or "").lower() == "navigation":
             return True
-        return bool(set((a.get("class") or "").lower().split()) & _NAV_CLASSES)
+        return bool(set((a.get("class") or "").lower().split()) & (_NAV_CLASSES | _ANCHOR_CLASSES))
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if self.drop_stack:
@@ -80,7 +86,7 @@ class _Parser(HTMLParser):
         if tag in _HEADINGS and self.heading is not None:
             level, parts = self.heading
             self.heading = None
-            title = " ".join("".join(parts).split())
+            title = " ".join("".join(parts).split()).rstrip(_PERMALINK_MARKS + " ")
             self.levels = {lv: t for lv, t in self.levels.items() if lv < level}
             if title:
                 self.levels[level] = title

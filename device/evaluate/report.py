@@ -222,6 +222,14 @@ def _retrieval_tables(doc: dict[str, Any]) -> str:
                                                 for b in bundles for m in modes])
         parts.append("<p>Section level: a hit counts only when its heading path matches the expected "
                      "section (prefix of the path or of a tail).</p>" + _table(header, rows))
+    gated = [b for b in bundles if b.get("gate")]
+    if gated:
+        rows = [["refused, answerable (false abstention floor)"] + [_fmt(b["gate"]["refused_answerable"]) for b in gated],
+                ["refused, unanswerable (abstention)"] + [_fmt(b["gate"]["refused_unanswerable"]) for b in gated],
+                ["answerable refused"] + [_e(", ".join(b["gate"]["refused_answerable_ids"]) or "none") for b in gated],
+                ["min similarity (cosine)"] + [_fmt(b["gate"]["min_similarity"], 2) for b in gated]]
+        parts.append("<p>Relevance gate: what the device refuses before running the model, each question asked on "
+                     "its own.</p>" + _table(["gate"] + [_e(b["label"]) for b in gated], rows, raw=True))
     return "".join(parts)
 
 

@@ -29,6 +29,10 @@ Metrics (definitions in :mod:`device.evaluate.metrics`; relevance in :mod:`devic
   abstains when the runtime's relevance gate refused (``Answer.abstained``) or the generated text declines
   (it contains one of :data:`DECLINE_PHRASES`, case-insensitively); ``false_abstention_rate``: the same
   judgement over answerable items;
+* ``gate`` (measured with or without generation, no model run): the share of answerable items the device's
+  relevance gate refuses (``refused_answerable``, a floor under ``false_abstention_rate``) and of unanswerable
+  ones (``refused_unanswerable``), asked on their own at the bundle's ``min_similarity``
+  (:meth:`device.runtime.Runtime.gate`), so the quick retrieval-only run shows the refusals a device will make;
 * ``answer_contains_rate``: over answerable items with ``answer_contains`` facts, the share whose answer
   contains all of them (case-insensitive, whitespace collapsed); ``answer_contains_share``: the mean share of
   facts found;
@@ -125,10 +129,13 @@ class QuestionResult:
     has_section: bool
     retrieval: dict[str, dict[str, Any]] = field(default_factory=dict)
     answer: dict[str, Any] | None = None
+    gate: dict[str, Any] | None = None
+    """``{"passes": bool, "best_similarity": float | None}``: the device's relevance gate on this question
+    (:meth:`device.runtime.Runtime.gate`), measured without generating."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "question": self.question, "unanswerable": self.unanswerable, "target": self.target,
-                "retrieval": self.retrieval, "answer": self.answer}
+                "retrieval": self.retrieval, "gate": self.gate, "answer": self.answer}
 
 
 @dataclass
@@ -145,10 +152,13 @@ class BundleEval:
     seconds: float
     unmatched_sources: list[str] = field(default_factory=list)
     """``"id: expected_source"`` of items whose expected document is not in this bundle (they score 0)."""
+    gate: dict[str, Any] | None = None
+    """The relevance gate without generation (:func:`aggregate_gate`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "path": self.path, "opened": self.opened, "info": self.info,
-                "retrieval": self.retrieval, "generation": self.generation, "seconds": round(self.seconds, 3),
+                "retrieval": self.retrieval, "gate": self.gate, "generation": self.generation,
+                "seconds": round(self.seconds, 3),
                 "unmatched_sources": self.unmatched_sources, "questions": [q.to_dict() for q in self.questions]}
 
 
@@ -338,6 +348,21 @@ def aggregate_retrieval(results: Sequence[QuestionResult], mode: str, k: int) ->
     return out
 
 
+def aggregate_gate(results: Sequence[QuestionResult], min_similarity: float | None) -> dict[str, Any]:
+    """The device's relevance gate over ``results``, without generation: ``refused_answerable`` (share of
+    answerable questions it refuses: the least false abstention a device shows), ``refused_unanswerable`` (share
+    of unanswerable ones it refuses: its abstention accuracy before any generated decline), the counts, and the
+    bundle's ``min_similarity`` (cosine)."""
+    judged = [q for q in results if q.gate is not None]
+    answerable = [q for q in judged if not q.unanswerable]
+    unans = [q for q in judged if q.unanswerable]
+    return {"min_similarity": min_similarity,
+            "answerable": len(answerable), "unanswerable": len(unans),
+            "refused_answerable": M.rate(not q.gate["passes"] for q in answerable),
+            "refused_unanswerable": M.rate(not q.gate["passes"] for q in unans),
+            "refused_answerable_ids": [q.id for q in answerable if not q.gate["passes"]]}
+
+
 def aggregate_generation(results: Sequence[QuestionResult]) -> dict[str, Any]:
     """Answer-quality and latency figures over the questions that were answered (see the module doc)."""
     done = [q for q in results if q.answer is not None]
@@ -422,6 +447,11 @@ def evaluate_slot(slot_dir: Path, qa: QASet, opts: EvalOptions, *, path: str = "
                                has_section=item.section_target is not None)
             for mode in opts.modes:
                 q.retrieval[mode] = _retrieval_row(rt, item, mode, opts.k)
+            try:
+                passes, best = rt.gate(item.question, k=opts.answer_k)
+                q.gate = {"passes": passes, "best_similarity": None if best is None else round(best, 4)}
+            except QueryError as exc:  # e.g. a question too long for the bundle: refused as in answer()
+                q.gate = {"passes": False, "best_similarity": None, "error": str(exc)}
             if opts.generate:
                 try:
                     q.answer = _answer_row(rt, item, opts)
@@ -440,7 +470,7 @@ def evaluate_slot(slot_dir: Path, qa: QASet, opts: EvalOptions, *, path: str = "
     generation = aggregate_generation(results) if opts.generate else None
     return BundleEval(label=label, path=path or str(slot_dir), opened=opened, info=info, retrieval=retrieval,
                       generation=generation, questions=results, seconds=time.perf_counter() - t0,
-                      unmatched_sources=unmatched)
+                      unmatched_sources=unmatched, gate=aggregate_gate(results, info.get("min_similarity")))
 
 
 def evaluate(bundles: Sequence[Path], qa_path: Path, opts: EvalOptions | None = None, *,
@@ -483,4 +513,4 @@ def evaluate(bundles: Sequence[Path], qa_path: Path, opts: EvalOptions | None = 
 
 
 __all__ = ["EvalOptions", "EvalReport", "BundleEval", "QuestionResult", "evaluate", "evaluate_slot", "open_slot",
-           "aggregate_retrieval", "aggregate_generation", "cited_numbers", "declines", "MODES", "Target"]
+           "aggregate_retrieval", "aggregate_gate", "aggregate_generation", "cited_numbers", "declines", "MODES", "Target"]

@@ -193,7 +193,8 @@ class RolloutResult:
 
     @property
     def failed(self) -> list[str]:
-        return sorted(d for d, s in self.states.items() if s.failed)
+        """Devices whose report about this rollout is a failure (an earlier rollout's retained failure is not)."""
+        return sorted(d for d, s in self.states.items() if s.failed and s.rollout == self.rollout)
 
 
 def parse_share(text: str, option: str = "share") -> float:

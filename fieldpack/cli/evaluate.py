@@ -54,6 +54,14 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
                       _f(r.get("section", {}).get("recall@5")),
                       _f(r["latency_ms"]["p50"], 1), _f(r["latency_ms"]["p95"], 1))
         c.print(t)
+        g = b.get("gate")
+        if g and (g["answerable"] or g["unanswerable"]):
+            ids = g["refused_answerable_ids"]
+            c.print(f"relevance gate (cosine >= {_f(g['min_similarity'], 2)}, no model run): refuses "
+                    f"{len(ids)} of {g['answerable']} answerable" + (f" ({', '.join(ids[:8])}"
+                                                                     f"{', ...' if len(ids) > 8 else ''})" if ids else "")
+                    + (f", {round((g['refused_unanswerable'] or 0) * g['unanswerable'])} of {g['unanswerable']} "
+                       "unanswerable" if g["unanswerable"] else ""), markup=False, highlight=False)
     gens = [(b["label"], b["generation"]) for b in doc["bundles"] if b.get("generation")]
     if not gens:
         return

@@ -221,6 +221,19 @@ def test_html_sections_drop_boilerplate_keep_pre(tmp_path: Path) -> None:
     assert "Filter Meter" in second and "1 T-11" in second
 
 
+def test_html_permalink_anchors_stay_out_of_section_names(tmp_path: Path) -> None:
+    """A trial's Apache manual cited "Log Files > Log Rotation ¶": the heading's permalink anchor was in the path."""
+    write(tmp_path, "logs.html", "<html><body><h1>Log Files</h1><p>Where the logs go.</p>"
+          '<h2><a name="rotation" id="rotation">Log Rotation</a> <a title="Permanent link" href="#rotation" '
+          'class="permalink">&para;</a></h2><p>Rotate them with rotatelogs.</p>'
+          '<h2>Piped Logs<a class="headerlink" href="#piped">¶</a></h2><p>Pipe them to a program.</p>'
+          "<h2>Virtual Hosts ¶</h2><p>One log per host.</p></body></html>")
+    r = run(tmp_path, chunk_tokens=200)
+    assert [c.section for c in r.chunks] == ["Log Files", "Log Files > Log Rotation", "Log Files > Piped Logs",
+                                             "Log Files > Virtual Hosts"]
+    assert not any("¶" in c.text for c in r.chunks)
+
+
 def test_pdf_pages_sections_and_citations(tmp_path: Path) -> None:
     pdf = make_pdf(
         [

@@ -111,3 +111,21 @@ def test_a_stage_is_summarised_by_its_steps_and_an_interrupt_names_the_evaluatio
         assert shown.counts == (5, 19, "held-out blocks: PPL and KLD after training")
         shown.stage("adapt dapt", "done")
     assert "✓ adapt dapt (8 steps, loss 3.398, 6 tok/s)" in capsys.readouterr().err
+
+
+def test_off_a_terminal_a_long_stage_prints_its_progress_now_and_then(capsys: pytest.CaptureFixture[str]) -> None:
+    """A trial's build to a log file was silent for the 7.5 minutes of its quality stage."""
+    import time
+
+    from fieldpack.cli.build import _StageProgress
+
+    with _StageProgress(plain_every_s=0.2) as shown:
+        shown.stage("quality", "start")
+        shown.count(1, 27, "held-out windows")  # too soon after the start: no line
+        time.sleep(0.25)
+        shown.count(12, 27, "held-out windows")
+        shown.count(13, 27, "held-out windows")  # too soon after the last line
+        shown.stage("quality", "done")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("… quality: 12/27 held-out windows, ") and err[0].endswith(" s"), err
+    assert err[1].startswith("✓ quality (27 held-out windows)")

@@ -268,6 +268,19 @@ def test_aggregate_generation_known_values() -> None:
     assert g["latency_ms"]["total"]["n"] == 5 and g["latency_ms"]["total"]["p50"] == 300.0
 
 
+def test_aggregate_gate_known_values() -> None:
+    from fieldpack.device.evaluate.run import aggregate_gate
+
+    qs = [_q("a", {}), _q("b", {}), _q("c", {}), _q("u1", {}, unanswerable=True), _q("u2", {}, unanswerable=True)]
+    for q, passes in zip(qs, (True, False, True, False, True)):
+        q.gate = {"passes": passes, "best_similarity": 0.5 if passes else 0.3}
+    g = aggregate_gate(qs, 0.42)
+    assert g["answerable"] == 3 and g["unanswerable"] == 2 and g["min_similarity"] == 0.42
+    assert g["refused_answerable"] == pytest.approx(1 / 3) and g["refused_answerable_ids"] == ["b"]
+    assert g["refused_unanswerable"] == 0.5
+    assert aggregate_gate([], None)["refused_answerable"] is None
+
+
 # --- reports ------------------------------------------------------------------------------------------------
 def _report() -> EvalReport:
     qs = [_q("a", {"vector": 1, "hybrid": 2}, answer=None), _q("b", {"vector": None, "hybrid": 1}, answer=None)]

@@ -63,6 +63,10 @@ def test_eval_bundle_and_installed_slot_side_by_side(bundle_v1: Path, e2e_keys: 
         assert g["unanswerable"] == 1 and g["abstention_accuracy"] == 1.0  # off-topic -> relevance gate
         football = next(q for q in b["questions"] if q["id"] == "football")
         assert football["answer"]["gate_abstained"] is True
+        # the gate measured without generating refuses exactly what the answers' gate refused
+        for q in b["questions"]:
+            assert q["gate"]["passes"] is (not q["answer"]["gate_abstained"]), q
+        assert b["gate"]["refused_unanswerable"] == 1.0 and b["gate"]["min_similarity"] == b["info"]["min_similarity"]
         assert 0.0 <= g["false_abstention_rate"] <= 1.0
         if g["answered"]:
             assert g["citation_precision"] is not None and 0.0 <= g["citation_precision"] <= 1.0
@@ -88,6 +92,15 @@ def test_eval_retrieval_only_to_stdout_json(bundle_v1: Path, qa_file: Path) -> N
     assert b["generation"] is None and list(b["retrieval"]) == ["bm25"]
     assert "signature not checked" in b["opened"]
     assert all(q["answer"] is None for q in b["questions"])
+    # a trial's retrieval-only eval hid that the device would refuse 2 of 13 answerable questions: the gate's
+    # refusals are measured without a model run
+    g = b["gate"]
+    assert g["unanswerable"] == 1 and g["refused_unanswerable"] == 1.0 and g["answerable"] == 4
+    assert next(q for q in b["questions"] if q["id"] == "football")["gate"]["passes"] is False
+    assert all(isinstance(q["gate"]["best_similarity"], float) for q in b["questions"])
+    r = run_cli("eval", str(bundle_v1), "--qa", str(qa_file), "--no-generate", "--modes", "hybrid")
+    assert r.returncode == 0 and "relevance gate (cosine >= " in r.stdout and "1 of 1 unanswerable" in r.stdout, \
+        r.stdout
 
 
 def test_eval_bad_inputs_are_one_line_errors(bundle_v1: Path, qa_file: Path, tmp_path: Path) -> None:
