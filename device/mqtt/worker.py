@@ -124,6 +124,8 @@ class Worker:
         self._stopping = stopping
         self._engine_info: EngineInfo | None = None
         self._engine_error: str | None = None
+        self._load_failed = False  # the last get() failed to load a bundle (not: none installed)
+        self._failed_label: str | None = None  # the provider's active label when it did
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -147,7 +149,10 @@ class Worker:
         while not self._stopping.is_set():
             job = self._board.take(timeout_s=0.2)
             if job is None:
-                if self._clock.monotonic() - checked >= IDLE_REFRESH_S:
+                # after a failed load only once another bundle is active: retrying a broken one every few
+                # seconds would reload its model each time (a request still retries it, as before)
+                if self._clock.monotonic() - checked >= IDLE_REFRESH_S and (
+                        not self._load_failed or self._active_label() != self._failed_label):
                     checked = self._clock.monotonic()
                     try:
                         self._engine()  # a bundle switched by install/rollback: load it now, say so in the status
@@ -183,10 +188,16 @@ class Worker:
         """
         try:
             engine = self._provider.get()
+        except errors.NoActiveBundleError as err:  # cheap to ask again: nothing is loaded
+            self._load_failed = False
+            self._set_engine(None, str(err))
+            raise
         except errors.FieldpackError as err:
+            self._load_failed, self._failed_label = True, self._active_label()
             self._set_engine(None, str(err))
             raise
         except Exception as exc:
+            self._load_failed, self._failed_label = True, self._active_label()
             log.exception("engine provider failed")
             err = errors.RuntimeLoadError(
                 f"the answering engine of device {self._device_id} cannot be loaded ({type(exc).__name__}: {exc})",
@@ -194,11 +205,20 @@ class Worker:
             )
             self._set_engine(None, str(err))
             raise err from exc
+        self._load_failed = False
         info = EngineInfo.of(engine)
         if info != self._engine_info or self._engine_error is not None:
             log.info("answering with bundle %s (model %s)", info.label, info.model or "?")
             self._set_engine(info, None)
         return engine, info
+
+    def _active_label(self) -> str | None:
+        """The provider's cheap ``active_label()`` (the data dir's state, no load) when it has one, else None."""
+        label = getattr(self._provider, "active_label", None)
+        try:
+            return label() if callable(label) else None
+        except Exception:  # noqa: BLE001 - a hint only; get() reports real problems
+            return None
 
     def _set_engine(self, info: EngineInfo | None, error: str | None) -> None:
         if (info, error) == (self._engine_info, self._engine_error) and (info is not None or error is not None):

@@ -180,6 +180,21 @@ def test_an_idle_worker_picks_up_a_bundle_switched_from_outside() -> None:
             time.sleep(0.5)
         failures = [s for s in seen if s[1]]
         assert len(failures) == 1 and failures[0][0] is None and "no bundle is installed" in failures[0][1], seen
+        # a bundle that fails to load is not reloaded every few seconds while idle (a request still retries it)
+        provider.fail = errors.RuntimeLoadError("model.gguf cannot be loaded", hint="reinstall")
+        clock.advance(IDLE_REFRESH_S)
+        _wait(lambda: "cannot be loaded" in (seen[-1][1] or ""))
+        gets = provider.gets
+        for _ in range(3):
+            clock.advance(IDLE_REFRESH_S)
+            time.sleep(0.5)
+        assert provider.gets == gets
+        # ... until another bundle is active (a new install): then it is loaded while idle
+        provider.fail = None
+        provider.install(FakeEngine("demo@1.2.0"))
+        provider.active_label = lambda: "demo@1.2.0"  # type: ignore[attr-defined]  # the data dir's state
+        clock.advance(IDLE_REFRESH_S)
+        _wait(lambda: seen[-1] == ("demo@1.2.0", None))
     finally:
         stopping.set()
         worker.join(10)
