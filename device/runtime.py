@@ -241,14 +241,18 @@ class Runtime:
         ``min_similarity``) would refuse ``question`` asked on its own; ``best_similarity`` is the best cosine
         among its ``k`` hits (None without hits). Used by ``fieldpack eval --no-generate`` to report the refusals
         a device will make, with no model run."""
-        from fieldpack.retrieval.search import is_relevant
-
         q = clean_question(question or "")
         with self._lock:
             hits, query = self._retrieve_in_context(q, (), k=k)
         sims = [h.vector_similarity for h in hits if h.vector_similarity is not None]
-        return (is_relevant(hits, min_similarity=self.manifest.runtime.min_similarity, query=query),
-                max(sims) if sims else None)
+        return self._relevant(hits, query), max(sims) if sims else None
+
+    def _relevant(self, hits: Sequence[Hit], query: str) -> bool:
+        """The relevance gate at the manifest's ``min_similarity`` (:func:`retrieval.search.is_relevant`): the one
+        decision :meth:`answer` and :meth:`gate` share."""
+        from fieldpack.retrieval.search import is_relevant
+
+        return is_relevant(hits, min_similarity=self.manifest.runtime.min_similarity, query=query)
 
     def _retrieve_in_context(self, question: str, history: Sequence[Turn], *, k: int | None) -> tuple[list[Hit], str]:
         """Hits for ``question`` and the query that found them: the question alone, or the last question joined
@@ -307,8 +311,6 @@ class Runtime:
             MaxTokensError: a given ``max_tokens`` leaves less than the question with its best source whole
                 (``max_tokens=None`` never: then the builder's cap holds and a too-long source is cut).
         """
-        from fieldpack.retrieval.search import is_relevant
-
         # NFC: llama.cpp does not apply a tokenizer's Unicode normalizer (Qwen2's is NFC), so normalise here
         q = clean_question(question or "")
         if not q:
@@ -328,7 +330,7 @@ class Runtime:
             t_retrieved = time.perf_counter()
             retrieval_ms = (t_retrieved - t0) * 1e3
             context = {"retrieval_query": query} if query != q else {}  # a follow-up searched with the last question
-            if not is_relevant(hits, min_similarity=rt.min_similarity, query=query):
+            if not self._relevant(hits, query):
                 if on_token:
                     on_token(ABSTAIN_TEXT)
                 return Answer(question=q, text=ABSTAIN_TEXT, sources=[], abstained=True,

@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from fieldpack.builder.stages.base import Input, Stage, StageInputs, StageRecord
+from fieldpack.builder.stages.quant import SPLIT_NAME  # the build's split file: same name, same JSON
 
 #: The modules whose source decides a plan step's result (their edits invalidate cached steps).
 PLAN_CODE = ("fieldpack.builder.compress", "fieldpack.builder.convert", "fieldpack.builder.quantize",
              "fieldpack.builder.llama_eval", "fieldpack.builder.adapt", "fieldpack.builder.ingest")
 PLAN_LIBRARIES = ("torch", "transformers", "peft", "gguf", "llama_cpp_python", "safetensors", "tokenizers")
-SPLIT_NAME = "split.json"
 
 
 class PlanInputs(StageInputs):
