@@ -39,6 +39,36 @@ from fieldpack.shared.manifest import (
 RUNTIME_OVERHEAD_BYTES = 96 * 1024 * 1024
 
 
+#: The environment variable that fixes a build's recorded time (https://reproducible-builds.org/specs/source-date-epoch/).
+SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"
+
+
+def build_time(environ: Mapping[str, str] | None = None) -> datetime:
+    """The manifest's ``created_at`` (UTC, whole seconds): ``SOURCE_DATE_EPOCH`` (seconds since 1970-01-01 UTC, a
+    non-negative decimal integer, per the reproducible-builds.org specification) when set, else now. With it set,
+    two builds from the same inputs, options and output path write the same ``.fpk`` bytes (the archive has
+    fixed member times, and ed25519 signatures are deterministic).
+
+    Raises:
+        UsageError: ``SOURCE_DATE_EPOCH`` is set but not such an integer (or beyond year 9999).
+    """
+    import os
+
+    raw = (os.environ if environ is None else environ).get(SOURCE_DATE_EPOCH)
+    if raw is None or raw == "":
+        return datetime.now(timezone.utc).replace(microsecond=0)
+    from fieldpack.shared.errors import UsageError
+
+    try:
+        if not raw.strip().isdigit():
+            raise ValueError(raw)
+        return datetime.fromtimestamp(int(raw), tz=timezone.utc)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise UsageError(f"{SOURCE_DATE_EPOCH}={raw!r} is not a time in whole seconds since 1970-01-01 UTC",
+                         hint=f"set it to a non-negative integer, e.g. {SOURCE_DATE_EPOCH}=$(git log -1 --format=%ct), "
+                              "or unset it") from exc
+
+
 def builder_version() -> str:
     """fieldpack's installed version (package metadata), recorded in the manifest."""
     from importlib.metadata import version
@@ -89,7 +119,7 @@ def assemble_manifest(cfg: Any, records: BuildRecords, files: Mapping[str, Path]
         name=cfg.name,
         version=cfg.version,
         builder_version=builder_version(),
-        created_at=datetime.now(timezone.utc).replace(microsecond=0),
+        created_at=build_time(),
         members=describe_members(files),
         model=ModelInfo(
             architecture=shipped.architecture, parameter_count=shipped.parameter_count, file_type=qtype,

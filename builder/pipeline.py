@@ -64,7 +64,7 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
             that llama.cpp cannot load, or given with compression options.
         SigningKeyError: the key is missing or not an ed25519 private key.
         OutputNotWritableError: the output's folder is missing or not writable.
-        UsageError: a hub id given while offline.
+        UsageError: a hub id given while offline; a malformed ``SOURCE_DATE_EPOCH``.
         ChatTemplateError: the prompt format cannot be decided (fix: ``--prompt-format``).
         UnsupportedTokenizerError: ``--trim-vocab`` with a tokenizer the trimmer cannot keep exact (WordPiece,
             Unigram, SentencePiece without byte fallback).
@@ -74,6 +74,9 @@ def check_inputs(cfg: BuildConfig) -> tuple[Path, PromptPlan]:
     from fieldpack.builder.gguf_input import is_gguf_path
     from fieldpack.builder.quantize import QUANT_TYPES
 
+    from fieldpack.builder.manifest_build import build_time
+
+    build_time()  # a malformed SOURCE_DATE_EPOCH is refused before any work, not at the manifest
     gguf_input = is_gguf_path(cfg.model)
     if cfg.quant.upper() not in QUANT_TYPES and not gguf_input:  # a GGUF input's own type is checked below
         raise UnknownQuantTypeError(f"unknown --quant {cfg.quant!r}",

@@ -254,6 +254,17 @@ class Runtime:
 
         return is_relevant(hits, min_similarity=self.manifest.runtime.min_similarity, query=query)
 
+    def _refusal(self, hits: Sequence[Hit]) -> dict[str, Any]:
+        """``extra["gate"]`` of a refused question: the closest passage's citation and cosine (``closest``,
+        ``best_similarity``) and the gate's ``min_similarity``, so an operator can tell a question the documents
+        do not cover from one asked in other words (a new-user trial saw only the refusal). Empty without hits."""
+        scored = [h for h in hits if h.vector_similarity is not None]
+        if not scored:
+            return {}
+        best = max(scored, key=lambda h: float(h.vector_similarity or 0.0))
+        return {"gate": {"closest": best.citation(), "best_similarity": round(float(best.vector_similarity or 0), 3),
+                         "min_similarity": float(self.manifest.runtime.min_similarity)}}
+
     def _retrieve_in_context(self, question: str, history: Sequence[Turn], *, k: int | None) -> tuple[list[Hit], str]:
         """Hits for ``question`` and the query that found them: the question alone, or the last question joined
         with it when it reads as a follow-up (:func:`retrieval.followup.search_in_context`)."""
@@ -335,7 +346,8 @@ class Runtime:
                     on_token(ABSTAIN_TEXT)
                 return Answer(question=q, text=ABSTAIN_TEXT, sources=[], abstained=True,
                               timings=Timings(retrieval_ms=retrieval_ms, total_ms=retrieval_ms),
-                              bundle=self.bundle_label, finish_reason="abstained", extra=context)
+                              bundle=self.bundle_label, finish_reason="abstained",
+                              extra={**context, **self._refusal(hits)})
             if explicit_cap:
                 self._check_cap_leaves_the_best_source(q, hits, max_tokens)
             built = fit_prompt(q, hits, history, render=self.render_prompt, tokenize=self.tokenize_prompt,

@@ -30,7 +30,9 @@ class Answer:
         extra: details for the curious: ``retrieval_query`` when a follow-up was searched together with the
             previous question (:mod:`retrieval.followup`), ``reason`` of an abstention without a gate refusal,
             ``stopped_repeating`` when the answer was stopped at a loop and cut to its first copy
-            (:mod:`device.repetition`; ``finish_reason`` is then ``"stop"``).
+            (:mod:`device.repetition`; ``finish_reason`` is then ``"stop"``), ``gate`` of a question the relevance
+            gate refused: ``closest`` (the nearest passage's citation), ``best_similarity`` (its cosine) and
+            ``min_similarity`` (the bundle's threshold).
     """
 
     question: str
@@ -58,11 +60,24 @@ class Answer:
 def answer_notes_json(extra: dict[str, Any] | None) -> dict[str, Any]:
     """The JSON fields an answer's ``extra`` adds where set (``--json``, ``/v1/ask``, the chat API's ``fieldpack``
     field): ``retrieval_query`` when a follow-up was searched with the previous question, ``stopped_repeating``
-    when the answer was stopped at a loop (:mod:`device.repetition`)."""
+    when the answer was stopped at a loop (:mod:`device.repetition`), ``gate`` (closest passage, its cosine and
+    the threshold) when the relevance gate refused the question."""
     extra = extra or {}
     query = extra.get("retrieval_query")
     return {**({"retrieval_query": query} if query else {}),
-            **({"stopped_repeating": True} if extra.get("stopped_repeating") else {})}
+            **({"stopped_repeating": True} if extra.get("stopped_repeating") else {}),
+            **({"gate": dict(extra["gate"])} if extra.get("gate") else {})}
+
+
+def refusal_notice(ans: Answer) -> str | None:
+    """The line shown under a question the relevance gate refused: the closest passage and how far its cosine is
+    from the bundle's threshold, so a question asked in other words than the documents' can be told from one
+    they do not cover. ``None`` for any other answer."""
+    gate = ans.extra.get("gate") if ans.abstained else None
+    if not gate:
+        return None
+    return (f"[closest passage: {gate['closest']}, cosine {gate['best_similarity']:.2f}; this bundle answers from "
+            f"{gate['min_similarity']:.2f}. If that page should answer it, ask with the words it uses]")
 
 
 def cut_notice(tokens: int, how: str | None = None) -> str:
@@ -89,9 +104,11 @@ LOOP_NOTICE = "[stopped: the model began repeating itself; the repeats are not p
 
 def answer_notices(ans: Answer, how_more: str | None) -> list[str]:
     """The plain-text lines shown (dim) under an answer in ``fieldpack ask`` and ``fieldpack chat``, in one order:
-    an empty answer (:func:`empty_notice`), a loop cut (:data:`LOOP_NOTICE`), the length cap (:func:`cut_notice`
+    an empty answer (:func:`empty_notice`), a loop cut (:data:`LOOP_NOTICE`), a gate refusal's closest passage
+    (:func:`refusal_notice`), the length cap (:func:`cut_notice`
     with ``how_more``), and for a follow-up what was searched. Empty for a plain, complete answer."""
-    lines = [n for n in (empty_notice(ans), LOOP_NOTICE if ans.extra.get("stopped_repeating") else None) if n]
+    lines = [n for n in (empty_notice(ans), LOOP_NOTICE if ans.extra.get("stopped_repeating") else None,
+                         refusal_notice(ans)) if n]
     if ans.finish_reason == "length":
         lines.append(cut_notice(ans.timings.completion_tokens, how_more))
     if ans.extra.get("retrieval_query"):  # a follow-up: say what was searched, so a wrong page can be understood

@@ -4,9 +4,9 @@ recipe replays to the same bytes without the cache."""
 
 from __future__ import annotations
 
-import re
-
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -409,3 +409,41 @@ def test_docs_only_rebuild_from_a_gguf_reuses_the_gguf_input_stage(gguf_build, t
     assert (q["requantized"], q["requantized_from"], q["qtype"]) == (True, "F16", "Q8_0")
     assert q["kld_mean"] >= 0 and third.manifest.model.file_type == "Q8_0"
     assert third.records.quality.figures is not None
+
+
+@pytest.mark.slow
+def test_source_date_epoch_makes_the_bundle_file_reproducible(build, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``SOURCE_DATE_EPOCH`` set, the same inputs and output path give the same ``.fpk`` bytes, and the
+    manifest records that time; without it the two files differ only by their creation time."""
+    import hashlib
+    from datetime import datetime, timezone
+
+    from fieldpack.shared.bundle import open_bundle
+
+    out = tmp_path / "riverside.fpk"
+
+    def sha_of_a_build() -> str:
+        build(DEMO_DOCS, out, build.cache)
+        digest = hashlib.sha256(out.read_bytes()).hexdigest()
+        out.unlink()
+        return digest
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
+    first = sha_of_a_build()
+    assert sha_of_a_build() == first
+    build(DEMO_DOCS, out, build.cache)
+    with open_bundle(out) as b:
+        assert b.manifest.created_at == datetime(2026, 1, 1, tzinfo=timezone.utc)
+    out.unlink()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225601")
+    assert sha_of_a_build() != first
+
+
+@pytest.mark.parametrize("value", ["yesterday", "-5", "1.5", "99999999999999999999"])
+def test_a_malformed_source_date_epoch_is_refused_before_any_work(value: str, tiny_llama_dir: Path, keys: Path,
+                                                                  tmp_path: Path) -> None:
+    r = run_cli("build", "--model", str(tiny_llama_dir), "--docs", str(DEMO_DOCS), "--sign", str(keys / "builder.key"),
+                "--name", "riverside", "-o", str(tmp_path / "x.fpk"), env={**os.environ, "SOURCE_DATE_EPOCH": value})
+    assert r.returncode == 2 and "SOURCE_DATE_EPOCH" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x.fpk").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.conftest import assert_one_line_error, run_cli
+from tests.conftest import DEMO_DOCS
 
 pytestmark = pytest.mark.slow
 
@@ -215,3 +216,18 @@ def test_an_answer_cut_at_max_tokens_says_so(device_dir: Path) -> None:
     assert "[cut at 5 tokens: the answer goes on; ask again with `fieldpack chat --max-tokens N` for more]" in r.stdout
     r = run_cli("chat", "--data-dir", str(device_dir), "--max-tokens", "99999", stdin="/quit\n")
     assert_one_line_error(r, 2, "--max-tokens")
+
+
+def test_a_refused_question_says_its_closest_passage(device_dir: Path) -> None:
+    """The relevance gate's refusal names the nearest passage and its cosine against the bundle's threshold (a
+    new-user trial could not tell "other words" from "not in the documents"); --json carries the same figures."""
+    r = run_cli("ask", "zzzz qqqq xylophone", "--data-dir", str(device_dir))
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"\[closest passage: (\S+) .*, cosine (0\.\d\d); this bundle answers from (0\.\d\d)\.", r.stdout)
+    assert m and float(m[2]) < float(m[3]), r.stdout
+    assert (DEMO_DOCS / m[1]).is_file(), m[1]
+    a = json.loads(run_cli("ask", "zzzz qqqq xylophone", "--data-dir", str(device_dir), "--json").stdout)
+    assert a["abstained"] and a["gate"]["closest"].startswith(m[1]) and f"{a['gate']['best_similarity']:.2f}" == m[2]
+    answered = json.loads(run_cli("ask", "What is cavitation?", "--data-dir", str(device_dir), "--json",
+                                  "--max-tokens", "8").stdout)
+    assert not answered["abstained"] and "gate" not in answered

@@ -18,6 +18,7 @@ pytest.importorskip("fastapi", reason="needs the device extra (fastapi, uvicorn)
 openai = pytest.importorskip("openai", reason="needs the openai client (dev extra)")
 httpx = pytest.importorskip("httpx")
 
+from tests.conftest import DEMO_DOCS  # noqa: E402
 from tests.device.http_fixtures import engine_held, install_device, running_server  # noqa: E402
 
 QUESTION = "The connection pool is exhausted. What should I do?"
@@ -138,6 +139,9 @@ def test_ask_and_source(served: tuple[object, object]) -> None:
 
     off = httpx.post(server.url + "/v1/ask", json={"question": "zzzz qqqq xylophone"}, timeout=300).json()
     assert off["abstained"] is True and off["sources"] == []  # the documents do not answer this
+    gate = off["gate"]  # what was closest, and how far from answering: other words or another question
+    assert 0 < gate["best_similarity"] < gate["min_similarity"], gate
+    assert gate["closest"].split(" ")[0] in {f.relative_to(DEMO_DOCS).as_posix() for f in DEMO_DOCS.rglob("*.*")}, gate
 
 
 def test_metrics_parse_and_count(served: tuple[object, object]) -> None:
