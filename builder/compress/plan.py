@@ -198,7 +198,8 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
               seed: int = 0, embd_quants: tuple[tuple[str, str], ...] = EMBD_QUANTS,
               quantizers: tuple[str, ...] = QUANTIZER_CANDIDATES, heal_steps: int | None = None,
               on_step: Callable[[str], None] | None = None, exclude: tuple[str, ...] = (),
-              cache_dir: Path | None = None, on_cached: Callable[[str], None] | None = None) -> Plan:
+              cache_dir: Path | None = None, on_cached: Callable[[str], None] | None = None,
+              on_done: Callable[[str], None] | None = None) -> Plan:
     """Build and measure every candidate; propose the best quality that fits the device.
 
     Every step (documents, each dense base, imatrix, each candidate's measurement) is a build-cache stage
@@ -223,6 +224,7 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
             :func:`shared.interrupts.raise_if_interrupted`, so a Ctrl-C that llama.cpp's callbacks swallowed
             stops the plan at the next step.
         on_cached: called with the description of each step reused from ``cache_dir`` instead.
+        on_done: called with a step's description once it finished (and, with a cache, its entry is kept).
         exclude: ``--exclude`` glob patterns of files under ``docs_dir`` not to use (:mod:`builder.ingest.exclude`).
         cache_dir: the build cache root (:class:`~fieldpack.builder.stages.cache.StageCache`); ``None``: keep
             nothing between runs.
@@ -294,6 +296,8 @@ def make_plan(model_dir: Path, docs_dir: Path, *, device_ram_bytes: int, min_tok
             log.info("plan: %s (cached)", title)
             if on_cached is not None:
                 on_cached(title)
+        elif event == "done" and on_done is not None:
+            on_done(title)
 
     try:
         root = Path(cache_dir) if cache_dir is not None else Path(work) / "steps"  # type: ignore[arg-type]

@@ -59,6 +59,8 @@ def plan(
         steps.append(what)
         err.print(f"plan: {what}", markup=False, highlight=False)
 
+    finished: set[str] = set()
+
     def reused(what: str) -> None:
         err.print(f"plan: {what} (cached)", markup=False, highlight=False)
 
@@ -69,11 +71,12 @@ def plan(
                                quants=split(quants), prunes=split(prunes), imatrix_quants=split(imatrix_quants),
                                embd_quants=_pairs(split(embd_quants)), quantizers=split(quantizers),
                                heal_steps=heal_steps, on_step=show, exclude=tuple(exclude or ()),
-                               cache_dir=cache, on_cached=reused)
+                               cache_dir=cache, on_cached=reused, on_done=finished.add)
     except (KeyboardInterrupt, SystemExit) as exc:
         if isinstance(exc, SystemExit) and exc.code != SIGTERM_EXIT:
             raise
-        where = f"while {steps[-1]}" if steps else "before the first step"
+        # a signal just after a step finished (its entry kept) stops the plan between steps, not "while" it
+        where = (f"{'after' if steps[-1] in finished else 'while'} {steps[-1]}" if steps else "before the first step")
         kept = (f"; the steps it finished are kept in the build cache {cache} and a rerun reuses them"
                 if cache is not None else "")
         err.print(f"plan stopped {where}; no plan was written, its temporary files are removed{kept}",

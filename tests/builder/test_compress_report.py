@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -246,11 +247,15 @@ def test_plan_stops_on_ctrl_c_or_sigterm_and_leaves_no_temporary_files(tiny_llam
             break
     rest = proc.stderr.read()
     assert proc.wait(timeout=120) == code, "".join(lines) + rest
-    assert "plan stopped while measuring none/F16" in rest, rest
+    # the signal lands while the tiny model's F16 step runs, or (on a loaded host) just after it finished
+    stopped = re.search(r"plan stopped (while|after) measuring none/F16", rest)
+    assert stopped, rest
     assert "Traceback" not in rest
     assert not list(tmp.iterdir()) and not (tmp_path / "plan.png").exists()
     if signum == signal.SIGTERM:  # the finished steps stay in the cache, whole; the stopped one left nothing
         assert f"kept in the build cache {tmp_path / 'cache'}" in rest
         done = sorted(p.parent.parent.name for p in (tmp_path / "cache").glob("*/*/record.json"))
-        assert done == ["plan-base", "plan-docs"], done
+        assert done[:2] == ["plan-base", "plan-docs"] and done[2:] in ([], ["plan-measure"]), done
+        if stopped[1] == "after":  # a CI run's signal came after the F16 step: its entry is kept, and said so
+            assert done[2:] == ["plan-measure"], done
         assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")]  # no temp entry, no lock

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,27 @@ def test_ctrl_c_that_ends_a_command_says_interrupted(monkeypatch: pytest.MonkeyP
     assert exc.value.code == 130
     assert out == "Backwash is\n"
     assert err.strip() == "interrupted"
+
+
+@pytest.mark.parametrize("finished, where", [(False, "while"), (True, "after")])
+def test_a_stopped_plan_says_whether_its_last_step_had_finished(finished: bool, where: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    """A signal that lands just after a step finished (its cache entry kept) stops the plan *after* that step; a
+    CI run said "while" and then found the step in the cache."""
+    from fieldpack import cli
+    from fieldpack.builder.compress import plan as plan_mod
+
+    def make_plan(*args: object, on_step, on_done, **kw: object) -> None:  # noqa: ANN001
+        on_step("measuring none/F16: PPL/KLD on held-out text, decode speed")
+        if finished:
+            on_done("measuring none/F16: PPL/KLD on held-out text, decode speed")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan_mod, "make_plan", make_plan)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["plan", "--model", str(tmp_path), "--docs", str(tmp_path), "--device-ram", "4GiB", "--min-tokens-per-s", "1",
+                  "--cache-dir", str(tmp_path / "c")])
+    err = capfd.readouterr().err
+    assert exc.value.code == 130
+    assert f"plan stopped {where} measuring none/F16" in err and "kept in the build cache" in err, err
