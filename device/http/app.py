@@ -142,6 +142,9 @@ class _Run:
             try:
                 outcome = work(engine, lambda piece: self.put("token", piece), job.cancel)
                 outcome.bundle = outcome.bundle or label(engine)
+                if outcome.finish_reason == "cancelled":  # the client left, or the daemon is stopping
+                    log.info("request %s stopped after %d generated tokens", job.route.request_id,
+                             outcome.timings.completion_tokens)
                 self.put("done", outcome)
             except errors.FieldpackError as exc:
                 self.put("error", exc)

@@ -201,3 +201,40 @@ def test_sigterm_during_a_stream_ends_it_with_shutting_down(tmp_path: Path, e2e_
     last = json.loads(events[-2])
     assert last["error"]["code"] == "shutting_down", last
     assert len(events) < 400, len(events)  # cut short: the whole answer is 490 tokens, one event each
+
+
+@pytest.mark.slow
+def test_a_client_that_leaves_mid_stream_stops_the_real_models_answer(tmp_path: Path, e2e_keys: Path,
+                                                                      gemma_demo_bundle: Path) -> None:
+    """A client that closes the stream after the first token frees the engine: the answer (490 counting tokens,
+    about 10 s here) stops early, is counted cancelled, not answered, and the log says after how many tokens."""
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.device.http_fixtures import install_device
+
+    proc, port = _serve_until_healthy(install_device(tmp_path / "dev", e2e_keys, gemma_demo_bundle))
+    url = f"http://127.0.0.1:{port}"
+
+    def metric(name: str) -> float:
+        families = text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text)
+        return next(s.value for f in families for s in f.samples if s.name == name and not s.labels)
+
+    try:
+        body = {"prompt": "1, 2, 3, 4,", "max_tokens": 490, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # leave: the connection closes
+        deadline = time.monotonic() + 120
+        while metric("fieldpack_engine_busy") or not metric("fieldpack_cancelled_total"):
+            assert time.monotonic() < deadline, "the engine kept answering a client that left"
+            time.sleep(0.1)
+        assert metric("fieldpack_answered_total") == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    err = proc.stderr.read() if proc.stderr else ""
+    stopped = re.search(r"request \S+ stopped after (\d+) generated tokens", err)
+    assert stopped and int(stopped[1]) < 400, err[-3000:]
