@@ -115,10 +115,14 @@ def test_killed_daemon_leaves_a_will_that_says_what_it_ran(broker: MosquittoBrok
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    time.sleep(1)
-    rows = {r["status"]["device"]: r["status"] for r in json.loads(run_cli("mqtt", "status", "--json",
-                                                                          *_login(broker)).stdout)}
-    will = rows[device_id]
+    deadline = time.monotonic() + 60  # the broker publishes the LWT once it sees the connection drop
+    while True:
+        rows = {r["status"]["device"]: r["status"] for r in json.loads(run_cli("mqtt", "status", "--json",
+                                                                              *_login(broker)).stdout)}
+        will = rows[device_id]
+        if not will["online"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert will["online"] is False and will["bundle"] == "riverside@1.0.0" and will["ts"] is not None
     r = run_cli("mqtt", "ask", "q", "--device", device_id, *_login(broker))
     assert_one_line_error(r, 6, "is offline", "was running riverside@1.0.0")
