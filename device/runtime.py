@@ -255,15 +255,17 @@ class Runtime:
         return is_relevant(hits, min_similarity=self.manifest.runtime.min_similarity, query=query)
 
     def _refusal(self, hits: Sequence[Hit]) -> dict[str, Any]:
-        """``extra["gate"]`` of a refused question: the closest passage's citation and cosine (``closest``,
-        ``best_similarity``) and the gate's ``min_similarity``, so an operator can tell a question the documents
-        do not cover from one asked in other words (a new-user trial saw only the refusal). Empty without hits."""
+        """``extra["gate"]`` of a refused question, a :class:`shared.protocol.GateInfo`: the closest passage's
+        citation and cosine and the gate's threshold, so an operator can tell a question the documents do not
+        cover from one asked in other words (a new-user trial saw only the refusal). Empty without hits."""
+        from fieldpack.shared.protocol import GateInfo
+
         scored = [h for h in hits if h.vector_similarity is not None]
         if not scored:
             return {}
         best = max(scored, key=lambda h: float(h.vector_similarity or 0.0))
-        return {"gate": {"closest": best.citation(), "best_similarity": round(float(best.vector_similarity or 0), 3),
-                         "min_similarity": float(self.manifest.runtime.min_similarity)}}
+        return {"gate": GateInfo(closest=best.citation(), closest_cosine=round(float(best.vector_similarity or 0), 3),
+                                 threshold_cosine=float(self.manifest.runtime.min_similarity))}
 
     def _retrieve_in_context(self, question: str, history: Sequence[Turn], *, k: int | None) -> tuple[list[Hit], str]:
         """Hits for ``question`` and the query that found them: the question alone, or the last question joined

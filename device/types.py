@@ -31,8 +31,7 @@ class Answer:
             previous question (:mod:`retrieval.followup`), ``reason`` of an abstention without a gate refusal,
             ``stopped_repeating`` when the answer was stopped at a loop and cut to its first copy
             (:mod:`device.repetition`; ``finish_reason`` is then ``"stop"``), ``gate`` of a question the relevance
-            gate refused: ``closest`` (the nearest passage's citation), ``best_similarity`` (its cosine) and
-            ``min_similarity`` (the bundle's threshold).
+            gate refused (:class:`shared.protocol.GateInfo`: the nearest passage, its cosine, the threshold).
     """
 
     question: str
@@ -66,7 +65,7 @@ def answer_notes_json(extra: dict[str, Any] | None) -> dict[str, Any]:
     query = extra.get("retrieval_query")
     return {**({"retrieval_query": query} if query else {}),
             **({"stopped_repeating": True} if extra.get("stopped_repeating") else {}),
-            **({"gate": dict(extra["gate"])} if extra.get("gate") else {})}
+            **({"gate": extra["gate"].model_dump()} if extra.get("gate") else {})}
 
 
 def refusal_notice(ans: Answer) -> str | None:
@@ -74,10 +73,14 @@ def refusal_notice(ans: Answer) -> str | None:
     from the bundle's threshold, so a question asked in other words than the documents' can be told from one
     they do not cover. ``None`` for any other answer."""
     gate = ans.extra.get("gate") if ans.abstained else None
-    if not gate:
-        return None
-    return (f"[closest passage: {gate['closest']}, cosine {gate['best_similarity']:.2f}; this bundle answers from "
-            f"{gate['min_similarity']:.2f}. If that page should answer it, ask with the words it uses]")
+    return gate_notice(gate) if gate else None
+
+
+def gate_notice(gate: Any) -> str:
+    """The refusal line of :func:`refusal_notice` from a :class:`shared.protocol.GateInfo` (also
+    ``fieldpack mqtt ask``, from the wire's final)."""
+    return (f"[closest passage: {gate.closest}, cosine {gate.closest_cosine:.2f}; this bundle answers from "
+            f"{gate.threshold_cosine:.2f}. If that page should answer it, ask with the words it uses]")
 
 
 def cut_notice(tokens: int, how: str | None = None) -> str:

@@ -321,6 +321,17 @@ class Source(_Record):
     score: float
 
 
+class GateInfo(_Record):
+    """Why a question was refused without running the model (``abstained``): ``closest``, the citation of the
+    nearest passage; ``closest_cosine``, its cosine to the question; ``threshold_cosine``, the bundle's relevance
+    threshold (manifest ``runtime.min_similarity``). An operator can then tell other words from a question the
+    documents do not cover. Added in a minor revision of version 1; older readers ignore it."""
+
+    closest: str
+    closest_cosine: float
+    threshold_cosine: float
+
+
 class AnswerTimings(_Record):
     """Where the time of one answer went, as the engine measures it (``fieldpack.device.types.Timings`` is this
     class): milliseconds unless named otherwise; tokens are model tokens."""
@@ -399,6 +410,7 @@ class Final(_Wire):
         sources: cited chunks, ``[1]..[n]`` in order.
         timings: see :class:`ReplyTimings`.
         partials: how many :class:`Partial` messages were sent before this one.
+        gate: set when the relevance gate refused the question (:class:`GateInfo`).
     """
 
     type: Literal["final"] = "final"
@@ -413,6 +425,7 @@ class Final(_Wire):
     timings: ReplyTimings | None = None
     partials: int = 0
     error: ErrorBody | None = None
+    gate: GateInfo | None = None
 
     @model_validator(mode="after")
     def _ok_xor_error(self) -> Final:

@@ -297,6 +297,7 @@ class Worker:
                 bundle=answer.bundle,
                 sources=to_sources(answer),
                 timings=protocol.ReplyTimings(queue_ms=round(queue_ms, 3), **t.model_dump()),
+                gate=answer.extra.get("gate"),
             ),
             stream=job,
         )

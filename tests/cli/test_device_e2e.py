@@ -227,7 +227,7 @@ def test_a_refused_question_says_its_closest_passage(device_dir: Path) -> None:
     assert m and float(m[2]) < float(m[3]), r.stdout
     assert (DEMO_DOCS / m[1]).is_file(), m[1]
     a = json.loads(run_cli("ask", "zzzz qqqq xylophone", "--data-dir", str(device_dir), "--json").stdout)
-    assert a["abstained"] and a["gate"]["closest"].startswith(m[1]) and f"{a['gate']['best_similarity']:.2f}" == m[2]
+    assert a["abstained"] and a["gate"]["closest"].startswith(m[1]) and f"{a['gate']['closest_cosine']:.2f}" == m[2]
     answered = json.loads(run_cli("ask", "What is cavitation?", "--data-dir", str(device_dir), "--json",
                                   "--max-tokens", "8").stdout)
     assert not answered["abstained"] and "gate" not in answered

@@ -8,6 +8,7 @@ import time
 from typing import Callable
 
 from fieldpack.shared import errors
+from fieldpack.shared.protocol import GateInfo
 
 from fieldpack.device.types import Answer, Timings
 from fieldpack.retrieval.types import Hit
@@ -100,7 +101,9 @@ class FakeEngine:
         if question.startswith("!abstain"):
             return Answer(question=question.strip(), text="The documents do not answer this.", sources=[],
                           abstained=True, timings=Timings(retrieval_ms=1.5, total_ms=1.5), bundle=self._label,
-                          finish_reason="abstained")
+                          finish_reason="abstained", extra={"gate": GateInfo(
+                              closest="pumps.md § Pump 3 > Alarms, lines 10-24", closest_cosine=0.31,
+                              threshold_cosine=0.42)})
         if self.busy_cpu_s:
             end = time.process_time() + self.busy_cpu_s
             x = 0

@@ -140,7 +140,7 @@ def test_ask_and_source(served: tuple[object, object]) -> None:
     off = httpx.post(server.url + "/v1/ask", json={"question": "zzzz qqqq xylophone"}, timeout=300).json()
     assert off["abstained"] is True and off["sources"] == []  # the documents do not answer this
     gate = off["gate"]  # what was closest, and how far from answering: other words or another question
-    assert 0 < gate["best_similarity"] < gate["min_similarity"], gate
+    assert 0 < gate["closest_cosine"] < gate["threshold_cosine"], gate
     assert gate["closest"].split(" ")[0] in {f.relative_to(DEMO_DOCS).as_posix() for f in DEMO_DOCS.rglob("*.*")}, gate
 
 

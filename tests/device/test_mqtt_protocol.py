@@ -363,3 +363,21 @@ def test_systemd_unit_restarts_on_failure_as_its_own_hardened_user(tmp_path: Pat
         r = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
         problems = [l for l in (r.stdout + r.stderr).splitlines() if l.strip() and "is not executable" not in l]
         assert not problems, problems
+
+
+def test_an_abstained_final_carries_the_gate_and_a_reader_without_it_ignores_it() -> None:
+    """``gate`` is a minor addition to version 1: it round-trips, and a final from a device that predates it
+    (no key) or one with a key this reader does not know still decodes."""
+    import json
+
+    gate = protocol.GateInfo(closest="pumps.md § Pump 3, lines 5-8", closest_cosine=0.12, threshold_cosine=0.42)
+    final = protocol.Final(id="a", device="d", ok=True, answer="no", abstained=True, finish_reason="abstained",
+                           gate=gate)
+    assert protocol.decode_reply(final.encode()) == final
+    older = json.loads(final.encode())
+    del older["gate"]
+    assert protocol.decode_reply(json.dumps(older).encode()).gate is None  # type: ignore[union-attr]
+    newer = json.loads(final.encode())
+    newer["gate"]["closest_page"] = "pumps.md"
+    newer["added_later"] = 1
+    assert protocol.decode_reply(json.dumps(newer).encode()).gate == gate  # type: ignore[union-attr]
