@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,8 +47,10 @@ SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"
 def build_time(environ: Mapping[str, str] | None = None) -> datetime:
     """The manifest's ``created_at`` (UTC, whole seconds): ``SOURCE_DATE_EPOCH`` (seconds since 1970-01-01 UTC, a
     non-negative decimal integer, per the reproducible-builds.org specification) when set, else now. With it set,
-    two builds from the same inputs, options and output path write the same ``.fpk`` bytes (the archive has
-    fixed member times, and ed25519 signatures are deterministic).
+    two builds from the same inputs, options, input paths and output path write the same ``.fpk`` bytes (the
+    archive has fixed member times, and ed25519 signatures are deterministic), provided that stages which record
+    measured seconds in the manifest (LoRA adaptation, embedder adaptation, GPTQ/AWQ calibration) come from the
+    same build cache; a plain build has none.
 
     Raises:
         UsageError: ``SOURCE_DATE_EPOCH`` is set but not such an integer (or beyond year 9999).
@@ -60,7 +63,7 @@ def build_time(environ: Mapping[str, str] | None = None) -> datetime:
     from fieldpack.shared.errors import UsageError
 
     try:
-        if not raw.strip().isdigit():
+        if not re.fullmatch(r"[0-9]+", raw):  # ASCII digits only, as `date +%s` prints (str.isdigit takes more)
             raise ValueError(raw)
         return datetime.fromtimestamp(int(raw), tz=timezone.utc)
     except (ValueError, OverflowError, OSError) as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -264,7 +265,7 @@ class Runtime:
         if not scored:
             return {}
         best = max(scored, key=lambda h: float(h.vector_similarity or 0.0))
-        return {"gate": GateInfo(closest=best.citation(), closest_cosine=round(float(best.vector_similarity or 0), 3),
+        return {"gate": GateInfo(closest=best.citation(), closest_cosine=math.floor(float(best.vector_similarity or 0) * 1000) / 1000,
                                  threshold_cosine=float(self.manifest.runtime.min_similarity))}
 
     def _retrieve_in_context(self, question: str, history: Sequence[Turn], *, k: int | None) -> tuple[list[Hit], str]:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Protocol
 
 from fieldpack.retrieval.types import Hit
 from fieldpack.shared.protocol import AnswerTimings as Timings
+from fieldpack.shared.protocol import GateInfo
 
 __all__ = ["Answer", "AnswerEngine", "EngineProvider", "Hit", "Timings"]
 
@@ -76,11 +77,11 @@ def refusal_notice(ans: Answer) -> str | None:
     return gate_notice(gate) if gate else None
 
 
-def gate_notice(gate: Any) -> str:
+def gate_notice(gate: GateInfo) -> str:
     """The refusal line of :func:`refusal_notice` from a :class:`shared.protocol.GateInfo` (also
     ``fieldpack mqtt ask``, from the wire's final)."""
-    return (f"[closest passage: {gate.closest}, cosine {gate.closest_cosine:.2f}; this bundle answers from "
-            f"{gate.threshold_cosine:.2f}. If that page should answer it, ask with the words it uses]")
+    return (f"[closest passage: {gate.closest}, cosine {gate.closest_cosine:.3f}; this bundle answers from "
+            f"{gate.threshold_cosine:.3f}. If that page should answer it, ask with the words it uses]")
 
 
 def cut_notice(tokens: int, how: str | None = None) -> str:

@@ -323,7 +323,8 @@ class Source(_Record):
 
 class GateInfo(_Record):
     """Why a question was refused without running the model (``abstained``): ``closest``, the citation of the
-    nearest passage; ``closest_cosine``, its cosine to the question; ``threshold_cosine``, the bundle's relevance
+    nearest passage; ``closest_cosine``, its cosine to the question (to the searched query for a follow-up),
+    rounded down to 3 decimals; ``threshold_cosine``, the bundle's relevance
     threshold (manifest ``runtime.min_similarity``). An operator can then tell other words from a question the
     documents do not cover. Added in a minor revision of version 1; older readers ignore it."""
 

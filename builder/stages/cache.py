@@ -189,8 +189,10 @@ class Runner:
                 self._hook(title, "start")
                 log.info("stage %s (key %s)", title, key[:12])
                 record = self.cache.store(stage, key, lambda out: stage.fn(inputs, out), key_doc=key_doc)
-        self.timings.append(StageTiming(title, time.perf_counter() - t0, record.cached))
-        self._hook(title, "cached" if record.cached else "done")
+            # told as soon as the entry is kept, before the lock's clean-up: an interrupt that lands after this
+            # is "after" the stage (a plan stopped then said "while" and had kept it)
+            self.timings.append(StageTiming(title, time.perf_counter() - t0, record.cached))
+            self._hook(title, "cached" if record.cached else "done")
         return record
 
     @contextmanager

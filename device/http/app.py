@@ -143,7 +143,7 @@ class _Run:
                 outcome = work(engine, lambda piece: self.put("token", piece), job.cancel)
                 outcome.bundle = outcome.bundle or label(engine)
                 if outcome.finish_reason == "cancelled":  # the client left, or the daemon is stopping
-                    log.info("request %s stopped after %d generated tokens", job.route.request_id,
+                    log.info("request %s stopped after %d answer tokens", job.route.request_id,
                              outcome.timings.completion_tokens)
                 self.put("done", outcome)
             except errors.FieldpackError as exc:

@@ -62,6 +62,8 @@ def plan(
     finished: set[str] = set()
 
     def reused(what: str) -> None:
+        steps.append(what)
+        finished.add(what)
         err.print(f"plan: {what} (cached)", markup=False, highlight=False)
 
     try:

@@ -230,12 +230,12 @@ def ask(
         from fieldpack.device.types import cut_notice
 
         typer.echo(cut_notice(final.timings.completion_tokens if final.timings else 0), err=True)  # MQTT has no cap
+    if final.abstained and final.gate is not None:  # the line `fieldpack ask` prints (here on stderr, as the
+        from fieldpack.device.types import gate_notice  # other notes under an MQTT answer)
+
+        typer.echo(gate_notice(final.gate), err=True)
     if final.timings is not None:
         t = final.timings
-        if final.abstained and final.gate is not None:  # as `fieldpack ask` says it
-            from fieldpack.device.types import gate_notice
-
-            typer.echo(gate_notice(final.gate), err=True)
         if final.abstained:  # no generation ran: only retrieval has a time (as `fieldpack ask` says it)
             typer.echo(f"-- {final.device}, {final.bundle}: abstained without running the model, retrieval "
                        f"{t.retrieval_ms:.0f} ms, queued {t.queue_ms:.0f} ms", err=True)

@@ -440,7 +440,7 @@ def test_source_date_epoch_makes_the_bundle_file_reproducible(build, tmp_path: P
     assert sha_of_a_build() != first
 
 
-@pytest.mark.parametrize("value", ["yesterday", "-5", "1.5", "99999999999999999999"])
+@pytest.mark.parametrize("value", ["yesterday", "-5", "1.5", " 17", "\u0661\u0662\u0663", "99999999999999999999"])
 def test_a_malformed_source_date_epoch_is_refused_before_any_work(value: str, tiny_llama_dir: Path, keys: Path,
                                                                   tmp_path: Path) -> None:
     r = run_cli("build", "--model", str(tiny_llama_dir), "--docs", str(DEMO_DOCS), "--sign", str(keys / "builder.key"),

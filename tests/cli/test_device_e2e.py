@@ -223,11 +223,11 @@ def test_a_refused_question_says_its_closest_passage(device_dir: Path) -> None:
     new-user trial could not tell "other words" from "not in the documents"); --json carries the same figures."""
     r = run_cli("ask", "zzzz qqqq xylophone", "--data-dir", str(device_dir))
     assert r.returncode == 0, r.stderr
-    m = re.search(r"\[closest passage: (\S+) .*, cosine (0\.\d\d); this bundle answers from (0\.\d\d)\.", r.stdout)
+    m = re.search(r"\[closest passage: (\S+) .*, cosine (0\.\d{3}); this bundle answers from (0\.\d{3})\.", r.stdout)
     assert m and float(m[2]) < float(m[3]), r.stdout
     assert (DEMO_DOCS / m[1]).is_file(), m[1]
     a = json.loads(run_cli("ask", "zzzz qqqq xylophone", "--data-dir", str(device_dir), "--json").stdout)
-    assert a["abstained"] and a["gate"]["closest"].startswith(m[1]) and f"{a['gate']['closest_cosine']:.2f}" == m[2]
+    assert a["abstained"] and a["gate"]["closest"].startswith(m[1]) and f"{a['gate']['closest_cosine']:.3f}" == m[2]
     answered = json.loads(run_cli("ask", "What is cavitation?", "--data-dir", str(device_dir), "--json",
                                   "--max-tokens", "8").stdout)
     assert not answered["abstained"] and "gate" not in answered

@@ -236,5 +236,5 @@ def test_a_client_that_leaves_mid_stream_stops_the_real_models_answer(tmp_path: 
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     err = proc.stderr.read() if proc.stderr else ""
-    stopped = re.search(r"request \S+ stopped after (\d+) generated tokens", err)
+    stopped = re.search(r"request \S+ stopped after (\d+) answer tokens", err)
     assert stopped and int(stopped[1]) < 400, err[-3000:]

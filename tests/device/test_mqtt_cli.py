@@ -83,8 +83,8 @@ def test_ask_says_an_abstention_and_a_cut_answer(cli: typer.Typer, broker: Mosqu
     assert result.exit_code == 0, result.output
     assert "abstained without running the model" in result.output and "first token" not in result.output
     # the wire's gate record: what was closest, as `fieldpack ask` says it
-    assert "[closest passage: pumps.md § Pump 3 > Alarms, lines 10-24, cosine 0.31; this bundle answers from " \
-           "0.42." in result.output, result.output
+    assert "[closest passage: pumps.md § Pump 3 > Alarms, lines 10-24, cosine 0.310; this bundle answers from " \
+           "0.420." in result.output, result.output
     result = CliRunner().invoke(cli, ["mqtt", "ask", "!long please", "--device", dev, *_login(broker)])
     assert result.exit_code == 0 and "[cut at 5 tokens: the answer goes on]" in result.output, result.output
 
