@@ -63,6 +63,12 @@ def read_slot_manifest(slot_dir: Path) -> Manifest:
     return parse_manifest(data, origin=str(path))
 
 
+def _closest(hits: Sequence[Hit]) -> Hit | None:
+    """The hit with the best ``vector_similarity`` (cosine to the searched query), ``None`` when no hit has one."""
+    return max((h for h in hits if h.vector_similarity is not None),
+               key=lambda h: float(h.vector_similarity or 0.0), default=None)
+
+
 def stop_strings(rt: Any) -> list[str]:
     """Where answers of a bundle end: the manifest's ``runtime.stop`` strings, and for the ``completion`` format
     also its template's instruction lines (:func:`shared.prompt_format.template_echo_stops`), which bundles built
@@ -245,8 +251,8 @@ class Runtime:
         q = clean_question(question or "")
         with self._lock:
             hits, query = self._retrieve_in_context(q, (), k=k)
-        sims = [h.vector_similarity for h in hits if h.vector_similarity is not None]
-        return self._relevant(hits, query), max(sims) if sims else None
+        best = _closest(hits)
+        return self._relevant(hits, query), None if best is None else best.vector_similarity
 
     def _relevant(self, hits: Sequence[Hit], query: str) -> bool:
         """The relevance gate at the manifest's ``min_similarity`` (:func:`retrieval.search.is_relevant`): the one
@@ -261,11 +267,11 @@ class Runtime:
         cover from one asked in other words (a new-user trial saw only the refusal). Empty without hits."""
         from fieldpack.shared.protocol import GateInfo
 
-        scored = [h for h in hits if h.vector_similarity is not None]
-        if not scored:
+        best = _closest(hits)
+        if best is None:
             return {}
-        best = max(scored, key=lambda h: float(h.vector_similarity or 0.0))
-        return {"gate": GateInfo(closest=best.citation(), closest_cosine=math.floor(float(best.vector_similarity or 0) * 1000) / 1000,
+        cosine = math.floor(float(best.vector_similarity or 0.0) * 1000) / 1000  # never reads as reaching the gate
+        return {"gate": GateInfo(closest=best.citation(), closest_cosine=cosine,
                                  threshold_cosine=float(self.manifest.runtime.min_similarity))}
 
     def _retrieve_in_context(self, question: str, history: Sequence[Turn], *, k: int | None) -> tuple[list[Hit], str]:
